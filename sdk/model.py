@@ -1,0 +1,461 @@
+"""DeepSeek-V4-Flash reference model in PyTorch, readable in one file.
+
+Shapes in comments: T tokens of one chunk, D hidden, H query heads, Dh head dim, S keys, E experts, k active
+experts, N = hc_mult residual streams, m a compression rate, n compressed entries.
+
+Parameter names are the release checkpoint's own (`layers.3.attn.wq_a.weight`, ...), so `state_dict()` keys and
+the release's safetensors keys are the same. All math is fp32; weights come in dequantized (checkpoint.py).
+
+A forward pass takes one chunk of a sequence plus that sequence's `SeqState` and updates the state in place, so
+a prompt prefilled in one shot, in chunks of any size, or token by token reaches the same state and logits.
+`forward_batch` runs several sequences at once (continuous batching): every projection and the MoE run on all
+rows together, attention runs per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference math (the backends contract implements these same operations)
+# ---------------------------------------------------------------------------------------------------------------
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return x if weight is None else weight * x
+
+
+def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> Tensor:
+    """Inverse frequencies for the rope dims: plain theta on sliding-only layers, YaRN on compressed ones."""
+    dim = cfg.qk_rope_head_dim
+    base = cfg.compress_rope_theta if compressed else cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    ys = cfg.rope_scaling or {}
+    if not compressed or ys.get("type", ys.get("rope_type")) != "yarn":
+        return inv
+    factor, orig = ys["factor"], ys["original_max_position_embeddings"]
+    beta_fast, beta_slow = ys.get("beta_fast") or 32, ys.get("beta_slow") or 1
+
+    def corr_dim(rot):  # the dim whose wavelength makes `rot` turns over the original context
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    # V4 keeps cos/sin unscaled (no YaRN mscale on the attention logits)
+    return (inv / factor) * ramp + inv * (1 - ramp)
+
+
+def rope_cos_sin(inv_freq: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+    freqs = pos.to(torch.float32)[:, None] * inv_freq[None]  # [T, r/2]
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """Interleaved RoPE on the trailing 2*cos.shape[-1] channels of x [T, ..., Dh]; cos/sin [T, r/2]."""
+    r = 2 * cos.shape[-1]
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    sin = -sin if inverse else sin
+    nope, rope = x[..., :-r], x[..., -r:]
+    x1, x2 = rope[..., 0::2], rope[..., 1::2]
+    rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat([nope, rot], dim=-1)
+
+
+def gated_pool(kv: Tensor, gate: Tensor) -> Tensor:
+    """Compressor pooling: softmax over the slots of each window. kv, gate [W, slots, C] -> [W, C]."""
+    return (kv * gate.softmax(dim=1)).sum(dim=1)
+
+
+def attention_with_sink(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """Shared-KV attention (K = V) with one learnable sink logit per head.
+
+    q [T, H, Dh], keys [S, Dh], bias [T, S] (0 or -inf), sink [H] -> [T, H, Dh]. The sink joins the softmax
+    denominator only, so a head can attend to "nothing".
+    """
+    logits = torch.einsum("thd,sd->ths", q, keys) * scale + bias[:, None, :]
+    logits = torch.cat([logits, sink.view(1, -1, 1).expand(q.shape[0], -1, 1)], dim=-1)
+    probs = (logits - logits.amax(-1, keepdim=True)).softmax(-1)[..., :-1]
+    return torch.einsum("ths,sd->thd", probs, keys)
+
+
+def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
+    """Project a positive [.., N, N] matrix towards doubly stochastic (columns first, then alternate)."""
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+def swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, limit: float) -> Tensor:
+    gate = (x @ w1.T).clamp(max=limit)
+    up = (x @ w3.T).clamp(-limit, limit)
+    return (F.silu(gate) * up) @ w2.T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding state
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PoolState:
+    """One compressor's state. After t tokens with rate m:
+
+    kv, gate        [t % m, C]   projections of the tokens after the last full window (C = 2*dim with overlap)
+    overlap_kv/gate [m, dim]     CSA only: the Ca half of the last full window (gate incl. positional bias);
+                                 it feeds the next window's entry. None before the first full window.
+    entries         [t // m, dim] compressed entries, append-only; block b holds rows b*epb .. (b+1)*epb - 1
+                                  with epb = kv_block_tokens // m
+    """
+
+    kv: Tensor
+    gate: Tensor
+    entries: Tensor
+    overlap_kv: Tensor | None = None
+    overlap_gate: Tensor | None = None
+
+
+@dataclass
+class LayerState:
+    """Per-layer state of one sequence: the raw sliding window plus the compressors' state.
+
+    window [min(t, W), Dh]  the last W raw K=V entries (after kv_norm and RoPE), oldest first
+    comp                    CSA/HCA layers: the attention compressor (entries [t // m, Dh])
+    index                   CSA layers: the lightning indexer's own compressor (entries [t // m, index_head_dim])
+    """
+
+    window: Tensor
+    comp: PoolState | None = None
+    index: PoolState | None = None
+
+
+@dataclass
+class SeqState:
+    """Everything needed to continue one sequence: fixed-size parts plus the append-only compressed entries."""
+
+    n_tokens: int
+    layers: list[LayerState]
+
+    @staticmethod
+    def empty(cfg: ModelConfig) -> "SeqState":
+        def pool(c: int, dim: int) -> PoolState:
+            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim))
+
+        layers = []
+        for i in range(cfg.num_hidden_layers):
+            kind = cfg.layer_kind(i)
+            st = LayerState(window=torch.zeros(0, cfg.head_dim))
+            if kind == "hca":
+                st.comp = pool(cfg.head_dim, cfg.head_dim)
+            if kind == "csa":
+                st.comp = pool(2 * cfg.head_dim, cfg.head_dim)
+                st.index = pool(2 * cfg.index_head_dim, cfg.index_head_dim)
+            layers.append(st)
+        return SeqState(0, layers)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat `layer.part.field` -> tensor view of the whole state (for saving, hashing, comparing)."""
+        out = {}
+        for i, st in enumerate(self.layers):
+            out[f"{i}.window"] = st.window
+            for part in ("comp", "index"):
+                ps = getattr(st, part)
+                for k, v in (vars(ps).items() if ps is not None else ()):
+                    if v is not None:
+                        out[f"{i}.{part}.{k}"] = v
+        return out
+
+    def clone(self) -> "SeqState":
+        def cp(ps):
+            return None if ps is None else PoolState(**{k: None if v is None else v.clone() for k, v in vars(ps).items()})
+
+        return SeqState(self.n_tokens, [LayerState(st.window.clone(), cp(st.comp), cp(st.index)) for st in self.layers])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+def _param(*shape, fill: float = 0.0) -> nn.Parameter:
+    return nn.Parameter(torch.full(shape, fill), requires_grad=False)
+
+
+class Linear(nn.Module):
+    def __init__(self, out_features: int, in_features: int):
+        super().__init__()
+        self.weight = _param(out_features, in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.weight = eps, _param(dim, fill=1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Compressor(nn.Module):
+    """Gated-softmax pooling of every m tokens into one entry, with a learned per-slot positional bias (`ape`).
+
+    overlap=True is CSA's two-series scheme: each token projects to 2*dim channels; Ca = [:dim] feeds the NEXT
+    window's entry and Cb = [dim:] the current one, so entry w pools 2m slots (width 2m, stride m). Before the
+    first window the Ca slots are empty (gate -inf, weight 0).
+    """
+
+    def __init__(self, cfg: ModelConfig, rate: int, dim: int, overlap: bool):
+        super().__init__()
+        self.rate, self.dim, self.overlap = rate, dim, overlap
+        c = 2 * dim if overlap else dim
+        self.wkv, self.wgate = Linear(c, cfg.hidden_size), Linear(c, cfg.hidden_size)
+        self.ape = _param(rate, c)
+        self.norm = RMSNorm(dim, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, ps: PoolState, inv_freq: Tensor) -> Tensor:
+        """x [T, D] -> all entries so far [n, dim]; appends this chunk's full windows to ps in place."""
+        m, d = self.rate, self.dim
+        kv, gate = torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)])  # [buffered + T, C]
+        w = kv.shape[0] // m
+        ps.kv, ps.gate = kv[w * m:], gate[w * m:]
+        if w == 0:
+            return ps.entries
+        kv, gate = kv[: w * m].view(w, m, -1), gate[: w * m].view(w, m, -1) + self.ape  # [w, m, C]
+        if self.overlap:
+            prev_kv = torch.zeros(1, m, d) if ps.overlap_kv is None else ps.overlap_kv[None]
+            prev_gate = torch.full((1, m, d), -math.inf) if ps.overlap_gate is None else ps.overlap_gate[None]
+            ps.overlap_kv, ps.overlap_gate = kv[-1, :, :d].clone(), gate[-1, :, :d].clone()
+            kv = torch.cat([torch.cat([prev_kv, kv[:-1, :, :d]]), kv[:, :, d:]], dim=1)  # [w, 2m, d]
+            gate = torch.cat([torch.cat([prev_gate, gate[:-1, :, :d]]), gate[:, :, d:]], dim=1)
+        new = self.norm(gated_pool(kv, gate))  # [w, d]
+        pos = m * (ps.entries.shape[0] + torch.arange(w))  # RoPE at each window's first token
+        ps.entries = torch.cat([ps.entries, apply_rope(new, *rope_cos_sin(inv_freq, pos))])
+        return ps.entries
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores compressed entries per query, sum_h w_h * ReLU(q_h . k), keeps the top-k."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dim, self.topk, self.rate = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.csa_rate
+        self.wq_b = Linear(self.n_heads * self.dim, cfg.q_lora_rank)
+        self.weights_proj = Linear(self.n_heads, cfg.hidden_size)
+        self.compressor = Compressor(cfg, cfg.csa_rate, self.dim, overlap=True)
+
+    def forward(self, x: Tensor, qr: Tensor, pos: Tensor, ps: PoolState, inv_freq: Tensor, cos, sin) -> Tensor:
+        """-> [T, n] bias over the compressed entries: 0 for the selected top-k, -inf elsewhere."""
+        keys = self.compressor(x, ps, inv_freq)  # [n, Di]
+        n = keys.shape[0]
+        visible = torch.arange(n)[None, :] < ((pos + 1) // self.rate)[:, None]  # [T, n] causal over windows
+        if n == 0:
+            return visible.new_zeros(x.shape[0], 0, dtype=torch.float32)
+        q = apply_rope(self.wq_b(qr).view(-1, self.n_heads, self.dim), cos, sin)  # [T, Hi, Di]
+        scores = F.relu(torch.einsum("thd,nd->thn", q, keys)) * self.dim ** -0.5
+        weights = self.weights_proj(x) * self.n_heads ** -0.5  # [T, Hi]
+        scores = (scores * weights[..., None]).sum(1).masked_fill(~visible, -math.inf)  # [T, n]
+        # stable sort: equal scores (every head's ReLU at 0) pick the earlier entry, whatever the chunking
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, : min(self.topk, n)]
+        chosen = torch.zeros_like(visible).scatter_(1, top, True) & visible
+        return torch.zeros(chosen.shape).masked_fill_(~chosen, -math.inf)
+
+
+class Attention(nn.Module):
+    """Shared-KV MQA over [sliding window of raw entries | compressed entries], with sinks and grouped output."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.kind = cfg, cfg.layer_kind(layer)
+        h, dh = cfg.num_attention_heads, cfg.head_dim
+        self.wq_a, self.q_norm = Linear(cfg.q_lora_rank, cfg.hidden_size), RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(h * dh, cfg.q_lora_rank)
+        self.wkv, self.kv_norm = Linear(dh, cfg.hidden_size), RMSNorm(dh, cfg.rms_norm_eps)
+        self.wo_a = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.group_in_features)  # one block per group
+        self.wo_b = Linear(cfg.hidden_size, cfg.o_groups * cfg.o_lora_rank)
+        self.attn_sink = _param(h)
+        rate = {"csa": cfg.csa_rate, "hca": cfg.hca_rate}.get(self.kind)
+        if rate:
+            self.compressor = Compressor(cfg, rate, dh, overlap=self.kind == "csa")
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, compressed=self.kind != "swa"), persistent=False)
+
+    def forward(self, x: Tensor, pos: Tensor, st: LayerState) -> Tensor:
+        """x [T, D] (one sequence's chunk), pos [T] -> [T, D]; updates st."""
+        cfg, T = self.cfg, x.shape[0]
+        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        qr = self.q_norm(self.wq_a(x))  # [T, q_lora]
+        q = rms_norm(self.wq_b(qr).view(T, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
+        q = apply_rope(q, cos, sin)  # [T, H, Dh]
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, Dh]
+
+        # sliding window: the previous W raw entries plus this chunk, each query sees keys in (p - W, p]
+        keys = torch.cat([st.window, kv])  # [S, Dh]
+        key_pos = pos[0] - st.window.shape[0] + torch.arange(keys.shape[0])
+        dist = pos[:, None] - key_pos[None, :]
+        bias = torch.zeros(T, keys.shape[0]).masked_fill_((dist < 0) | (dist >= cfg.sliding_window), -math.inf)
+        st.window = keys[-cfg.sliding_window:]
+
+        if self.kind != "swa":
+            entries = self.compressor(x, st.comp, self.inv_freq)  # [n, Dh]
+            if self.kind == "csa":
+                comp_bias = self.indexer(x, qr, pos, st.index, self.inv_freq, cos, sin)
+            else:  # HCA: dense over every entry whose window is complete at the query
+                visible = torch.arange(entries.shape[0])[None, :] < ((pos + 1) // cfg.hca_rate)[:, None]
+                comp_bias = torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)
+            keys, bias = torch.cat([keys, entries]), torch.cat([bias, comp_bias], dim=1)
+
+        o = attention_with_sink(q, keys, bias, self.attn_sink, cfg.head_dim ** -0.5)  # [T, H, Dh]
+        o = apply_rope(o, cos, sin, inverse=True)  # K = V carried RoPE into the output: rotate it back
+        o = o.reshape(T, cfg.o_groups, -1)  # [T, G, H*Dh/G]
+        wo_a = self.wo_a.weight.view(cfg.o_groups, cfg.o_lora_rank, -1)  # [G, R, H*Dh/G]
+        o = torch.einsum("tgi,gri->tgr", o, wo_a).flatten(1)  # [T, G*R]
+        return self.wo_b(o)
+
+
+class Gate(nn.Module):
+    """Router: scores sqrt(softplus(logits)); a bias picks the top-k (or a frozen token->expert table on hash
+    layers); weights are the unbiased scores of the picks, renormalised to 1 and scaled."""
+
+    def __init__(self, cfg: ModelConfig, hashed: bool):
+        super().__init__()
+        self.cfg, self.hashed = cfg, hashed
+        self.weight = _param(cfg.n_routed_experts, cfg.hidden_size)
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+        else:
+            self.bias = _param(cfg.n_routed_experts)
+
+    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
+        scores = F.softplus(x @ self.weight.T).sqrt()  # [T, E]
+        if self.hashed:
+            idx = self.tid2eid[token_ids]
+        else:
+            idx = (scores + self.bias).topk(self.cfg.num_experts_per_tok, dim=-1).indices  # [T, k]
+        w = scores.gather(1, idx)
+        return w / (w.sum(-1, keepdim=True) + 1e-20) * self.cfg.routed_scaling_factor, idx
+
+
+class Expert(nn.Module):
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.w1, self.w2, self.w3, self.limit = Linear(inter, dim), Linear(dim, inter), Linear(inter, dim), limit
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.limit)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.gate = Gate(cfg, hashed=cfg.is_hash_layer(layer))
+        inter, lim = cfg.moe_intermediate_size, cfg.swiglu_limit
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, inter, lim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(cfg.hidden_size, inter * cfg.n_shared_experts, lim)
+
+    def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
+        weights, idx = self.gate(x, token_ids)  # [T, k]
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():  # grouped by expert: each expert runs once on all its tokens
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+        return out + self.shared_experts(x)
+
+
+def hc_mixes(streams: Tensor, fn: Tensor, eps: float) -> Tensor:
+    """mHC mix logits from all N streams of each token: [T, N, D] -> [T, n_out]."""
+    return rms_norm(streams.flatten(1), None, eps) @ fn.T
+
+
+def hc_pre(streams: Tensor, fn: Tensor, base: Tensor, scale: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """mHC before a sub-block: streams [T, N, D] -> (block input [T, D], post [T, N], comb [T, N, N])."""
+    n, eps = cfg.hc_mult, cfg.hc_eps
+    mix = hc_mixes(streams, fn, cfg.rms_norm_eps)  # [T, (2+N)*N]
+    pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + eps
+    post = 2 * torch.sigmoid(mix[:, n:2 * n] * scale[1] + base[n:2 * n])
+    comb = torch.softmax(mix[:, 2 * n:].view(-1, n, n) * scale[2] + base[2 * n:].view(n, n), dim=-1) + eps
+    comb = sinkhorn(comb, cfg.hc_sinkhorn_iters, eps)
+    return (pre[..., None] * streams).sum(1), post, comb
+
+
+def hc_post(out: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    """mHC after a sub-block: the output spread over the streams by post, plus the old streams mixed by comb
+    (sum over the FIRST index: comb is doubly stochastic but not symmetric)."""
+    return post[..., None] * out[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, streams)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, n, d = cfg, cfg.hc_mult, cfg.hidden_size
+        self.attn_norm, self.ffn_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
+        self.attn, self.ffn = Attention(cfg, layer), MoE(cfg, layer)
+        for part in ("attn", "ffn"):  # release names: layers.N.hc_attn_fn / _base / _scale
+            setattr(self, f"hc_{part}_fn", _param((2 + n) * n, n * d))
+            setattr(self, f"hc_{part}_base", _param((2 + n) * n))
+            setattr(self, f"hc_{part}_scale", _param(3, fill=1.0))
+
+    def forward(self, streams: Tensor, token_ids: Tensor, seqs: list[tuple[slice, Tensor, LayerState]]) -> Tensor:
+        """streams [T, N, D] for the rows of every sequence in `seqs` (rows, positions, layer state)."""
+        x, post, comb = hc_pre(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
+        x = self.attn_norm(x)
+        a = torch.cat([self.attn(x[rows], pos, st) for rows, pos, st in seqs])  # attention runs per sequence
+        streams = hc_post(a, streams, post, comb)
+        x, post, comb = hc_pre(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.cfg)
+        return hc_post(self.ffn(self.ffn_norm(x), token_ids), streams, post, comb)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, n, d = cfg, cfg.hc_mult, cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = Linear(cfg.vocab_size, d)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(n, n * d), _param(n), _param(1, fill=1.0)
+
+    @torch.no_grad()
+    def forward_batch(self, chunks: list[Tensor], states: list[SeqState], all_logits: bool = True) -> list[Tensor]:
+        """Run one chunk of token ids per sequence; returns logits per sequence ([T_i, V] or [1, V] for the last
+        position only). Each state advances by its chunk."""
+        seqs, start = [], 0
+        for ids, st in zip(chunks, states):
+            seqs.append((slice(start, start + len(ids)), torch.arange(st.n_tokens, st.n_tokens + len(ids)), st))
+            start += len(ids)
+        token_ids = torch.cat(chunks)
+        streams = self.embed(token_ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, N, D]
+        for i, layer in enumerate(self.layers):
+            streams = layer(streams, token_ids, [(rows, pos, st.layers[i]) for rows, pos, st in seqs])
+        for (rows, pos, st), ids in zip(seqs, chunks):
+            st.n_tokens += len(ids)
+        if not all_logits:  # only each sequence's last position
+            streams = streams[torch.tensor([s.stop - 1 for s, _, _ in seqs])]
+        mix = hc_mixes(streams, self.hc_head_fn, self.cfg.rms_norm_eps)  # final collapse of the N streams
+        pre = torch.sigmoid(mix * self.hc_head_scale + self.hc_head_base) + self.cfg.hc_eps  # [T, N]
+        logits = self.head(self.norm((pre[..., None] * streams).sum(1)))
+        if not all_logits:
+            return list(logits.split(1))
+        return [logits[rows] for rows, _, _ in seqs]
+
+    def forward(self, ids: Tensor, state: SeqState | None = None) -> Tensor:
+        """ids [T] -> logits [T, V]; with a state, continues it (a fresh one otherwise)."""
+        return self.forward_batch([ids], [state if state is not None else SeqState.empty(self.cfg)])[0]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Release tensor name -> shape (dequantized), from the config alone: no weights are built."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes
