@@ -239,19 +239,21 @@ class ModelConfig:
 # Small presets keep every feature of V4-Flash (sliding-only, CSA and HCA layers, hash routing, mHC, shared
 # expert, sinks, grouped output projection, YaRN) at sizes where several CSA and HCA windows are reachable within
 # a few hundred tokens and the indexer must drop entries (index_topk below the number of CSA entries).
-# Linear dims are <= 128 or multiples of 128 so the FP8 128x128 block grid divides them exactly.
+# Linear dims are <= 128 or multiples of 128 so the FP8 128x128 block grid divides them exactly. Many indexer heads
+# keep exact ties (every head's ReLU at 0) rare in random weights: a tie at the top-k boundary makes the
+# selection depend on the sort algorithm, which no two implementations share.
 PRESETS: dict[str, dict] = {
     "v4-flash": dict(),
     "flash-tiny": dict(
         vocab_size=8192, hidden_size=128, num_hidden_layers=6, num_attention_heads=4, head_dim=64, qk_rope_head_dim=16,
         q_lora_rank=64, o_groups=2, o_lora_rank=64, n_routed_experts=8, num_experts_per_tok=2,
-        moe_intermediate_size=64, num_hash_layers=3, csa_rate=4, hca_rate=32, sliding_window=32, index_n_heads=8,
+        moe_intermediate_size=64, num_hash_layers=3, csa_rate=4, hca_rate=32, sliding_window=32, index_n_heads=32,
         index_head_dim=32, index_topk=16,
     ),
     "flash-mini": dict(
         vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, head_dim=128,
         qk_rope_head_dim=32, q_lora_rank=256, o_groups=4, o_lora_rank=256, n_routed_experts=32, num_experts_per_tok=4,
-        moe_intermediate_size=128, num_hash_layers=3, csa_rate=4, hca_rate=64, sliding_window=64, index_n_heads=8,
+        moe_intermediate_size=128, num_hash_layers=3, csa_rate=4, hca_rate=64, sliding_window=64, index_n_heads=32,
         index_head_dim=64, index_topk=64,
     ),
 }

@@ -1,0 +1,77 @@
+"""Prefill/decode throughput: flashport against transformers' DeepseekV4ForCausalLM, same weights, same run.
+
+    flashport bench decode [PATH] [--preset flash-mini] [--prompt-lens 512,2048] [--decode-tokens 32]
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    from flashport.engine import Engine
+
+    eng = Engine.load(path)
+    eng.prefill_chunk = len(ids)
+    state = eng.new_state()
+    t0 = time.perf_counter()
+    logits = eng.prefill(ids.tolist(), state, progress=False)
+    t1 = time.perf_counter()
+    tok = int(logits.argmax())
+    for _ in range(decode_tokens):
+        logits = eng.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0]
+        tok = int(logits.argmax())
+    t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), decode_tokens / (t2 - t1)
+
+
+def _transformers(path: Path, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    try:
+        from transformers import DeepseekV4ForCausalLM, logging as hf_logging
+    except ImportError:
+        raise RuntimeError("the peer benchmark needs transformers>=5 (pip install 'flashport[test]')") from None
+    hf_logging.set_verbosity_error()
+    model = DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32).float().eval()
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids[None], use_cache=True)
+        t1 = time.perf_counter()
+        cache, tok = out.cache, out.logits[0, -1].argmax()
+        for _ in range(decode_tokens):
+            out = model(input_ids=tok.view(1, 1), cache=cache, use_cache=True)
+            cache, tok = out.cache, out.logits[0, -1].argmax()
+        t2 = time.perf_counter()
+    return len(ids) / (t1 - t0), decode_tokens / (t2 - t1)
+
+
+def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), decode_tokens: int = 32,
+        threads: int = 0, peer: bool = True, seed: int = 0) -> str:
+    from flashport.checkpoint import make_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    tmp = None
+    if not path:
+        tmp = tempfile.TemporaryDirectory(prefix="flashport-bench-")
+        path = make_checkpoint(tmp.name, preset, seed, "release")
+    path = Path(path)
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in prompt_lens:
+        ids = torch.randint(2, 4000, (n,), generator=g)
+        fp = _flashport(path, ids, decode_tokens)
+        hf = _transformers(path, ids, decode_tokens) if peer else (float("nan"),) * 2
+        rows.append((n, fp, hf))
+    lines = [f"bench decode: {path} ({torch.get_num_threads()} threads, {decode_tokens} decode steps)",
+             f"{'prompt':>7} | {'prefill tok/s':>26} | {'decode tok/s':>26}",
+             f"{'':>7} | {'flashport':>8} {'hf':>8} {'ratio':>7} | {'flashport':>8} {'hf':>8} {'ratio':>7}"]
+    for n, (fp_p, fp_d), (hf_p, hf_d) in rows:
+        lines.append(f"{n:>7} | {fp_p:>8.1f} {hf_p:>8.1f} {fp_p / hf_p:>6.2f}x | {fp_d:>8.1f} {hf_d:>8.1f} "
+                     f"{fp_d / hf_d:>6.2f}x")
+    if tmp:
+        tmp.cleanup()
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""`flashport` command line (python-fire). Errors the user can fix print one line, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import fire
+
+
+class Cli:
+    """flashport: run DeepSeek-V4-Flash-class MoE models on edge boxes and non-NVIDIA accelerators."""
+
+    def generate(self, path: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, backend: str = "auto", json: bool = False,
+                 stream: bool = True):
+        """Generate text from PATH (a checkpoint or bundle directory)."""
+        from .engine import Engine
+
+        engine = Engine.load(path, backend=backend)
+        if json or not stream:
+            out = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed)
+            if json:
+                return _dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
+                              "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
+                              "decode_tok_s": round(out.decode_tok_s, 2)})
+            print(out.text)
+            return None
+        for piece in engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                     seed=seed, stream=True):
+            print(piece, end="", flush=True)
+        print()
+        return None
+
+    def make_checkpoint(self, preset: str = "flash-tiny", out: str = "", seed: int = 0, format: str = "release"):
+        """Write a deterministic random checkpoint of PRESET to OUT (format: release | hf)."""
+        from .checkpoint import make_checkpoint
+
+        if not out:
+            raise ValueError("--out DIR is required")
+        path = make_checkpoint(out, preset, seed, format)
+        print(f"wrote {format} checkpoint of {preset} (seed {seed}) to {path}")
+
+    def config(self, preset_or_path: str = "v4-flash"):
+        """Show a preset's or a checkpoint's config with its parameter counts."""
+        from pathlib import Path
+
+        from .config import ModelConfig
+
+        cfg = ModelConfig.from_file(preset_or_path) if Path(preset_or_path).exists() else \
+            ModelConfig.preset(preset_or_path)
+        return _dump({"params": cfg.param_count(), "kv_block_tokens": cfg.kv_block_tokens, **cfg.to_dict()})
+
+    @property
+    def bench(self):
+        """Benchmarks: `flashport bench decode PATH`."""
+        from .bench_cli import Bench
+
+        return Bench()
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .engine import RequestError
+    from .tokenizer import TokenizerFileError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        fire.Fire(Cli, command=argv, name="flashport")
+    except (CheckpointError, ConfigError, RequestError, TokenizerFileError, FileNotFoundError, ValueError,
+            KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"flashport: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
