@@ -250,6 +250,14 @@ PRESETS: dict[str, dict] = {
         moe_intermediate_size=64, num_hash_layers=3, csa_rate=4, hca_rate=32, sliding_window=32, index_n_heads=32,
         index_head_dim=32, index_topk=16,
     ),
+    # the shipped trained model (samples/train_tiny.py): flash-mini's layout at a size whose release-format
+    # checkpoint fits in 25 MB
+    "flash-small": dict(
+        vocab_size=8192, hidden_size=256, num_hidden_layers=8, num_attention_heads=4, head_dim=64, qk_rope_head_dim=16,
+        q_lora_rank=128, o_groups=2, o_lora_rank=128, n_routed_experts=16, num_experts_per_tok=4,
+        moe_intermediate_size=128, num_hash_layers=3, csa_rate=4, hca_rate=32, sliding_window=64, index_n_heads=16,
+        index_head_dim=32, index_topk=32,
+    ),
     "flash-mini": dict(
         vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8, head_dim=128,
         qk_rope_head_dim=32, q_lora_rank=256, o_groups=4, o_lora_rank=256, n_routed_experts=32, num_experts_per_tok=4,

@@ -149,6 +149,10 @@ class Engine:
 
     def _steps(self, ids, max_new_tokens, temperature, top_p, seed, stop_ids):
         """Yields each new token id, then one dict of timings."""
+        with torch.no_grad():
+            yield from self._steps_no_grad(ids, max_new_tokens, temperature, top_p, seed, stop_ids)
+
+    def _steps_no_grad(self, ids, max_new_tokens, temperature, top_p, seed, stop_ids):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         stop = {self.tokenizer.eos_id} | set(stop_ids or ())
         state = self.new_state()

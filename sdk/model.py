@@ -425,7 +425,6 @@ class Transformer(nn.Module):
         self.head = Linear(cfg.vocab_size, d)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(n, n * d), _param(n), _param(1, fill=1.0)
 
-    @torch.no_grad()
     def forward_batch(self, chunks: list[Tensor], states: list[SeqState], all_logits: bool = True) -> list[Tensor]:
         """Run one chunk of token ids per sequence; returns logits per sequence ([T_i, V] or [1, V] for the last
         position only). Each state advances by its chunk."""
