@@ -53,6 +53,13 @@ class Cli:
             ModelConfig.preset(preset_or_path)
         return _dump({"params": cfg.param_count(), "kv_block_tokens": cfg.kv_block_tokens, **cfg.to_dict()})
 
+    def backends(self, explain: str = "", backend: str = "auto"):
+        """List the backends with their availability, devices and capabilities. With --explain PATH: which ops
+        of that model run natively on BACKEND and which fall back to the torch reference (before any run)."""
+        from .backends.explain import explain_model, list_backends
+
+        return explain_model(explain, backend) if explain else list_backends()
+
     @property
     def bench(self):
         """Benchmarks: `flashport bench decode PATH`."""
@@ -66,6 +73,7 @@ def _dump(obj) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .backends import BackendError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .engine import RequestError
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         fire.Fire(Cli, command=argv, name="flashport")
-    except (CheckpointError, ConfigError, RequestError, TokenizerFileError, FileNotFoundError, ValueError,
+    except (BackendError, CheckpointError, ConfigError, RequestError, TokenizerFileError, FileNotFoundError, ValueError,
             KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"flashport: error: {msg}", file=sys.stderr)

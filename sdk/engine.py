@@ -69,14 +69,18 @@ class Engine:
         self.prefill_chunk = prefill_chunk
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", **kwargs) -> "Engine":
-        """Open a release-format or transformers-format checkpoint directory."""
-        if backend not in ("auto", "torch"):
-            raise ValueError(f"unknown backend {backend!r}; available: auto, torch")
+    def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, **kwargs) -> "Engine":
+        """Open a release-format or transformers-format checkpoint directory and run it on `backend`
+        ("auto", "torch", "triton", "onnxruntime" or a plugin's name); unsupported ops fall back per op."""
+        from .backends import Ops, create
+
+        options = {"device": device} if device else {}
+        ops = Ops(create(backend, **options))
         path = Path(path)
         reader = CheckpointReader(path)
         model = Transformer(reader.cfg)
         model.load_state_dict(reader.load_state_dict())
+        model.set_ops(ops)
         tok_file = path / "tokenizer.json"
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
         if tokenizer.vocab_size > reader.cfg.vocab_size:

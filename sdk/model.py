@@ -6,6 +6,9 @@ experts, N = hc_mult residual streams, m a compression rate, n compressed entrie
 Parameter names are the release checkpoint's own (`layers.3.attn.wq_a.weight`, ...), so `state_dict()` keys and
 the release's safetensors keys are the same. All math is fp32; weights come in dequantized (checkpoint.py).
 
+Every operation goes through `self.ops` (flashport.backends): the torch reference by default, or a backend's
+kernels with per-op fallback (`Transformer.set_ops`). The model never calls a backend directly.
+
 A forward pass takes one chunk of a sequence plus that sequence's `SeqState` and updates the state in place, so
 a prompt prefilled in one shot, in chunks of any size, or token by token reaches the same state and logits.
 `forward_batch` runs several sequences at once (continuous batching): every projection and the MoE run on all
@@ -21,17 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends.contract import QuantWeight
+from .backends.dispatch import REFERENCE, Ops
 from .config import ModelConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Reference math (the backends contract implements these same operations)
+# RoPE tables
 # ---------------------------------------------------------------------------------------------------------------
-def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-    x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return x if weight is None else weight * x
-
-
 def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> Tensor:
     """Inverse frequencies for the rope dims: plain theta on sliding-only layers, YaRN on compressed ones."""
     dim = cfg.qk_rope_head_dim
@@ -56,50 +56,6 @@ def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> Tensor:
 def rope_cos_sin(inv_freq: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
     freqs = pos.to(torch.float32)[:, None] * inv_freq[None]  # [T, r/2]
     return freqs.cos(), freqs.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-    """Interleaved RoPE on the trailing 2*cos.shape[-1] channels of x [T, ..., Dh]; cos/sin [T, r/2]."""
-    r = 2 * cos.shape[-1]
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[-1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    sin = -sin if inverse else sin
-    nope, rope = x[..., :-r], x[..., -r:]
-    x1, x2 = rope[..., 0::2], rope[..., 1::2]
-    rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    return torch.cat([nope, rot], dim=-1)
-
-
-def gated_pool(kv: Tensor, gate: Tensor) -> Tensor:
-    """Compressor pooling: softmax over the slots of each window. kv, gate [W, slots, C] -> [W, C]."""
-    return (kv * gate.softmax(dim=1)).sum(dim=1)
-
-
-def attention_with_sink(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
-    """Shared-KV attention (K = V) with one learnable sink logit per head.
-
-    q [T, H, Dh], keys [S, Dh], bias [T, S] (0 or -inf), sink [H] -> [T, H, Dh]. The sink joins the softmax
-    denominator only, so a head can attend to "nothing".
-    """
-    logits = torch.einsum("thd,sd->ths", q, keys) * scale + bias[:, None, :]
-    logits = torch.cat([logits, sink.view(1, -1, 1).expand(q.shape[0], -1, 1)], dim=-1)
-    probs = (logits - logits.amax(-1, keepdim=True)).softmax(-1)[..., :-1]
-    return torch.einsum("ths,sd->thd", probs, keys)
-
-
-def sinkhorn(comb: Tensor, iters: int, eps: float) -> Tensor:
-    """Project a positive [.., N, N] matrix towards doubly stochastic (columns first, then alternate)."""
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    return comb
-
-
-def swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, limit: float) -> Tensor:
-    gate = (x @ w1.T).clamp(max=limit)
-    up = (x @ w3.T).clamp(-limit, limit)
-    return (F.silu(gate) * up) @ w2.T
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,25 +143,48 @@ def _param(*shape, fill: float = 0.0) -> nn.Parameter:
     return nn.Parameter(torch.full(shape, fill), requires_grad=False)
 
 
-class Linear(nn.Module):
+class Module(nn.Module):
+    ops: Ops = REFERENCE  # replaced on every module by Transformer.set_ops
+
+
+class Linear(Module):
+    """A projection. `weight` is fp32 (release checkpoints, training); a bundle sets `packed` instead."""
+
+    op = "linear"
+
     def __init__(self, out_features: int, in_features: int):
         super().__init__()
         self.weight = _param(out_features, in_features)
+        self.packed: QuantWeight | None = None
+        self.handles: dict = {}  # per backend: the uploaded weight
+
+    @property
+    def qweight(self) -> QuantWeight:
+        return self.packed or QuantWeight("fp32", tuple(self.weight.shape), {"weight": self.weight})
 
     def forward(self, x: Tensor) -> Tensor:
-        return x @ self.weight.T
+        return self.ops.linear(x, self)
 
 
-class RMSNorm(nn.Module):
+class GroupedLinear(Linear):
+    """V4's grouped output projection: group g of the input [T, G, I] meets rows g*R.. of the weight [G*R, I]."""
+
+    op = "grouped_linear"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ops.grouped_linear(x, self)
+
+
+class RMSNorm(Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps, self.weight = eps, _param(dim, fill=1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
-class Compressor(nn.Module):
+class Compressor(Module):
     """Gated-softmax pooling of every m tokens into one entry, with a learned per-slot positional bias (`ape`).
 
     overlap=True is CSA's two-series scheme: each token projects to 2*dim channels; Ca = [:dim] feeds the NEXT
@@ -236,13 +215,13 @@ class Compressor(nn.Module):
             ps.overlap_kv, ps.overlap_gate = kv[-1, :, :d].clone(), gate[-1, :, :d].clone()
             kv = torch.cat([torch.cat([prev_kv, kv[:-1, :, :d]]), kv[:, :, d:]], dim=1)  # [w, 2m, d]
             gate = torch.cat([torch.cat([prev_gate, gate[:-1, :, :d]]), gate[:, :, d:]], dim=1)
-        new = self.norm(gated_pool(kv, gate))  # [w, d]
+        new = self.norm(self.ops.compress_pool(kv, gate))  # [w, d]
         pos = m * (ps.entries.shape[0] + torch.arange(w))  # RoPE at each window's first token
-        ps.entries = torch.cat([ps.entries, apply_rope(new, *rope_cos_sin(inv_freq, pos))])
+        ps.entries = torch.cat([ps.entries, self.ops.rope(new, *rope_cos_sin(inv_freq, pos))])
         return ps.entries
 
 
-class Indexer(nn.Module):
+class Indexer(Module):
     """Lightning indexer: scores compressed entries per query, sum_h w_h * ReLU(q_h . k), keeps the top-k."""
 
     def __init__(self, cfg: ModelConfig):
@@ -259,17 +238,13 @@ class Indexer(nn.Module):
         visible = torch.arange(n)[None, :] < ((pos + 1) // self.rate)[:, None]  # [T, n] causal over windows
         if n == 0:
             return visible.new_zeros(x.shape[0], 0, dtype=torch.float32)
-        q = apply_rope(self.wq_b(qr).view(-1, self.n_heads, self.dim), cos, sin)  # [T, Hi, Di]
-        scores = F.relu(torch.einsum("thd,nd->thn", q, keys)) * self.dim ** -0.5
+        q = self.ops.rope(self.wq_b(qr).view(-1, self.n_heads, self.dim), cos, sin)  # [T, Hi, Di]
         weights = self.weights_proj(x) * self.n_heads ** -0.5  # [T, Hi]
-        scores = (scores * weights[..., None]).sum(1).masked_fill(~visible, -math.inf)  # [T, n]
-        # stable sort: equal scores (every head's ReLU at 0) pick the earlier entry, whatever the chunking
-        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, : min(self.topk, n)]
-        chosen = torch.zeros_like(visible).scatter_(1, top, True) & visible
+        chosen = self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
         return torch.zeros(chosen.shape).masked_fill_(~chosen, -math.inf)
 
 
-class Attention(nn.Module):
+class Attention(Module):
     """Shared-KV MQA over [sliding window of raw entries | compressed entries], with sinks and grouped output."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -279,7 +254,7 @@ class Attention(nn.Module):
         self.wq_a, self.q_norm = Linear(cfg.q_lora_rank, cfg.hidden_size), RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.wq_b = Linear(h * dh, cfg.q_lora_rank)
         self.wkv, self.kv_norm = Linear(dh, cfg.hidden_size), RMSNorm(dh, cfg.rms_norm_eps)
-        self.wo_a = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.group_in_features)  # one block per group
+        self.wo_a = GroupedLinear(cfg.o_groups * cfg.o_lora_rank, cfg.group_in_features)
         self.wo_b = Linear(cfg.hidden_size, cfg.o_groups * cfg.o_lora_rank)
         self.attn_sink = _param(h)
         rate = {"csa": cfg.csa_rate, "hca": cfg.hca_rate}.get(self.kind)
@@ -294,9 +269,9 @@ class Attention(nn.Module):
         cfg, T = self.cfg, x.shape[0]
         cos, sin = rope_cos_sin(self.inv_freq, pos)
         qr = self.q_norm(self.wq_a(x))  # [T, q_lora]
-        q = rms_norm(self.wq_b(qr).view(T, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
-        q = apply_rope(q, cos, sin)  # [T, H, Dh]
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, Dh]
+        q = self.ops.rms_norm(self.wq_b(qr).view(T, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
+        q = self.ops.rope(q, cos, sin)  # [T, H, Dh]
+        kv = self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, Dh]
 
         # sliding window: the previous W raw entries plus this chunk, each query sees keys in (p - W, p]
         keys = torch.cat([st.window, kv])  # [S, Dh]
@@ -314,15 +289,13 @@ class Attention(nn.Module):
                 comp_bias = torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)
             keys, bias = torch.cat([keys, entries]), torch.cat([bias, comp_bias], dim=1)
 
-        o = attention_with_sink(q, keys, bias, self.attn_sink, cfg.head_dim ** -0.5)  # [T, H, Dh]
-        o = apply_rope(o, cos, sin, inverse=True)  # K = V carried RoPE into the output: rotate it back
-        o = o.reshape(T, cfg.o_groups, -1)  # [T, G, H*Dh/G]
-        wo_a = self.wo_a.weight.view(cfg.o_groups, cfg.o_lora_rank, -1)  # [G, R, H*Dh/G]
-        o = torch.einsum("tgi,gri->tgr", o, wo_a).flatten(1)  # [T, G*R]
-        return self.wo_b(o)
+        o = self.ops.attention(q, keys, bias, self.attn_sink, cfg.head_dim ** -0.5)  # [T, H, Dh]
+        o = self.ops.rope(o, cos, sin, inverse=True)  # K = V carried RoPE into the output: rotate it back
+        o = self.wo_a(o.reshape(T, cfg.o_groups, -1))  # [T, G, H*Dh/G] -> [T, G, R]
+        return self.wo_b(o.flatten(1))
 
 
-class Gate(nn.Module):
+class Gate(Module):
     """Router: scores sqrt(softplus(logits)); a bias picks the top-k (or a frozen token->expert table on hash
     layers); weights are the unbiased scores of the picks, renormalised to 1 and scaled."""
 
@@ -345,55 +318,29 @@ class Gate(nn.Module):
         return w / (w.sum(-1, keepdim=True) + 1e-20) * self.cfg.routed_scaling_factor, idx
 
 
-class Expert(nn.Module):
-    def __init__(self, dim: int, inter: int, limit: float):
+class Expert(Module):
+    def __init__(self, dim: int, inter: int):
         super().__init__()
-        self.w1, self.w2, self.w3, self.limit = Linear(inter, dim), Linear(dim, inter), Linear(inter, dim), limit
-
-    def forward(self, x: Tensor) -> Tensor:
-        return swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, self.limit)
+        self.w1, self.w2, self.w3 = Linear(inter, dim), Linear(dim, inter), Linear(inter, dim)
 
 
-class MoE(nn.Module):
+class MoE(Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.limit = cfg.swiglu_limit
         self.gate = Gate(cfg, hashed=cfg.is_hash_layer(layer))
-        inter, lim = cfg.moe_intermediate_size, cfg.swiglu_limit
-        self.experts = nn.ModuleList(Expert(cfg.hidden_size, inter, lim) for _ in range(cfg.n_routed_experts))
-        self.shared_experts = Expert(cfg.hidden_size, inter * cfg.n_shared_experts, lim)
+        self.experts = nn.ModuleList(Expert(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
     def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
         weights, idx = self.gate(x, token_ids)  # [T, k]
-        out = torch.zeros_like(x)
-        for e in idx.unique().tolist():  # grouped by expert: each expert runs once on all its tokens
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
-        return out + self.shared_experts(x)
+        shared = self.ops.moe(x, torch.ones(len(x), 1), torch.zeros(len(x), 1, dtype=torch.long),
+                              [self.shared_experts], self.limit)  # the shared expert: every token, weight 1
+        return self.ops.moe(x, weights, idx, self.experts, self.limit) + shared
 
 
-def hc_mixes(streams: Tensor, fn: Tensor, eps: float) -> Tensor:
-    """mHC mix logits from all N streams of each token: [T, N, D] -> [T, n_out]."""
-    return rms_norm(streams.flatten(1), None, eps) @ fn.T
-
-
-def hc_pre(streams: Tensor, fn: Tensor, base: Tensor, scale: Tensor, cfg: ModelConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """mHC before a sub-block: streams [T, N, D] -> (block input [T, D], post [T, N], comb [T, N, N])."""
-    n, eps = cfg.hc_mult, cfg.hc_eps
-    mix = hc_mixes(streams, fn, cfg.rms_norm_eps)  # [T, (2+N)*N]
-    pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + eps
-    post = 2 * torch.sigmoid(mix[:, n:2 * n] * scale[1] + base[n:2 * n])
-    comb = torch.softmax(mix[:, 2 * n:].view(-1, n, n) * scale[2] + base[2 * n:].view(n, n), dim=-1) + eps
-    comb = sinkhorn(comb, cfg.hc_sinkhorn_iters, eps)
-    return (pre[..., None] * streams).sum(1), post, comb
-
-
-def hc_post(out: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
-    """mHC after a sub-block: the output spread over the streams by post, plus the old streams mixed by comb
-    (sum over the FIRST index: comb is doubly stochastic but not symmetric)."""
-    return post[..., None] * out[:, None, :] + torch.einsum("tjk,tjd->tkd", comb, streams)
-
-
-class Block(nn.Module):
+class Block(Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, n, d = cfg, cfg.hc_mult, cfg.hidden_size
@@ -406,15 +353,17 @@ class Block(nn.Module):
 
     def forward(self, streams: Tensor, token_ids: Tensor, seqs: list[tuple[slice, Tensor, LayerState]]) -> Tensor:
         """streams [T, N, D] for the rows of every sequence in `seqs` (rows, positions, layer state)."""
-        x, post, comb = hc_pre(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.cfg)
+        cfg, ops = self.cfg, self.ops
+        hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        x, post, comb = ops.hc_pre(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *hc)
         x = self.attn_norm(x)
         a = torch.cat([self.attn(x[rows], pos, st) for rows, pos, st in seqs])  # attention runs per sequence
-        streams = hc_post(a, streams, post, comb)
-        x, post, comb = hc_pre(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.cfg)
-        return hc_post(self.ffn(self.ffn_norm(x), token_ids), streams, post, comb)
+        streams = ops.hc_post(a, streams, post, comb)
+        x, post, comb = ops.hc_pre(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *hc)
+        return ops.hc_post(self.ffn(self.ffn_norm(x), token_ids), streams, post, comb)
 
 
-class Transformer(nn.Module):
+class Transformer(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg, n, d = cfg, cfg.hc_mult, cfg.hidden_size
@@ -424,6 +373,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.head = Linear(cfg.vocab_size, d)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(n, n * d), _param(n), _param(1, fill=1.0)
+
+    def set_ops(self, ops: Ops) -> "Transformer":
+        """Route every operation of every module through `ops` (a backend with per-op fallback)."""
+        for m in self.modules():
+            m.ops = ops
+        return self
 
     def forward_batch(self, chunks: list[Tensor], states: list[SeqState], all_logits: bool = True) -> list[Tensor]:
         """Run one chunk of token ids per sequence; returns logits per sequence ([T_i, V] or [1, V] for the last
@@ -440,9 +395,9 @@ class Transformer(nn.Module):
             st.n_tokens += len(ids)
         if not all_logits:  # only each sequence's last position
             streams = streams[torch.tensor([s.stop - 1 for s, _, _ in seqs])]
-        mix = hc_mixes(streams, self.hc_head_fn, self.cfg.rms_norm_eps)  # final collapse of the N streams
-        pre = torch.sigmoid(mix * self.hc_head_scale + self.hc_head_base) + self.cfg.hc_eps  # [T, N]
-        logits = self.head(self.norm((pre[..., None] * streams).sum(1)))
+        x = self.ops.hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg.hc_eps,
+                             self.cfg.rms_norm_eps)  # final collapse of the N streams
+        logits = self.head(self.norm(x))
         if not all_logits:
             return list(logits.split(1))
         return [logits[rows] for rows, _, _ in seqs]

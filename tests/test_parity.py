@@ -79,9 +79,10 @@ def test_greedy_tokens_match_transformers(ckpt, request):
     assert ours_greedy(ours, ids, 64) == hf_greedy(hf, ids, 64)
 
 
+import flashport.backends.reference as ref  # noqa: E402
 import flashport.model as fm  # noqa: E402
 
-_apply_rope = fm.apply_rope
+_rope = ref.rope
 
 
 def _break_overlap(model, mp):
@@ -97,12 +98,12 @@ def _break_overlap(model, mp):
 
 BREAKS = {  # feature -> how to break it in the flashport model; the parity check must then fail
     "sinks": lambda m, mp: [b.attn.attn_sink.data.fill_(-1e9) for b in m.layers],
-    "inverse_rope": lambda m, mp: mp.setattr(fm, "apply_rope", lambda x, c, s, inverse=False:
-                                             x if inverse else _apply_rope(x, c, s)),
+    "inverse_rope": lambda m, mp: mp.setattr(ref, "rope", lambda x, c, s, inverse=False:
+                                             x if inverse else _rope(x, c, s)),
     "overlap": _break_overlap,
     "hash_routing": lambda m, mp: [mp.setattr(b.ffn.gate, "tid2eid", b.ffn.gate.tid2eid.roll(1, 0))
                                    for b in m.layers if b.ffn.gate.hashed],
-    "sinkhorn": lambda m, mp: mp.setattr(fm, "sinkhorn", lambda c, iters, eps: c),
+    "sinkhorn": lambda m, mp: mp.setattr(ref, "sinkhorn", lambda c, iters, eps: c),
 }
 
 

@@ -1,0 +1,116 @@
+"""The backend contract, version 1: what a backend (built in or an out-of-tree plugin) provides.
+
+Modelled on ggml-backend and ONNX Runtime's plugin execution providers: a small fixed set of operations plus a
+capability query, so the runtime can plan before it runs (`flashport backends --explain`). A backend implements
+any subset of OPS; everything else falls back, per op and per weight format, to the torch reference
+(`flashport.backends.reference`), with one log line the first time.
+
+Writing a backend (see docs/plugin-authoring.md):
+
+    class MyBackend(Backend):
+        name = "mychip"
+        def devices(self): return [DeviceInfo("mychip:0", "npu", total_memory=64 << 30)]
+        def capabilities(self): return Capabilities(ops={"linear": {"int8", "fp32"}, "rms_norm": True})
+        def upload(self, w: QuantWeight): ...          # weights into the device's own layout, once
+        def linear(self, x, handle): ...               # same semantics as reference.linear
+        def rms_norm(self, x, weight, eps): ...
+
+Every op has the signature and semantics of the function of the same name in `reference.py` (weights arrive
+as whatever `upload` returned). Tensors in and out are torch tensors on `self.torch_device`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+API_VERSION = (1, 0)  # (major, minor): a backend built for major M works with every flashport of major M
+
+# Operation name -> whether it takes quantized weights (then capabilities name the formats it accepts)
+OPS: dict[str, bool] = {
+    "linear": True,          # x [T, K] @ W[N, K].T
+    "grouped_linear": True,  # V4's grouped output projection (block-diagonal)
+    "moe": True,             # routed-expert step: tokens + routing -> combined output, grouped by expert
+    "attention": False,      # compressed/sparse shared-KV attention with sinks, prefill and decode
+    "rms_norm": False,
+    "rope": False,           # partial interleaved RoPE (and its inverse)
+    "compress_pool": False,  # the compressor's gated softmax pooling
+    "indexer_topk": False,   # lightning-indexer scoring + top-k
+    "hc_pre": False,         # mHC mixes (incl. Sinkhorn) before a sub-block
+    "hc_post": False,        # mHC mix after a sub-block
+    "hc_head": False,        # final stream collapse
+}
+
+WEIGHT_FORMATS = ("fp32", "bf16", "fp8-e4m3-block128", "fp8-e4m3-block128-ue8m0", "fp8-e4m3-channel", "mxfp4",
+                  "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym", "int4-g64-asym",
+                  "int4-g128-asym")
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be used (not installed, failed to initialise, wrong API version)."""
+
+
+@dataclass
+class DeviceInfo:
+    name: str                    # "cpu", "cuda:0", "npu:1", "opencl:0"
+    kind: str                    # "cpu", "gpu", "npu", ...
+    total_memory: int = 0        # bytes (0: unknown)
+    free_memory: int = 0
+
+
+@dataclass
+class Capabilities:
+    """What a backend runs natively. ops: op name -> True, or the set of weight formats for weight ops."""
+
+    ops: dict[str, Any] = field(default_factory=dict)
+    max_context: int | None = None   # longest context the attention op was validated for (None: no limit)
+    deterministic: bool = False      # results independent of batch composition and thread count
+
+    def supports(self, op: str, fmt: str | None = None) -> bool:
+        v = self.ops.get(op, False)
+        if isinstance(v, bool):
+            return v
+        return fmt is None or fmt in v
+
+
+@dataclass
+class QuantWeight:
+    """A weight as stored in a bundle: a format name (flashport.quant) and its packed tensors."""
+
+    fmt: str
+    shape: tuple[int, int]           # logical (N, K)
+    tensors: dict[str, torch.Tensor]
+
+    def dequantize(self) -> torch.Tensor:
+        if self.fmt == "fp32":
+            return self.tensors["weight"].float()
+        from ..quant.formats import get_format
+
+        return get_format(self.fmt).dequantize(self.tensors).reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class Backend:
+    """Base class of every backend. Override what you support; leave the rest to the fallback."""
+
+    name: str = "base"
+    api_version: tuple[int, int] = API_VERSION
+    torch_device: torch.device = torch.device("cpu")
+
+    def devices(self) -> list[DeviceInfo]:
+        raise NotImplementedError
+
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    def upload(self, w: QuantWeight) -> Any:
+        """Put a weight into this backend's own layout (called once per weight, before running)."""
+        return w
+
+    def implements(self, op: str) -> bool:
+        return callable(getattr(type(self), op, None))

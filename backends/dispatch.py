@@ -1,0 +1,91 @@
+"""Per-op dispatch: the model calls `Ops`; each op goes to the chosen backend when it supports the op (and the
+weight's format), else to the torch reference. A fallback is logged once per (op, format)."""
+
+from __future__ import annotations
+
+import logging
+
+from . import reference
+from .contract import OPS, Backend, QuantWeight
+
+log = logging.getLogger("flashport.backends")
+
+
+class Ops:
+    def __init__(self, backend: Backend | None = None):
+        self.backend = backend
+        self.caps = backend.capabilities() if backend is not None else None
+        self.fallbacks: dict[tuple[str, str | None], str] = {}
+        self._route: dict[tuple[str, str | None], bool] = {}
+
+    def native(self, op: str, fmt: str | None = None) -> bool:
+        """True when `op` (with weights in `fmt`) runs on the backend, False when it falls back."""
+        key = (op, fmt)
+        if key not in self._route:
+            ok = (self.backend is not None and self.caps.supports(op, fmt if OPS[op] else None)
+                  and self.backend.implements(op))
+            self._route[key] = ok
+            if not ok and self.backend is not None:
+                why = "weight format " + fmt if fmt and self.caps.supports(op) else "op"
+                self.fallbacks[key] = why
+                log.info("backend %s lacks %s %s: falling back to the torch reference", self.backend.name, op,
+                         f"({why})" if fmt else "")
+        return self._route[key]
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def handle(self, lin):
+        """The backend's copy of a Linear's weight, uploaded on first use; or the fp32 tensor for the reference."""
+        qw: QuantWeight = lin.qweight
+        if self.native(lin.op, qw.fmt):
+            key = id(self.backend)
+            if lin.handles.get(key) is None:
+                lin.handles[key] = self.backend.upload(qw)
+            return lin.handles[key]
+        if qw.fmt == "fp32":  # the live parameter itself (training reads gradients through it)
+            return qw.tensors["weight"]
+        if lin.handles.get("ref") is None:
+            lin.handles["ref"] = qw.dequantize()
+        return lin.handles["ref"]
+
+    def _call(self, op, fmt, *args):
+        impl = getattr(self.backend, op) if self.native(op, fmt) else getattr(reference, op)
+        return impl(*args)
+
+    def linear(self, x, lin):
+        return self._call("linear", lin.qweight.fmt, x, self.handle(lin))
+
+    def grouped_linear(self, x, lin):
+        return self._call("grouped_linear", lin.qweight.fmt, x, self.handle(lin))
+
+    def moe(self, x, weights, idx, experts, limit):
+        fmt = experts[0].w1.qweight.fmt
+        hs = [(self.handle(e.w1), self.handle(e.w3), self.handle(e.w2)) for e in experts]
+        return self._call("moe", fmt, x, weights, idx, hs, limit)
+
+    # -- weightless ops ----------------------------------------------------------------------------------------
+    def attention(self, q, keys, bias, sink, scale):
+        return self._call("attention", None, q, keys, bias, sink, scale)
+
+    def rms_norm(self, x, weight, eps):
+        return self._call("rms_norm", None, x, weight, eps)
+
+    def rope(self, x, cos, sin, inverse=False):
+        return self._call("rope", None, x, cos, sin, inverse)
+
+    def compress_pool(self, kv, gate):
+        return self._call("compress_pool", None, kv, gate)
+
+    def indexer_topk(self, q, keys, weights, visible, k):
+        return self._call("indexer_topk", None, q, keys, weights, visible, k)
+
+    def hc_pre(self, streams, fn, base, scale, iters, eps, norm_eps):
+        return self._call("hc_pre", None, streams, fn, base, scale, iters, eps, norm_eps)
+
+    def hc_post(self, out, streams, post, comb):
+        return self._call("hc_post", None, out, streams, post, comb)
+
+    def hc_head(self, streams, fn, base, scale, eps, norm_eps):
+        return self._call("hc_head", None, streams, fn, base, scale, eps, norm_eps)
+
+
+REFERENCE = Ops(None)
