@@ -12,3 +12,33 @@ class Bench:
 
         return run(path=path, preset=preset, prompt_lens=[int(x) for x in str(prompt_lens).split(",") if x],
                    decode_tokens=decode_tokens, threads=threads, peer=peer, seed=seed)
+
+    def kv(self, *args, **kwargs):
+        """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth."""
+        return _run("flashport.bench.kv:run", args, kwargs)
+
+    def ops(self, *args, **kwargs):
+        """Per-op throughput and fraction of measured memory bandwidth: bench ops --backend B."""
+        return _run("flashport.bench.ops:run", args, kwargs)
+
+    def onnx(self, *args, **kwargs):
+        """ONNX Runtime CPU EP against the torch backend: decode/prefill tok/s, export time and size."""
+        return _run("flashport.bench.onnx:run", args, kwargs)
+
+    def offload(self, *args, **kwargs):
+        """Expert offload: tokens/s against the resident fraction of expert bytes."""
+        return _run("flashport.bench.offload:run", args, kwargs)
+
+    def serve(self, *args, **kwargs):
+        """Server throughput against concurrency, Quick Instruction cost, tokens reused per turn."""
+        return _run("flashport.bench.serve:run", args, kwargs)
+
+    def export(self, *args, **kwargs):
+        """Export throughput (MB/s of source read) and peak RSS."""
+        return _run("flashport.bench.export:run", args, kwargs)
+
+
+def _run(target, args, kwargs):
+    from flashport.cli import _run as run
+
+    return run(target, args, kwargs)

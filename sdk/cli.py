@@ -53,6 +53,43 @@ class Cli:
             ModelConfig.preset(preset_or_path)
         return _dump({"params": cfg.param_count(), "kv_block_tokens": cfg.kv_block_tokens, **cfg.to_dict()})
 
+    # Commands implemented in their own modules (each module owns its flags; see `flashport CMD --help`).
+    def export(self, *args, **kwargs):
+        """Requantize and partition a checkpoint into a deployment bundle: export SRC OUT --recipe R --devices SPEC."""
+        return _run("flashport.export.bundle:export_cli", args, kwargs)
+
+    def plan(self, *args, **kwargs):
+        """Place every routed expert on a device or tier for a memory budget: plan --model v4-flash --devices ..."""
+        return _run("flashport.export.planner:plan_cli", args, kwargs)
+
+    def inspect(self, *args, **kwargs):
+        """Summarise a bundle: inspect BUNDLE [--verify]."""
+        return _run("flashport.export.bundle:inspect_cli", args, kwargs)
+
+    def eval(self, *args, **kwargs):
+        """Perplexity, and KL / top-1 agreement against a reference: eval PATH --text FILE [--reference PATH]."""
+        return _run("flashport.export.evaluate:eval_cli", args, kwargs)
+
+    def export_onnx(self, *args, **kwargs):
+        """Export a bundle (or checkpoint) to ONNX graphs: export-onnx BUNDLE OUT."""
+        return _run("flashport.backends.onnx_export:export_cli", args, kwargs)
+
+    def conformance(self, *args, **kwargs):
+        """Run the conformance kit on a backend: conformance BACKEND [--device D] [--report FILE.json]."""
+        return _run("flashport.backends.conformance:conformance_cli", args, kwargs)
+
+    def serve(self, *args, **kwargs):
+        """OpenAI-compatible server: serve PATH [--host 127.0.0.1] [--port 8000] [--api-key K]."""
+        return _run("flashport.server:serve_cli", args, kwargs)
+
+    def chat(self, *args, **kwargs):
+        """Interactive terminal chat: chat PATH."""
+        return _run("flashport.chat_cli:chat_cli", args, kwargs)
+
+    def kv(self, *args, **kwargs):
+        """KV memory accounting: kv PRESET_OR_PATH [--context N] [--sequences S]."""
+        return _run("flashport.kv:kv_cli", args, kwargs)
+
     def backends(self, explain: str = "", backend: str = "auto"):
         """List the backends with their availability, devices and capabilities. With --explain PATH: which ops
         of that model run natively on BACKEND and which fall back to the torch reference (before any run)."""
@@ -66,6 +103,19 @@ class Cli:
         from .bench_cli import Bench
 
         return Bench()
+
+
+def _run(target: str, args, kwargs):
+    import importlib
+
+    mod, _, fn = target.partition(":")
+    try:
+        module = importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("flashport"):
+            raise ValueError(f"this command is not available in this build ({e.name} missing)") from None
+        raise ValueError(f"this command needs the package {e.name!r}: pip install 'flashport[test]'") from None
+    return getattr(module, fn)(*args, **kwargs)
 
 
 def _dump(obj) -> str:

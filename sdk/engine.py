@@ -77,15 +77,20 @@ class Engine:
         options = {"device": device} if device else {}
         ops = Ops(create(backend, **options))
         path = Path(path)
-        reader = CheckpointReader(path)
-        model = Transformer(reader.cfg)
-        model.load_state_dict(reader.load_state_dict())
+        if (path / "manifest.json").exists():  # a deployment bundle (flashport export)
+            from .export.bundle import load_model
+
+            model = load_model(path)
+        else:
+            reader = CheckpointReader(path)
+            model = Transformer(reader.cfg)
+            model.load_state_dict(reader.load_state_dict())
         model.set_ops(ops)
         tok_file = path / "tokenizer.json"
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
-        if tokenizer.vocab_size > reader.cfg.vocab_size:
+        if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"{tok_file}: tokenizer has {tokenizer.vocab_size} ids, the model only "
-                             f"{reader.cfg.vocab_size}")
+                             f"{model.cfg.vocab_size}")
         return cls(model, tokenizer, path, **kwargs)
 
     # -- low level -------------------------------------------------------------------------------------------
