@@ -59,8 +59,7 @@ class Ops:
 
     def moe(self, x, weights, idx, experts, limit):
         fmt = experts[0].w1.qweight.fmt
-        hs = [(self.handle(e.w1), self.handle(e.w3), self.handle(e.w2)) for e in experts]
-        return self._call("moe", fmt, x, weights, idx, hs, limit)
+        return self._call("moe", fmt, x, weights, idx, _ExpertHandles(self, experts), limit)
 
     # -- weightless ops ----------------------------------------------------------------------------------------
     def attention(self, q, keys, bias, sink, scale):
@@ -86,6 +85,20 @@ class Ops:
 
     def hc_head(self, streams, fn, base, scale, eps, norm_eps):
         return self._call("hc_head", None, streams, fn, base, scale, eps, norm_eps)
+
+
+class _ExpertHandles:
+    """experts[e] -> (w1, w3, w2) handles, resolved only for the experts a step actually routes to."""
+
+    def __init__(self, ops: Ops, experts):
+        self.ops, self.experts = ops, experts
+
+    def __len__(self):
+        return len(self.experts)
+
+    def __getitem__(self, e: int):
+        ex = self.experts[e]
+        return self.ops.handle(ex.w1), self.ops.handle(ex.w3), self.ops.handle(ex.w2)
 
 
 REFERENCE = Ops(None)

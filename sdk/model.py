@@ -160,7 +160,9 @@ class Linear(Module):
 
     @property
     def qweight(self) -> QuantWeight:
-        return self.packed or QuantWeight("fp32", tuple(self.weight.shape), {"weight": self.weight})
+        if self.packed is None:  # fp32: a view of the live parameter (built once; tensors are updated in place)
+            self.packed = QuantWeight("fp32", tuple(self.weight.shape), {"weight": self.weight})
+        return self.packed
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops.linear(x, self)
