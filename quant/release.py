@@ -107,7 +107,10 @@ def _block_amax(w: Tensor, block: tuple[int, int]) -> Tensor:
 def quantize_fp8_block(w: Tensor, block=(128, 128), scale_fmt: str = "ue8m0", name: str = "weight"):
     """fp32/bf16 [..., N, K] -> (q float8_e4m3fn [..., N, K], scale [..., ceil(N/bn), ceil(K/bk)]).
 
-    scale_fmt "ue8m0": scale = smallest power of two with amax/scale <= 448 (float8_e8m0fnu).
+    scale_fmt "ue8m0": scale = smallest power of two 2**e such that amax/scale rounds (RNE) to a finite
+    e4m3 value, i.e. amax/scale <= 464 (values in (448, 464] round to 448, no saturation). This is
+    the "round the scale up so amax/scale <= 448" rule, minus one step where that step is free; it
+    makes requantization of a dequantized tensor reproduce the same bytes (float8_e8m0fnu scales).
     scale_fmt "fp32": scale = amax/448 rounded up one ulp if needed, so amax/scale <= 448 (float32);
     all-zero blocks get scale 0. Values are rounded to nearest-even e4m3. Lossy.
     """
@@ -118,6 +121,8 @@ def quantize_fp8_block(w: Tensor, block=(128, 128), scale_fmt: str = "ue8m0", na
     amax = _block_amax(w, tuple(block))
     if scale_fmt == "ue8m0":
         e = _pow2_scale(amax, FP8_E4M3_MAX)
+        # halve when amax still rounds (RNE) to <= 448 at the smaller scale: amax/2**(e-1) <= 464
+        e = torch.where((amax.double() * torch.ldexp(torch.ones_like(amax, dtype=torch.float64), 1 - e) <= 464.0) & (e > -127), e - 1, e)
         scale, s = (e + 127).to(torch.uint8).view(E8M0), torch.ldexp(torch.ones_like(amax), e)
     else:
         scale = s = round_up_scale(amax, FP8_E4M3_MAX)
@@ -160,10 +165,11 @@ def quantize_mxfp4(w: Tensor, name: str = "weight"):
       (a) the OCP MX rule, 2**(floor(log2 amax) - 2): finer grid, clips (6, 8)*scale to 6;
       (b) the smallest power of two >= amax/6: never clips, one step coarser.
     Neither wins everywhere on Gaussian data; picking per block beats both (see docs/quant-formats.md).
-    The result is then canonical: if a block's largest code is <= 3.0 the scale is halved and the
-    codes doubled (same values), so max |code| is 4 or 6 (or the scale is 2**-127). That makes
-    re-quantizing a dequantized tensor reproduce the same bytes and scales. Rounding is to nearest,
-    ties to even; the sign of zero is kept (-0 -> code 8).
+    Ties go to (a). The pick is canonical: a block's largest code is 4 or 6 (or its scale is 2**-127),
+    because whenever (b) would leave it at <= 3 the candidate (a) is exactly half that scale on a grid
+    that contains (b)'s, so (a) is at least as good. Hence re-quantizing a dequantized tensor
+    reproduces the same bytes and scales. Rounding is to nearest, ties to even code; the sign of zero
+    is kept (-0 -> code 8).
     """
     *lead, K = w.shape
     if K % MXFP4_BLOCK:
@@ -185,12 +191,6 @@ def quantize_mxfp4(w: Tensor, name: str = "weight"):
     pick_b = cands[1][0] < cands[0][0]  # ties keep the OCP choice
     e = torch.where(pick_b, eb, ea)
     c = torch.where(pick_b[..., None], cands[1][2], cands[0][2])
-    # canonicalize: max magnitude code <= 3.0 (code 5) -> halve scale, double values (exact)
-    mag = c & 7
-    small = (mag.amax(-1) <= 5) & (e > -127)
-    dbl = torch.tensor([0, 2, 4, 5, 6, 7, 7, 7], dtype=torch.uint8)[mag.long()]  # 0,.5,1,1.5,2,3 -> x2
-    c = torch.where(small[..., None], dbl | (c & 8), c)
-    e = torch.where(small, e - 1, e)
     c = c.reshape(*lead, K)
     packed = (c[..., 0::2] | (c[..., 1::2] << 4)).view(torch.int8)
     return packed, (e + 127).to(torch.uint8).view(E8M0)
