@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 
 
 # Linears the release stores as FP8 blocks; routed experts are MXFP4; the rest bf16 (matrices) or fp32.
-_FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123])\.weight$")
+_FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|[eh]_proj)\.weight$")
 _FP4 = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
 _BF16 = re.compile(r"^(embed|head)\.weight$|ffn\.gate\.weight$|compressor\.(wkv|wgate)\.weight$|weights_proj\.weight$")
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
@@ -94,7 +94,7 @@ def hf_state_to_release(get, names: list[str], cfg: ModelConfig) -> dict:
                     out[f"{base}.w3.weight"] = (lambda hf=hf, e=e: get(hf)[e, inter:])
         elif hf in inverse:
             out[inverse[hf]] = (lambda hf=hf: get(hf))
-        elif not hf.startswith("mtp.") and not hf.endswith("rotary_emb.inv_freq"):
+        elif not hf.endswith("rotary_emb.inv_freq"):
             out[hf] = (lambda hf=hf: get(hf))  # unknown: reported by the shape check
     return out
 
@@ -156,8 +156,7 @@ class CheckpointReader:
         if self.format == "hf":
             self._thunks = hf_state_to_release(self._raw, names, self.cfg)
         else:
-            self._thunks = {n: (lambda n=n: self._raw(n)) for n in names
-                             if not n.endswith(".scale") and not n.startswith("mtp.")}
+            self._thunks = {n: (lambda n=n: self._raw(n)) for n in names if not n.endswith(".scale")}
 
     def _raw(self, name: str) -> torch.Tensor:
         f = self.files[name]
@@ -204,6 +203,8 @@ class CheckpointReader:
     def load_state_dict(self, shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
         """Every tensor the model needs, dequantized and shape-checked against the config."""
         shapes = shapes or param_shapes(self.cfg)
+        if not any(n.startswith("mtp.") for n in self._thunks):  # e.g. saved by transformers, which drops MTP
+            shapes = {n: s for n, s in shapes.items() if not n.startswith("mtp.")}
         missing = [n for n in shapes if n not in self._thunks]
         if missing:
             raise CheckpointError(f"{self.path}: {len(missing)} tensors missing, first: {missing[0]!r}")
@@ -290,7 +291,8 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tens
             tensors.update(quantize_release(name, t, cfg))
         config = cfg.to_dict()
     elif fmt == "hf":
-        rt = release_roundtrip(sd, cfg)
+        # transformers has no MTP block (it drops `mtp.*` on load), so its format carries none
+        rt = release_roundtrip({k: v for k, v in sd.items() if not k.startswith("mtp.")}, cfg)
         tensors, experts = {}, {}
         for name, t in rt.items():
             m = _EXPERT.match(name)

@@ -64,6 +64,7 @@ class ModelConfig:
     hc_eps: float = 1e-6
     rms_norm_eps: float = 1e-6
     num_nextn_predict_layers: int = 1
+    mtp_compress_ratio: int = 0  # attention kind of the MTP block (the release lists it after the main layers)
     bos_token_id: int = 0
     eos_token_id: int = 1
     # release precision: FP8 e4m3 128x128 blocks for linears, MXFP4 experts
@@ -81,6 +82,8 @@ class ModelConfig:
             # V4-Flash layout: two sliding-only layers, then CSA and HCA alternate
             self.compress_ratios = [0, 0] + [self.csa_rate if i % 2 == 0 else self.hca_rate
                                              for i in range(self.num_hidden_layers - 2)]
+        if len(self.compress_ratios) > self.num_hidden_layers and self.num_nextn_predict_layers:
+            self.mtp_compress_ratio = int(self.compress_ratios[self.num_hidden_layers])
         self.compress_ratios = [int(r) for r in self.compress_ratios[: self.num_hidden_layers]]
         self.validate()
 
@@ -92,7 +95,8 @@ class ModelConfig:
         return math.lcm(*rates)
 
     def layer_kind(self, i: int) -> str:
-        r = self.compress_ratios[i]
+        """'swa', 'csa' or 'hca'; layers past the main stack are the MTP blocks."""
+        r = self.compress_ratios[i] if i < self.num_hidden_layers else self.mtp_compress_ratio
         return "swa" if r == 0 else ("csa" if r == self.csa_rate else "hca")
 
     def is_hash_layer(self, i: int) -> bool:
@@ -229,10 +233,10 @@ class ModelConfig:
 
         groups: dict[str, int] = {}
         for name, shape in param_shapes(self).items():
-            g = "routed_experts" if ".experts." in name else ("embed_head" if name in ("embed.weight", "head.weight")
-                                                                else "other")
+            g = "mtp" if name.startswith("mtp.") else "routed_experts" if ".experts." in name else (
+                "embed_head" if name in ("embed.weight", "head.weight") else "other")
             groups[g] = groups.get(g, 0) + math.prod(shape)
-        groups["total"] = sum(groups.values())
+        groups["total"] = sum(v for k, v in groups.items() if k != "mtp")  # the MTP block is counted apart
         return groups
 
 

@@ -92,6 +92,19 @@ class LayerState:
     comp: PoolState | None = None
     index: PoolState | None = None
 
+    @staticmethod
+    def empty(cfg: ModelConfig, layer: int) -> "LayerState":
+        def pool(c: int, dim: int) -> PoolState:
+            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim))
+
+        kind, dh = cfg.layer_kind(layer), cfg.head_dim
+        st = LayerState(window=torch.zeros(0, dh))
+        if kind == "hca":
+            st.comp = pool(dh, dh)
+        if kind == "csa":
+            st.comp, st.index = pool(2 * dh, dh), pool(2 * cfg.index_head_dim, cfg.index_head_dim)
+        return st
+
 
 @dataclass
 class SeqState:
@@ -102,20 +115,7 @@ class SeqState:
 
     @staticmethod
     def empty(cfg: ModelConfig) -> "SeqState":
-        def pool(c: int, dim: int) -> PoolState:
-            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim))
-
-        layers = []
-        for i in range(cfg.num_hidden_layers):
-            kind = cfg.layer_kind(i)
-            st = LayerState(window=torch.zeros(0, cfg.head_dim))
-            if kind == "hca":
-                st.comp = pool(cfg.head_dim, cfg.head_dim)
-            if kind == "csa":
-                st.comp = pool(2 * cfg.head_dim, cfg.head_dim)
-                st.index = pool(2 * cfg.index_head_dim, cfg.index_head_dim)
-            layers.append(st)
-        return SeqState(0, layers)
+        return SeqState(0, [LayerState.empty(cfg, i) for i in range(cfg.num_hidden_layers)])
 
     def tensors(self) -> dict[str, Tensor]:
         """Flat `layer.part.field` -> tensor view of the whole state (for saving, hashing, comparing)."""
@@ -365,6 +365,27 @@ class Block(Module):
         return ops.hc_post(self.ffn(self.ffn_norm(x), token_ids), streams, post, comb)
 
 
+class MTP(Block):
+    """Multi-token prediction block: predicts token t+2 from the main model's final streams at t and the embedding
+    of token t+1, through one more full block. It shares `embed` and `head` with the main model and has its own
+    stream collapse (`hc_head_*`) and norms. Used to draft a token for speculative decoding."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        n, d = cfg.hc_mult, cfg.hidden_size
+        self.e_proj, self.h_proj = Linear(d, d), Linear(d, d)
+        self.enorm, self.hnorm, self.norm = (RMSNorm(d, cfg.rms_norm_eps) for _ in range(3))
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(n, n * d), _param(n), _param(1, fill=1.0)
+
+    def forward(self, streams: Tensor, emb: Tensor, token_ids: Tensor, seqs) -> Tensor:
+        """streams [T, N, D] (main model, before its collapse), emb [T, D] of the next tokens -> [T, D]."""
+        x = self.e_proj(self.enorm(emb))[:, None, :] + self.h_proj(self.hnorm(streams))  # [T, N, D]
+        x = super().forward(x, token_ids, seqs)
+        x = self.ops.hc_head(x, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg.hc_eps,
+                             self.cfg.rms_norm_eps)
+        return self.norm(x)
+
+
 class Transformer(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -375,6 +396,13 @@ class Transformer(Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         self.head = Linear(cfg.vocab_size, d)
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _param(n, n * d), _param(n), _param(1, fill=1.0)
+        self.mtp = nn.ModuleList(MTP(cfg, cfg.num_hidden_layers + i) for i in range(cfg.num_nextn_predict_layers))
+
+    def load_state_dict(self, sd, strict: bool = True, **kwargs):
+        """As nn.Module's; a checkpoint without the MTP block (e.g. saved by transformers) loads without it."""
+        if self.mtp and not any(k.startswith("mtp.") for k in sd):
+            self.mtp = nn.ModuleList()
+        return super().load_state_dict(sd, strict=strict, **kwargs)
 
     def set_ops(self, ops: Ops) -> "Transformer":
         """Route every operation of every module through `ops` (a backend with per-op fallback)."""
@@ -395,6 +423,7 @@ class Transformer(Module):
             streams = layer(streams, token_ids, [(rows, pos, st.layers[i]) for rows, pos, st in seqs])
         for (rows, pos, st), ids in zip(seqs, chunks):
             st.n_tokens += len(ids)
+        self.last_streams = streams  # [T, N, D]: what an MTP draft starts from
         if not all_logits:  # only each sequence's last position
             streams = streams[torch.tensor([s.stop - 1 for s, _, _ in seqs])]
         x = self.ops.hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg.hc_eps,
@@ -403,6 +432,13 @@ class Transformer(Module):
         if not all_logits:
             return list(logits.split(1))
         return [logits[rows] for rows, _, _ in seqs]
+
+    def mtp_logits(self, streams: Tensor, next_ids: Tensor, state: LayerState, first_pos: int) -> Tensor:
+        """Draft logits for tokens t+2 from the final streams at t [T, N, D] and the tokens t+1 [T]. The MTP
+        block keeps its own attention state (`state`, a LayerState) for the positions first_pos.."""
+        pos = torch.arange(first_pos, first_pos + len(next_ids))
+        x = self.mtp[0](streams, self.embed(next_ids), next_ids, [(slice(0, len(next_ids)), pos, state)])
+        return self.head(x)
 
     def forward(self, ids: Tensor, state: SeqState | None = None) -> Tensor:
         """ids [T] -> logits [T, V]; with a state, continues it (a fresh one otherwise)."""
