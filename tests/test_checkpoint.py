@@ -32,8 +32,9 @@ def test_hf_and_release_load_the_same_values(tiny_release, tiny_hf):
     a, b = CheckpointReader(tiny_release), CheckpointReader(tiny_hf)
     assert b.format == "hf"
     sa, sb = a.load_state_dict(), b.load_state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
+    assert set(sa) - set(sb) == {k for k in sa if k.startswith("mtp.")}  # transformers' format has no MTP block
+    assert set(sb) <= set(sa)
+    for k in sb:
         assert torch.equal(sa[k], sb[k]), k
 
 
