@@ -6,6 +6,11 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# `make test` runs two xdist workers on CI's two cores: one torch thread each. Two threads per worker
+# oversubscribe the cores, and OpenMP's spin-waiting then makes small ops tens of times slower.
+torch.set_num_threads(1)
 
 from flashport.checkpoint import make_checkpoint, write_checkpoint, init_weights  # noqa: E402
 from flashport.config import ModelConfig  # noqa: E402
