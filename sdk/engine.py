@@ -4,6 +4,11 @@
     out = engine.generate("Once upon a time", max_new_tokens=32)
     for piece in engine.generate("Hello", max_new_tokens=32, stream=True):
         print(piece, end="")
+
+With a KV directory (`Engine.load(path, kv_dir=..., kv_strategy="periodic:4096")`) prompts go through the prefix
+cache of flashport.kv: the longest cached prefix is restored, the rest prefilled, new blocks stored in the
+background (`engine.prefill_cached`, `engine.kv.stats()`). `deterministic=True` selects the torch backend's
+batch-invariant ops and block-aligned prefill chunks: a restored sequence continues bit-identically.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointReader
+from .kv import KVManager, PrefillStats, check_fits, chunk_spans, model_identity, prefill_cached
 from .config import ModelConfig
 from .model import SeqState, Transformer
 from .tokenizer import Tokenizer
@@ -63,18 +69,34 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
-                 prefill_chunk: int = 1024):
+                 prefill_chunk: int = 1024, deterministic: bool | None = None):
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         self.cfg: ModelConfig = model.cfg
         self.prefill_chunk = prefill_chunk
+        caps = getattr(model.ops, "caps", None)
+        # deterministic: block-aligned prefill chunks (see flashport.kv.chunk_spans); bit-exact with the
+        # backend's batch-invariant ops (torch backend, deterministic=True)
+        self.deterministic = bool(caps and caps.deterministic) if deterministic is None else deterministic
+        self.kv: KVManager | None = None
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, **kwargs) -> "Engine":
+    def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, kv_dir: str | Path | None = None,
+             kv_strategy: str = "periodic:4096", kv_capacity: int = 20 << 30, kv_memory: int = 256 << 20,
+             deterministic: bool = False, **kwargs) -> "Engine":
         """Open a release-format or transformers-format checkpoint directory and run it on `backend`
-        ("auto", "torch", "triton", "onnxruntime" or a plugin's name); unsupported ops fall back per op."""
+        ("auto", "torch", "triton", "onnxruntime" or a plugin's name); unsupported ops fall back per op.
+
+        kv_dir: a directory for the durable prefix cache (None: no cache); kv_strategy: full | periodic:P | none
+        (what is stored of the sliding windows); kv_capacity: disk bytes; kv_memory: host-memory tier bytes.
+        deterministic: bit-identical results across restores and batch compositions (torch backend only).
+        """
         from .backends import Ops, create
 
         options = {"device": device} if device else {}
+        if deterministic:
+            if backend not in ("auto", "torch"):
+                raise ValueError(f"deterministic mode needs the torch backend, not {backend!r}")
+            backend, options["deterministic"] = "torch", True
         ops = Ops(create(backend, **options))
         path = Path(path)
         if (path / "manifest.json").exists():  # a deployment bundle (flashport export)
@@ -86,12 +108,33 @@ class Engine:
             model = Transformer(reader.cfg)
             model.load_state_dict(reader.load_state_dict())
         model.set_ops(ops)
+        if hasattr(ops.backend, "bind_model"):  # a backend that runs whole decoder steps (onnxruntime)
+            model = ops.backend.bind_model(model, path)
         tok_file = path / "tokenizer.json"
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"{tok_file}: tokenizer has {tokenizer.vocab_size} ids, the model only "
                              f"{model.cfg.vocab_size}")
-        return cls(model, tokenizer, path, **kwargs)
+        engine = cls(model, tokenizer, path, **kwargs)
+        if kv_dir is not None:
+            engine.enable_kv(kv_dir, kv_strategy, kv_capacity, kv_memory)
+        return engine
+
+    def enable_kv(self, kv_dir: str | Path | None, strategy: str = "periodic:4096", capacity: int = 20 << 30,
+                  memory: int = 256 << 20, fsync: bool = True) -> KVManager:
+        """Attach a prefix cache (kv_dir None: memory tier only). Its namespace names these weights and the
+        numeric mode, so a cache is never shared with another model or with non-deterministic results."""
+        if self.kv is not None:
+            self.kv.close()
+        ns = model_identity(self.model, "det" if self.deterministic else "")
+        self.kv = KVManager(self.cfg, kv_dir, ns, strategy, capacity, memory, fsync=fsync)
+        return self.kv
+
+    def close(self) -> None:
+        """Flush and close the KV cache (pending block writes finish first)."""
+        if self.kv is not None:
+            self.kv.close()
+            self.kv = None
 
     # -- low level -------------------------------------------------------------------------------------------
     def new_state(self) -> SeqState:
@@ -112,23 +155,45 @@ class Engine:
     def prefill(self, ids: list[int], state: SeqState, progress: bool | None = None) -> torch.Tensor:
         """Feed ids into state in chunks; returns the logits of the last position [V]."""
         self._check_ids(ids, state)
-        chunks = range(0, len(ids), self.prefill_chunk)
+        start = state.n_tokens
+        spans = chunk_spans(start, start + len(ids), self.prefill_chunk, self.cfg.kv_block_tokens, self.deterministic)
         show = progress if progress is not None else len(ids) > 4 * self.prefill_chunk
         last = None
-        for a in tqdm(chunks, desc="prefill", unit="chunk", disable=not show):
-            chunk = torch.tensor(ids[a:a + self.prefill_chunk])
+        for a, b in tqdm(spans, desc="prefill", unit="chunk", disable=not show):
+            chunk = torch.tensor(ids[a - start:b - start])
             last = self.model.forward_batch([chunk], [state], all_logits=False)[0][0]
         return last
+
+    def prefill_cached(self, ids: list[int], progress: bool | None = None) -> tuple[SeqState, torch.Tensor, PrefillStats]:
+        """Prefill a new sequence through the KV cache: restore the longest cached prefix, prefill the rest,
+        store the new blocks. -> (state, last position's logits [V], stats: tokens loaded / recomputed / new).
+        Without a cache (engine.kv None) it is a plain prefill. Any cache error falls back to recompute."""
+        state, logits, stats, _ = self._prefill_cached(ids, progress)
+        return state, logits, stats
+
+    def _prefill_cached(self, ids, progress=None):
+        ids = list(ids)
+        self._check_ids(ids)
+        try:
+            check_fits(self.cfg, len(ids))
+        except MemoryError as e:
+            raise RequestError(str(e)) from None
+        return prefill_cached(self.model, self.kv, ids, self.prefill_chunk, self.deterministic, progress)
 
     @torch.no_grad()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Full-sequence next-token logits [len(token_ids), vocab], float32."""
         self._check_ids(list(token_ids))
         state, out = self.new_state(), []
-        for a in range(0, len(token_ids), self.prefill_chunk):
-            chunk = torch.tensor(list(token_ids[a:a + self.prefill_chunk]))
+        for a, b in chunk_spans(0, len(token_ids), self.prefill_chunk, self.cfg.kv_block_tokens, self.deterministic):
+            chunk = torch.tensor(list(token_ids[a:b]))
             out.append(self.model.forward_batch([chunk], [state])[0])
         return torch.cat(out).float()
+
+    def quick(self, session, task: str, **kwargs):
+        """Quick Instruction: append `task`'s token after a chat session's context, reuse its KV, return the
+        short answer and leave the session as it was (flashport.session.Session.quick)."""
+        return session.quick(task, **kwargs)
 
     def encode(self, prompt: str | list[int], add_bos: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -164,9 +229,8 @@ class Engine:
     def _steps_no_grad(self, ids, max_new_tokens, temperature, top_p, seed, stop_ids):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         stop = {self.tokenizer.eos_id} | set(stop_ids or ())
-        state = self.new_state()
         t0 = time.perf_counter()
-        logits = self.prefill(ids, state)
+        state, logits, kv_stats, tracker = self._prefill_cached(ids)
         t1 = time.perf_counter()
         reason, n = "length", 0
         for n in range(1, max_new_tokens + 1):
@@ -177,9 +241,12 @@ class Engine:
                 break
             if n < max_new_tokens:
                 logits = self.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0]
+                if self.kv is not None:  # blocks the reply completes serve the next turn (enqueue only)
+                    tracker.extend([tok])
+                    self.kv.observe(tracker, state)
         t2 = time.perf_counter()
         yield {"prefill_seconds": t1 - t0, "decode_seconds": t2 - t1, "finish_reason": reason,
-               "decode_steps": max(n - 1, 0)}
+               "decode_steps": max(n - 1, 0), "kv": kv_stats.as_dict()}
 
     def _stream_text(self, steps) -> Iterator[str]:
         from .tokenizer import StreamDecoder

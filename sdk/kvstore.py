@@ -115,17 +115,19 @@ def _key_bytes(key: bytes | str) -> bytes:
     raise TypeError(f"key must be bytes or str, not {type(key).__name__}")
 
 
-def chain_hashes(token_ids: list[int], block_tokens: int, namespace: str) -> list[bytes]:
+def chain_hashes(token_ids: list[int], block_tokens: int, namespace: str, prev: bytes | None = None) -> list[bytes]:
     """Chained 32-byte block hashes: h_i = H(h_{i-1} || namespace || tokens of block i).
 
     Only complete blocks are hashed. Equal prefixes give equal hash prefixes, and a hash
     names the whole prefix up to its block (not just the block), so it can key the store.
+    ``prev`` continues a chain: pass the last hash of the blocks before ``token_ids``
+    (a growing sequence hashes only its new blocks).
     """
     if block_tokens <= 0:
         raise ValueError("block_tokens must be positive")
     ns = namespace.encode("utf-8")
     ns_part = struct.pack("<II", len(ns), block_tokens) + ns
-    prev, out = b"\x00" * 32, []
+    prev, out = (b"\x00" * 32 if prev is None else prev), []
     for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
         h = hashlib.blake2b(digest_size=32, person=b"flashport-kv-v1")
         h.update(prev)

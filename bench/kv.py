@@ -1,0 +1,156 @@
+"""`flashport bench kv`: the disk KV tier against recompute, measured side by side in one run.
+
+    flashport bench kv [--preset flash-mini] [--sizes 8192,32768] [--strategies full,periodic:4096,none]
+                       [--decode-tokens 16] [--long-preset flash-tiny] [--long-sizes 4096,16384] [--dir D]
+
+Per strategy and context size: bytes written per 1K tokens, time to first token after a hit served from disk
+(page cache dropped, store reopened as after a restart) against a full recompute of the same prompt, and the
+restore's read throughput as a fraction of the disk's sequential read bandwidth measured in the same run.
+Per size: prefill and decode cost per token. Long context: prefill time, KV memory and disk of `long-preset` at
+`long-sizes`, extrapolated linearly (compressed-entry work grows with the context; the sliding window does not)
+to 1M tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _drop_cache(root: Path) -> None:
+    """Ask the kernel to forget the page cache of every file under root (reads then come from the disk)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+
+
+def disk_read_bandwidth(root: Path, size: int = 256 << 20) -> float:
+    """Sequential read bandwidth of the disk under root (bytes/s), page cache dropped first."""
+    path = root / "bench-read.bin"
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    _drop_cache(root)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(8 << 20):
+            pass
+    dt = time.perf_counter() - t0
+    path.unlink()
+    return size / dt
+
+
+def _du(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategies="full,periodic:4096,none",
+        decode_tokens: int = 16, long_preset: str = "flash-tiny", long_sizes="4096,16384", dir: str = "",
+        threads: int = 0, seed: int = 0) -> str:
+    from flashport.checkpoint import make_checkpoint
+    from flashport.engine import Engine
+    from flashport.kv import _gb, kv_layout
+
+    if threads:
+        torch.set_num_threads(threads)
+    sizes = [int(x) for x in str(sizes).split(",") if x]
+    long_sizes = [int(x) for x in str(long_sizes).split(",") if x]
+    strategies = [s for s in str(strategies).split(",") if s]
+    work = Path(dir or tempfile.mkdtemp(prefix="flashport-bench-kv-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(path) if path else make_checkpoint(work / preset, preset, seed, "release")
+    bw = disk_read_bandwidth(work)
+    eng = Engine.load(model)
+    B = eng.cfg.kv_block_tokens
+    g = torch.Generator().manual_seed(seed)
+    lines = [f"bench kv: {eng.cfg.name} (block {B} tokens, window {eng.cfg.sliding_window} x "
+             f"{eng.cfg.num_hidden_layers} layers), {torch.get_num_threads()} threads; disk sequential read "
+             f"{bw / 1e9:.2f} GB/s (page cache dropped)",
+             f"{'context':>8} {'strategy':<15} {'KB written/1K tok':>17} {'TTFT recompute':>14} {'TTFT hit':>9} "
+             f"{'ratio':>7} {'loaded':>7} {'recomp':>7} {'restore MB/s':>12} {'of disk':>7}"]
+    costs = []
+    for n in sizes:
+        ids = torch.randint(2, eng.cfg.vocab_size - 1, (n + 16,), generator=g).tolist()
+        for strat in strategies:
+            root = work / f"kv-{n}-{strat.replace(':', '_')}"
+            shutil.rmtree(root, ignore_errors=True)
+            eng.enable_kv(root, strat)
+            _, _, miss = eng.prefill_cached(ids[:n])
+            eng.kv.flush()
+            written = eng.kv.stats()["disk"]["bytes_written"]
+            eng.close()
+            _drop_cache(root)
+            eng.enable_kv(root, strat)  # a restart: fresh store, fresh memory tier
+            _, _, hit = eng.prefill_cached(ids)
+            eng.close()
+            rate = hit.bytes_read / hit.restore_seconds if hit.restore_seconds else 0.0
+            lines.append(f"{n:>8} {strat:<15} {written / n * 1000 / 1024:>17.1f} {miss.seconds:>13.2f}s "
+                         f"{hit.seconds:>8.2f}s {miss.seconds / hit.seconds:>6.1f}x {hit.loaded_tokens:>7} "
+                         f"{hit.recomputed_tokens:>7} {rate / 1e6:>12.0f} {rate / bw:>7.0%}")
+        # prefill / decode cost per token at this size (no cache)
+        state = eng.new_state()
+        t0 = time.perf_counter()
+        logits = eng.prefill(ids[:n], state, progress=False)
+        t1 = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = eng.model.forward_batch([torch.tensor([int(logits.argmax())])], [state], all_logits=False)[0][0]
+        t2 = time.perf_counter()
+        costs.append((n, (t1 - t0) / n, (t2 - t1) / max(decode_tokens, 1)))
+    lines += ["", f"{'context':>8} {'prefill ms/tok':>14} {'decode ms/tok':>13} {'decode vs first':>15}"]
+    for n, p, d in costs:
+        lines.append(f"{n:>8} {p * 1e3:>14.2f} {d * 1e3:>13.1f} {d / costs[0][2]:>14.2f}x")
+
+    if long_sizes:  # long context on a small preset, extrapolated to 1M
+        lmodel = make_checkpoint(work / long_preset, long_preset, seed, "release")
+        leng = Engine.load(lmodel)
+        lay = kv_layout(leng.cfg)
+        lines += ["", f"long context, {long_preset}: {'tokens':>8} {'prefill s':>9} {'tok/s':>7} {'decode ms/tok':>13} "
+                      f"{'KV memory':>10} {'disk':>10} {'max RSS':>9}"]
+        pts = []
+        for n in long_sizes:
+            root = work / f"long-{n}"
+            shutil.rmtree(root, ignore_errors=True)
+            leng.enable_kv(root, "periodic:4096")
+            ids = torch.randint(2, leng.cfg.vocab_size - 1, (n,), generator=g).tolist()
+            t0 = time.perf_counter()
+            state, logits, _ = leng.prefill_cached(ids)
+            t1 = time.perf_counter()
+            for _ in range(decode_tokens):
+                logits = leng.model.forward_batch([torch.tensor([int(logits.argmax())])], [state],
+                                                  all_logits=False)[0][0]
+            t2 = time.perf_counter()
+            leng.kv.flush()
+            disk = _du(root)
+            leng.close()
+            mem = sum(t.numel() * 4 for t in state.tensors().values())
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            pts.append((n, t1 - t0, disk, mem))
+            lines.append(f"{'':>27} {n:>8} {t1 - t0:>9.1f} {n / (t1 - t0):>7.0f} "
+                         f"{(t2 - t1) / max(decode_tokens, 1) * 1e3:>13.1f} {_gb(mem):>10} {_gb(disk):>10} "
+                         f"{_gb(rss):>9}")
+        (n0, s0, _, _), (n1, s1, d1, m1) = pts[0], pts[-1]
+        per_tok = (s1 - s0) / (n1 - n0) if n1 > n0 else s1 / n1
+        big = 1 << 20
+        lines.append(f"extrapolated to {big} tokens: prefill ~{s1 + per_tok * (big - n1):.0f} s at the marginal "
+                     f"{per_tok * 1e3:.2f} ms/token measured between {n0} and {n1}; KV memory "
+                     f"{_gb(lay.kv_bytes(big))}; disk ~{_gb(d1 / n1 * big)}")
+    if not dir:
+        shutil.rmtree(work, ignore_errors=True)
+    return "\n".join(lines)
