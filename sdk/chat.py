@@ -152,9 +152,11 @@ def _prepare(messages: list[dict], tools: list[dict] | None) -> list[dict]:
         prev = out[-1] if out else None
         if prev and prev["role"] == "user" and (role == "tool" or prev.get("task") is None):
             prev["blocks"].append(block)  # consecutive user/tool turns merge (release rule)
+            if role == "tool" and m.get("task") is not None:  # Quick Instruction after tool results
+                prev["task"] = m["task"]
         else:
             out.append({"role": "user", "blocks": [block],
-                        **{k: m[k] for k in ("task", "wo_eos") if k in m and role == "user"}})
+                        **{k: m[k] for k in ("task", "wo_eos") if k in m and (role == "user" or k == "task")}})
     for m in out:
         if not isinstance(m.get("role"), str):
             raise ValueError(f"chat message without a role: {m!r:.80}")
