@@ -1,0 +1,281 @@
+"""The onnxruntime backend: runs whole decoder steps as one exported ONNX graph on any execution provider.
+
+    backend = OnnxRuntimeBackend(ep="CPUExecutionProvider")                 # or CUDAExecutionProvider, ...
+    backend = OnnxRuntimeBackend(ep="MyNpuExecutionProvider", plugin_ep_library="/opt/npu/libnpu_ep.so")
+    onnx_model = backend.bind_model(model, path)                            # what Engine.load does
+    logits = onnx_model.forward_batch([ids], [state])                       # same API as Transformer
+
+Unlike the per-op backends this one replaces the decoder step: `bind_model` returns an `OnnxModel` with the
+`Transformer` interface (`cfg`, `forward_batch`, `forward`, `eval`), backed by ONE `InferenceSession` created once
+(see docs/onnx.md for why one whole-step graph rather than per-op or per-layer sessions). The per-sequence
+`SeqState` stays flashport's: it goes in as graph inputs and comes back as outputs (only the new compressed
+entries for the append-only part), so the disk tier and prefix reuse work unchanged.
+
+Inputs are bound with ORT's I/O binding straight from the state's torch tensors (no copy on the CPU EP); the
+outputs are the fixed-size parts plus this chunk's new entries, so a decode step never copies the cache.
+
+Numerics: fp32 activations (accuracy_level=0) keep logits within 1e-3 max-abs of the torch backend on the same
+weights (tests/test_onnx_parity.py); not bit-exact (ORT's kernels sum in another order).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .contract import OPS, Backend, BackendError, Capabilities, DeviceInfo
+
+log = logging.getLogger("flashport.backends")
+
+
+class OnnxModelError(BackendError):
+    """An exported ONNX model that cannot be used (corrupt, missing data file, or exported for another model)."""
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, device: str | None = None, ep: str = "CPUExecutionProvider", ep_options: dict | None = None,
+                 plugin_ep_library: str | None = None, onnx_dir: str | None = None, threads: int = 0,
+                 accuracy_level: int = 0, optimization: str = "all"):
+        """ep: execution provider by name; ep_options: its provider options; plugin_ep_library: path of a plugin
+        EP shared library to register first (ONNX Runtime >= 1.22), registered under the name `ep`;
+        onnx_dir: an `export-onnx` output to run (default: MODEL/onnx, else exported on load);
+        threads: intra-op threads (0: ORT's default); accuracy_level: used when exporting on load."""
+        ort = _ort()
+        self.ep, self.ep_options = ep, dict(ep_options or {})
+        self.onnx_dir = Path(onnx_dir) if onnx_dir else None
+        self.threads, self.accuracy_level, self.optimization = threads, accuracy_level, optimization
+        self.ep_devices = None
+        if device and ":" in device and "device_id" not in self.ep_options and ep != "CPUExecutionProvider":
+            self.ep_options["device_id"] = device.rpartition(":")[2]
+        self.device = device or ("cpu" if ep == "CPUExecutionProvider" else ep)
+        if plugin_ep_library:
+            lib = Path(plugin_ep_library)
+            if not lib.is_file():
+                raise BackendError(f"plugin EP library {lib} does not exist")
+            if not hasattr(ort, "register_execution_provider_library"):
+                raise BackendError(f"onnxruntime {ort.__version__} cannot load plugin EP libraries (needs >= 1.22)")
+            try:
+                ort.register_execution_provider_library(ep, str(lib))
+            except Exception as e:  # noqa: BLE001 - ORT raises its own types
+                raise BackendError(f"could not register plugin EP library {lib} as {ep!r}: {e}") from e
+            self.ep_devices = [d for d in ort.get_ep_devices() if d.ep_name == ep]
+            if not self.ep_devices:
+                names = sorted({d.ep_name for d in ort.get_ep_devices()})
+                raise BackendError(f"plugin library {lib} registered no device for EP {ep!r}; EP devices: "
+                                   f"{', '.join(names)}")
+        elif ep not in ort.get_available_providers():
+            raise BackendError(f"execution provider {ep!r} is not available in onnxruntime {ort.__version__}; "
+                               f"available: {', '.join(ort.get_available_providers())} (a plugin EP needs "
+                               f"plugin_ep_library=PATH)")
+
+    # -- contract ----------------------------------------------------------------------------------------------
+    def devices(self) -> list[DeviceInfo]:
+        if self.ep == "CPUExecutionProvider":
+            from .torch_backend import _device_memory
+
+            total, free = _device_memory(torch.device("cpu"))
+            return [DeviceInfo("cpu", "cpu", total, free)]
+        return [DeviceInfo(self.device, "gpu" if "CUDA" in self.ep or "ROCM" in self.ep else "npu")]
+
+    def capabilities(self) -> Capabilities:
+        from .onnx_export import NATIVE_FORMATS
+
+        # every op runs inside the exported step graph (not one by one): see bind_model. Not deterministic in the
+        # contract's sense: ORT picks kernels by shape, so results may differ (within tolerance) across chunkings
+        return Capabilities(ops={op: (set(NATIVE_FORMATS) if weighted else True) for op, weighted in OPS.items()},
+                            deterministic=False)
+
+    def implements(self, op: str) -> bool:
+        return op in OPS
+
+    def __getattr__(self, op: str):
+        if op in OPS:  # the model was not bound: a per-op call cannot run a whole-step graph
+            def unbound(*args, **kwargs):
+                raise BackendError("the onnxruntime backend runs whole decoder steps, not single ops: load the "
+                                   "model with Engine.load(path, backend='onnxruntime') (or bind_model)")
+            return unbound
+        raise AttributeError(op)
+
+    # -- sessions ----------------------------------------------------------------------------------------------
+    def session_options(self):
+        ort = _ort()
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        so.graph_optimization_level = {
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[self.optimization]
+        if self.ep_devices:
+            so.add_provider_for_devices(self.ep_devices, self.ep_options)
+        return so
+
+    def session(self, graph: Path):
+        """An InferenceSession on the chosen EP (CPU EP behind it for nodes the EP leaves); clear errors."""
+        ort = _ort()
+        graph = Path(graph)
+        if not graph.is_file():
+            raise OnnxModelError(f"{graph}: no such ONNX file")
+        providers = None
+        if not self.ep_devices:
+            providers = [(self.ep, self.ep_options)] + ([] if self.ep == "CPUExecutionProvider"
+                                                        else ["CPUExecutionProvider"])
+        try:
+            return ort.InferenceSession(str(graph), sess_options=self.session_options(), providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT's errors (InvalidProtobuf, Fail, ...) carry the reason
+            raise OnnxModelError(f"{graph}: onnxruntime cannot load this model (corrupt or truncated file, or a "
+                                 f"missing {graph.name}.data?): {str(e).splitlines()[0][:400]}") from e
+
+    def bind_model(self, model, path: str | Path | None = None) -> "OnnxModel":
+        """The whole-step replacement of `model` (a Transformer): finds its ONNX export (onnx_dir, PATH/onnx, or
+        PATH itself when it is an export) or exports it now into a temporary directory."""
+        from .onnx_export import MANIFEST, export_model
+
+        cands = [self.onnx_dir] if self.onnx_dir else []
+        if path is not None:
+            cands += [Path(path) / "onnx", Path(path)]
+        found = next((d for d in cands if d is not None and (d / MANIFEST).exists()), None)
+        tmp = None
+        if found is None:
+            if self.onnx_dir:
+                raise OnnxModelError(f"{self.onnx_dir}: no {MANIFEST} (run flashport export-onnx first)")
+            tmp = tempfile.TemporaryDirectory(prefix="flashport-onnx-")
+            log.warning("no ONNX export next to %s: exporting now into %s (run `flashport export-onnx %s %s/onnx` "
+                        "once to skip this)", path, tmp.name, path, path)
+            export_model(model, tmp.name, accuracy_level=self.accuracy_level, progress=True)
+            found = Path(tmp.name)
+        return OnnxModel(self, found, model, keep=tmp)
+
+
+class OnnxModel:
+    """A Transformer look-alike whose decoder step is one ONNX Runtime session.
+
+    `source` is the Transformer it was exported from: attributes this class lacks (state_dict, named_modules,
+    layers... used e.g. to name the model's KV namespace) are read from it. It is kept, so its weights stay in
+    host memory next to the session's copy."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, export_dir: Path, source, keep=None):
+        from .dispatch import Ops
+        from .onnx_export import EXPORT_VERSION, MANIFEST
+
+        cfg = source.cfg
+        self.source, self.ops = source, Ops(backend)
+        self.backend, self.dir, self.cfg, self._keep = backend, Path(export_dir), cfg, keep
+        try:
+            self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise OnnxModelError(f"{self.dir / MANIFEST}: unreadable ({e})") from None
+        if self.manifest.get("format") != "flashport-onnx" or self.manifest.get("version") != EXPORT_VERSION:
+            raise OnnxModelError(f"{self.dir}: not a flashport ONNX export of version {EXPORT_VERSION}")
+        if self.manifest.get("config") != json.loads(json.dumps(cfg.to_dict(), default=str)):
+            raise OnnxModelError(f"{self.dir}: exported for another model config; re-run flashport export-onnx")
+        self.sess = backend.session(self.dir / self.manifest["graph"])
+        self.input_names = {i.name for i in self.sess.get_inputs()}
+        from ..model import Compressor
+
+        self._compressors = [m for m in source.modules() if isinstance(m, Compressor)]
+        self._overlap_init: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- the Transformer interface ---------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        if name == "source":  # not set yet (during __init__)
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def __call__(self, ids, state=None):
+        return self.forward(ids, state)
+
+    def forward(self, ids: torch.Tensor, state=None) -> torch.Tensor:
+        from ..model import SeqState
+
+        return self.forward_batch([ids], [state if state is not None else SeqState.empty(self.cfg)])[0]
+
+    def forward_batch(self, chunks: list[torch.Tensor], states: list, all_logits: bool = True) -> list[torch.Tensor]:
+        """Same contract as Transformer.forward_batch. Sequences run one graph call each (attention is per
+        sequence anyway; the MoE is not batched across sequences here)."""
+        return [self.step(ids, st, all_logits) for ids, st in zip(chunks, states)]
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def step(self, ids: torch.Tensor, st, all_logits: bool = True) -> torch.Tensor:
+        ids = ids.to(torch.int64).contiguous()
+        T = ids.numel()
+        rows = torch.arange(T, dtype=torch.int64) if all_logits else torch.tensor([T - 1], dtype=torch.int64)
+        binding = self.sess.io_binding()
+        keep = []  # tensors must outlive the run: the binding holds raw pointers
+        self._bind(binding, "ids", ids, keep)
+        self._bind(binding, "start", torch.tensor(st.n_tokens, dtype=torch.int64), keep)
+        self._bind(binding, "logit_rows", rows, keep)
+        for i, spec in enumerate(self.manifest["state"]):
+            ls = st.layers[i]
+            for f in spec:
+                self._bind(binding, f["input"], self._state_in(i, ls, f["key"]), keep)
+        names = [o.name for o in self.sess.get_outputs()]
+        for n in names:
+            binding.bind_output(n, "cpu")
+        self.sess.run_with_iobinding(binding)
+        outs = dict(zip(names, (torch.from_numpy(v.numpy()) for v in binding.get_outputs())))
+        # flashport.kv.serve_loaded_entries (a prefix-cache window rebuild) freezes the source's compressors: the
+        # loaded entries already hold this span's windows. The graph's new entries sit past every query's causal
+        # limit (index >= loaded count), so attention is unchanged; they are only not appended.
+        frozen = any("forward" in c.__dict__ for c in self._compressors)
+        for i, spec in enumerate(self.manifest["state"]):
+            ls = st.layers[i]
+            for f in spec:
+                self._state_out(ls, f["key"], outs[f["output"]], frozen)
+        st.n_tokens += T
+        return outs["logits"]
+
+    @staticmethod
+    def _bind(binding, name: str, t: torch.Tensor, keep: list):
+        t = t.contiguous()
+        keep.append(t)
+        if t.numel() == 0:  # no buffer to point at
+            binding.bind_cpu_input(name, t.numpy())
+            return
+        binding.bind_input(name, "cpu", 0, np.float32 if t.dtype == torch.float32 else np.int64, tuple(t.shape),
+                           t.data_ptr())
+
+    def _state_in(self, i: int, ls, key: str) -> torch.Tensor:
+        if key == "window":
+            return ls.window.float()
+        part, _, fld = key.partition(".")
+        ps = getattr(ls, part)
+        v = getattr(ps, fld)
+        if v is None:  # CSA overlap before the first full window: what Compressor substitutes for None
+            m, d = self.cfg.csa_rate, ps.entries.shape[1]
+            if (m, d) not in self._overlap_init:
+                self._overlap_init[(m, d)] = (torch.zeros(m, d), torch.full((m, d), -float("inf")))
+            return self._overlap_init[(m, d)][fld == "overlap_gate"]
+        return v.float()
+
+    @staticmethod
+    def _state_out(ls, key: str, v: torch.Tensor, frozen: bool = False):
+        if key == "window":
+            ls.window = v
+            return
+        part, _, fld = key.partition(".")
+        ps = getattr(ls, part)
+        if fld == "entries":  # append-only: the graph returns this chunk's new entries
+            if v.shape[0] and not frozen:
+                ps.entries = torch.cat([ps.entries, v])
+        elif fld.startswith("overlap"):
+            # None until the first full window (then the graph's output is the stored zeros / -inf unchanged)
+            setattr(ps, fld, v if ps.entries.shape[0] else None)
+        else:
+            setattr(ps, fld, v)
