@@ -54,7 +54,8 @@ def _onnx_probe() -> tuple[bool, str, int]:
 
 # name -> (module:attribute of the factory, availability probe -> (ok, note, priority for backend="auto"))
 BUILTINS = {
-    "torch": ("flashport.backends.torch_backend:TorchBackend", _torch_probe),
+    # the torch backend with the fast CPU kernels (falls back to plain torch ops off the CPU / without a compiler)
+    "torch": ("flashport.backends.torch_fast:FastTorchBackend", _torch_probe),
     "triton": ("flashport.kernels.backend:TritonBackend", _triton_probe),
     "onnxruntime": ("flashport.backends.onnx_backend:OnnxRuntimeBackend", _onnx_probe),
 }

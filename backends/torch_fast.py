@@ -1,0 +1,123 @@
+"""Fast CPU implementations of the contract ops: same signatures and semantics as backends/reference.py.
+
+Decode on the CPU spends its time in two places (docs/performance.md): the per-op cost of eager torch on tiny
+tensors (mHC's 20 Sinkhorn iterations on a [T, 4, 4] matrix are ~120 ops per call, twice per layer), and the
+bytes of weights read. The ops here remove the first: each is one call into the C++ kernels of cpu_quant (or a
+few large torch ops), and the weight ops run on cpu_quant's compact weights (bf16-exact / int8 / int4).
+
+Exactness against the reference, per op (tested in tests/test_torch_fast.py):
+  rope           BIT-EXACT (same elementwise fp32 ops, no FMA contraction)
+  compress_pool, hc_head            the reference itself (rarely called in decode)
+  rms_norm, hc_pre, hc_post, attention, linear, grouped_linear, moe
+                 TOLERANCE-BOUND: fp32 with another summation order (and libm's exp); 1e-5 relative
+  indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
+                 differently; exact ties still go to the earlier entry (stable sort)
+Off the CPU (cuda, npu...) or without the C++ extension every op runs a torch path (the reference, or the
+vectorised torch code below), so the backend works everywhere.
+
+Use: `FastTorchBackend()` (a TorchBackend whose ops come from here), or take the functions one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import cpu_quant, reference
+from .contract import OPS, QuantWeight
+from .torch_backend import TorchBackend
+
+
+def _fast(*tensors: Tensor):
+    """The C++ module when every tensor is fp32 on the CPU and the extension built, else None."""
+    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
+        return cpu_quant.ext()
+    return None
+
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    mod = _fast(x) if weight is None else _fast(x, weight)
+    return mod.rms_norm(x, weight, eps) if mod else reference.rms_norm(x, weight, eps)
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    mod = _fast(x, cos, sin)
+    return mod.rope(x, cos, sin, inverse) if mod else reference.rope(x, cos, sin, inverse)
+
+
+compress_pool = reference.compress_pool
+hc_head = reference.hc_head
+
+
+def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """Decode: the reference's sink attention as one fused SDPA call: the sink is an extra key of zeros (it adds nothing
+    to the output) whose logit is the head's sink (through the mask)."""
+    T, H, Dh = q.shape
+    if T > cpu_quant.GEMV_MAX_ROWS:  # prefill: torch's CPU SDPA with a float mask was measured 4x slower here
+        return reference.attention(q, keys, bias, sink, scale)
+    keys_ext = torch.cat([keys, keys.new_zeros(1, Dh)])  # [S+1, Dh]
+    mask = torch.cat([bias[None].expand(H, -1, -1), sink.view(H, 1, 1).expand(-1, T, 1)], dim=-1)  # [H, T, S+1]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys_ext[None, None], keys_ext[None, None],
+                                         attn_mask=mask[None], scale=scale, enable_gqa=True)  # [1, H, T, Dh]
+    return out[0].transpose(0, 1)
+
+
+def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: int) -> Tensor:
+    """Scores with two matmuls instead of the reference's einsum; selection as the reference (stable sort)."""
+    T, Hi, Di = q.shape
+    n = keys.shape[0]
+    scores = torch.relu(q.reshape(T * Hi, Di) @ keys.T).view(T, Hi, n)  # [T, Hi, n]
+    scores = torch.bmm((weights * Di ** -0.5)[:, None, :], scores)[:, 0]  # [T, n]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, : min(k, n)]
+    return torch.zeros_like(visible).scatter_(1, top, True) & visible
+
+
+def hc_pre(streams: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, eps: float,
+           norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One C++ call: the mixes, then sigmoid / softmax / Sinkhorn / the stream mix per token in registers."""
+    mod = _fast(streams, fn, base, scale)
+    if mod is None:
+        return reference.hc_pre(streams, fn, base, scale, iters, eps, norm_eps)
+    x, post, comb = mod.hc_pre(streams, fn, base, scale, iters, eps, norm_eps)
+    return x, post, comb
+
+
+def hc_post(out: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+    mod = _fast(out, streams, post, comb)
+    return mod.hc_post(out, streams, post, comb) if mod else reference.hc_post(out, streams, post, comb)
+
+
+def linear(x: Tensor, w) -> Tensor:
+    return cpu_quant.linear(x, w) if isinstance(w, cpu_quant.CpuWeight) else reference.linear(x, w)
+
+
+def grouped_linear(x: Tensor, w) -> Tensor:
+    return cpu_quant.grouped_linear(x, w) if isinstance(w, cpu_quant.CpuWeight) else reference.grouped_linear(x, w)
+
+
+def moe(x: Tensor, weights: Tensor, idx: Tensor, experts, limit: float) -> Tensor:
+    if idx.numel() and isinstance(experts[int(idx[0, 0])][0], cpu_quant.CpuWeight):
+        return cpu_quant.moe(x, weights, idx, experts, limit)
+    return reference.moe(x, weights, idx, experts, limit)
+
+
+class FastTorchBackend(TorchBackend):
+    """TorchBackend with the ops of this module; on the CPU, weights are uploaded into cpu_quant's compact
+    layout. Deterministic mode is TorchBackend's own (batch-invariant ops, dense fp32 weights)."""
+
+    def __init__(self, device: str = "cpu", deterministic: bool = False):
+        super().__init__(device, deterministic)
+        # deterministic: TorchBackend.__init__ has set its batch-invariant ops on the instance; they win over ours
+        if not deterministic and self.torch_device.type == "cpu":
+            cpu_quant.ext()  # build (or load the cached) kernels now, not inside the first forward
+
+    def upload(self, w: QuantWeight):
+        if self.torch_device.type == "cpu" and not self.deterministic:
+            return cpu_quant.upload(w)
+        return super().upload(w)
+
+
+for _op in OPS:
+    setattr(FastTorchBackend, _op, staticmethod(globals()[_op]))

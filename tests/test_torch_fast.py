@@ -1,0 +1,197 @@
+"""Fast CPU ops (backends/torch_fast.py, backends/cpu_quant.py) against the torch reference: bit-exact where the
+module docstrings claim it, else within the stated tolerance; and greedy generation through the fast path."""
+
+import pytest
+import torch
+
+from flashport.backends import cpu_quant, reference, torch_fast
+from flashport.backends.contract import QuantWeight
+from flashport.backends.dispatch import Ops
+from flashport.quant.formats import get_format
+
+G = torch.Generator().manual_seed(0)
+
+
+def randn(*shape, scale=1.0):
+    return torch.randn(*shape, generator=G) * scale
+
+
+def close(out, ref, atol=1e-5, rtol=1e-5):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+needs_ext = pytest.mark.skipif(cpu_quant.ext() is None, reason="the C++ kernels did not build here")
+
+
+# ---------------------------------------------------------------- weightless ops
+@pytest.mark.parametrize("shape", [(1, 64), (5, 4, 64), (3, 32)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_bit_exact(shape, inverse):
+    x, ang = randn(*shape), randn(shape[0], 8)
+    out = torch_fast.rope(x, ang.cos(), ang.sin(), inverse)
+    assert torch.equal(out, reference.rope(x, ang.cos(), ang.sin(), inverse))
+    assert not torch.equal(out, x)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm(with_weight):
+    x, w = randn(7, 3, 96, scale=3.0), randn(96) if with_weight else None
+    close(torch_fast.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("T", [1, 19])
+def test_hc_pre_post(T):
+    n, d = 4, 48
+    streams, fn, base, scale = randn(T, n, d), randn((2 + n) * n, n * d, scale=0.1), randn((2 + n) * n), randn(3)
+    out = torch_fast.hc_pre(streams, fn, base, scale, 20, 1e-6, 1e-6)
+    ref = reference.hc_pre(streams, fn, base, scale, 20, 1e-6, 1e-6)
+    for a, b in zip(out, ref):
+        close(a, b)
+    block_out = randn(T, d)
+    close(torch_fast.hc_post(block_out, streams, ref[1], ref[2]), reference.hc_post(block_out, streams, ref[1], ref[2]))
+
+
+@pytest.mark.parametrize("T,S", [(1, 40), (6, 70)])
+def test_attention(T, S):
+    H, Dh = 4, 32
+    q, keys, sink = randn(T, H, Dh), randn(S, Dh), randn(H)
+    bias = torch.zeros(T, S).masked_fill_(torch.rand(T, S, generator=G) < 0.3, float("-inf"))
+    bias[0] = float("-inf")  # a query that sees nothing but the sink: output 0
+    out = torch_fast.attention(q, keys, bias, sink, Dh ** -0.5)
+    close(out, reference.attention(q, keys, bias, sink, Dh ** -0.5))
+    assert out[0].abs().max() == 0
+
+
+def test_indexer_topk_selection():
+    T, Hi, Di, n, k = 5, 8, 32, 40, 7
+    q, keys, weights = randn(T, Hi, Di), randn(n, Di), randn(T, Hi).abs()
+    visible = torch.arange(n)[None] < torch.tensor([3, 10, 20, 30, 40])[:, None]
+    out = torch_fast.indexer_topk(q, keys, weights, visible, k)
+    assert torch.equal(out, reference.indexer_topk(q, keys, weights, visible, k))
+    zero = torch.zeros_like(q)  # all scores tie at 0: the earliest visible entries win, as in the reference
+    assert torch.equal(torch_fast.indexer_topk(zero, keys, weights, visible, k),
+                       reference.indexer_topk(zero, keys, weights, visible, k))
+
+
+# ---------------------------------------------------------------- weights
+FORMATS = ["fp32", "bf16", "int8", "w8a8", "int4-g32", "int4-g64-asym", "int4-g128", "int4-g32-asym",
+           "fp8-e4m3-block128-ue8m0", "fp8-e4m3-block128", "mxfp4"]
+
+
+def quant(fmt, N, K, seed=0):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+    if fmt == "fp32":
+        return QuantWeight("fp32", (N, K), {"weight": w})
+    return QuantWeight(fmt, (N, K), get_format(fmt).pack(w))
+
+
+def linear_bound(x, w):
+    """|y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6: fp32 accumulation in another order."""
+    return 1e-5 * (x.abs() @ w.abs().T) + 1e-6
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 3, cpu_quant.GEMV_MAX_ROWS + 5])
+def test_linear_formats(fmt, T):
+    N, K = 72, 200  # K not a multiple of the int4 group: padded blocks
+    qw = quant(fmt, N, K)
+    cw = cpu_quant.upload(qw)
+    dense = qw.dequantize()
+    assert torch.equal(cw.dequantize(), dense)  # dequantization is bit-exact with quant.formats
+    x = randn(T, K)
+    y, ref = torch_fast.linear(x, cw), reference.linear(x, dense)
+    assert y.shape == (T, N)
+    assert ((y - ref).abs() <= linear_bound(x, dense)).all()
+
+
+def test_upload_keeps_compact_exact_storage():
+    exact = torch.randn(16, 64).bfloat16().float()  # like every dequantized release weight (FP8 / MXFP4)
+    assert cpu_quant.upload(QuantWeight("fp32", (16, 64), {"weight": exact})).fmt == cpu_quant.FMT_BF16
+    fp8 = get_format("fp8-e4m3-block128-ue8m0")
+    release_like = fp8.dequantize(fp8.pack(torch.randn(200, 300)))  # a dequantized release FP8 weight
+    cw = cpu_quant.upload(QuantWeight("fp32", (200, 300), {"weight": release_like}))
+    assert cw.fmt == cpu_quant.FMT_FP8 and cw.nbytes < 200 * 300 * 1.01 and torch.equal(cw.dequantize(), release_like)
+    inexact = exact + 1e-4
+    cw = cpu_quant.upload(QuantWeight("fp32", (16, 64), {"weight": inexact}))
+    assert cw.fmt == cpu_quant.FMT_F32 and torch.equal(cw.dequantize(), inexact)
+    qw = quant("int4-g32", 64, 256)
+    cw = cpu_quant.upload(qw)
+    assert cw.fmt == cpu_quant.FMT_I4 and cw.nbytes * 8 <= 64 * 256 * 5  # stays packed: 5 bits per weight (scales included)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4-g64", "fp32"])
+@pytest.mark.parametrize("T", [1, cpu_quant.GEMV_MAX_ROWS + 1])
+def test_grouped_linear(fmt, T):
+    Gr, R, I = 4, 24, 64
+    qw = quant(fmt, Gr * R, I)
+    dense, x = qw.dequantize(), randn(T, Gr, I)
+    out, ref = torch_fast.grouped_linear(x, cpu_quant.upload(qw)), reference.grouped_linear(x, dense)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 4, cpu_quant.GEMV_MAX_ROWS + 7])
+def test_moe_mixed_formats(T):
+    D, I, E, k = 64, 32, 6, 2
+    fmts = ["bf16", "int4-g32", "int8", "fp32", "int4-g32-asym", "bf16"]  # per-expert mixed quantization
+    qws = [tuple(quant(fmts[e], *shape, seed=10 * e + j) for j, shape in enumerate([(I, D), (I, D), (D, I)]))
+           for e in range(E)]
+    x, weights = randn(T, D), torch.rand(T, k, generator=G)
+    idx = torch.stack([torch.randperm(E - 1, generator=G)[:k] for _ in range(T)])  # expert E-1 gets no token
+    fast = [tuple(cpu_quant.upload(w) for w in ws) for ws in qws]
+    dense = [tuple(w.dequantize() for w in ws) for ws in qws]
+    out, ref = torch_fast.moe(x, weights, idx, fast, 10.0), reference.moe(x, weights, idx, dense, 10.0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_fallback_without_extension(monkeypatch):
+    """No compiler on the machine: the same ops still work through torch code."""
+    monkeypatch.setattr(cpu_quant, "ext", lambda: None)
+    qw = quant("int4-g32-asym", 40, 96)
+    cw = cpu_quant.upload(qw)
+    assert cw.native is None and torch.equal(cw.dequantize(), qw.dequantize())
+    x = randn(2, 96)
+    torch.testing.assert_close(torch_fast.linear(x, cw), x @ qw.dequantize().T, atol=1e-5, rtol=1e-5)
+    ang, v = randn(2, 8), randn(2, 32)
+    assert torch.equal(torch_fast.rope(v, ang.cos(), ang.sin()), reference.rope(v, ang.cos(), ang.sin()))
+    close(torch_fast.hc_post(v, randn(2, 4, 32), randn(2, 4), randn(2, 4, 4)).shape and v, v)
+    idx, weights = torch.tensor([[0]]), torch.ones(1, 1)
+    ex = [(cpu_quant.upload(quant("bf16", 16, 96)), cpu_quant.upload(quant("bf16", 16, 96, 1)),
+           cpu_quant.upload(quant("bf16", 96, 16, 2)))]
+    dense = [tuple(w.dequantize() for w in ex[0])]
+    torch.testing.assert_close(torch_fast.moe(x[:1], weights, idx, ex, 10.0),
+                               reference.moe(x[:1], weights, idx, dense, 10.0))
+
+
+# ---------------------------------------------------------------- end to end
+@needs_ext
+def test_generation_matches_reference(tiny_release):
+    from flashport.engine import Engine
+
+    eng = Engine.load(tiny_release, backend="torch")
+    prompt = torch.randint(2, 4000, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref_logits = eng.logits(prompt)
+    ref = eng.generate(prompt, max_new_tokens=24).token_ids
+    eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
+    fast_logits = eng.logits(prompt)
+    fast = eng.generate(prompt, max_new_tokens=24).token_ids
+    assert (fast_logits - ref_logits).abs().max() < 1e-3
+    assert fast == ref
+    ops = eng.model.ops
+    assert not ops.fallbacks  # every op ran on the fast backend
+    lin = eng.model.layers[0].attn.wq_a
+    assert ops.handle(lin).fmt == cpu_quant.FMT_FP8  # release FP8 weights kept as FP8, losslessly
+    expert = eng.model.layers[0].ffn.experts[0].w1
+    assert ops.handle(expert).fmt == cpu_quant.FMT_FP8  # MXFP4 experts fit the FP8 block grid too
+
+
+def test_deterministic_mode_is_torch_backends():
+    from flashport.backends.torch_backend import TorchBackend
+
+    b, plain = torch_fast.FastTorchBackend(deterministic=True), TorchBackend(deterministic=True)
+    try:
+        for op in ("rms_norm", "hc_pre", "linear", "moe"):
+            assert getattr(b, op).__qualname__ == getattr(plain, op).__qualname__, op
+        assert isinstance(b.upload(quant("int8", 8, 32)), torch.Tensor)
+    finally:
+        torch.use_deterministic_algorithms(False)
