@@ -14,11 +14,27 @@ class Cli:
 
     def generate(self, path: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, backend: str = "auto", json: bool = False,
-                 stream: bool = True):
-        """Generate text from PATH (a checkpoint or bundle directory)."""
+                 stream: bool = True, kv_dir: str = "", ep: int = 0, pg_backend: str = "gloo",
+                 timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host"):
+        """Generate text from PATH (a checkpoint or bundle directory).
+
+        kv_dir: disk prefix cache; ep N: expert parallelism over N ranks (torchrun, process group pg_backend,
+        collective timeout seconds); max_device_memory: keep hot experts within this budget (e.g. 8GiB) and
+        offload the rest to offload_tier (host | disk)."""
         from .engine import Engine
 
-        engine = Engine.load(path, backend=backend)
+        if ep > 1:
+            from .distributed import launch
+
+            return launch(path, ep, "generate", prompt=prompt, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, seed=seed, backend=backend,
+                          pg_backend=pg_backend, timeout=timeout)
+        if max_device_memory:
+            from .offload import load_engine
+
+            engine = load_engine(path, max_device_memory=max_device_memory, tier=offload_tier, backend=backend)
+        else:
+            engine = Engine.load(path, backend=backend, **({"kv_dir": kv_dir} if kv_dir else {}))
         if json or not stream:
             out = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=seed)

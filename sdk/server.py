@@ -555,26 +555,36 @@ class BackgroundServer:
 def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
               max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
               max_tokens: int = 256, backend: str = "auto", model_name: str = "", kv_dir: str = "",
-              prefix_pool: int = 16, log_level: str = "info", shutdown_timeout: float = 30.0):
+              prefix_pool: int = 16, log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0,
+              pg_backend: str = "gloo", timeout: float = 30.0, max_device_memory: str = "",
+              offload_tier: str = "host"):
     """Serve PATH (a checkpoint or bundle directory) with an OpenAI-compatible API.
 
     host: 127.0.0.1 by default (this machine only); api_key: required as `Authorization: Bearer KEY` on /v1/*
     (default: $FLASHPORT_API_KEY, else none); max_queue: waiting requests before 429; max_batch: sequences decoded
     together; max_body: request bytes before 413; max_context: prompt + completion token limit (0: the model's);
     max_tokens: default completion length; model_name: the id clients send (default: the directory's name);
-    kv_dir: disk KV cache directory (engines that support it); prefix_pool: recent conversations kept for KV reuse
-    across requests (0: off); shutdown_timeout: seconds to finish running requests on Ctrl-C.
+    kv_dir: disk KV cache directory; prefix_pool: recent conversations kept for KV reuse across requests (0: off);
+    shutdown_timeout: seconds to finish running requests on Ctrl-C. ep: expert-parallel ranks (torchrun, process
+    group pg_backend, collective timeout seconds); max_device_memory: offload cold experts beyond this budget
+    (e.g. 8GiB) to offload_tier (host | disk).
     """
     import uvicorn
 
+    if ep > 1:
+        from .distributed import launch
+
+        return launch(path, ep, "serve", host=host, port=port, backend=backend, pg_backend=pg_backend,
+                      timeout=timeout, api_key=api_key, max_batch=max_batch, max_tokens=max_tokens,
+                      model_name=model_name, log_level=log_level)
     api_key = api_key or os.environ.get("FLASHPORT_API_KEY") or None
     load_kwargs = {"kv_dir": kv_dir} if kv_dir else {}
-    try:
+    if max_device_memory:
+        from .offload import load_engine
+
+        engine = load_engine(path, max_device_memory=max_device_memory, tier=offload_tier, backend=backend)
+    else:
         engine = Engine.load(path, backend=backend, **load_kwargs)
-    except TypeError as e:
-        if kv_dir:
-            raise ValueError(f"this build's Engine has no disk KV cache (--kv-dir): {e}") from None
-        raise
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
     app = create_app(engine, model_name=model_name or None, api_key=api_key, max_queue=max_queue,
