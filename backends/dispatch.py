@@ -33,10 +33,11 @@ class Ops:
         return self._route[key]
 
     # -- weights ---------------------------------------------------------------------------------------------
-    def handle(self, lin):
-        """The backend's copy of a Linear's weight, uploaded on first use; or the fp32 tensor for the reference."""
+    def handle(self, lin, op: str | None = None):
+        """The backend's copy of a Linear's weight (for `op`, default the Linear's own), uploaded on first use;
+        or the fp32 tensor when that op falls back to the reference."""
         qw: QuantWeight = lin.qweight
-        if self.native(lin.op, qw.fmt):
+        if self.native(op or lin.op, qw.fmt):
             key = id(self.backend)
             if lin.handles.get(key) is None:
                 lin.handles[key] = self.backend.upload(qw)
@@ -98,7 +99,7 @@ class _ExpertHandles:
 
     def __getitem__(self, e: int):
         ex = self.experts[e]
-        return self.ops.handle(ex.w1), self.ops.handle(ex.w3), self.ops.handle(ex.w2)
+        return tuple(self.ops.handle(w, "moe") for w in (ex.w1, ex.w3, ex.w2))
 
 
 REFERENCE = Ops(None)

@@ -1,0 +1,178 @@
+"""Per-op decode throughput against the machine's memory bandwidth, measured side by side in one run.
+
+    flashport bench ops [--backend torch] [--shapes 4096x2048,8192x16384] [--fmt int4-g32] [--threads 0]
+                        [--moe 4096x2048x6] [--ort/--noort] [--report FILE.json]
+
+Decode is memory-bound: a one-token GEMV reads every weight byte once and does 2 flops per weight. So each row
+reports the time, the bytes the op must read (packed weights plus scales for quantized formats, fp32 for the
+dense matmul, the keys for attention), that divided by the time (GB/s), and the fraction of the read bandwidth
+measured in the same run (a large torch sum). Shapes whose bytes fit in the caches can exceed 100%. For the linear shapes (N x K weights) it compares, on the same
+weights: the backend's quantized linear (through the contract: upload once, then `linear`; the fast CPU path
+of the torch backend is picked up automatically), a plain fp32 matmul (`x @ W.T`), and ONNX Runtime's
+MatMulNBits (int4 formats, accuracy_level=4) as the reference point for a well-optimised int4 GEMV. The MoE row
+is one decode token through k routed experts (hidden x width x k). Outputs are checked against the reference
+(max relative error printed) so a fast wrong kernel cannot post a good figure.
+
+--backend takes a registered name or module:factory (e.g. flashport.backends.torch_fast:FastTorchBackend).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from ..backends import reference
+from ..backends.contract import QuantWeight
+from ..quant.formats import get_format, to_matmulnbits
+
+ROW_CHUNK = 1024  # pack big weights in row chunks: the packers work in float64
+
+
+def _timeit(fn, repeat: int, min_seconds: float = 0.2) -> float:
+    """Median seconds of one call (after a warm-up), at least `repeat` calls and `min_seconds` of calls."""
+    fn()
+    times, t_end = [], time.perf_counter() + min_seconds
+    while len(times) < repeat or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
+    """Bytes/s of a torch sum over a tensor far larger than the caches (best of `repeat`)."""
+    t = torch.ones(nbytes // 4)
+    best = min(_timeit(lambda: t.sum(), 1, 0) for _ in range(repeat))
+    return nbytes / best
+
+
+def pack_rows(fmt: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """get_format(fmt).pack in row chunks (every format is row-wise), so a 8192x16384 weight fits in memory."""
+    f = get_format(fmt)
+    parts = [f.pack(w[i:i + ROW_CHUNK]) for i in range(0, w.shape[0], ROW_CHUNK)]
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "shape"}
+    if "shape" in parts[0]:
+        out["shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+    return out
+
+
+def _ort_matmulnbits(packed: dict, fmt: str, n: int, k: int, threads: int):
+    """A one-node ONNX graph: MatMulNBits over the packed int4 weight (accuracy_level=4: int8 activations)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    block = int(fmt.split("-g")[1].split("-")[0])
+    inputs, attrs = to_matmulnbits(packed, block)
+    inits = [numpy_helper.from_array(v.numpy(), name) for name, v in inputs.items()]
+    node = helper.make_node("MatMulNBits", ["A", *inputs], ["Y"], domain="com.microsoft", accuracy_level=4, **attrs)
+    graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(sess.run(None, {"A": np.ascontiguousarray(x.numpy())})[0])
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def _make_backend(name: str):
+    from ..backends.registry import _load, create
+
+    return _load(name)() if ":" in name else create(name)
+
+
+def _shape(s: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in s.lower().split("x"))
+
+
+def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32", threads: int = 0,
+        moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "", seed: int = 0):
+    """Print one row per (op, shape, path): ms, GB/s of the bytes the op must read, % of measured bandwidth."""
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    b = _make_backend(backend)
+    bw = read_bandwidth()
+    rows: list[dict] = []
+
+    def add(op, shape, path, seconds, nbytes, err=None, vs=None):
+        rows.append({"op": op, "shape": shape, "path": path, "ms": seconds * 1e3, "bytes": nbytes,
+                     "gb_s": nbytes / seconds / 1e9, "of_bandwidth": nbytes / seconds / bw, "rel_err": err,
+                     "vs_fp32": vs})
+
+    shape_list = [_shape(s) for s in str(shapes).split(",") if s]
+    for n, k in tqdm(shape_list, desc="linear shapes", unit="shape"):
+        w = torch.randn(n, k) * k ** -0.5  # [N, K]
+        x = torch.randn(1, k)
+        qw = QuantWeight(fmt, (n, k), pack_rows(fmt, w))
+        del w
+        w = qw.dequantize()  # the same weight values in fp32: every path computes the same product
+        ref = reference.linear(x, w)
+        t_fp32 = _timeit(lambda: x @ w.T, repeat)
+        add("linear", f"{n}x{k}", "fp32 matmul", t_fp32, n * k * 4, _rel_err(x @ w.T, ref))
+        del w
+        h = b.upload(qw)
+        t_b = _timeit(lambda: b.linear(x, h), repeat)
+        add("linear", f"{n}x{k}", f"{b.name} {fmt}", t_b, qw.nbytes, _rel_err(b.linear(x, h), ref), t_fp32 / t_b)
+        del h
+        if ort and fmt.startswith("int4"):
+            try:
+                f = _ort_matmulnbits(qw.tensors, fmt, n, k, threads)
+            except ImportError:
+                print("onnxruntime is not installed: no MatMulNBits reference point (pip install 'flashport[onnx]')")
+            else:
+                t_o = _timeit(lambda: f(x), repeat)
+                add("linear", f"{n}x{k}", f"onnxruntime MatMulNBits {fmt} acc4", t_o, qw.nbytes, _rel_err(f(x), ref),
+                    t_fp32 / t_o)
+
+    if moe:  # one decode token through k routed experts of hidden x width
+        d, inter, k = _shape(moe)
+        packs = [[QuantWeight(fmt, s, pack_rows(fmt, torch.randn(*s) * s[1] ** -0.5))
+                  for s in ((inter, d), (inter, d), (d, inter))] for _ in range(k)]
+        x, idx = torch.randn(1, d), torch.arange(k)[None]
+        weights = torch.full((1, k), 1.5 / k)
+        ref = reference.moe(x, weights, idx, [tuple(q.dequantize() for q in e) for e in packs], 10.0)
+        nbytes = sum(q.nbytes for e in packs for q in e)
+        experts = [tuple(b.upload(q) for q in e) for e in packs]
+        t = _timeit(lambda: b.moe(x, weights, idx, experts, 10.0), repeat)
+        add("moe", f"{d}x{inter} k={k}", f"{b.name} {fmt}", t, nbytes,
+            _rel_err(b.moe(x, weights, idx, experts, 10.0), ref))
+        del experts
+        dense = [tuple(q.dequantize() for q in e) for e in packs]
+        t32 = _timeit(lambda: reference.moe(x, weights, idx, dense, 10.0), repeat)
+        add("moe", f"{d}x{inter} k={k}", "fp32 reference", t32, sum(w.numel() * 4 for e in dense for w in e), 0.0)
+        rows[-2]["vs_fp32"] = t32 / t
+
+    # weightless decode ops at V4-Flash shapes (64 heads of 512, window 128 + top-512 compressed entries)
+    q, keys = torch.randn(1, 64, 512), torch.randn(128 + 512, 512)
+    bias, sink = torch.zeros(1, 640), torch.zeros(64)
+    t = _timeit(lambda: b.attention(q, keys, bias, sink, 512 ** -0.5), repeat)
+    add("attention", "decode H=64 Dh=512 S=640", b.name, t, keys.numel() * 4 + q.numel() * 8,
+        _rel_err(b.attention(q, keys, bias, sink, 512 ** -0.5), reference.attention(q, keys, bias, sink, 512 ** -0.5)))
+    xn, wn = torch.randn(1, 4096), torch.randn(4096)
+    t = _timeit(lambda: b.rms_norm(xn, wn, 1e-6), repeat)
+    add("rms_norm", "1x4096", b.name, t, xn.numel() * 12, _rel_err(b.rms_norm(xn, wn, 1e-6), reference.rms_norm(xn, wn, 1e-6)))
+
+    print(f"backend {b.name!r}, weights {fmt}, torch threads {torch.get_num_threads()}; "
+          f"measured read bandwidth {bw / 1e9:.1f} GB/s (torch sum over 512 MiB)")
+    print(f"{'op':<10} {'shape':<24} {'path':<38} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'vs fp32':>8} {'rel err':>9}")
+    for r in rows:
+        vs = f"{r['vs_fp32']:.2f}x" if r["vs_fp32"] else ""
+        err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
+        print(f"{r['op']:<10} {r['shape']:<24} {r['path']:<38} {r['ms']:>9.3f} {r['gb_s']:>7.1f} "
+              f"{r['of_bandwidth']:>6.0%} {vs:>8} {err:>9}")
+    if report:
+        with open(report, "w") as f:
+            json.dump({"backend": b.name, "fmt": fmt, "bandwidth_gb_s": bw / 1e9, "threads": torch.get_num_threads(),
+                       "rows": rows}, f, indent=2)
+        print(f"report written to {report}")
