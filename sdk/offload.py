@@ -37,7 +37,6 @@ same `Ops.handle` / `moe` calls, so logits and tokens are bit-identical to the r
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -487,7 +486,6 @@ def load_engine(path: str | Path, max_device_memory: int | str | None = None, ti
         reader = CheckpointReader(path)
         cfg, recipe, manifest = reader.cfg, FP32_RECIPE, None
 
-    pinned: list[Key]
     if max_device_memory is not None:  # budget first: a plan that cannot work fails before any load
         _, expert_bytes = expert_budget(cfg, max_device_memory, recipe, stats, context, sequences)
         order, capacity_total, host_keys = hot_order(stats, _prefixes(cfg)), expert_bytes, None

@@ -17,15 +17,6 @@ from flashport.backends.torch_backend import TorchBackend
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one torch thread avoids the spin-wait stalls of oversubscribed cores on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tolerance_table_covers_every_op_and_case():
     assert set(C.TOLERANCES) == set(OPS)
     assert {c.op for c in C.CASES} == set(OPS)

@@ -16,14 +16,6 @@ from flashport.model import Linear
 PROMPT = "hello world, this is"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors on a shared 2-core machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ref(tiny_release):
     return Engine.load(tiny_release, backend="torch")

@@ -13,14 +13,6 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A checkpoint is read one l
         "expert sees the tokens its router sends it. ") * 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors on a shared 2-core machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _calib_like(n, K, seed):
     """Inputs like a layer's: correlated channels, a few with large magnitude (what makes RTN costly)."""
     g = torch.Generator().manual_seed(seed)

@@ -15,14 +15,6 @@ TEXT = ("Calibration and evaluation read ordinary text. The exporter rounds each
         "router sent it, then checks the result against the release model. ") * 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors on a shared 2-core machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_metric_definitions():
     V = 50
     assert perplexity(torch.zeros(4, V), [0, 1, 2, 3]) == pytest.approx(V)  # uniform logits: perplexity = vocab

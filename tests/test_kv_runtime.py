@@ -21,16 +21,6 @@ from flashport.kv import (KVManager, Strategy, check_fits, chunk_spans, kv_cli, 
                           release_entry_bytes)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a loaded 2-core CI machine OpenMP's barriers around small ops (index_add_ of a
-    32-token chunk) cost tens of ms when a sibling thread is descheduled."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def det(tiny_release):
     return Engine.load(tiny_release, deterministic=True)

@@ -12,14 +12,6 @@ from flashport.offload import FP32_RECIPE, OffloadError, expert_budget, load_eng
 PROMPT = "the quick brown fox jumps over"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bundle(tiny_release, tmp_path_factory):
     out = tmp_path_factory.mktemp("offload") / "int8"

@@ -25,15 +25,6 @@ from flashport.model import SeqState, Transformer
 from flashport.tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torch's 2-thread GEMV stalls on an oversubscribed machine; one thread keeps these tests short."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(experts="int4-g32", linears=None, seed=0):
     cfg = ModelConfig.preset("flash-tiny")
     m = Transformer(cfg)

@@ -16,15 +16,6 @@ from flashport.model import SeqState, Transformer
 TOL = 1e-3
 
 
-@pytest.fixture
-def one_thread():
-    """torch's 2-thread GEMV stalls on an oversubscribed machine; one thread keeps this test short."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # (preset, prompt length: crosses several CSA/HCA windows and makes the indexer drop entries, chunk cuts)
 CASES = [
     pytest.param("flash-tiny", 150, [0, 7, 40, 41, 150], id="flash-tiny"),
@@ -34,7 +25,7 @@ CASES = [
 
 @pytest.mark.parametrize("preset,n,cuts", CASES)
 @torch.no_grad()
-def test_onnx_matches_torch_backend(preset, n, cuts, tmp_path, one_thread):
+def test_onnx_matches_torch_backend(preset, n, cuts, tmp_path):
     cfg = ModelConfig.preset(preset)
     model = Transformer(cfg)
     model.load_state_dict(init_weights(cfg, seed=0))
