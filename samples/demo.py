@@ -21,7 +21,7 @@ else:
 
 kv_dir = Path(tempfile.mkdtemp(prefix="flashport-demo-kv-"))  # a local KV directory, fresh for each demo
 engine = flashport.Engine.load(model_dir, kv_dir=kv_dir, kv_strategy="periodic:256")
-prompt = sys.argv[1] if len(sys.argv) > 1 else "Return the"
+prompt = sys.argv[1] if len(sys.argv) > 1 else "If the"  # the model learnt stdlib docstrings
 print(f"model: {model_dir.relative_to(ROOT)}  ({engine.cfg.param_count()['total'] / 1e6:.1f}M parameters, "
       f"backend {engine.model.ops.backend.name})")
 print(f"prompt: {prompt!r}\n---")
