@@ -41,6 +41,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -492,8 +493,11 @@ class KVManager:
         "window" plan the state holds every loaded entry and empty windows (see `serve_loaded_entries`)."""
         cfg, n_read, sources = self.cfg, 0, set()
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in self._shapes}
-        for b in range(plan.load_blocks):
-            got = self._get(tracker.hashes[b])
+        # one file per block: read them concurrently so the disk sees several requests in flight (file reads
+        # and CRC32C release the GIL); the tiers and the store are thread-safe
+        with ThreadPoolExecutor(max_workers=max(1, min(8, plan.load_blocks))) as pool:
+            fetched = list(pool.map(lambda b: self._get(tracker.hashes[b]), range(plan.load_blocks)))
+        for b, got in enumerate(fetched):
             if got is None:
                 raise KVRestoreError(f"block {b} is no longer cached")
             tensors, meta, src = got
