@@ -735,7 +735,8 @@ def grouped_linear(x: Tensor, w: CpuWeight) -> Tensor:
 def moe(x: Tensor, weights: Tensor, idx: Tensor, experts, limit: float) -> Tensor:
     """The reference's routed-expert step (experts[e] = (w1, w3, w2) CpuWeights), fused in C++: one call per
     layer instead of ~10 torch ops per expert."""
-    ids = idx.unique().tolist()  # ascending, like the reference
+    # the distinct experts, ascending like the reference (a decode step's few ids: cheaper in Python than unique)
+    ids = sorted(set(idx.reshape(-1).tolist())) if idx.numel() <= 64 else idx.unique().tolist()
     handles = [experts[e] for e in ids]
     if ext() is None or any(h.native is None for hs in handles for h in hs):
         from . import reference

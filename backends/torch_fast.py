@@ -11,7 +11,8 @@ Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   rms_norm, hc_pre, hc_post, attention, linear, grouped_linear, moe
                  TOLERANCE-BOUND: fp32 with another summation order (and libm's exp); 1e-5 relative
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
-                 differently; exact ties still go to the earlier entry (stable sort)
+                 differently; exact ties still go to the earlier entry (as the reference's stable sort); with
+                 n <= k (all visible entries chosen) it is exact
 Off the CPU (cuda, npu...) or without the C++ extension every op runs a torch path (the reference, or the
 vectorised torch code below), so the backend works everywhere.
 
@@ -31,9 +32,10 @@ from .torch_backend import TorchBackend
 
 def _fast(*tensors: Tensor):
     """The C++ module when every tensor is fp32 on the CPU and the extension built, else None."""
-    if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors):
-        return cpu_quant.ext()
-    return None
+    for t in tensors:  # a plain loop: this runs ~200 times per decode step
+        if t.dtype != torch.float32 or not t.is_cpu:
+            return None
+    return cpu_quant.ext()
 
 
 def rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
@@ -50,12 +52,25 @@ compress_pool = reference.compress_pool
 hc_head = reference.hc_head
 
 
+PREFILL_BLOCK = 64  # query rows per block of the prefill attention
+
+
 def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
-    """Decode: the reference's sink attention as one fused SDPA call: the sink is an extra key of zeros (it adds nothing
-    to the output) whose logit is the head's sink (through the mask)."""
+    """Decode (T <= GEMV_MAX_ROWS): the reference's sink attention as one fused SDPA call; the sink is an extra key
+    of zeros (it adds nothing to the output) whose logit is the head's sink (through the mask).
+
+    Prefill: the reference's math per block of PREFILL_BLOCK queries over only the keys that block can see (a
+    column whose bias is -inf for every query of the block contributes exactly 0): V4's masks are sparse (a
+    sliding window of W raw keys, the top-k of the compressed entries), so a block reads ~W + k keys, not all S."""
     T, H, Dh = q.shape
-    if T > cpu_quant.GEMV_MAX_ROWS:  # prefill: torch's CPU SDPA with a float mask was measured 4x slower here
-        return reference.attention(q, keys, bias, sink, scale)
+    if T > cpu_quant.GEMV_MAX_ROWS:  # torch's CPU SDPA with a float mask was measured 4x slower here
+        seen = bias > float("-inf")  # [T, S]
+        out = []
+        for r0 in range(0, T, PREFILL_BLOCK):
+            rows = slice(r0, r0 + PREFILL_BLOCK)
+            cols = seen[rows].any(0).nonzero()[:, 0]  # [S'] the keys some query of the block sees
+            out.append(reference.attention(q[rows], keys[cols], bias[rows, cols], sink, scale))
+        return torch.cat(out)
     keys_ext = torch.cat([keys, keys.new_zeros(1, Dh)])  # [S+1, Dh]
     mask = torch.cat([bias[None].expand(H, -1, -1), sink.view(H, 1, 1).expand(-1, T, 1)], dim=-1)  # [H, T, S+1]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys_ext[None, None], keys_ext[None, None],
@@ -63,15 +78,28 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
     return out[0].transpose(0, 1)
 
 
+SCORE_ELEMENTS = 1 << 22  # the indexer's [rows, Hi, n] head scores are built at most this many at a time
+
+
 def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: int) -> Tensor:
-    """Scores with two matmuls instead of the reference's einsum; selection as the reference (stable sort)."""
+    """The scores as one matmul [T*Hi, Di] x [Di, n] plus one bmm for the head weights (instead of the reference's
+    einsum); the selection by the k-th score (torch.topk, O(n)) instead of a full sort, with the reference's tie
+    rule: among scores equal to the k-th, the earliest entries win (its stable sort)."""
     T, Hi, Di = q.shape
     n = keys.shape[0]
-    scores = torch.relu(q.reshape(T * Hi, Di) @ keys.T).view(T, Hi, n)  # [T, Hi, n]
-    scores = torch.bmm((weights * Di ** -0.5)[:, None, :], scores)[:, 0]  # [T, n]
+    if n <= k:  # everything visible is chosen: no scoring needed
+        return visible.clone()
+    w = (weights * Di ** -0.5)[:, None, :]  # [T, 1, Hi]
+    step = max(1, SCORE_ELEMENTS // (Hi * n))  # rows per block: a long prefill chunk would need GBs at once
+    # in-place ReLU on the fresh matmul output: an out-of-place one costs ~5x the matmul at n = 32K (a second
+    # multi-MB buffer, page-faulted in on every call)
+    scores = torch.cat([torch.bmm(w[r:r + step], (q[r:r + step].reshape(-1, Di) @ keys.T).relu_().view(-1, Hi, n))
+                        for r in range(0, T, step)])[:, 0]  # [T, n]
     scores = scores.masked_fill(~visible, float("-inf"))
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, : min(k, n)]
-    return torch.zeros_like(visible).scatter_(1, top, True) & visible
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [T, 1] the k-th largest score
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied entries make the top-k
+    return (above | (tied & (tied.cumsum(-1) <= room))) & visible
 
 
 def hc_pre(streams: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, eps: float,

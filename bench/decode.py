@@ -92,3 +92,38 @@ def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), dec
     if tmp:
         tmp.cleanup()
     return "\n".join(lines)
+
+
+def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 32768, 131072), decode_tokens: int = 16,
+                 threads: int = 0, seed: int = 0) -> str:
+    """Decode cost per token against the context length, fast CPU ops: the sliding window and the top-k
+    attention cost the same at every length; the indexer's scoring (one matmul over every compressed entry)
+    and the HCA layers' dense attention grow with it. Prefill (not timed) runs the fast ops too."""
+    from flashport.backends.dispatch import Ops
+    from flashport.backends.torch_fast import FastTorchBackend
+    from flashport.checkpoint import make_checkpoint
+    from flashport.engine import Engine
+
+    if threads:
+        torch.set_num_threads(threads)
+    contexts = [int(x) for x in (contexts.split(",") if isinstance(contexts, str) else contexts)]
+    with tempfile.TemporaryDirectory(prefix="flashport-bench-") as tmp:
+        eng = Engine.load(path or make_checkpoint(tmp, preset, seed, "release"))
+        eng.model.set_ops(Ops(FastTorchBackend()))
+        g = torch.Generator().manual_seed(seed)
+        lines = [f"decode cost vs context: {eng.cfg.name}, fast ops, {torch.get_num_threads()} threads, "
+                 f"{decode_tokens} decode steps",
+                 f"{'context':>8} {'prefill s':>9} {'decode ms/tok':>13} {'vs first':>8}"]
+        first = None
+        for n in contexts:
+            state = eng.new_state()
+            t0 = time.perf_counter()
+            logits = eng.prefill(torch.randint(2, eng.cfg.vocab_size - 1, (n,), generator=g).tolist(), state)
+            t1 = time.perf_counter()
+            tok = int(logits.argmax())
+            for _ in range(decode_tokens):
+                tok = int(eng.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0].argmax())
+            per_tok = (time.perf_counter() - t1) / decode_tokens
+            first = first or per_tok
+            lines.append(f"{n:>8} {t1 - t0:>9.1f} {per_tok * 1e3:>13.2f} {per_tok / first:>7.2f}x")
+    return "\n".join(lines)

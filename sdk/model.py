@@ -58,6 +58,36 @@ def rope_cos_sin(inv_freq: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
     return freqs.cos(), freqs.sin()
 
 
+class RopeTable:
+    """cos/sin of every position 0..L-1 for one inv_freq, grown on demand and shared by every layer with the same
+    frequencies: a chunk at positions p0..p0+T-1 is a slice (a decode step does no trigonometry). Each position's
+    value is computed once, so it is the same whatever the chunking."""
+
+    _shared: dict[tuple, "RopeTable"] = {}
+
+    def __init__(self, inv_freq: Tensor):
+        self.inv_freq = inv_freq
+        self.table = rope_cos_sin(inv_freq, torch.arange(0, device=inv_freq.device))  # (cos, sin) [L, r/2]
+
+    @classmethod
+    def of(cls, inv_freq: Tensor) -> "RopeTable":
+        key = (str(inv_freq.device), inv_freq.detach().cpu().numpy().tobytes())
+        if key not in cls._shared:
+            cls._shared[key] = RopeTable(inv_freq.detach().clone())
+        return cls._shared[key]
+
+    def __call__(self, start: int, stop: int, step: int = 1) -> tuple[Tensor, Tensor]:
+        """cos, sin [len(range(start, stop, step)), r/2] of those positions."""
+        if stop > self.table[0].shape[0]:  # grow to the next power of two: log2(context) rebuilds in all
+            # one assignment: a concurrent reader sees the old table or the new one, both valid for its range
+            self.table = rope_cos_sin(self.inv_freq, torch.arange(1 << max(stop - 1, 1).bit_length(),
+                                                                  device=self.inv_freq.device))
+        cos, sin = self.table
+        if step == 1:
+            return cos[start:stop], sin[start:stop]
+        return cos[start:stop:step].contiguous(), sin[start:stop:step].contiguous()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding state
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +232,7 @@ class Compressor(Module):
         self.ape = _param(rate, c)
         self.norm = RMSNorm(dim, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, ps: PoolState, inv_freq: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ps: PoolState, rope: RopeTable) -> Tensor:
         """x [T, D] -> all entries so far [n, dim]; appends this chunk's full windows to ps in place."""
         m, d = self.rate, self.dim
         kv, gate = torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)])  # [buffered + T, C]
@@ -218,8 +248,9 @@ class Compressor(Module):
             kv = torch.cat([torch.cat([prev_kv, kv[:-1, :, :d]]), kv[:, :, d:]], dim=1)  # [w, 2m, d]
             gate = torch.cat([torch.cat([prev_gate, gate[:-1, :, :d]]), gate[:, :, d:]], dim=1)
         new = self.norm(self.ops.compress_pool(kv, gate))  # [w, d]
-        pos = m * (ps.entries.shape[0] + torch.arange(w))  # RoPE at each window's first token
-        ps.entries = torch.cat([ps.entries, self.ops.rope(new, *rope_cos_sin(inv_freq, pos))])
+        n0 = ps.entries.shape[0]
+        cos, sin = rope(m * n0, m * (n0 + w), m)  # RoPE at each window's first token
+        ps.entries = torch.cat([ps.entries, self.ops.rope(new, cos, sin)])
         return ps.entries
 
 
@@ -233,17 +264,16 @@ class Indexer(Module):
         self.weights_proj = Linear(self.n_heads, cfg.hidden_size)
         self.compressor = Compressor(cfg, cfg.csa_rate, self.dim, overlap=True)
 
-    def forward(self, x: Tensor, qr: Tensor, pos: Tensor, ps: PoolState, inv_freq: Tensor, cos, sin) -> Tensor:
-        """-> [T, n] bias over the compressed entries: 0 for the selected top-k, -inf elsewhere."""
-        keys = self.compressor(x, ps, inv_freq)  # [n, Di]
+    def forward(self, x: Tensor, qr: Tensor, pos: Tensor, ps: PoolState, rope: RopeTable, cos, sin) -> Tensor:
+        """-> chosen [T, n] bool: the compressed entries each query attends to (its top-k of the visible ones)."""
+        keys = self.compressor(x, ps, rope)  # [n, Di]
         n = keys.shape[0]
         visible = torch.arange(n)[None, :] < ((pos + 1) // self.rate)[:, None]  # [T, n] causal over windows
-        if n == 0:
-            return visible.new_zeros(x.shape[0], 0, dtype=torch.float32)
+        if n <= self.topk:  # every visible entry is in the top-k: indexer_topk's result, without scoring
+            return visible
         q = self.ops.rope(self.wq_b(qr).view(-1, self.n_heads, self.dim), cos, sin)  # [T, Hi, Di]
         weights = self.weights_proj(x) * self.n_heads ** -0.5  # [T, Hi]
-        chosen = self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
-        return torch.zeros(chosen.shape).masked_fill_(~chosen, -math.inf)
+        return self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
 
 
 class Attention(Module):
@@ -266,31 +296,51 @@ class Attention(Module):
             self.indexer = Indexer(cfg)
         self.register_buffer("inv_freq", rope_inv_freq(cfg, compressed=self.kind != "swa"), persistent=False)
 
+    def rope_table(self) -> RopeTable:
+        if self.__dict__.get("_rope", (None,))[0] is not self.inv_freq:  # first call, or the buffer moved device
+            self.__dict__["_rope"] = (self.inv_freq, RopeTable.of(self.inv_freq))
+        return self.__dict__["_rope"][1]
+
     def forward(self, x: Tensor, pos: Tensor, st: LayerState) -> Tensor:
-        """x [T, D] (one sequence's chunk), pos [T] -> [T, D]; updates st."""
-        cfg, T = self.cfg, x.shape[0]
-        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        """x [T, D] (one sequence's chunk), pos [T] (consecutive) -> [T, D]; updates st.
+
+        Decode (T = 1) takes a shortcut with the same math: it attends only to the keys it can see (the last W
+        raw entries, and on CSA layers the gathered top-k entries) instead of masking the others with -inf,
+        so its cost does not grow with the context (the indexer's scoring aside)."""
+        cfg, T, W = self.cfg, x.shape[0], self.cfg.sliding_window
+        rope, p0 = self.rope_table(), int(pos[0]) if T else 0
+        cos, sin = rope(p0, p0 + T)  # [T, r/2]
         qr = self.q_norm(self.wq_a(x))  # [T, q_lora]
         q = self.ops.rms_norm(self.wq_b(qr).view(T, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
         q = self.ops.rope(q, cos, sin)  # [T, H, Dh]
         kv = self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, Dh]
 
         # sliding window: the previous W raw entries plus this chunk, each query sees keys in (p - W, p]
-        keys = torch.cat([st.window, kv])  # [S, Dh]
-        key_pos = pos[0] - st.window.shape[0] + torch.arange(keys.shape[0])
-        dist = pos[:, None] - key_pos[None, :]
-        bias = torch.zeros(T, keys.shape[0]).masked_fill_((dist < 0) | (dist >= cfg.sliding_window), -math.inf)
-        st.window = keys[-cfg.sliding_window:]
+        keys, first = torch.cat([st.window, kv]), p0 - st.window.shape[0]  # [S, Dh], position of keys[0]
+        st.window = keys[-W:]
+        decode = T == 1
+        if decode:  # the one query sees exactly the last W keys
+            keys = st.window
+        else:
+            dist = pos[:, None] - (first + torch.arange(keys.shape[0]))[None, :]  # [T, S]
+            bias = torch.zeros(T, keys.shape[0]).masked_fill_((dist < 0) | (dist >= W), -math.inf)
 
         if self.kind != "swa":
-            entries = self.compressor(x, st.comp, self.inv_freq)  # [n, Dh]
-            if self.kind == "csa":
-                comp_bias = self.indexer(x, qr, pos, st.index, self.inv_freq, cos, sin)
-            else:  # HCA: dense over every entry whose window is complete at the query
-                visible = torch.arange(entries.shape[0])[None, :] < ((pos + 1) // cfg.hca_rate)[:, None]
-                comp_bias = torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)
-            keys, bias = torch.cat([keys, entries]), torch.cat([bias, comp_bias], dim=1)
-
+            entries = self.compressor(x, st.comp, rope)  # [n, Dh]
+            rate = cfg.csa_rate if self.kind == "csa" else cfg.hca_rate
+            if self.kind == "csa":  # sparse: only the indexer's top-k; HCA: dense over every complete entry
+                visible = self.indexer(x, qr, pos, st.index, rope, cos, sin)  # [T, n]
+            elif decode and entries.shape[0] == (p0 + 1) // rate:  # every entry is complete: all visible
+                visible = None
+            else:
+                visible = torch.arange(entries.shape[0])[None, :] < ((pos + 1) // rate)[:, None]  # [T, n]
+            if decode:  # gather what the query sees, in entry order
+                keys = torch.cat([keys, entries if visible is None else entries[visible[0]]])
+            else:
+                keys = torch.cat([keys, entries])
+                bias = torch.cat([bias, torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)], dim=1)
+        if decode:
+            bias = keys.new_zeros(1, keys.shape[0])
         o = self.ops.attention(q, keys, bias, self.attn_sink, cfg.head_dim ** -0.5)  # [T, H, Dh]
         o = self.ops.rope(o, cos, sin, inverse=True)  # K = V carried RoPE into the output: rotate it back
         o = self.wo_a(o.reshape(T, cfg.o_groups, -1))  # [T, G, H*Dh/G] -> [T, G, R]
@@ -359,7 +409,8 @@ class Block(Module):
         hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
         x, post, comb = ops.hc_pre(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *hc)
         x = self.attn_norm(x)
-        a = torch.cat([self.attn(x[rows], pos, st) for rows, pos, st in seqs])  # attention runs per sequence
+        a = [self.attn(x[rows], pos, st) for rows, pos, st in seqs]  # attention runs per sequence
+        a = a[0] if len(a) == 1 else torch.cat(a)
         streams = ops.hc_post(a, streams, post, comb)
         x, post, comb = ops.hc_pre(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *hc)
         return ops.hc_post(self.ffn(self.ffn_norm(x), token_ids), streams, post, comb)

@@ -74,6 +74,60 @@ def test_indexer_topk_selection():
                        reference.indexer_topk(zero, keys, weights, visible, k))
 
 
+def test_indexer_topk_ties_at_kth_score_and_short_context():
+    T, Hi, Di, n, k = 3, 4, 16, 50, 9
+    keys, weights = randn(n, Di), randn(T, Hi).abs()
+    keys[10:30] = keys[5]  # 21 identical keys: their scores tie, and the k-th score falls among them
+    q = randn(T, Hi, Di)
+    q[:, :, :] = keys[5] + 0.01 * randn(T, Hi, Di)  # makes keys[5] (and its copies) score highest
+    visible = torch.arange(n)[None] < torch.tensor([50, 25, 8])[:, None]
+    out = torch_fast.indexer_topk(q, keys, weights, visible, k)
+    assert torch.equal(out, reference.indexer_topk(q, keys, weights, visible, k))
+    assert out[0].sum() == k and out[2].sum() == 8
+    short = visible[:, :k]  # n <= k: every visible entry is chosen, without scoring
+    assert torch.equal(torch_fast.indexer_topk(q, keys[:k], weights, short, k),
+                       reference.indexer_topk(q, keys[:k], weights, short, k))
+
+
+def test_indexer_topk_scores_in_row_blocks(monkeypatch):
+    monkeypatch.setattr(torch_fast, "SCORE_ELEMENTS", 4 * 8 * 40)  # 4 rows per block
+    T, Hi, Di, n, k = 11, 8, 16, 40, 6
+    q, keys, weights = randn(T, Hi, Di), randn(n, Di), randn(T, Hi).abs()
+    visible = torch.ones(T, n, dtype=torch.bool)
+    assert torch.equal(torch_fast.indexer_topk(q, keys, weights, visible, k),
+                       reference.indexer_topk(q, keys, weights, visible, k))
+
+
+def test_prefill_attention_visits_only_visible_keys():
+    """T > GEMV_MAX_ROWS: per block of queries, only the keys it can see (a V4-like mask: sliding window plus a
+    few compressed entries), against the reference over the dense mask."""
+    T, W, n, H, Dh = 150, 16, 30, 4, 32
+    q, keys, sink = randn(T, H, Dh), randn(T + n, Dh), randn(H)
+    dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    raw = torch.zeros(T, T).masked_fill_((dist < 0) | (dist >= W), float("-inf"))
+    comp = torch.zeros(T, n).masked_fill_(torch.rand(T, n, generator=G) < 0.8, float("-inf"))
+    bias = torch.cat([raw, comp], dim=1)
+    bias[3] = float("-inf")  # a query that sees nothing: output 0 (the sink takes everything)
+    out = torch_fast.attention(q, keys, bias, sink, Dh ** -0.5)
+    close(out, reference.attention(q, keys, bias, sink, Dh ** -0.5))
+    assert out[3].abs().max() == 0
+
+
+def test_rope_table_matches_direct_computation():
+    from flashport.config import ModelConfig
+    from flashport.model import RopeTable, rope_cos_sin, rope_inv_freq
+
+    inv = rope_inv_freq(ModelConfig.preset("flash-tiny"), compressed=True)
+    table = RopeTable.of(inv)
+    assert RopeTable.of(inv.clone()) is table  # shared by every layer with these frequencies
+    for start, stop, step in [(0, 5, 1), (1000, 1003, 1), (8, 40, 4), (0, 1, 1)]:
+        cos, sin = table(start, stop, step)
+        ref = rope_cos_sin(inv, torch.arange(start, stop, step))
+        torch.testing.assert_close(cos, ref[0], atol=1e-6, rtol=0)  # libm vs vectorised cos: within an ulp
+        torch.testing.assert_close(sin, ref[1], atol=1e-6, rtol=0)
+        assert cos.shape == (len(range(start, stop, step)), len(inv))
+
+
 # ---------------------------------------------------------------- weights
 FORMATS = ["fp32", "bf16", "int8", "w8a8", "int4-g32", "int4-g64-asym", "int4-g128", "int4-g32-asym",
            "fp8-e4m3-block128-ue8m0", "fp8-e4m3-block128", "mxfp4"]
