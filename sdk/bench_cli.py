@@ -13,6 +13,14 @@ class Bench:
         return run(path=path, preset=preset, prompt_lens=[int(x) for x in str(prompt_lens).split(",") if x],
                    decode_tokens=decode_tokens, threads=threads, peer=peer, seed=seed)
 
+    def decode_context(self, path: str = "", preset: str = "flash-small", contexts: str = "8192,32768,131072",
+                       decode_tokens: int = 16, threads: int = 0, seed: int = 0):
+        """Decode cost per token at several context lengths (sparse attention should keep it nearly flat)."""
+        from flashport.bench.decode import run_contexts
+
+        return run_contexts(path=path, preset=preset, contexts=[int(x) for x in str(contexts).split(",") if x],
+                            decode_tokens=decode_tokens, threads=threads, seed=seed)
+
     def kv(self, *args, **kwargs):
         """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth."""
         return _run("flashport.bench.kv:run", args, kwargs)
