@@ -8,7 +8,6 @@ is checked against), flashport on the fast CPU ops (backends/torch_fast.py, "fas
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,23 +61,19 @@ def _transformers(path: Path, ids: torch.Tensor, decode_tokens: int) -> tuple[fl
 
 def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), decode_tokens: int = 32,
         threads: int = 0, peer: bool = True, seed: int = 0) -> str:
-    from flashport.checkpoint import make_checkpoint
+    from flashport.bench import checkpoint_or_preset
 
     if threads:
         torch.set_num_threads(threads)
-    tmp = None
-    if not path:
-        tmp = tempfile.TemporaryDirectory(prefix="flashport-bench-")
-        path = make_checkpoint(tmp.name, preset, seed, "release")
-    path = Path(path)
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for n in prompt_lens:
-        ids = torch.randint(2, 4000, (n,), generator=g)
-        ref = _flashport(path, ids, decode_tokens, fast=False)
-        fast = _flashport(path, ids, decode_tokens, fast=True)
-        hf = _transformers(path, ids, decode_tokens) if peer else (float("nan"),) * 2
-        rows.append((n, ref, fast, hf))
+    with checkpoint_or_preset(path, preset, seed) as path:
+        for n in prompt_lens:
+            ids = torch.randint(2, 4000, (n,), generator=g)
+            ref = _flashport(path, ids, decode_tokens, fast=False)
+            fast = _flashport(path, ids, decode_tokens, fast=True)
+            hf = _transformers(path, ids, decode_tokens) if peer else (float("nan"),) * 2
+            rows.append((n, ref, fast, hf))
     head = f"{'ref':>8} {'fast':>8} {'hf':>8} {'fast/hf':>8} {'fast/ref':>8}"
     lines = [f"bench decode: {path} ({torch.get_num_threads()} threads, {decode_tokens} decode steps)",
              f"{'prompt':>7} | {'prefill tok/s':^44} | {'decode tok/s':^44}",
@@ -89,8 +84,6 @@ def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), dec
             r, f, h = (c[phase] for c in cols)
             cells.append(f"{r:>8.1f} {f:>8.1f} {h:>8.1f} {f / h:>7.2f}x {f / r:>7.2f}x")
         lines.append(f"{n:>7} | {cells[0]} | {cells[1]}")
-    if tmp:
-        tmp.cleanup()
     return "\n".join(lines)
 
 
@@ -101,14 +94,14 @@ def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 327
     and the HCA layers' dense attention grow with it. Prefill (not timed) runs the fast ops too."""
     from flashport.backends.dispatch import Ops
     from flashport.backends.torch_fast import FastTorchBackend
-    from flashport.checkpoint import make_checkpoint
+    from flashport.bench import checkpoint_or_preset
     from flashport.engine import Engine
 
     if threads:
         torch.set_num_threads(threads)
     contexts = [int(x) for x in (contexts.split(",") if isinstance(contexts, str) else contexts)]
-    with tempfile.TemporaryDirectory(prefix="flashport-bench-") as tmp:
-        eng = Engine.load(path or make_checkpoint(tmp, preset, seed, "release"))
+    with checkpoint_or_preset(path, preset, seed) as ck:
+        eng = Engine.load(ck)
         eng.model.set_ops(Ops(FastTorchBackend()))
         g = torch.Generator().manual_seed(seed)
         lines = [f"decode cost vs context: {eng.cfg.name}, fast ops, {torch.get_num_threads()} threads, "

@@ -42,7 +42,7 @@ def run(preset: str = "flash-mini", experts: str = "int4-g32", linears: str | No
     from flashport.backends.dispatch import Ops
     from flashport.backends.onnx_backend import OnnxRuntimeBackend
     from flashport.backends.onnx_export import export_model, quantize_in_memory
-    from flashport.backends.torch_backend import TorchBackend
+    from flashport.backends.registry import create
     from flashport.checkpoint import init_weights
     from flashport.config import ModelConfig
     from flashport.model import Transformer
@@ -53,7 +53,7 @@ def run(preset: str = "flash-mini", experts: str = "int4-g32", linears: str | No
     model = Transformer(cfg)
     model.load_state_dict(init_weights(cfg, seed))
     quantize_in_memory(model, experts, None if linears in (None, "none") else linears)
-    model.set_ops(Ops(TorchBackend()))
+    model.set_ops(Ops(create("torch")))  # the built-in torch backend, with its fast CPU kernels
     ids = torch.randint(2, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(seed))
 
     levels = [0, 4] if int8_activations else [0]

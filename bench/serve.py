@@ -13,7 +13,6 @@ tool call, so the conversation has the shape of an agent loop; what is measured 
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -117,18 +116,15 @@ def run(path: str = "", preset: str = "flash-tiny", concurrency="1,4,16,32", max
     """Print and return the three tables (markdown)."""
     import torch
 
-    from ..checkpoint import make_checkpoint
     from ..engine import Engine
     from ..server import BackgroundServer, create_app
+    from . import checkpoint_or_preset
 
     if threads:
         torch.set_num_threads(threads)
-    tmp = None
-    if not path:
-        tmp = tempfile.TemporaryDirectory(prefix="flashport-bench-")
-        path = make_checkpoint(tmp.name, preset, seed, "release")
     levels = [int(x) for x in str(concurrency).replace("(", "").replace(")", "").split(",") if x.strip()]
-    engine = Engine.load(path)
+    with checkpoint_or_preset(path, preset, seed) as ck:
+        engine = Engine.load(ck)
     out = [f"# flashport bench serve: {engine.cfg.name}, torch threads {torch.get_num_threads()}", "",
            f"## Throughput against concurrency ({max_tokens} tokens per request)"]
     with BackgroundServer(create_app(engine, model_name="bench", max_queue=256)) as bg:
@@ -137,6 +133,4 @@ def run(path: str = "", preset: str = "flash-tiny", concurrency="1,4,16,32", max
         out += _tool_turns(bg, "bench", turns)
     out += ["", f"## Quick Instruction against a separate request ({quick_tokens} tokens, greedy)"]
     out += _quick(engine, quick_tokens)
-    if tmp:
-        tmp.cleanup()
     return "\n".join(out)  # the CLI prints it

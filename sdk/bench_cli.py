@@ -10,7 +10,7 @@ class Bench:
         weights (PATH, or a fresh PRESET checkpoint), with the ratio."""
         from flashport.bench.decode import run
 
-        return run(path=path, preset=preset, prompt_lens=[int(x) for x in str(prompt_lens).split(",") if x],
+        return run(path=path, preset=preset, prompt_lens=_ints(prompt_lens),
                    decode_tokens=decode_tokens, threads=threads, peer=peer, seed=seed)
 
     def decode_context(self, path: str = "", preset: str = "flash-small", contexts: str = "8192,32768,131072",
@@ -18,7 +18,7 @@ class Bench:
         """Decode cost per token at several context lengths (sparse attention should keep it nearly flat)."""
         from flashport.bench.decode import run_contexts
 
-        return run_contexts(path=path, preset=preset, contexts=[int(x) for x in str(contexts).split(",") if x],
+        return run_contexts(path=path, preset=preset, contexts=_ints(contexts),
                             decode_tokens=decode_tokens, threads=threads, seed=seed)
 
     def kv(self, *args, **kwargs):
@@ -44,6 +44,11 @@ class Bench:
     def export(self, *args, **kwargs):
         """Export throughput (MB/s of source read) and peak RSS."""
         return _run("flashport.bench.export:run", args, kwargs)
+
+
+def _ints(v) -> list[int]:
+    """A list of ints from `--x 512,2048` (fire hands over a tuple) or `--x 512`."""
+    return [int(x) for x in v] if isinstance(v, (tuple, list)) else [int(x) for x in str(v).split(",") if x]
 
 
 def _run(target, args, kwargs):

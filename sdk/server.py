@@ -448,12 +448,8 @@ def create_app(engine: Engine, **options):
 
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in srv.events(seq, request):
-            pass
-        if seq.finish_reason == "error":
-            raise ApiError(500, f"generation failed: {seq.error}", type="server_error")
-        if seq.finish_reason == "cancelled" or not seq.done.is_set():
-            return JSONResponse(ApiError(499, "client closed the request", code="cancelled").body(), 499)
+        if (unfinished := await _wait_unstreamed(srv, seq, request)) is not None:
+            return unfinished
         calls = tool_calls()
         message = {"role": "assistant", "content": seq.text.content if (seq.text.content or not calls) else None}
         if thinking:
@@ -502,12 +498,8 @@ def create_app(engine: Engine, **options):
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(stream(), media_type="text/event-stream")
-        async for _ in srv.events(seq, request):
-            pass
-        if seq.finish_reason == "error":
-            raise ApiError(500, f"generation failed: {seq.error}", type="server_error")
-        if seq.finish_reason == "cancelled" or not seq.done.is_set():
-            return JSONResponse(ApiError(499, "client closed the request", code="cancelled").body(), 499)
+        if (unfinished := await _wait_unstreamed(srv, seq, request)) is not None:
+            return unfinished
         return {**body(seq.text.content, seq.finish_reason), "usage": srv.usage(seq)}
 
     return app
@@ -550,6 +542,18 @@ class BackgroundServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+async def _wait_unstreamed(srv, seq, request):
+    """Wait for a non-streamed sequence to finish. None when it did; the 499 response when the client left; a
+    generation failure raises (500)."""
+    async for _ in srv.events(seq, request):
+        pass
+    if seq.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {seq.error}", type="server_error")
+    if seq.finish_reason == "cancelled" or not seq.done.is_set():
+        return JSONResponse(ApiError(499, "client closed the request", code="cancelled").body(), 499)
+    return None
 
 
 def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
