@@ -131,7 +131,11 @@ def _run(target: str, args, kwargs):
         if e.name and e.name.startswith("flashport"):
             raise ValueError(f"this command is not available in this build ({e.name} missing)") from None
         raise ValueError(f"this command needs the package {e.name!r}: pip install 'flashport[test]'") from None
-    return getattr(module, fn)(*args, **kwargs)
+    # fire turns `--sizes 2048,8192` into a tuple; list-valued flags of these commands take "a,b" strings
+    def flat(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+    return getattr(module, fn)(*map(flat, args), **{k: flat(v) for k, v in kwargs.items()})
 
 
 def _dump(obj) -> str:
