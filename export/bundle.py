@@ -56,7 +56,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..backends.contract import QuantWeight
-from ..checkpoint import CheckpointError, CheckpointReader, _check_safetensors_file
+from ..checkpoint import CheckpointError, CheckpointReader, check_safetensors_file
 from ..config import ModelConfig
 from ..model import Linear, Transformer, rope_inv_freq
 from ..quant.formats import FORMATS
@@ -469,7 +469,7 @@ def check_files(path: str | Path, manifest: dict, verify: bool = False, progress
             raise BundleError(f"{p}: {size} bytes, the manifest says {info['size']} (truncated or replaced)")
         if rel.endswith(".safetensors"):
             try:
-                _check_safetensors_file(p)
+                check_safetensors_file(p)
             except CheckpointError as e:
                 raise BundleError(str(e)) from None
         if rel.endswith(".safetensors") and "/" in rel:  # weight shards carry the bundle id and their own name

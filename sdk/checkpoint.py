@@ -102,7 +102,7 @@ def hf_state_to_release(get, names: list[str], cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------
-def _check_safetensors_file(path: Path) -> None:
+def check_safetensors_file(path: Path) -> None:
     """Fail early, naming the file, if a shard is missing, truncated or has a bad header."""
     if not path.exists():
         raise CheckpointError(f"missing shard {path}")
@@ -144,12 +144,12 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
             weight_map = {}
             for f in files:
-                _check_safetensors_file(f)
+                check_safetensors_file(f)
                 with safe_open(f, "pt") as h:
                     weight_map.update({k: f.name for k in h.keys()})
         self.files: dict[str, Path] = {k: self.path / v for k, v in weight_map.items()}
         for f in sorted(set(self.files.values())):
-            _check_safetensors_file(f)
+            check_safetensors_file(f)
         self._handles: dict[Path, object] = {}
         names = list(self.files)
         self.format = "hf" if any(n.startswith("model.") or n == "lm_head.weight" for n in names) else "release"
