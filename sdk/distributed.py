@@ -383,15 +383,11 @@ def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, backend: str
     """Serve PATH with expert parallelism under torchrun: rank 0 runs the OpenAI-compatible server
     (flashport.server), the other ranks serve their experts."""
     def drive(engine):
-        import uvicorn
+        from .server import run_server
 
-        from .server import create_app
-
-        app = create_app(engine, model_name=model_name or None,
-                         api_key=api_key or os.environ.get("FLASHPORT_API_KEY") or None, max_batch=max_batch,
-                         default_max_tokens=max_tokens)
-        print(f"flashport: serving with EP={engine.ep_runner.ep.world} on http://{host}:{port}/v1", flush=True)
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        print(f"flashport: expert parallelism over {engine.ep_runner.ep.world} ranks", flush=True)
+        run_server(engine, host, port, api_key or os.environ.get("FLASHPORT_API_KEY") or None, log_level,
+                   model_name=model_name or None, max_batch=max_batch, default_max_tokens=max_tokens)
 
     _exit_on_failure(_run_rank(path, pg_backend, timeout, backend, drive))
 

@@ -573,8 +573,6 @@ def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
     group pg_backend, collective timeout seconds); max_device_memory: offload cold experts beyond this budget
     (e.g. 8GiB) to offload_tier (host | disk).
     """
-    import uvicorn
-
     if ep > 1:
         from .distributed import launch
 
@@ -589,11 +587,19 @@ def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
         engine = load_engine(path, max_device_memory=max_device_memory, tier=offload_tier, backend=backend)
     else:
         engine = Engine.load(path, backend=backend, **load_kwargs)
+    run_server(engine, host, port, api_key, log_level, shutdown_timeout, model_name=model_name or None,
+               max_queue=max_queue, max_batch=max_batch, max_body=max_body, max_context=max_context,
+               default_max_tokens=max_tokens, prefix_pool=prefix_pool)
+
+
+def run_server(engine: Engine, host: str, port: int, api_key: str | None, log_level: str = "info",
+               shutdown_timeout: float = 30.0, **app_options) -> None:
+    """Serve `engine` with uvicorn until Ctrl-C (used by `flashport serve` and by rank 0 under `--ep`)."""
+    import uvicorn
+
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model", host)
-    app = create_app(engine, model_name=model_name or None, api_key=api_key, max_queue=max_queue,
-                     max_batch=max_batch, max_body=max_body, max_context=max_context, default_max_tokens=max_tokens,
-                     prefix_pool=prefix_pool)
+    app = create_app(engine, api_key=api_key, **app_options)
     print(f"flashport: serving {app.state.server.model_name!r} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
 
