@@ -42,6 +42,23 @@ def _devices() -> list[cl.Device]:
         raise BackendError(f"no OpenCL platform found ({e}); pip install pocl-binary-distribution for a CPU one")
 
 
+def _build(device: cl.Device) -> tuple[cl.Context, cl.Program]:
+    """Compile kernels.cl for one device; BackendError with the driver's reason when it cannot.
+
+    A driver can list a device and still be unable to compile for it: PoCL asks its LLVM for the host CPU's name,
+    and an LLVM older than the CPU answers 'generic', which clang rejects ("unknown target CPU 'generic'"; PyPI's
+    pocl-binary-distribution 3.0 ships LLVM 14, which predates AMD Zen 4/5)."""
+    ctx = cl.Context([device])
+    try:
+        return ctx, cl.Program(ctx, files(__package__).joinpath("kernels.cl").read_text()).build()
+    except cl.Error as e:
+        log = " ".join(line.strip() for line in str(e).splitlines() if "error:" in line) or str(e).splitlines()[0]
+        hint = (" (this driver's LLVM does not know the CPU: install a newer PoCL, e.g. `apt install "
+                "pocl-opencl-icd`)") if "unknown target CPU" in log else ""
+        raise BackendError(f"OpenCL device {device.name.strip()!r} ({device.platform.version.strip()}) cannot "
+                           f"compile kernels: {log}{hint}") from None
+
+
 class OpenCLBackend(Backend):
     name = "opencl"
     api_version = (1, 0)
@@ -51,13 +68,24 @@ class OpenCLBackend(Backend):
         devs = _devices()
         if not devs:
             raise BackendError("no OpenCL device found")
-        i = int(str(device).rpartition(":")[2]) if device not in (None, "") else 0
-        if not 0 <= i < len(devs):
-            raise BackendError(f"OpenCL device {device!r} not found; there are {len(devs)} (opencl:0..)")
+        if device not in (None, ""):
+            i = int(str(device).rpartition(":")[2])
+            if not 0 <= i < len(devs):
+                raise BackendError(f"OpenCL device {device!r} not found; there are {len(devs)} (opencl:0..)")
+            candidates = [i]
+        else:  # the first device whose driver can compile: a machine may hold an ICD too old for its CPU
+            candidates = list(range(len(devs)))
+        errors = []
+        for i in candidates:
+            try:
+                self.ctx, prg = _build(devs[i])
+                break
+            except BackendError as e:
+                errors.append(str(e))
+        else:
+            raise BackendError("; ".join(errors))
         self.index, self.device = i, devs[i]
-        self.ctx = cl.Context([self.device])
         self.queue = cl.CommandQueue(self.ctx)
-        prg = cl.Program(self.ctx, files(__package__).joinpath("kernels.cl").read_text()).build()
         self.kernels = {name: cl.Kernel(prg, name) for name in ("linear_int8", "rms_norm", "rope")}  # built once
         self.torch_device = torch.device("cpu")
 
