@@ -23,7 +23,13 @@ logits through the backend (with fallback for what it lacks) against the referen
 greedy tokens equal. It runs with fp32 weights and again with every linear packed in one quantized format the
 backend claims (int8, else int4-g32, else mxfp4), so quantized kernels are exercised in the whole model.
 
-A JSON report (--report) holds every case; the exit status is non-zero when anything failed. The same cases run
+A whole-step backend (`Capabilities.whole_step`, contract 1.1) runs no single op: its per-op cases are reported as
+running inside the whole-step graph, and the end-to-end checks run the model it binds (`Backend.bind_model`),
+quantized in the first format its graph takes for every projection (linears and experts).
+
+A JSON report (--report) holds every case; the exit status is non-zero when anything failed. A full run (no
+--ops / --formats restriction, end to end included) of a registered backend also writes its conformance record
+(`registry.write_record`): `backend="auto"` picks an out-of-tree plugin only with a passing one. The same cases run
 as pytest tests in a vendor's repository through `flashport.backends.pytest_plugin`.
 """
 
@@ -41,7 +47,7 @@ from typing import Any, Callable
 import torch
 
 from . import reference
-from .contract import OPS, WEIGHT_FORMATS, API_VERSION, Backend, Capabilities, QuantWeight
+from .contract import OPS, WEIGHT_FORMATS, API_VERSION, Backend, BackendError, Capabilities, QuantWeight
 
 # -- declared tolerances ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ FORMAT_TOLERANCES: dict[str, Tolerance] = {
 E2E_TOLERANCE = Tolerance(1e-5, 1e-4)       # logits of flash-tiny, relative to max|logit|
 assert TOLERANCES.keys() == OPS.keys()
 
+IN_GRAPH = "runs inside the whole-step graph (checked end to end)"
 DEFAULT_MAX_CONTEXT = 16384  # cap on the long-context case (the CPU reference must run it in seconds)
 E2E_QUANT_FORMATS = ("int8", "int4-g32", "mxfp4")  # first one the backend claims for linear or moe
 
@@ -364,11 +371,21 @@ def run_case(backend: Backend, case: Case, fmt: str | None, max_context: int, se
 
 
 # -- which ops and formats a backend claims ------------------------------------------------------------------------
+def capabilities(backend: Backend) -> Capabilities:
+    """backend.capabilities(), or BackendError naming the backend when it raises (a failure, not a traceback)."""
+    try:
+        return backend.capabilities()
+    except Exception as e:  # noqa: BLE001
+        raise BackendError(f"backend {backend.name!r}: capabilities() raised {e.__class__.__name__}: {e}") from e
+
+
 def claimed(backend: Backend, caps: Capabilities | None = None) -> dict[str, list[str | None]]:
     """op -> the weight formats to test ([None] for weightless ops), for every op the backend claims AND
     implements (what dispatch routes to it)."""
-    caps = caps or backend.capabilities()
+    caps = caps or capabilities(backend)
     out = {}
+    if caps.whole_step:  # no single op runs on a whole-step backend: see Report.whole_step
+        return out
     for op, weighted in OPS.items():
         if not (caps.supports(op) and backend.implements(op)):
             continue
@@ -418,6 +435,7 @@ def end_to_end(backend: Backend, model_path: str | None = None, fmt: str = "fp32
     from ..model import Transformer
     from .dispatch import REFERENCE, Ops
 
+    whole_step = capabilities(backend).whole_step
     with tempfile.TemporaryDirectory() as tmp:
         path = model_path or make_checkpoint(tmp, "flash-tiny", seed=0, fmt="release")
         reader = CheckpointReader(path)
@@ -434,6 +452,8 @@ def end_to_end(backend: Backend, model_path: str | None = None, fmt: str = "fp32
                 if name in packed:
                     m.packed = packed[name]
         models[who] = model.set_ops(ops).eval()
+        if who == "backend" and whole_step:  # the backend runs the whole step: give it the model to bind
+            models[who] = backend.bind_model(models[who], None)
     t0 = time.perf_counter()
     out, gen = {}, {}
     for who, model in models.items():
@@ -443,7 +463,7 @@ def end_to_end(backend: Backend, model_path: str | None = None, fmt: str = "fp32
     max_abs = float((got.double() - ref.double()).abs().max())
     bound = E2E_TOLERANCE.atol + E2E_TOLERANCE.rtol * float(ref.abs().max())
     same_tokens = gen["reference"] == gen["backend"]
-    fallbacks = sorted(f"{op}({f})" if f else op for op, f in models["backend"].ops.fallbacks)
+    fallbacks = [] if whole_step else sorted(f"{op}({f})" if f else op for op, f in models["backend"].ops.fallbacks)
     return {"model": str(model_path or "flash-tiny (fresh, seed 0)"), "weights": fmt, "prompt_tokens": prompt_len,
             "passed": bool(max_abs <= bound and same_tokens), "max_abs": max_abs, "bound": bound,
             "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
@@ -453,6 +473,8 @@ def end_to_end(backend: Backend, model_path: str | None = None, fmt: str = "fp32
 
 def e2e_formats(backend: Backend, caps: Capabilities) -> list[str]:
     fmts = ["fp32"]
+    if caps.whole_step:  # every projection, experts included, is packed in the format: the graph must take both
+        return fmts + [f for f in E2E_QUANT_FORMATS if caps.supports("linear", f) and caps.supports("moe", f)][:1]
     for f in E2E_QUANT_FORMATS:
         if (caps.supports("linear", f) or caps.supports("moe", f)) and (backend.implements("linear")
                                                                         or backend.implements("moe")):
@@ -470,12 +492,15 @@ class Report:
     fallback_ops: list[str] = field(default_factory=list)
     end_to_end: list[dict] = field(default_factory=list)
     max_context_tested: int = 0
+    whole_step: bool = False  # the backend runs whole decoder steps: its ops are checked end to end only
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.cases) and all(e["passed"] for e in self.end_to_end)
 
     def per_op(self) -> dict[str, dict]:
+        if self.whole_step:
+            return {op: {"cases": 0, "passed": True, "in_step_graph": True, "note": IN_GRAPH} for op in OPS}
         ops: dict[str, dict] = {}
         for c in self.cases:
             key = f"{c.op}({c.fmt})" if c.fmt else c.op
@@ -489,7 +514,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "device": self.device, "api_version": list(self.api_version),
-                "passed": self.passed, "host": platform.platform(), "torch": torch.__version__,
+                "passed": self.passed, "whole_step": self.whole_step, "host": platform.platform(), "torch": torch.__version__,
                 "tolerances": {op: asdict(t) for op, t in TOLERANCES.items()},
                 "format_tolerances": {f: asdict(t) for f, t in FORMAT_TOLERANCES.items()},
                 "e2e_tolerance": asdict(E2E_TOLERANCE), "max_context_tested": self.max_context_tested,
@@ -500,7 +525,9 @@ class Report:
         lines = [f"conformance of backend {self.backend!r} on {self.device} (contract {API_VERSION[0]}."
                  f"{API_VERSION[1]}, longest context tested {self.max_context_tested})",
                  f"{'op (format)':<36} {'cases':>5}  {'bit-exact':<9} {'max abs err':>12} {'max ulp':>10}  result"]
-        for key, s in self.per_op().items():
+        if self.whole_step:
+            lines[1:] = [f"per-op cases: none run one by one: every op {IN_GRAPH}"]
+        for key, s in ({} if self.whole_step else self.per_op()).items():
             lines.append(f"{key:<36} {s['cases']:>5}  {'yes' if s['bit_exact'] else 'no':<9} {s['max_abs']:>12.3g} "
                          f"{s['max_ulp']:>10}  {'pass' if s['passed'] else 'FAIL'}")
         for c in self.cases:
@@ -525,20 +552,25 @@ def run(backend: Backend, *, e2e: bool = True, max_context: int = DEFAULT_MAX_CO
     the run to some of them (a quick check while developing; a conformance claim runs everything)."""
     from tqdm import tqdm
 
-    caps = backend.capabilities()
+    caps = capabilities(backend)
+    unknown = [f for f in formats or [] if f not in WEIGHT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown weight format(s) {', '.join(unknown)}; the formats: {', '.join(WEIGHT_FORMATS)}")
     devs = backend.devices()
     report = Report(backend.name, devs[0].name if devs else str(backend.torch_device), tuple(backend.api_version),
-                    max_context_tested=effective_max_context(caps, max_context))
+                    max_context_tested=effective_max_context(caps, max_context), whole_step=caps.whole_step)
     todo = claimed(backend, caps)
-    report.fallback_ops = [op for op in OPS if op not in todo]
+    report.fallback_ops = [] if caps.whole_step else [op for op in OPS if op not in todo]
     work = [(c, f) for c in CASES if c.op in todo and (ops is None or c.op in ops) for f in todo[c.op]
             if f is None or formats is None or f in formats]
-    for case, fmt in tqdm(work, desc=f"conformance {backend.name}", unit="case", disable=not progress):
+    e2e_fmts = [f for f in e2e_formats(backend, caps) if formats is None or f == "fp32" or f in formats] if e2e else []
+    if not work and not e2e_fmts:
+        raise ValueError(f"nothing to check: backend {backend.name!r} claims none of the selected ops / formats "
+                         f"(it claims: {', '.join(f'{op}({f})' if f else op for op, fs in todo.items() for f in fs) or 'none'})")
+    for case, fmt in tqdm(work, desc=f"conformance {backend.name}", unit="case", disable=not progress or not work):
         report.cases.append(run_case(backend, case, fmt, report.max_context_tested))
     if e2e:
-        for fmt in e2e_formats(backend, caps):
-            if formats is not None and fmt != "fp32" and fmt not in formats:
-                continue
+        for fmt in e2e_fmts:
             try:
                 report.end_to_end.append(end_to_end(backend, model, fmt, e2e_prompt, e2e_tokens))
             except Exception as e:  # noqa: BLE001 - a crash inside the model is a failure to report, not to hide
@@ -558,21 +590,32 @@ def conformance_cli(backend: str, device: str | None = None, report: str | None 
     --model PATH: the end-to-end check's checkpoint (default: a fresh flash-tiny). --ops a,b / --formats f,g:
     only these ops / weight formats (for development; a conformance claim runs everything).
     Other --key value options go to the backend's factory."""
-    from .registry import _load, create
+    from .registry import create, load_factory, write_record
 
     if device:
         options["device"] = device
-    b = _load(backend)(**options) if ":" in backend else create(backend, **options)
     only, fmts = (([x.strip() for x in v.split(",")] if isinstance(v, str) else list(v)) if v else None
                   for v in (ops, formats))
-    unknown = [o for o in only or [] if o not in OPS]
+    unknown = [o for o in only or [] if o not in OPS]  # refused before any backend starts
     if unknown:
         raise ValueError(f"unknown op(s) {', '.join(unknown)}; the contract's ops: {', '.join(OPS)}")
+    unknown = [f for f in fmts or [] if f not in WEIGHT_FORMATS]
+    if unknown:
+        raise ValueError(f"unknown weight format(s) {', '.join(unknown)}; the formats: {', '.join(WEIGHT_FORMATS)}")
+    b = load_factory(backend)(**options) if ":" in backend else create(backend, **options)
     rep = run(b, e2e=e2e, max_context=max_context, model=model, ops=only, formats=fmts)
     print(rep.summary())
+    data = rep.to_json()
     if report:
         with open(report, "w") as f:
-            json.dump(rep.to_json(), f, indent=2)
+            json.dump(data, f, indent=2)
         print(f"report written to {report}")
+    if ":" not in backend:  # a registered backend: keep the outcome for backend="auto"
+        if only is None and fmts is None and e2e:
+            path = write_record(backend, rep.passed, data)
+            if path is not None:
+                print(f"conformance record written to {path}")
+        else:
+            print("partial run (--ops / --formats / --noe2e): no conformance record written")
     if not rep.passed:
         sys.exit(1)

@@ -1,4 +1,4 @@
-"""The backend contract, version 1: what a backend (built in or an out-of-tree plugin) provides.
+"""The backend contract, version 1.1: what a backend (built in or an out-of-tree plugin) provides.
 
 Modelled on ggml-backend and ONNX Runtime's plugin execution providers: a small fixed set of operations plus a
 capability query, so the runtime can plan before it runs (`flashport backends --explain`). A backend implements
@@ -17,16 +17,25 @@ Writing a backend (see docs/plugin-authoring.md):
 
 Every op has the signature and semantics of the function of the same name in `reference.py` (weights arrive
 as whatever `upload` returned). Tensors in and out are torch tensors on `self.torch_device`.
+
+Whole-step backends (contract 1.1): a backend that runs whole decoder steps (one graph per step, e.g. ONNX
+Runtime) sets `Capabilities.whole_step = True` and implements `bind_model(model, source)`, which returns an
+object with the `Transformer` interface (`cfg`, `forward_batch`, `forward`, `eval`). Its `ops` then say what its
+step graph runs on the stored weights; there is no per-op fallback inside a step: an (op, format) pair the graph
+lacks is refused by `bind_model` with a clear error. Per-op dispatch never calls a whole-step backend's ops.
+
+1.1 added `Capabilities.whole_step` and `Backend.bind_model`; a 1.0 plugin is unaffected (both default off).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-API_VERSION = (1, 0)  # (major, minor): a backend built for major M works with every flashport of major M
+API_VERSION = (1, 1)  # (major, minor): a backend built for major M works with every flashport of major M
 
 # Operation name -> whether it takes quantized weights (then capabilities name the formats it accepts)
 OPS: dict[str, bool] = {
@@ -67,6 +76,7 @@ class Capabilities:
     ops: dict[str, Any] = field(default_factory=dict)
     max_context: int | None = None   # longest context the attention op was validated for (None: no limit)
     deterministic: bool = False      # results independent of batch composition and thread count
+    whole_step: bool = False         # runs whole decoder steps through Backend.bind_model (contract 1.1)
 
     def supports(self, op: str, fmt: str | None = None) -> bool:
         v = self.ops.get(op, False)
@@ -114,3 +124,16 @@ class Backend:
 
     def implements(self, op: str) -> bool:
         return callable(getattr(type(self), op, None))
+
+    def describe(self) -> str:
+        """One line on where this backend runs, for `flashport backends` (optional)."""
+        return ""
+
+    def bind_model(self, model, source: Path | None):
+        """The whole-step form of `model` (a Transformer; `source` its checkpoint or bundle directory, or None):
+        an object with the Transformer interface that runs each decoder step on this backend. Only backends whose
+        capabilities() say `whole_step` implement it; the runtime calls it only for them.
+
+        Raises BackendError when the model cannot run this way (e.g. a weight format the step graph lacks)."""
+        raise BackendError(f"backend {self.name!r} runs single ops, not whole decoder steps (capabilities()."
+                           f"whole_step is False): it has no bind_model")

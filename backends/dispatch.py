@@ -1,12 +1,17 @@
 """Per-op dispatch: the model calls `Ops`; each op goes to the chosen backend when it supports the op (and the
-weight's format), else to the torch reference. A fallback is logged once per (op, format)."""
+weight's format), else to the torch reference. A fallback is logged once per (op, format).
+
+An op that raises on the backend at run time is contained: that call and every later call of the op (in that
+weight format) run on the reference instead, the error is logged once, and the op is listed in `Ops.degraded`
+(what the server's /health reports) and in the degraded-backend marks `flashport backends` shows."""
 
 from __future__ import annotations
 
 import logging
 
 from . import reference
-from .contract import OPS, Backend, QuantWeight
+from .contract import OPS, Backend, BackendError, QuantWeight
+from .registry import mark_degraded
 
 log = logging.getLogger("flashport.backends")
 
@@ -16,12 +21,21 @@ class Ops:
         self.backend = backend
         self.caps = backend.capabilities() if backend is not None else None
         self.fallbacks: dict[tuple[str, str | None], str] = {}
+        self.errors: dict[tuple[str, str | None], str] = {}  # (op, format) -> the error that degraded it
         self._route: dict[tuple[str, str | None], bool] = {}
+
+    @property
+    def degraded(self) -> list[str]:
+        """Ops that raised on the backend at run time and now run on the torch reference (empty: healthy)."""
+        return sorted({op for op, _ in self.errors})
 
     def native(self, op: str, fmt: str | None = None) -> bool:
         """True when `op` (with weights in `fmt`) runs on the backend, False when it falls back."""
         key = (op, fmt)
         if key not in self._route:
+            if self.caps is not None and self.caps.whole_step:
+                raise BackendError(f"backend {self.backend.name!r} runs whole decoder steps, not single ops: bind "
+                                   f"the model with backend.bind_model(model, path) (Engine.load does)")
             ok = (self.backend is not None and self.caps.supports(op, fmt if OPS[op] else None)
                   and self.backend.implements(op))
             self._route[key] = ok
@@ -48,18 +62,37 @@ class Ops:
             lin.handles["ref"] = qw.dequantize()
         return lin.handles["ref"]
 
-    def _call(self, op, fmt, *args):
-        impl = getattr(self.backend, op) if self.native(op, fmt) else getattr(reference, op)
-        return impl(*args)
+    def _call(self, op, fmt, *args, rebuild=None):
+        """Run op on the backend when it is native there, else on the reference. When the backend raises, the op
+        is degraded and this call reruns on the reference with `rebuild()`'s arguments (reference weights in
+        place of the backend's handles)."""
+        if not self.native(op, fmt):
+            return getattr(reference, op)(*args)
+        try:
+            return getattr(self.backend, op)(*args)
+        except Exception as e:  # noqa: BLE001 - one failing kernel must not stop generation
+            self._degrade(op, fmt, e)
+            return getattr(reference, op)(*(rebuild() if rebuild else args))
+
+    def _degrade(self, op: str, fmt: str | None, e: Exception) -> None:
+        key = (op, fmt)
+        self._route[key] = False
+        self.fallbacks[key] = "raised at run time"
+        self.errors[key] = f"{e.__class__.__name__}: {e}"
+        log.warning("backend %s: %s%s raised %s: %s; it runs on the torch reference from now on (backend marked "
+                    "degraded)", self.backend.name, op, f" ({fmt})" if fmt else "", e.__class__.__name__, e)
+        mark_degraded(self.backend, op, self.errors[key])
 
     def linear(self, x, lin):
-        return self._call("linear", lin.qweight.fmt, x, self.handle(lin))
+        return self._call("linear", lin.qweight.fmt, x, self.handle(lin), rebuild=lambda: (x, self.handle(lin)))
 
     def grouped_linear(self, x, lin):
-        return self._call("grouped_linear", lin.qweight.fmt, x, self.handle(lin))
+        return self._call("grouped_linear", lin.qweight.fmt, x, self.handle(lin),
+                          rebuild=lambda: (x, self.handle(lin)))
 
     def moe(self, x, weights, idx, experts, limit):
         fmt = experts[0].w1.qweight.fmt
+        # the handles resolve per expert on use: after a degrade they resolve to the reference's weights
         return self._call("moe", fmt, x, weights, idx, _ExpertHandles(self, experts), limit)
 
     # -- weightless ops ----------------------------------------------------------------------------------------

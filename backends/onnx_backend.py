@@ -91,23 +91,24 @@ class OnnxRuntimeBackend(Backend):
         return [DeviceInfo(self.device, "gpu" if "CUDA" in self.ep or "ROCM" in self.ep else "npu")]
 
     def capabilities(self) -> Capabilities:
-        from .onnx_export import NATIVE_FORMATS
+        """Whole decoder steps (contract 1.1): every op runs inside the exported step graph, none one by one.
 
-        # every op runs inside the exported step graph (not one by one): see bind_model. Not deterministic in the
-        # contract's sense: ORT picks kernels by shape, so results may differ (within tolerance) across chunkings
-        return Capabilities(ops={op: (set(NATIVE_FORMATS) if weighted else True) for op, weighted in OPS.items()},
-                            deterministic=False)
+        Weight formats the graph runs on the stored weights: linears in NATIVE_FORMATS (int4 as MatMulNBits on
+        the packed bytes; int8 / w8a8 / fp8-e4m3-channel as Cast * scale + MatMul; fp32 / bf16 as MatMul);
+        routed experts in int4 as one QMoE per layer (when hidden_size and moe_intermediate_size are multiples of
+        the format's block) or fp32 / bf16 densely. Anything else (fp8 128x128 blocks, mxfp4, int8 experts) is
+        refused by bind_model (`flashport export-onnx --dequantize-unsupported` stores it as fp32). Not
+        deterministic in the contract's sense: ORT picks kernels by shape."""
+        from .onnx_export import INT4_FORMATS, NATIVE_FORMATS
 
-    def implements(self, op: str) -> bool:
-        return op in OPS
+        ops = {op: (set(NATIVE_FORMATS) if weighted else True) for op, weighted in OPS.items()}
+        ops["moe"] = set(INT4_FORMATS) | {"fp32", "bf16"}
+        return Capabilities(ops=ops, deterministic=False, whole_step=True)
 
-    def __getattr__(self, op: str):
-        if op in OPS:  # the model was not bound: a per-op call cannot run a whole-step graph
-            def unbound(*args, **kwargs):
-                raise BackendError("the onnxruntime backend runs whole decoder steps, not single ops: load the "
-                                   "model with Engine.load(path, backend='onnxruntime') (or bind_model)")
-            return unbound
-        raise AttributeError(op)
+    def describe(self) -> str:
+        """Where the step graph runs, for `flashport backends`."""
+        note = "" if self.ep == "CPUExecutionProvider" else " (nodes it cannot run go to ORT's CPUExecutionProvider)"
+        return f"one ONNX Runtime graph per decoder step on {self.ep}{note}"
 
     # -- sessions ----------------------------------------------------------------------------------------------
     def session_options(self):
@@ -139,22 +140,26 @@ class OnnxRuntimeBackend(Backend):
             raise OnnxModelError(f"{graph}: onnxruntime cannot load this model (corrupt or truncated file, or a "
                                  f"missing {graph.name}.data?): {str(e).splitlines()[0][:400]}") from e
 
-    def bind_model(self, model, path: str | Path | None = None) -> "OnnxModel":
-        """The whole-step replacement of `model` (a Transformer): finds its ONNX export (onnx_dir, PATH/onnx, or
-        PATH itself when it is an export) or exports it now into a temporary directory."""
+    def bind_model(self, model, source: str | Path | None = None) -> "OnnxModel":
+        """The whole-step replacement of `model` (a Transformer): finds its ONNX export (onnx_dir, SOURCE/onnx, or
+        SOURCE itself when it is an export) or exports it now into a temporary directory. Raises
+        UnsupportedWeightFormat (a ValueError naming the weight) for a format the graph has no form for."""
         from .onnx_export import MANIFEST, export_model
 
         cands = [self.onnx_dir] if self.onnx_dir else []
-        if path is not None:
-            cands += [Path(path) / "onnx", Path(path)]
+        if source is not None:
+            cands += [Path(source) / "onnx", Path(source)]
         found = next((d for d in cands if d is not None and (d / MANIFEST).exists()), None)
         tmp = None
         if found is None:
             if self.onnx_dir:
                 raise OnnxModelError(f"{self.onnx_dir}: no {MANIFEST} (run flashport export-onnx first)")
             tmp = tempfile.TemporaryDirectory(prefix="flashport-onnx-")
-            log.warning("no ONNX export next to %s: exporting now into %s (run `flashport export-onnx %s %s/onnx` "
-                        "once to skip this)", path, tmp.name, path, path)
+            if source is None:
+                log.info("exporting the model's decoder step to ONNX in %s", tmp.name)
+            else:
+                log.warning("no ONNX export next to %s: exporting now into %s (run `flashport export-onnx %s "
+                            "%s/onnx` once to skip this)", source, tmp.name, source, source)
             export_model(model, tmp.name, accuracy_level=self.accuracy_level, progress=True)
             found = Path(tmp.name)
         return OnnxModel(self, found, model, keep=tmp)

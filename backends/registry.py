@@ -1,25 +1,49 @@
 """Backend registry: the built-ins plus out-of-tree plugins found through the `flashport.backends` entry points.
 
 A plugin's entry point names a factory (usually its Backend subclass) called with keyword options (device=...).
-A plugin that fails to import or to initialise produces one warning naming it and the reason; the rest works.
+Plugins are third-party code, so the registry keeps them at arm's length:
+
+- Naming a backend imports that backend only (`create("torch")` imports no plugin; `create("mychip")` imports
+  the one entry point named mychip). An import that raises, or calls sys.exit, becomes a BackendError naming the
+  plugin, its distribution and the reason.
+- `discover()` (what `flashport backends` lists) imports and starts each plugin in a subprocess
+  (`probe`): a plugin that raises, exits, aborts or segfaults there is reported as unavailable with the reason,
+  and the listing goes on.
+- `create("auto")` considers a plugin only when it has a passing conformance record for this flashport version
+  and this plugin version (`flashport conformance NAME` writes it into `cache_dir()/conformance/`); such a
+  plugin is probed in a subprocess first, and one whose start-up or `capabilities()` fails is skipped with one
+  warning.
+- An op that raises at run time is degraded by `dispatch.Ops` (reference fallback); `mark_degraded` records it
+  in `cache_dir()/degraded/`, which `flashport backends` shows until the next passing conformance run.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 
-from .contract import API_VERSION, Backend, BackendError
+from .contract import API_VERSION, OPS, Backend, BackendError, Capabilities, DeviceInfo
 
 log = logging.getLogger("flashport.backends")
 
 ENTRY_POINT_GROUP = "flashport.backends"
+PROBE_TIMEOUT = 180.0  # seconds for a plugin to import and start in the probe subprocess
+_PROBE_MARK = "flashport-probe:"
 
 
-def _importable(target: str) -> str:
+def importable(target: str) -> str:
     """'' if the factory's module (and what it imports) loads, else the reason."""
     try:
         importlib.import_module(target.partition(":")[0])
@@ -33,11 +57,9 @@ def _torch_probe() -> tuple[bool, str, int]:
 
 
 def _triton_probe() -> tuple[bool, str, int]:
-    import os
-
     import torch
 
-    why = _importable(BUILTINS["triton"][0])
+    why = importable(BUILTINS["triton"][0])
     if why:
         return False, why, 0
     if torch.cuda.is_available():
@@ -48,7 +70,7 @@ def _triton_probe() -> tuple[bool, str, int]:
 
 
 def _onnx_probe() -> tuple[bool, str, int]:
-    why = _importable(BUILTINS["onnxruntime"][0])
+    why = importable(BUILTINS["onnxruntime"][0])
     return (not why), why, 5
 
 
@@ -68,64 +90,331 @@ class BackendInfo:
     available: bool
     reason: str = ""
     priority: int = 20
-    factory: object = field(default=None, repr=False)
+    factory: object = field(default=None, repr=False)  # "module:attr" (not imported yet) or the factory itself
+    version: str = ""                # the plugin distribution's version (flashport's for the built-ins)
+    probe: dict | None = field(default=None, repr=False)  # a plugin's subprocess probe (devices, capabilities)
 
 
-def _load(target: str):
+def load_factory(target: str):
+    """The object `module:attribute` names (imports the module)."""
     mod, _, attr = target.partition(":")
     return getattr(importlib.import_module(mod), attr)
 
 
-def discover() -> dict[str, BackendInfo]:
-    """Every backend flashport knows of, with whether it can be used here and why not."""
-    found: dict[str, BackendInfo] = {}
-    for name, (target, probe) in BUILTINS.items():
-        ok, why, prio = probe()
-        found[name] = BackendInfo(name, "builtin", ok, why, prio, target)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        src = ep.dist.name if ep.dist else ep.value
+_load = load_factory  # the old private name, still used by bench/ops.py
+
+
+def flashport_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flashport")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
+def cache_dir() -> Path:
+    """flashport's cache: $FLASHPORT_CACHE, else $XDG_CACHE_HOME/flashport, else ~/.cache/flashport."""
+    if os.environ.get("FLASHPORT_CACHE"):
+        return Path(os.environ["FLASHPORT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flashport"
+
+
+# -- entry points (listed from metadata: nothing is imported) ------------------------------------------------------
+def _plugins(name: str | None = None) -> list[EntryPoint]:
+    eps = entry_points(group=ENTRY_POINT_GROUP)
+    return [ep for ep in eps if name is None or ep.name == name]
+
+
+def _dist(ep: EntryPoint) -> tuple[str, str]:
+    return (ep.dist.name, ep.dist.version) if ep.dist else (ep.value, "")
+
+
+def _import_plugin(ep: EntryPoint):
+    """The plugin's factory, imported in this process; BackendError for any failure, incl. sys.exit."""
+    src = _dist(ep)[0]
+    try:
+        factory = ep.load()
+    except SystemExit as e:  # a plugin must not end the process that imports it
+        raise BackendError(f"backend plugin {ep.name!r} ({src}) failed to import: it called sys.exit({e.code!r})"
+                           ) from None
+    except Exception as e:  # noqa: BLE001 - a broken plugin must not break flashport
+        raise BackendError(f"backend plugin {ep.name!r} ({src}) failed to import: {e.__class__.__name__}: {e}"
+                           ) from e
+    version = tuple(getattr(factory, "api_version", API_VERSION))
+    if version[0] != API_VERSION[0]:
+        raise BackendError(f"backend plugin {ep.name!r} ({src}): built for backend API {version}, flashport speaks "
+                           f"{API_VERSION}")
+    return factory
+
+
+# -- probing a plugin in a subprocess --------------------------------------------------------------------------------
+def caps_to_json(caps: Capabilities) -> dict:
+    return {"ops": {op: (sorted(v) if not isinstance(v, bool) else v) for op, v in caps.ops.items()},
+            "max_context": caps.max_context, "deterministic": caps.deterministic, "whole_step": caps.whole_step}
+
+
+def caps_from_json(d: dict) -> Capabilities:
+    return Capabilities(ops={op: (set(v) if isinstance(v, list) else bool(v)) for op, v in d["ops"].items()},
+                        max_context=d.get("max_context"), deterministic=bool(d.get("deterministic")),
+                        whole_step=bool(d.get("whole_step")))
+
+
+def _probe_child(name: str, options: dict) -> None:
+    """In the probe subprocess: import, start and query plugin `name`; one marked JSON line on stdout."""
+    out = {"stage": "import", "ok": False}
+
+    def emit(**kv):
+        out.update(kv)
+        sys.stdout.write(_PROBE_MARK + json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+    emit()
+    try:
+        eps = _plugins(name)
+        if not eps:
+            emit(reason=f"no entry point {name!r} in group {ENTRY_POINT_GROUP}")
+            return
+        factory = _import_plugin(eps[0])
+        emit(stage="start", priority=int(getattr(factory, "priority", 20)))
+        backend = factory(**options)
+        emit(stage="capabilities")
+        caps = backend.capabilities()
+        emit(stage="devices", capabilities=caps_to_json(caps))
+        devs = [vars(d) for d in backend.devices()]
+        emit(stage="done", ok=True, devices=devs, describe=str(backend.describe()),
+             implements=[op for op in OPS if backend.implements(op)])
+    except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from a plugin included
+        what = {"import": "failed to import", "start": "failed to start", "capabilities": "capabilities() raised",
+                "devices": "devices() raised"}.get(out["stage"], "failed")
+        msg = f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{e.__class__.__name__}: {e}"
+        emit(reason=str(e) if isinstance(e, BackendError) and out["stage"] == "import" else f"{what}: {msg}")
+
+
+def probe(name: str, options: dict | None = None, timeout: float = PROBE_TIMEOUT) -> dict:
+    """Import and start plugin `name` in a subprocess (the same sys.path): {"ok", "reason", "priority",
+    "capabilities", "devices", "describe", "implements"}. A plugin that kills its process is reported, with how."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    cmd = [sys.executable, "-c", "import sys, json; from flashport.backends.registry import _probe_child; "
+           "_probe_child(sys.argv[1], json.loads(sys.argv[2]))", name, json.dumps(options or {}, default=str)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"did not import and start within {timeout:.0f} s"}
+    lines = [ln[len(_PROBE_MARK):] for ln in r.stdout.splitlines() if ln.startswith(_PROBE_MARK)]
+    res = json.loads(lines[-1]) if lines else {"stage": "python start-up", "ok": False}
+    if res.get("ok") or res.get("reason"):
+        return res
+    stage = {"import": "at import", "start": "while starting", "capabilities": "in capabilities()",
+             "devices": "in devices()"}.get(res["stage"], f"during {res['stage']}")
+    if r.returncode < 0:
         try:
-            factory = ep.load()
-        except Exception as e:  # noqa: BLE001 - a broken plugin must not break flashport
-            reason = f"failed to import: {e.__class__.__name__}: {e}"
-            warnings.warn(f"flashport backend plugin {ep.name!r} ({src}) {reason}", RuntimeWarning, stacklevel=2)
-            found[ep.name] = BackendInfo(ep.name, src, False, reason)
-            continue
-        version = getattr(factory, "api_version", API_VERSION)
-        if tuple(version)[0] != API_VERSION[0]:
-            reason = f"built for backend API {tuple(version)}, flashport speaks {API_VERSION}"
-            warnings.warn(f"flashport backend plugin {ep.name!r} ({src}): {reason}", RuntimeWarning, stacklevel=2)
-            found[ep.name] = BackendInfo(ep.name, src, False, reason)
-            continue
-        found[ep.name] = BackendInfo(ep.name, src, True, "", getattr(factory, "priority", 20), factory)
+            how = f"crashed {stage} (signal {signal.Signals(-r.returncode).name})"
+        except ValueError:
+            how = f"crashed {stage} (signal {-r.returncode})"
+    else:
+        how = f"ended the process {stage} (exit status {r.returncode})"
+    tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:]
+    return {**res, "ok": False, "reason": how + (f": {tail[0][:200]}" if tail else "")}
+
+
+# -- discovery -------------------------------------------------------------------------------------------------------
+def _builtin_info(name: str) -> BackendInfo:
+    target, check = BUILTINS[name]
+    ok, why, prio = check()
+    return BackendInfo(name, "builtin", ok, why, prio, target, flashport_version())
+
+
+def _plugin_info(ep: EntryPoint, probed: dict | None) -> BackendInfo:
+    src, version = _dist(ep)
+    info = BackendInfo(ep.name, src, True, "", 20, ep, version, probed)
+    if probed is not None:
+        info.available, info.reason = bool(probed.get("ok")), probed.get("reason", "")
+        info.priority = int(probed.get("priority", 20))
+    return info
+
+
+def discover(probe_plugins: bool = True) -> dict[str, BackendInfo]:
+    """Every backend flashport knows of, with whether it can be used here and why not.
+
+    Plugins are imported and started in subprocesses (in parallel), never in this process: one that raises,
+    exits or crashes is reported unavailable with one RuntimeWarning naming it, its distribution and the reason.
+    probe_plugins=False lists them from their metadata only (available=True means "not checked")."""
+    found = {name: _builtin_info(name) for name in BUILTINS}
+    eps = [ep for ep in _plugins() if ep.name not in found]
+    if probe_plugins and eps:
+        with ThreadPoolExecutor(max_workers=min(4, len(eps))) as pool:
+            probes = list(pool.map(lambda ep: probe(ep.name), eps))
+    else:
+        probes = [None] * len(eps)
+    for ep, probed in zip(eps, probes):
+        info = _plugin_info(ep, probed)
+        if not info.available:
+            warnings.warn(f"flashport backend plugin {ep.name!r} ({info.source}) {info.reason}", RuntimeWarning,
+                          stacklevel=2)
+        found[ep.name] = info
     return found
 
 
+# -- conformance records and degraded marks ----------------------------------------------------------------------
+def _identity(name: str) -> tuple[str, str]:
+    """(distribution, version) of backend `name`: flashport's for the built-ins."""
+    if name in BUILTINS:
+        return "flashport", flashport_version()
+    eps = _plugins(name)
+    return _dist(eps[0]) if eps else ("", "")
+
+
+def _slug(*parts: str) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", p) for p in parts if p)
+
+
+def record_path(name: str) -> Path:
+    dist, version = _identity(name)
+    return cache_dir() / "conformance" / f"{_slug(name, dist, version)}.json"
+
+
+def write_record(name: str, passed: bool, report: dict) -> Path | None:
+    """Keep the outcome of a full conformance run of backend `name` for `create("auto")`; a passing run also clears
+    the backend's degraded marks. Returns the record's path (None when the cache is not writable)."""
+    dist, version = _identity(name)
+    rec = {"backend": name, "distribution": dist, "plugin_version": version, "flashport_version": flashport_version(),
+           "api_version": list(API_VERSION), "passed": bool(passed), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                              time.gmtime()),
+           "device": report.get("device"), "per_op": {k: v.get("passed") for k, v in report.get("per_op", {}).items()},
+           "end_to_end": [e.get("passed") for e in report.get("end_to_end", [])]}
+    path = record_path(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        os.replace(tmp, path)
+        if passed:
+            _degraded_path(name).unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("could not write the conformance record %s: %s", path, e)
+        return None
+    return path
+
+
+def conformance_record(name: str) -> tuple[bool, str]:
+    """(usable by auto, why): a passing record for this flashport version and this plugin version."""
+    path = record_path(name)
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, f"no conformance record (run `flashport conformance {name}`)"
+    except (OSError, json.JSONDecodeError) as e:
+        return False, f"unreadable conformance record {path} ({e})"
+    dist, version = _identity(name)
+    if rec.get("flashport_version") != flashport_version() or rec.get("plugin_version") != version:
+        return False, (f"conformance record is for flashport {rec.get('flashport_version')} / {dist} "
+                       f"{rec.get('plugin_version')} (run `flashport conformance {name}` again)")
+    if not rec.get("passed"):
+        return False, f"failed conformance on {rec.get('created')}"
+    return True, f"passed conformance on {rec.get('created')}"
+
+
+def _degraded_path(name: str) -> Path:
+    return cache_dir() / "degraded" / f"{_slug(name, *_identity(name))}.json"
+
+
+def mark_degraded(backend: Backend, op: str, error: str) -> None:
+    """Record that `op` raised on `backend` at run time (best effort: a read-only cache only loses the mark)."""
+    path = _degraded_path(backend.name)
+    try:
+        marks = json.loads(path.read_text()) if path.exists() else {}
+        marks[op] = {"error": error[:500], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "pid": os.getpid()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(marks, indent=1))
+        os.replace(tmp, path)
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("could not record the degraded backend %s in %s: %s", backend.name, path, e)
+
+
+def degraded_marks(name: str) -> dict[str, dict]:
+    """op -> {"error", "time", "pid"} for every op of backend `name` that raised at run time since its last passing
+    conformance run."""
+    try:
+        return json.loads(_degraded_path(name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# -- creating --------------------------------------------------------------------------------------------------------
 def create(name: str = "auto", **options) -> Backend:
-    """Instantiate a backend by name; "auto" picks the highest-priority one that initialises."""
-    found = discover()
-    if name != "auto":
-        info = found.get(name)
-        if info is None:
-            raise BackendError(f"unknown backend {name!r}; known: {', '.join(sorted(found))}")
+    """Instantiate a backend by name (importing only that one); "auto" picks the highest-priority one that
+    initialises among the built-ins and the plugins with a passing conformance record."""
+    if name == "auto":
+        return _auto(options)
+    if name in BUILTINS:
+        info = _builtin_info(name)
         if not info.available:
             raise BackendError(f"backend {name!r} is not available: {info.reason}")
         return _instantiate(info, options)
-    for info in sorted(found.values(), key=lambda i: -i.priority):
+    eps = _plugins(name)
+    if not eps:
+        known = sorted(set(BUILTINS) | {ep.name for ep in _plugins()})
+        raise BackendError(f"unknown backend {name!r}; known: {', '.join(known)}")
+    return _instantiate(_plugin_info(eps[0], None), options)
+
+
+def _auto(options: dict) -> Backend:
+    cands = [_builtin_info(name) for name in BUILTINS]
+    for ep in _plugins():
+        if ep.name in BUILTINS:
+            continue
+        ok, why = conformance_record(ep.name)
+        if not ok:
+            log.debug("auto: skipping plugin %s: %s", ep.name, why)
+            continue
+        probed = probe(ep.name, options)  # a plugin that crashes at import or start-up only takes its subprocess
+        info = _plugin_info(ep, probed)
+        if not info.available:
+            warnings.warn(f"flashport backend plugin {ep.name!r} ({info.source}) skipped: {info.reason}",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        cands.append(info)
+    for info in sorted(cands, key=lambda i: -i.priority):
         if not info.available:
             continue
         try:
             return _instantiate(info, options)
         except BackendError as e:
-            warnings.warn(str(e), RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{e}; skipped", RuntimeWarning, stacklevel=3)
     raise BackendError("no backend could be initialised")  # unreachable while torch works
 
 
 def _instantiate(info: BackendInfo, options: dict) -> Backend:
-    factory = _load(info.factory) if isinstance(info.factory, str) else info.factory
+    """The backend object, started and asked for its capabilities once (a plugin failing either is refused here
+    with one clear error rather than later, inside a model)."""
+    if isinstance(info.factory, EntryPoint):
+        factory = _import_plugin(info.factory)
+    elif isinstance(info.factory, str):
+        factory = load_factory(info.factory)
+    else:
+        factory = info.factory
     try:
         backend = factory(**options)
+    except SystemExit as e:
+        raise BackendError(f"backend {info.name!r} ({info.source}) failed to initialise: it called "
+                           f"sys.exit({e.code!r})") from None
     except Exception as e:  # noqa: BLE001
         raise BackendError(f"backend {info.name!r} ({info.source}) failed to initialise: "
                            f"{e.__class__.__name__}: {e}") from e
+    try:
+        caps = backend.capabilities()
+        if not isinstance(caps, Capabilities):
+            raise TypeError(f"returned {type(caps).__name__}, not Capabilities")
+    except Exception as e:  # noqa: BLE001
+        raise BackendError(f"backend {info.name!r} ({info.source}): capabilities() raised "
+                           f"{e.__class__.__name__}: {e}") from e
     return backend
+
+
+def device_infos(probed: dict) -> list[DeviceInfo]:
+    return [DeviceInfo(**d) for d in probed.get("devices", [])]
