@@ -108,7 +108,7 @@ class Engine:
             model = Transformer(reader.cfg)
             model.load_state_dict(reader.load_state_dict())
         model.set_ops(ops)
-        if hasattr(ops.backend, "bind_model"):  # a backend that runs whole decoder steps (onnxruntime)
+        if ops.caps.whole_step:  # a backend that runs whole decoder steps (contract 1.1: onnxruntime)
             model = ops.backend.bind_model(model, path)
         tok_file = path / "tokenizer.json"
         tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
