@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -132,21 +131,24 @@ def _dist(ep: EntryPoint) -> tuple[str, str]:
     return (ep.dist.name, ep.dist.version) if ep.dist else (ep.value, "")
 
 
-def _import_plugin(ep: EntryPoint):
-    """The plugin's factory, imported in this process; BackendError for any failure, incl. sys.exit."""
-    src = _dist(ep)[0]
+def _try_import(ep: EntryPoint):
+    """(the plugin's factory, '') imported in this process, or (None, why not): any failure, incl. sys.exit."""
     try:
         factory = ep.load()
     except SystemExit as e:  # a plugin must not end the process that imports it
-        raise BackendError(f"backend plugin {ep.name!r} ({src}) failed to import: it called sys.exit({e.code!r})"
-                           ) from None
+        return None, f"failed to import: it called sys.exit({e.code!r})"
     except Exception as e:  # noqa: BLE001 - a broken plugin must not break flashport
-        raise BackendError(f"backend plugin {ep.name!r} ({src}) failed to import: {e.__class__.__name__}: {e}"
-                           ) from e
+        return None, f"failed to import: {e.__class__.__name__}: {e}"
     version = tuple(getattr(factory, "api_version", API_VERSION))
     if version[0] != API_VERSION[0]:
-        raise BackendError(f"backend plugin {ep.name!r} ({src}): built for backend API {version}, flashport speaks "
-                           f"{API_VERSION}")
+        return None, f"built for backend API {version}, flashport speaks {API_VERSION}"
+    return factory, ""
+
+
+def _import_plugin(ep: EntryPoint):
+    factory, why = _try_import(ep)
+    if factory is None:
+        raise BackendError(f"backend plugin {ep.name!r} ({_dist(ep)[0]}) {why}")
     return factory
 
 
@@ -162,62 +164,101 @@ def caps_from_json(d: dict) -> Capabilities:
                         whole_step=bool(d.get("whole_step")))
 
 
-def _probe_child(name: str, options: dict) -> None:
-    """In the probe subprocess: import, start and query plugin `name`; one marked JSON line on stdout."""
-    out = {"stage": "import", "ok": False}
+def _probe_child(names: list[str], options: dict) -> None:
+    """In the probe subprocess: import, start and query each plugin of `names` in turn; marked JSON lines on
+    stdout after every stage, so the parent knows which plugin, at which stage, took the process down."""
+    for name in names:
+        out = {"name": name, "stage": "import", "ok": False}
 
-    def emit(**kv):
-        out.update(kv)
-        sys.stdout.write(_PROBE_MARK + json.dumps(out) + "\n")
-        sys.stdout.flush()
+        def emit(**kv):
+            out.update(kv)
+            sys.stdout.write(_PROBE_MARK + json.dumps(out) + "\n")
+            sys.stdout.flush()
 
-    emit()
-    try:
-        eps = _plugins(name)
-        if not eps:
-            emit(reason=f"no entry point {name!r} in group {ENTRY_POINT_GROUP}")
-            return
-        factory = _import_plugin(eps[0])
-        emit(stage="start", priority=int(getattr(factory, "priority", 20)))
-        backend = factory(**options)
-        emit(stage="capabilities")
-        caps = backend.capabilities()
-        emit(stage="devices", capabilities=caps_to_json(caps))
-        devs = [vars(d) for d in backend.devices()]
-        emit(stage="done", ok=True, devices=devs, describe=str(backend.describe()),
-             implements=[op for op in OPS if backend.implements(op)])
-    except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from a plugin included
-        what = {"import": "failed to import", "start": "failed to start", "capabilities": "capabilities() raised",
-                "devices": "devices() raised"}.get(out["stage"], "failed")
-        msg = f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{e.__class__.__name__}: {e}"
-        emit(reason=str(e) if isinstance(e, BackendError) and out["stage"] == "import" else f"{what}: {msg}")
+        emit()
+        try:
+            eps = _plugins(name)
+            if not eps:
+                emit(stage="done", reason=f"no entry point {name!r} in group {ENTRY_POINT_GROUP}")
+                continue
+            factory, why = _try_import(eps[0])
+            if factory is None:
+                emit(stage="done", reason=why)
+                continue
+            emit(stage="start", priority=int(getattr(factory, "priority", 20)))
+            backend = factory(**options)
+            emit(stage="capabilities")
+            caps = backend.capabilities()
+            if not isinstance(caps, Capabilities):
+                raise TypeError(f"returned {type(caps).__name__}, not Capabilities")
+            emit(stage="devices", capabilities=caps_to_json(caps))
+            devs = [vars(d) for d in backend.devices()]
+            emit(stage="done", ok=True, devices=devs, describe=str(backend.describe()),
+                 implements=[op for op in OPS if backend.implements(op)])
+        except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from a plugin included
+            what = {"import": "failed to import", "start": "failed to start", "capabilities": "capabilities() raised",
+                    "devices": "devices() raised"}[out["stage"]]
+            msg = f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit) else f"{e.__class__.__name__}: {e}"
+            emit(stage="done", reason=f"{what}: {msg}")
+
+
+def probe_plugins(names: list[str], options: dict | None = None, timeout: float = PROBE_TIMEOUT) -> dict[str, dict]:
+    """Import and start plugins in a subprocess (same sys.path), one after the other: name -> {"ok", "reason",
+    "priority", "capabilities", "devices", "describe", "implements"}. A plugin that kills or hangs the subprocess
+    is reported with how, and the plugins after it are probed in a fresh one."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    results: dict[str, dict] = {}
+    todo = list(names)
+    while todo:
+        cmd = [sys.executable, "-c", "import sys, json; from flashport.backends.registry import _probe_child; "
+               "_probe_child(json.loads(sys.argv[1]), json.loads(sys.argv[2]))", json.dumps(todo),
+               json.dumps(options or {}, default=str)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            stdout, stderr, code = r.stdout, r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            stdout, stderr, code = _text(e.stdout), _text(e.stderr), None
+        for line in stdout.splitlines():
+            if line.startswith(_PROBE_MARK):
+                res = json.loads(line[len(_PROBE_MARK):])
+                results[res["name"]] = res
+        done = [n for n in todo if results.get(n, {}).get("stage") == "done"]
+        culprit = next((n for n in todo if n not in done and n in results), None)
+        if culprit is None and len(done) < len(todo):  # died before the first plugin (python itself)
+            culprit = next(n for n in todo if n not in done)
+            results[culprit] = {"name": culprit, "stage": "python start-up", "ok": False}
+        if culprit is not None:
+            results[culprit].update(ok=False, stage="done", reason=_death(results[culprit]["stage"], code, stderr, timeout))
+            done.append(culprit)
+        todo = [n for n in todo if n not in done]
+    return results
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+
+
+def _death(stage: str, code: int | None, stderr: str, timeout: float) -> str:
+    """How a plugin took the probe subprocess down, in words."""
+    where = {"import": "at import", "start": "while starting", "capabilities": "in capabilities()",
+             "devices": "in devices()"}.get(stage, f"during {stage}")
+    if code is None:
+        return f"did not finish {where} within {timeout:.0f} s"
+    if code < 0:
+        try:
+            sig = signal.Signals(-code).name
+        except ValueError:
+            sig = str(-code)
+        how = f"crashed {where} (signal {sig})"
+    else:
+        how = f"ended the process {where} (exit status {code})"
+    tail = [ln for ln in stderr.strip().splitlines() if ln.strip()][-1:]
+    return how + (f": {tail[0][:200]}" if tail else "")
 
 
 def probe(name: str, options: dict | None = None, timeout: float = PROBE_TIMEOUT) -> dict:
-    """Import and start plugin `name` in a subprocess (the same sys.path): {"ok", "reason", "priority",
-    "capabilities", "devices", "describe", "implements"}. A plugin that kills its process is reported, with how."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    cmd = [sys.executable, "-c", "import sys, json; from flashport.backends.registry import _probe_child; "
-           "_probe_child(sys.argv[1], json.loads(sys.argv[2]))", name, json.dumps(options or {}, default=str)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "reason": f"did not import and start within {timeout:.0f} s"}
-    lines = [ln[len(_PROBE_MARK):] for ln in r.stdout.splitlines() if ln.startswith(_PROBE_MARK)]
-    res = json.loads(lines[-1]) if lines else {"stage": "python start-up", "ok": False}
-    if res.get("ok") or res.get("reason"):
-        return res
-    stage = {"import": "at import", "start": "while starting", "capabilities": "in capabilities()",
-             "devices": "in devices()"}.get(res["stage"], f"during {res['stage']}")
-    if r.returncode < 0:
-        try:
-            how = f"crashed {stage} (signal {signal.Signals(-r.returncode).name})"
-        except ValueError:
-            how = f"crashed {stage} (signal {-r.returncode})"
-    else:
-        how = f"ended the process {stage} (exit status {r.returncode})"
-    tail = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1:]
-    return {**res, "ok": False, "reason": how + (f": {tail[0][:200]}" if tail else "")}
+    """probe_plugins for one plugin."""
+    return probe_plugins([name], options, timeout)[name]
 
 
 # -- discovery -------------------------------------------------------------------------------------------------------
@@ -236,19 +277,16 @@ def _plugin_info(ep: EntryPoint, probed: dict | None) -> BackendInfo:
     return info
 
 
-def discover(probe_plugins: bool = True) -> dict[str, BackendInfo]:
+def discover(check_plugins: bool = True) -> dict[str, BackendInfo]:
     """Every backend flashport knows of, with whether it can be used here and why not.
 
-    Plugins are imported and started in subprocesses (in parallel), never in this process: one that raises,
+    Plugins are imported and started in a subprocess (probe_plugins), never in this process: one that raises,
     exits or crashes is reported unavailable with one RuntimeWarning naming it, its distribution and the reason.
-    probe_plugins=False lists them from their metadata only (available=True means "not checked")."""
+    check_plugins=False lists them from their metadata only (available=True means "not checked")."""
     found = {name: _builtin_info(name) for name in BUILTINS}
     eps = [ep for ep in _plugins() if ep.name not in found]
-    if probe_plugins and eps:
-        with ThreadPoolExecutor(max_workers=min(4, len(eps))) as pool:
-            probes = list(pool.map(lambda ep: probe(ep.name), eps))
-    else:
-        probes = [None] * len(eps)
+    probed = probe_plugins([ep.name for ep in eps]) if check_plugins and eps else {}
+    probes = [probed.get(ep.name) for ep in eps]
     for ep, probed in zip(eps, probes):
         info = _plugin_info(ep, probed)
         if not info.available:
@@ -365,15 +403,17 @@ def create(name: str = "auto", **options) -> Backend:
 
 def _auto(options: dict) -> Backend:
     cands = [_builtin_info(name) for name in BUILTINS]
+    eps = []
     for ep in _plugins():
-        if ep.name in BUILTINS:
-            continue
-        ok, why = conformance_record(ep.name)
-        if not ok:
-            log.debug("auto: skipping plugin %s: %s", ep.name, why)
-            continue
-        probed = probe(ep.name, options)  # a plugin that crashes at import or start-up only takes its subprocess
-        info = _plugin_info(ep, probed)
+        ok, why = conformance_record(ep.name) if ep.name not in BUILTINS else (False, "shadows a built-in")
+        if ok:
+            eps.append(ep)
+        else:
+            log.debug("auto: not considering plugin %s: %s", ep.name, why)
+    # a plugin that crashes at import or start-up only takes the probe's subprocess down
+    probed = probe_plugins([ep.name for ep in eps], options) if eps else {}
+    for ep in eps:
+        info = _plugin_info(ep, probed[ep.name])
         if not info.available:
             warnings.warn(f"flashport backend plugin {ep.name!r} ({info.source}) skipped: {info.reason}",
                           RuntimeWarning, stacklevel=3)

@@ -181,3 +181,46 @@ def test_pytest_plugin_in_a_vendor_repo(tmp_path):
     assert r.returncode == 1, out
     assert "3 failed" in out and "6 passed" in out, out  # rope's 3 cases fail; linear(int8) x3 + rms_norm x3 pass
     assert "test_flashport_op[rope-" in out
+
+
+def test_unknown_format_or_nothing_to_check_is_refused(capsys):
+    from flashport.cli import main
+
+    assert main(["conformance", "torch", "--formats", "fp3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashport: error: unknown weight format(s) fp3") and len(err.splitlines()) == 1
+
+    class NormOnly(TorchBackend):
+        def capabilities(self):
+            return Capabilities(ops={"rms_norm": True})
+
+    with pytest.raises(ValueError, match="nothing to check"):  # not "0 cases, PASSED"
+        C.run(NormOnly(), e2e=False, ops=["linear"], progress=False)
+
+
+def test_capabilities_raising_is_one_error_not_a_traceback():
+    from flashport.backends import BackendError
+
+    class Broken(TorchBackend):
+        name = "broken-caps"
+
+        def capabilities(self):
+            raise OSError("no device node")
+
+    with pytest.raises(BackendError, match=r"broken-caps.*capabilities\(\) raised OSError: no device node"):
+        C.run(Broken(), progress=False)
+
+
+def test_whole_step_backend_passes_end_to_end():
+    """`flashport conformance onnxruntime`: per-op cases run inside its step graph; end to end with fp32 and with
+    a format its graph takes for linears and experts alike."""
+    pytest.importorskip("onnxruntime")
+    from flashport.backends.registry import create
+
+    rep = C.run(create("onnxruntime", threads=1), e2e_prompt=40, e2e_tokens=2, progress=False)
+    assert rep.passed, rep.summary()
+    assert rep.whole_step and not rep.cases and not rep.fallback_ops
+    assert all(v["in_step_graph"] and v["passed"] for v in rep.to_json()["per_op"].values())
+    assert [e["weights"] for e in rep.end_to_end] == ["fp32", "int4-g32"]
+    assert all(e["greedy_equal"] for e in rep.end_to_end)
+    assert "runs inside the whole-step graph" in rep.summary()

@@ -53,3 +53,77 @@ def test_linear_native_moe_falls_back_with_dequantized_weights():
     assert torch.equal(out, ref)
     assert ops.native("linear", "int8") and not ops.native("moe", "int8")
     assert ("moe", "int8") in ops.fallbacks
+
+
+class FailsAfter(LinearOnly):
+    """Its linear works once, then raises (a device lost mid-run)."""
+
+    name = "fails-after"
+
+    def __init__(self):
+        self.calls = 0
+
+    def linear(self, x, handle):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("device lost")
+        return super().linear(x, handle)
+
+
+def test_an_op_that_raises_falls_back_with_reference_weights_and_is_marked_degraded(tmp_path, monkeypatch, caplog):
+    from flashport.backends.registry import degraded_marks
+
+    monkeypatch.setenv("FLASHPORT_CACHE", str(tmp_path))
+    ops = Ops(FailsAfter())
+    x, lin = torch.randn(3, 16), int8_linear(8, 16, 0)
+    want = x @ lin.packed.dequantize().T
+    assert torch.allclose(ops.linear(x, lin), want) and ops.degraded == []
+    with caplog.at_level("WARNING", logger="flashport.backends"):
+        for _ in range(3):  # the backend's handle is opaque: the fallback must take the reference's weights
+            assert torch.allclose(ops.linear(x, lin), want)
+    assert ops.backend.calls == 2  # raised once, then never called again for linear(int8)
+    assert ops.degraded == ["linear"] and "device lost" in ops.errors[("linear", "int8")]
+    assert len([r for r in caplog.records if "device lost" in r.getMessage()]) == 1
+    assert "device lost" in degraded_marks("fails-after")["linear"]["error"]
+
+
+def test_whole_step_backends_are_bound_never_dispatched():
+    import pytest
+
+    from flashport.backends import BackendError
+
+    class Graph(LinearOnly):
+        name = "graph"
+
+        def capabilities(self):
+            return Capabilities(ops={"linear": {"int8"}}, whole_step=True)
+
+    with pytest.raises(BackendError, match="whole decoder steps"):
+        Ops(Graph()).linear(torch.randn(1, 16), int8_linear(8, 16, 0))
+    with pytest.raises(BackendError, match="runs single ops"):
+        LinearOnly().bind_model(None, None)  # the contract's default: a per-op backend has no whole-step form
+
+
+def test_listing_and_preflight_say_what_runs_where(tiny_release, tmp_path):
+    """onnxruntime: whole steps, formats its graph lacks named; a release checkpoint's stored formats (fp8,
+    mxfp4) shown beside what they run as; a bundle explained from its manifest; a bad path refused."""
+    import pytest
+
+    from flashport.backends.explain import explain_model, list_backends
+    from flashport.export.bundle import export
+
+    listing = list_backends()
+    onnx = listing[listing.index("\nonnxruntime"):].split("\n")[1:5]
+    assert "runs whole decoder steps" in onnx[1] and "native ops" not in "\n".join(onnx)
+    assert any(line.strip().startswith("moe weights:") and "refused at load" in line and "mxfp4" in line
+               for line in listing.splitlines())
+    text = explain_model(str(tiny_release), "torch")
+    assert "fp8-e4m3-block128" in text and "mxfp4" in text and "release checkpoint" in text
+    text = explain_model(str(tiny_release), "onnxruntime")
+    assert "whole decoder steps" in text and "in the step graph" in text
+    bundle = tmp_path / "bundle"
+    export(tiny_release, bundle, recipe="int4-experts", progress=False)
+    text = explain_model(str(bundle), "torch")
+    assert "(bundle)" in text and "int4-g" in text
+    with pytest.raises(FileNotFoundError, match="neither a bundle"):
+        explain_model(str(tmp_path), "torch")
