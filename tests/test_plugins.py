@@ -159,7 +159,7 @@ def test_opencl_sample_plugin_installs_and_passes_conformance(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
     assert (target / "flashport_opencl" / "kernels.cl").exists()
-    env = dict(os.environ, PYTHONPATH=str(target), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(target), OMP_NUM_THREADS="1", FLASHPORT_CACHE=str(tmp_path / "cache"))
     cli = [sys.executable, "-m", "flashport.cli"]
     listing = subprocess.run(cli + ["backends"], capture_output=True, text=True, env=env, timeout=300)
     assert "opencl" in listing.stdout and "flashport-opencl" in listing.stdout, listing.stdout + listing.stderr
@@ -172,6 +172,7 @@ def test_opencl_sample_plugin_installs_and_passes_conformance(tmp_path):
     assert {"linear(int8)", "moe(int8)", "rms_norm", "rope"} == set(data["per_op"])
     assert data["per_op"]["rope"]["bit_exact"]  # FP_CONTRACT OFF: the same roundings as the reference
     assert [e["weights"] for e in data["end_to_end"]] == ["fp32", "int8"]
+    assert (tmp_path / "cache" / "conformance" / "opencl-flashport_opencl-0.1.0.json").exists()  # auto may pick it
 
 
 # -- plugins that fail in each way: none of them takes flashport (or another backend) down --------------------------
