@@ -412,22 +412,29 @@ def _pack_unit(u: _Unit, reader, cfg, recipe: Recipe, formats, shapes, names, pl
 
 def export_cli(src: str, out: str, recipe: str = "int4-experts", devices: str = "cpu=32GiB", calib: str | None = None,
                calib_tokens: int = 512, mode: str = "auto", context: int = 4096, sequences: int = 1,
-               kv_dtype: str = "fp32", resume: bool = True) -> str:
+               kv_dtype: str = "fp32", resume: bool = True, sign: str = "") -> str:
     """Requantize checkpoint SRC with RECIPE and partition its experts over DEVICES into bundle directory OUT.
 
     recipe: release | int4-experts | int8 | w8a8-npu | mixed-edge, or a .json/.toml recipe file;
     devices: NAME=SIZE list for the placement (npu:0=64GiB,npu:1=64GiB,cpu=256GiB,disk); calib: a text file for
     calibration (routing statistics, GPTQ when the recipe asks for it), calib_tokens: how many of its tokens;
     mode: ep | edge | auto; context x sequences: the KV target the placement reserves; resume: skip shards a
-    previous run of the same export wrote and that still verify.
+    previous run of the same export wrote and that still verify. sign: an ed25519 private key FILE (PEM): the
+    bundle's manifest is signed (manifest.sig.json; see flashport.signing and `flashport verify`).
     """
+    from ..signing import SIGNATURE, load_private_key, sign_bundle
+
+    if sign:
+        load_private_key(sign)  # a bad key file is refused before any work
     m = export(src, out, recipe, devices, calib, calib_tokens, mode, context, sequences, kv_dtype, resume)
+    (Path(out) / SIGNATURE).unlink(missing_ok=True)  # a previous export's signature signs another manifest
+    signed = f"; signed ({sign_bundle(out, sign).name})" if sign else ""
     e = m["export"]
     mb = e["source_bytes_read"] / 2**20
     return (f"wrote {out}: {len(m['tensors'])} tensors in {len(m['files'])} files, "
             f"{sum(f['size'] for f in m['files'].values()) / 2**20:.1f} MiB; read {mb:.1f} MiB of {src} in "
             f"{e['seconds']:.1f} s ({mb / max(e['seconds'], 1e-9):.1f} MB/s); units skipped (resume): "
-            f"{e['units_skipped']}/{e['units']}")
+            f"{e['units_skipped']}/{e['units']}{signed}")
 
 
 # -------------------------------------------------------------------------------------------------------------

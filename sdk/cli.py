@@ -82,6 +82,14 @@ class Cli:
         """Summarise a bundle: inspect BUNDLE [--verify]."""
         return _run("flashport.export.bundle:inspect_cli", args, kwargs)
 
+    def verify(self, *args, **kwargs):
+        """Check a signed bundle: verify BUNDLE --public-key PUB.pem (the key is a file, never a value)."""
+        return _run("flashport.signing:verify_cli", args, kwargs)
+
+    def keygen(self, *args, **kwargs):
+        """Make an ed25519 key pair for signing bundles: keygen --out FILE (writes FILE, 0600, and FILE.pub)."""
+        return _run("flashport.signing:keygen_cli", args, kwargs)
+
     def eval(self, *args, **kwargs):
         """Perplexity, and KL / top-1 agreement against a reference: eval PATH --text FILE [--reference PATH]."""
         return _run("flashport.export.evaluate:eval_cli", args, kwargs)
