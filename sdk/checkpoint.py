@@ -102,8 +102,18 @@ def hf_state_to_release(get, names: list[str], cfg: ModelConfig) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------
+# bytes per element of the safetensors dtypes flashport writes or reads (others: offsets checked, sizes not)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def check_safetensors_file(path: Path) -> None:
-    """Fail early, naming the file, if a shard is missing, truncated or has a bad header."""
+    """Fail early, naming the file and what is wrong, if a shard is missing, truncated or has a bad header.
+
+    The header is checked the way safetensors checks it when it opens the file (so a damaged header is a one-line
+    CheckpointError here, never a SafetensorError later): valid JSON of {name: {dtype, shape, data_offsets}},
+    each tensor's byte span matching its dtype and shape, the spans contiguous from 0 and ending at the file's
+    end."""
     if not path.exists():
         raise CheckpointError(f"missing shard {path}")
     size = path.stat().st_size
@@ -117,11 +127,43 @@ def check_safetensors_file(path: Path) -> None:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        bad = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
-        raise CheckpointError(f"{path}: truncated: tensor {bad!r} ends at byte {8 + n + end}, file has {size}")
+            raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    spans = []
+    for name, v in header.items():
+        if name == "__metadata__":
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+                raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not a map of strings)")
+            continue
+        where = f"{path}: corrupt safetensors header: tensor {name!r}"
+        if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
+            keys = sorted(v) if isinstance(v, dict) else type(v).__name__
+            raise CheckpointError(f"{where} has {keys}, not dtype, shape and data_offsets")
+        shape, offs, dtype = v["shape"], v["data_offsets"], v["dtype"]
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            raise CheckpointError(f"{where} has invalid data_offsets {offs!r}")
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where} has an invalid dtype {dtype!r}")
+        if dtype in _ST_ITEMSIZE and offs[1] - offs[0] != math.prod(shape) * _ST_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{where}: {dtype} {shape} needs {math.prod(shape) * _ST_ITEMSIZE[dtype]} bytes, "
+                                  f"its data_offsets span {offs[1] - offs[0]}")
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} starts at data byte {begin}, "
+                                  f"the previous one ends at {end} (overlapping or a gap)")
+        end = stop
+    if 8 + n + end != size:
+        bad = max(spans)[2] if spans else "(none)"
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {bad!r} ends at byte {8 + n + end}, file has {size}")
+        raise CheckpointError(f"{path}: {size - 8 - n - end} bytes after the last tensor {bad!r} (corrupt header or "
+                              f"appended data)")
 
 
 class CheckpointReader:
