@@ -16,21 +16,32 @@ HELP = ("commands: /mode chat|thinking|thinking-max  /clear (forget the conversa
 
 
 def chat_cli(path: str, mode: str = "chat", system: str = "", max_new_tokens: int = 512, temperature: float = 0.7,
-             top_p: float = 0.95, seed: int | None = None, backend: str = "auto"):
+             top_p: float = 0.95, seed: int | None = None, backend: str = "auto", execution_provider: str = "",
+             plugin_ep_library: str = "", backend_option: str | tuple = "", device: str = "",
+             deterministic: bool = False, kv_dir: str = "", kv_strategy: str = "periodic:4096",
+             max_device_memory: str = "", offload_tier: str = "host", ep: int = 0):
     """Chat with PATH (a checkpoint or bundle directory) in the terminal.
 
     mode: chat | thinking | thinking-max; system: a system prompt; max_new_tokens, temperature, top_p, seed:
-    sampling of each reply; backend: as for `flashport generate`.
+    sampling of each reply; the engine flags (backend, execution provider, KV, offload) are those of
+    `flashport generate`. The chat is one interactive process: --ep is refused (serve with --ep instead).
     """
-    from .engine import Engine
+    from .engine import run_command
+    from .options import OptionError, engine_options
 
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    engine = Engine.load(path, backend=backend)
-    session = Session(engine, mode=mode, system=system or None)
-    run_chat(session, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed))
-    if callable(getattr(engine, "close", None)):
-        engine.close()
+    if ep not in (0, 1):
+        raise OptionError(f"chat with --ep {ep}: the chat is one interactive process; run `flashport serve PATH "
+                          f"--ep {ep}` and chat through a client")
+    opts = engine_options(backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
+                          kv_dir, kv_strategy, "fp32", max_device_memory, offload_tier)
+
+    def chat(engine):
+        session = Session(engine, mode=mode, system=system or None)
+        run_chat(session, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed))
+
+    run_command(path, opts, chat, ["chat", path])
 
 
 def run_chat(session: Session, sampling: dict, read=input, out=sys.stdout):

@@ -13,42 +13,42 @@ class Cli:
     """flashport: run DeepSeek-V4-Flash-class MoE models on edge boxes and non-NVIDIA accelerators."""
 
     def generate(self, path: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, backend: str = "auto", json: bool = False,
-                 stream: bool = True, kv_dir: str = "", ep: int = 0, pg_backend: str = "gloo",
-                 timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host"):
+                 top_p: float = 1.0, seed: int | None = None, backend: str = "auto", execution_provider: str = "",
+                 plugin_ep_library: str = "", backend_option: str | tuple = "", device: str = "",
+                 deterministic: bool = False, json: bool = False, stream: bool = True, kv_dir: str = "",
+                 kv_strategy: str = "periodic:4096", ep: int = 0, pg_backend: str = "gloo", timeout: float = 30.0,
+                 max_device_memory: str = "", offload_tier: str = "host"):
         """Generate text from PATH (a checkpoint or bundle directory).
 
-        kv_dir: disk prefix cache; ep N: expert parallelism over N ranks (torchrun, process group pg_backend,
-        collective timeout seconds); max_device_memory: keep hot experts within this budget (e.g. 8GiB) and
-        offload the rest to offload_tier (host | disk)."""
-        from .engine import Engine
+        backend: auto | torch | triton | onnxruntime | a plugin; execution_provider / plugin_ep_library: the ONNX
+        Runtime execution provider (and a plugin EP library to register); backend_option: KEY=VALUE for the
+        backend; kv_dir: disk prefix cache (kv_strategy full | periodic:P | none); ep N: expert parallelism over N
+        ranks (torchrun, process group pg_backend, collective timeout seconds); max_device_memory: keep hot
+        experts within this budget (e.g. 8GiB) and offload the rest to offload_tier (host | disk)."""
+        from .engine import run_command
+        from .options import engine_options, flags_of
 
-        if ep > 1:
-            from .distributed import launch
+        opts = engine_options(backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
+                              kv_dir, kv_strategy, "fp32", max_device_memory, offload_tier, ep, pg_backend, timeout)
+        command = ["generate", path, *flags_of(Cli.generate, locals())]
 
-            return launch(path, ep, "generate", prompt=prompt, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, seed=seed, backend=backend,
-                          pg_backend=pg_backend, timeout=timeout)
-        if max_device_memory:
-            from .offload import load_engine
+        def run(engine):
+            if json or not stream:
+                out = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      seed=seed)
+                if json:
+                    print(_dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
+                                 "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
+                                 "decode_tok_s": round(out.decode_tok_s, 2)}), flush=True)
+                else:
+                    print(out.text, flush=True)
+                return
+            for piece in engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed, stream=True):
+                print(piece, end="", flush=True)
+            print(flush=True)
 
-            engine = load_engine(path, max_device_memory=max_device_memory, tier=offload_tier, backend=backend)
-        else:
-            engine = Engine.load(path, backend=backend, **({"kv_dir": kv_dir} if kv_dir else {}))
-        if json or not stream:
-            out = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  seed=seed)
-            if json:
-                return _dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
-                              "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
-                              "decode_tok_s": round(out.decode_tok_s, 2)})
-            print(out.text)
-            return None
-        for piece in engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     seed=seed, stream=True):
-            print(piece, end="", flush=True)
-        print()
-        return None
+        return run_command(path, opts, run, command)
 
     def make_checkpoint(self, preset: str = "flash-tiny", out: str = "", seed: int = 0, format: str = "release"):
         """Write a deterministic random checkpoint of PRESET to OUT (format: release | hf)."""
@@ -154,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     from .backends import BackendError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import EPError
     from .engine import RequestError
     from .tokenizer import TokenizerFileError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         fire.Fire(Cli, command=argv, name="flashport")
-    except (BackendError, CheckpointError, ConfigError, RequestError, TokenizerFileError, FileNotFoundError, ValueError,
-            KeyError) as e:
+    except (BackendError, CheckpointError, ConfigError, EPError, RequestError, TokenizerFileError, FileNotFoundError,
+            ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"flashport: error: {msg}", file=sys.stderr)
         return 2
