@@ -137,13 +137,24 @@ def check_files(path: str | Path, manifest: dict, verify: bool = False, progress
             except CheckpointError as e:
                 raise BundleError(str(e)) from None
         if rel.endswith(".safetensors") and "/" in rel:  # weight shards carry the bundle id and their own name
-            with safe_open(p, "pt") as f:
+            with open_shard(p) as f:
                 meta = f.metadata() or {}
-            if meta.get("bundle_id") != manifest["bundle_id"] or meta.get("shard") != rel:
-                raise BundleError(f"{p}: shard of bundle {meta.get('bundle_id')!r} ({meta.get('shard')!r}), not of "
-                                  f"this bundle {manifest['bundle_id']!r} ({rel!r}): a file from another export")
+            if meta.get("bundle_id") != manifest["bundle_id"]:
+                raise BundleError(f"{p}: shard of bundle {meta.get('bundle_id')!r}, not of this bundle "
+                                  f"{manifest['bundle_id']!r}: a file from another export")
+            if meta.get("shard") != rel or meta.get("format") != FORMAT:
+                raise BundleError(f"{p}: its header names it {meta.get('format')!r} shard {meta.get('shard')!r}, the "
+                                  f"manifest {FORMAT!r} shard {rel!r} (a corrupted header, or a file moved)")
         if verify and sha256_file(p) != info["sha256"]:
             raise BundleError(f"{p}: sha256 does not match the manifest (corrupted or modified)")
+
+
+def open_shard(path: Path):
+    """safe_open(path): anything safetensors refuses is a BundleError naming the file (never a SafetensorError)."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+        raise BundleError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
 
 
 def expected_specs(fmt: str, shape: list[int]) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -214,8 +225,8 @@ KeepExpert = Callable[[str, int], bool]
 
 
 def load_model(path: str | Path, verify: bool | None = None, progress: bool = False,
-               keep_expert: KeepExpert | None = None, prefer_partition: str | None = None
-               ) -> tuple[Transformer, dict]:
+               keep_expert: KeepExpert | None = None, prefer_partition: str | None = None,
+               public_key: str | Path | None = None) -> tuple[Transformer, dict]:
     """Build the model of bundle `path` -> (model, manifest).
 
     Linears get `packed = QuantWeight` (no fp32 copy is kept), the other tensors (norms, router,
@@ -223,8 +234,17 @@ def load_model(path: str | Path, verify: bool | None = None, progress: bool = Fa
     experts it accepts (None: all); the others get placeholder Linears (the right format, no data) that must never
     run (expert parallelism and offload fill them in). prefer_partition: read an expert from that partition's
     shard when it holds a copy. Only the files read are checked. Raises BundleError on any mismatch; verify
-    (default: FLASHPORT_VERIFY=1) also checks the sha256 of every file read."""
+    (default: FLASHPORT_VERIFY=1) also checks the sha256 of every file read. public_key (default:
+    $FLASHPORT_PUBLIC_KEY): a public key FILE; the bundle must then carry a valid signature by it, and every file
+    the manifest lists must match its sha256 (flashport.signing), or SignatureError is raised before any weight
+    is read."""
+    from .signing import required_public_key, verify_bundle
+
     path = Path(path)
+    key = required_public_key(public_key)
+    if key is not None:
+        verify_bundle(path, key, progress=progress)
+        verify = False  # every file's sha256 was just checked
     m = read_manifest(path)
     cfg = bundle_config(path, m)
     shapes = param_shapes(cfg)
@@ -267,7 +287,7 @@ def load_model(path: str | Path, verify: bool | None = None, progress: bool = Fa
                 continue
             rel = read[name]
             if rel not in handles:
-                handles[rel] = safe_open(path / rel, "pt")
+                handles[rel] = open_shard(path / rel)
             install_tensor(model, name, e["format"], tuple(e["shape"]), read_tensor(handles[rel], path / rel, name, e))
     finally:
         handles.clear()

@@ -25,8 +25,9 @@ import os
 import stat
 from pathlib import Path
 
+from .bundle import MANIFEST, sha256_file
+
 SIGNATURE = "manifest.sig.json"
-MANIFEST = "manifest.json"
 SIG_FORMAT = "flashport-bundle-signature"
 SIG_VERSION = 1
 PUBLIC_KEY_ENV = "FLASHPORT_PUBLIC_KEY"  # a public key file: every bundle load then requires a valid signature
@@ -189,20 +190,12 @@ def verify_bundle(bundle: str | Path, public_key_file: str | Path, check_files: 
         for rel, info in tqdm(sorted(m["files"].items()), desc="verify", unit="file", disable=not progress):
             p = bundle / rel
             try:
-                digest = _sha256_file(p)
+                digest = sha256_file(p)
             except FileNotFoundError:
                 raise SignatureError(f"{p}: missing file of signed bundle {bundle}") from None
             if digest != (info or {}).get("sha256"):
                 raise SignatureError(f"{p}: modified after signing (its sha256 is not the manifest's)")
     return rec
-
-
-def _sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def required_public_key(public_key: str | Path | None = None) -> Path | None:
