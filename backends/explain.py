@@ -129,7 +129,7 @@ def model_source(path: str | Path):
         raise FileNotFoundError(f"{path}: no such model directory")
     if (path / "manifest.json").exists():
         from ..config import ModelConfig
-        from ..export.bundle import read_manifest
+        from ..bundle import read_manifest
 
         m = read_manifest(path)
         stored = {n: e["format"] for n, e in m["tensors"].items()}
