@@ -55,7 +55,6 @@ from ..bundle import (FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, canonical_j
                       manifest_digest, moe_prefix, read_manifest, sha256_file, stored_nbytes, tensor_crc32c)
 from ..checkpoint import CheckpointReader
 from ..quant.formats import FORMATS
-from ..tokenizer import DEFAULT_PATH
 from . import gptq
 from .calibrate import calibrate, swiglu_hidden
 from .planner import Plan, model_shapes, plan as make_plan
@@ -243,8 +242,9 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
 
     extra = {}
     tok_src = reader.path / "tokenizer.json"
-    shutil.copyfile(tok_src if tok_src.exists() else DEFAULT_PATH, out / "tokenizer.json")
-    extra["tokenizer.json"] = out / "tokenizer.json"
+    if tok_src.exists():  # no stand-in: a bundle without one takes token ids (flashport.loader.load_tokenizer)
+        shutil.copyfile(tok_src, out / "tokenizer.json")
+        extra["tokenizer.json"] = out / "tokenizer.json"
     if cal is not None:
         for p in cal.save(out):
             extra[p.name] = p
@@ -258,7 +258,7 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
         "recipe": recipe.to_dict(),
         "calibration": {"method": recipe.calibration if cal else "rtn", "tokens": cal.tokens if cal else 0,
                         "text": cal.source if cal else None},
-        "placement": placement.to_dict(), "tokenizer": "tokenizer.json",
+        "placement": placement.to_dict(), "tokenizer": "tokenizer.json" if tok_src.exists() else None,
         "routing_stats": "routing_stats.json" if cal else None,
         "tensors": tensors, "files": dict(sorted(files.items())),
         "export": {"seconds": round(time.perf_counter() - t0, 3), "source_bytes_read": read_bytes,
