@@ -35,6 +35,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..quant.formats import FORMATS, dequantize_channel, dequantize_int4, get_format
+from ..quant.release import FP8_BLOCK, dequantize_fp8_block, scale_to_float
 from .contract import QuantWeight
 
 log = logging.getLogger("flashport.backends")
@@ -644,32 +646,28 @@ class CpuWeight:
 
     @classmethod
     def from_quant(cls, qw: QuantWeight) -> "CpuWeight":
-        fmt = qw.fmt
-        if fmt in ("int8", "w8a8"):  # w8a8 runs as W8A16 here, like the reference's dequantize + fp32 matmul
+        fmt = FORMATS.get(qw.fmt)
+        kind = fmt.kind if fmt is not None else qw.fmt
+        if kind == "int8":  # w8a8 runs as W8A16 here, like the reference's dequantize + fp32 matmul
             return cls(FMT_I8, qw.shape, qw.tensors["weight"].contiguous(), qw.tensors["scale"].float().contiguous())
-        if fmt.startswith("int4-g"):
-            group = int(fmt.split("-")[1][1:])
+        if kind == "int4":
             zp = qw.tensors.get("zero_points")
             return cls(FMT_I4, qw.shape, qw.tensors["B"].contiguous(), qw.tensors["scales"].float().contiguous(),
-                       None if zp is None else zp.contiguous(), group)
-        if fmt in ("fp8-e4m3-block128", "fp8-e4m3-block128-ue8m0"):
+                       None if zp is None else zp.contiguous(), fmt.group)
+        if kind == "fp8" and fmt.group == FP8_BLOCK:  # 128x128 blocks (the kernel's block)
             return cls._fp8(qw.shape, qw.tensors["weight"], qw.tensors["scale"])
         w = qw.dequantize().float().contiguous()
         return cls.from_dense(w)
 
     @classmethod
     def _fp8(cls, shape, codes: Tensor, scale: Tensor) -> "CpuWeight":
-        from ..quant.release import _scale_to_float
-
-        return cls(FMT_FP8, shape, codes.contiguous().view(torch.uint8), _scale_to_float(scale).float().contiguous())
+        return cls(FMT_FP8, shape, codes.contiguous().view(torch.uint8), scale_to_float(scale).float().contiguous())
 
     @classmethod
     def from_dense(cls, w: Tensor) -> "CpuWeight":
         """fp32 [N, K] -> the most compact layout that loses nothing (checked value by value): FP8 e4m3 with
         power-of-two 128x128 block scales (1 byte per weight: every non-expert weight of a release checkpoint),
         else bf16 (2 bytes: also MXFP4 experts), else fp32."""
-        from ..quant.formats import get_format
-
         if min(w.shape) >= 16 and w.abs().max() > 0:
             fp8 = get_format("fp8-e4m3-block128-ue8m0")
             try:
@@ -696,20 +694,10 @@ class CpuWeight:
         if self.fmt == FMT_BF16:
             return self.w.float()
         if self.fmt == FMT_I8:
-            return self.w.float() * self.scale[:, None]
+            return dequantize_channel(self.w, self.scale)
         if self.fmt == FMT_FP8:
-            from ..quant.release import dequantize_fp8_block
-
             return dequantize_fp8_block(self.w.view(torch.float8_e4m3fn), self.scale)
-        N, K = self.shape
-        B = self.w
-        nb = B.shape[1]
-        codes = torch.stack([B & 15, B >> 4], -1).reshape(N, nb, self.group).float()
-        if self.zp is None:
-            zp = torch.full((N, nb, 1), 8.0)
-        else:
-            zp = torch.stack([self.zp & 15, self.zp >> 4], -1).reshape(N, -1)[:, :nb, None].float()
-        return ((codes - zp) * self.scale[..., None]).reshape(N, -1)[:, :K]
+        return dequantize_int4(self.w, self.scale, self.zp, self.shape[1])
 
 
 def upload(w: QuantWeight) -> CpuWeight:

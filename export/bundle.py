@@ -59,6 +59,7 @@ from ..backends.contract import QuantWeight
 from ..checkpoint import CheckpointError, CheckpointReader, check_safetensors_file
 from ..config import ModelConfig
 from ..model import Linear, Transformer, rope_inv_freq
+from ..quant import formats as quant_formats
 from ..quant.formats import FORMATS
 from ..tokenizer import DEFAULT_PATH
 from . import gptq
@@ -191,9 +192,7 @@ def pack_tensor(reader: CheckpointReader, name: str, fmt: str, hessian: torch.Te
 
 
 def _dequant(fmt: str, packed: dict[str, torch.Tensor]) -> torch.Tensor:
-    if fmt in ("fp32", "int64"):
-        return packed["weight"]
-    return FORMATS[fmt].dequantize(packed)
+    return quant_formats.dequantize(fmt, packed)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -487,13 +486,12 @@ def _verify_default(verify: bool | None) -> bool:
 
 
 def _expected_specs(fmt: str, shape: list[int]) -> dict[str, tuple[tuple, torch.dtype]]:
-    if fmt == "fp32":
-        return {"weight": (tuple(shape), torch.float32)}
-    if fmt == "int64":
-        return {"weight": (tuple(shape), torch.int64)}
-    if fmt not in FORMATS:
+    if fmt not in quant_formats.PLAIN_FORMATS and fmt not in FORMATS:
         raise BundleError(f"unknown weight format {fmt!r} in the manifest")
-    return {k: (s.shape, s.dtype) for k, s in FORMATS[fmt].packed_shapes(*shape).items()}
+    try:
+        return {k: (s.shape, s.dtype) for k, s in quant_formats.tensor_specs(fmt, shape).items()}
+    except ValueError as e:
+        raise BundleError(f"bad manifest entry: {e}") from None
 
 
 def load_model(path: str | Path, verify: bool | None = None, progress: bool = False) -> Transformer:
@@ -608,7 +606,7 @@ def inspect_cli(bundle: str, verify: bool = False) -> str:
         n = 1
         for s in e["shape"]:
             n *= s
-        b = sum(_nbytes(s, d) for s, d in _expected_specs(e["format"], e["shape"]).values())
+        b = quant_formats.tensor_nbytes(e["format"], e["shape"])
         row = by_fmt[e["format"]]
         row[0], row[1], row[2] = row[0] + 1, row[1] + n, row[2] + b
     rows.append(f"{'format':<26} {'tensors':>8} {'params':>12} {'MiB':>10} {'bits/param':>10}")
@@ -626,10 +624,3 @@ def inspect_cli(bundle: str, verify: bool = False) -> str:
     rows += ["", Plan.from_dict(m["placement"]).table()]
     rows.append(f"\nchecks: sizes, headers, bundle ids{', sha256 of every file' if verify else ''}: OK")
     return "\n".join(rows)
-
-
-def _nbytes(shape, dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize
