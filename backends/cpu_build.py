@@ -5,10 +5,11 @@
 `torch.utils.cpp_extension.load` does the compiling (ninja and the system compiler). Around it:
 
 - **Cache by content.** The build directory is ``<cache>/<name>_<key>``, key = sha256 of every source and header
-  (all the files beside the sources), the flags, torch's version and the Python ABI (plus ``key_extra``: the CPU's
-  flags, since ``-march=native`` code must never run on another CPU). A finished build leaves a marker; a later
-  process imports the library directly, without running ninja or the compiler. Two flashport versions (or
-  checkouts) with different kernels use different directories, so they never rebuild each other's.
+  (all the C/C++ files beside the sources), the flags, the compiler ($CXX), torch's version and the Python ABI
+  (plus ``key_extra``: the CPU's flags, since ``-march=native`` code must never run on another CPU). A finished
+  build leaves a marker; a later process imports the library directly, without running ninja or the compiler.
+  Two flashport versions (or checkouts) with different kernels use different directories, so they never rebuild
+  each other's.
   ``<cache>`` is ``$FLASHPORT_KERNEL_CACHE``, else ``<torch extensions root>/flashport``
   (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``).
 - **A lock that dies with its process.** Builders serialise on ``fcntl.flock`` of ``<dir>/flashport.lock``: the
@@ -60,13 +61,13 @@ def cache_root() -> Path:
 
 
 def build_key(sources: list[Path], flags: list[str], key_extra: str = "") -> str:
-    """sha256 (16 hex digits) of the sources and every file beside them, the flags, torch and Python."""
+    """sha256 (16 hex digits) of the sources and the C/C++ files beside them, the flags, torch, Python and $CXX."""
     h = hashlib.sha256()
     files = sorted({p for s in sources for p in Path(s).parent.iterdir() if p.suffix in SOURCE_SUFFIXES}
                    | set(map(Path, sources)))
     for p in files:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    for part in (*flags, torch.__version__, sys.version, sys.platform, key_extra):
+    for part in (*flags, torch.__version__, sys.version, sys.platform, os.environ.get("CXX", ""), key_extra):
         h.update(str(part).encode() + b"\0")
     return h.hexdigest()[:16]
 
@@ -128,9 +129,12 @@ def load_extension(name: str, sources: list[Path], *, extra_cflags: list[str] = 
     d.mkdir(parents=True, exist_ok=True)
     with exclusive(d / LOCK, what):
         if done.exists() and lib.exists():  # another process built it while we waited
-            mod = _import(ext_name, lib)
-            last_status[name] = "cached"
-            return mod
+            try:
+                mod = _import(ext_name, lib)
+                last_status[name] = "cached"
+                return mod
+            except ImportError:  # damaged: link it again
+                lib.unlink()
         stale = d / TORCH_LOCK
         if stale.exists():  # we hold the build lock, so no live process holds torch's: its owner was killed
             _say(f"removing a stale build lock left by an interrupted build ({stale})")
@@ -147,7 +151,7 @@ def load_extension(name: str, sources: list[Path], *, extra_cflags: list[str] = 
             # Ctrl-C reaches ninja and the compiler too. In the main thread Python raises KeyboardInterrupt itself;
             # in a worker thread only the killed build is seen ("ninja: build stopped: interrupted by user"):
             # that is the interrupt too, not a build failure to fall back from
-            if "interrupted" in str(e):
+            if "interrupted by user" in str(e):
                 raise KeyboardInterrupt from e
             raise
         done.write_text(json.dumps({"name": ext_name, "torch": torch.__version__, "seconds": time.monotonic() - t0,
