@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..quant import formats as quant_formats
+
 API_VERSION = (1, 1)  # (major, minor): a backend built for major M works with every flashport of major M
 
 # Operation name -> whether it takes quantized weights (then capabilities name the formats it accepts)
@@ -52,9 +54,8 @@ OPS: dict[str, bool] = {
     "hc_head": False,        # final stream collapse
 }
 
-WEIGHT_FORMATS = ("fp32", "bf16", "fp8-e4m3-block128", "fp8-e4m3-block128-ue8m0", "fp8-e4m3-channel", "mxfp4",
-                  "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym", "int4-g64-asym",
-                  "int4-g128-asym")
+# the weight formats (flashport.quant.formats is their one definition; re-exported here for plugin authors)
+WEIGHT_FORMATS = quant_formats.WEIGHT_FORMATS
 
 
 class BackendError(RuntimeError):
@@ -94,11 +95,8 @@ class QuantWeight:
     tensors: dict[str, torch.Tensor]
 
     def dequantize(self) -> torch.Tensor:
-        if self.fmt == "fp32":
-            return self.tensors["weight"].float()
-        from ..quant.formats import get_format
-
-        return get_format(self.fmt).dequantize(self.tensors).reshape(self.shape)
+        """float32 [N, K]: the format's reference dequantization (flashport.quant.formats.dequantize)."""
+        return quant_formats.dequantize(self.fmt, self.tensors).reshape(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -43,15 +43,14 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..model import Attention, Compressor, Linear, MoE, Transformer
-from ..quant.formats import get_format, to_matmulnbits
+from ..quant.formats import CHANNEL_FORMATS, INT4_FORMATS, get_format, to_matmulnbits
 
 MANIFEST = "onnx_manifest.json"
 GRAPH = "model.onnx"
 DATA = "model.onnx.data"
 EXPORT_VERSION = 1
-INT4_FORMATS = tuple(f"int4-g{g}{a}" for a in ("", "-asym") for g in (32, 64, 128))
 # per-output-channel formats: the stored codes, Cast and scaled per row in the graph: exact (folded once)
-DQ_FORMATS = ("fp8-e4m3-channel", "int8", "w8a8")
+DQ_FORMATS = CHANNEL_FORMATS
 NATIVE_FORMATS = ("fp32", "bf16") + INT4_FORMATS + DQ_FORMATS  # what the graph runs on the stored weights
 INT64_MAX = np.iinfo(np.int64).max
 INLINE_BYTES = 1024   # smaller initializers stay inside model.onnx

@@ -26,7 +26,7 @@ import torch
 
 from ..backends import reference
 from ..backends.contract import QuantWeight
-from ..quant.formats import get_format, to_matmulnbits
+from ..quant.formats import INT4_FORMATS, get_format, to_matmulnbits
 
 ROW_CHUNK = 1024  # pack big weights in row chunks: the packers work in float64
 
@@ -65,7 +65,7 @@ def _ort_matmulnbits(packed: dict, fmt: str, n: int, k: int, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    block = int(fmt.split("-g")[1].split("-")[0])
+    block = get_format(fmt).group
     inputs, attrs = to_matmulnbits(packed, block)
     inits = [numpy_helper.from_array(v.numpy(), name) for name, v in inputs.items()]
     node = helper.make_node("MatMulNBits", ["A", *inputs], ["Y"], domain="com.microsoft", accuracy_level=4, **attrs)
@@ -125,7 +125,7 @@ def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str =
         t_b = _timeit(lambda: b.linear(x, h), repeat)
         add("linear", f"{n}x{k}", f"{b.name} {fmt}", t_b, qw.nbytes, _rel_err(b.linear(x, h), ref), t_fp32 / t_b)
         del h
-        if ort and fmt.startswith("int4"):
+        if ort and fmt in INT4_FORMATS:
             try:
                 f = _ort_matmulnbits(qw.tensors, fmt, n, k, threads)
             except ImportError:

@@ -54,8 +54,7 @@ from tqdm import tqdm
 from ..bundle import (FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, canonical_json, check_files, expert_index,
                       manifest_digest, moe_prefix, read_manifest, sha256_file, stored_nbytes, tensor_crc32c)
 from ..checkpoint import CheckpointReader
-from ..quant.formats import FORMATS
-from ..tokenizer import DEFAULT_PATH
+from ..quant.formats import FORMATS, dequantize
 from . import gptq
 from .calibrate import calibrate, swiglu_hidden
 from .planner import Plan, model_shapes, plan as make_plan
@@ -145,12 +144,6 @@ def pack_tensor(reader: CheckpointReader, name: str, fmt: str, hessian: torch.Te
     if hessian is not None:
         return gptq.gptq_pack(w, hessian, fmt, name=name)
     return FORMATS[fmt].pack(w, name=name)
-
-
-def _dequant(fmt: str, packed: dict[str, torch.Tensor]) -> torch.Tensor:
-    if fmt in ("fp32", "int64"):
-        return packed["weight"]
-    return FORMATS[fmt].dequantize(packed)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -243,8 +236,9 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
 
     extra = {}
     tok_src = reader.path / "tokenizer.json"
-    shutil.copyfile(tok_src if tok_src.exists() else DEFAULT_PATH, out / "tokenizer.json")
-    extra["tokenizer.json"] = out / "tokenizer.json"
+    if tok_src.exists():  # no stand-in: a bundle without one takes token ids (flashport.loader.load_tokenizer)
+        shutil.copyfile(tok_src, out / "tokenizer.json")
+        extra["tokenizer.json"] = out / "tokenizer.json"
     if cal is not None:
         for p in cal.save(out):
             extra[p.name] = p
@@ -258,7 +252,7 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
         "recipe": recipe.to_dict(),
         "calibration": {"method": recipe.calibration if cal else "rtn", "tokens": cal.tokens if cal else 0,
                         "text": cal.source if cal else None},
-        "placement": placement.to_dict(), "tokenizer": "tokenizer.json",
+        "placement": placement.to_dict(), "tokenizer": "tokenizer.json" if tok_src.exists() else None,
         "routing_stats": "routing_stats.json" if cal else None,
         "tensors": tensors, "files": dict(sorted(files.items())),
         "export": {"seconds": round(time.perf_counter() - t0, 3), "source_bytes_read": read_bytes,
@@ -352,8 +346,8 @@ def _pack_unit(u: _Unit, reader, cfg, recipe: Recipe, formats, shapes, names, pl
             rows = hidden_in[base]
             if len(rows):
                 if name.endswith(".w2.weight"):
-                    w1 = _dequant(formats[base + ".w1.weight"], packed_w[base + ".w1.weight"])
-                    w3 = _dequant(formats[base + ".w3.weight"], packed_w[base + ".w3.weight"])
+                    w1 = dequantize(formats[base + ".w1.weight"], packed_w[base + ".w1.weight"])
+                    w3 = dequantize(formats[base + ".w3.weight"], packed_w[base + ".w3.weight"])
                     H = gptq.hessian(swiglu_hidden(rows, w1, w3, cfg.swiglu_limit))
                 else:
                     H = gptq.hessian(rows)

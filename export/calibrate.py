@@ -34,8 +34,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..bundle import ROUTING_STATS, load_routing_stats
-from ..checkpoint import CheckpointReader
+from ..checkpoint import CheckpointError, CheckpointReader
 from ..config import ModelConfig
+from ..loader import load_tokenizer
 from ..model import Block, LayerState
 from ..tokenizer import Tokenizer
 
@@ -163,8 +164,9 @@ def calibrate(src: str | Path | CheckpointReader, text: str | Path, max_tokens: 
     """Run checkpoint `src` over calibration `text` (file or string); see the module docstring."""
     reader = src if isinstance(src, CheckpointReader) else CheckpointReader(src)
     cfg = reader.cfg
-    tok_file = reader.path / "tokenizer.json"
-    tok = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
+    tok = load_tokenizer(reader.path, cfg.vocab_size)
+    if tok is None:
+        raise CheckpointError(f"{reader.path}: no tokenizer.json: calibration text needs the model's tokenizer")
     segments = calibration_ids(text, tok, max_tokens, seq_len)
     cal = Calibration(sum(map(len, segments)), cfg.num_experts_per_tok, source=str(text)[:200])
 

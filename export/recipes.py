@@ -45,7 +45,7 @@ from pathlib import Path
 from ..checkpoint import release_dtype
 from ..config import ModelConfig
 from ..model import param_shapes
-from ..quant.formats import FORMATS
+from ..quant.formats import FORMATS, tensor_nbytes
 
 CLASSES = ("experts", "shared_experts", "attention", "compressor", "indexer", "gate", "mtp_proj", "embed", "head")
 LINEAR_CLASSES = ("experts", "shared_experts", "attention", "compressor", "indexer", "mtp_proj", "head")
@@ -205,7 +205,7 @@ class Recipe:
     def calibrated(self, name: str, fmt: str, cfg: ModelConfig) -> bool:
         """Whether the export rounds `name` with GPTQ (needs calibration data) rather than round-to-nearest."""
         return (self.calibration == "gptq" and tensor_class(name, cfg)[0] in GPTQ_CLASSES
-                and (fmt.startswith("int4") or fmt in ("int8", "w8a8")))
+                and fmt in FORMATS and FORMATS[fmt].kind in ("int4", "int8"))
 
     # -- (de)serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -301,11 +301,8 @@ def load_recipe(spec: str | Path | dict | Recipe) -> Recipe:
 
 
 def format_nbytes(fmt: str, shape: tuple[int, ...]) -> int:
-    """Stored bytes of one tensor of `shape` in `fmt` (scales and padding included)."""
-    import math
-
-    if fmt in ("fp32", "int64"):
-        return math.prod(shape) * (4 if fmt == "fp32" else 8)
-    if len(shape) != 2:
-        raise RecipeError(f"format {fmt} needs a 2-D tensor, got shape {shape}")
-    return sum(s.nbytes for s in FORMATS[fmt].packed_shapes(*shape).values())
+    """Stored bytes of one tensor of `shape` in `fmt` (scales and padding included): quant's tensor_nbytes."""
+    try:
+        return tensor_nbytes(fmt, shape)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None

@@ -41,12 +41,11 @@ import torch.nn.functional as F
 from .. import kernels as kn
 from ..backends import reference
 from ..backends.contract import OPS, Backend, BackendError, Capabilities, DeviceInfo, QuantWeight
+from ..quant.formats import INT4_FORMATS, get_format
 from . import _common
 from . import quant_gemm as qg
 
-INT4_FORMATS = tuple(f"int4-g{g}{a}" for g in (32, 64, 128) for a in ("", "-asym"))
-WEIGHT_FORMATS = frozenset(INT4_FORMATS + ("int8", "mxfp4"))
-MXFP4_BLOCK = 32
+KERNEL_FORMATS = frozenset(INT4_FORMATS + ("int8", "mxfp4"))  # the formats quant_gemm's kernels run
 
 # -- weightless ops: the contract's signatures on the kernels' public wrappers --------------------------------
 def rms_norm(x, weight, eps):
@@ -94,14 +93,15 @@ class TritonWeight:
 
 def _to_kernel_layout(w: QuantWeight, dev: torch.device) -> qg.QuantWeight:
     t = {k: v.to(dev) for k, v in w.tensors.items() if k != "shape"}
-    if w.fmt in INT4_FORMATS:
-        block = int(w.fmt.split("-g")[1].split("-")[0])
-        return qg.QuantWeight("int4", t["B"].contiguous(), t["scales"].float().contiguous(),
-                              t["zero_points"].contiguous() if "zero_points" in t else None, block)
-    if w.fmt == "int8":
-        return qg.QuantWeight("int8", t["weight"].contiguous(), t["scale"].float().contiguous())
-    if w.fmt == "mxfp4":
-        return qg.QuantWeight("mxfp4", t["weight"].contiguous(), t["scale"].contiguous(), block_size=MXFP4_BLOCK)
+    if w.fmt in KERNEL_FORMATS:
+        fmt = get_format(w.fmt)
+        if fmt.kind == "int4":
+            return qg.QuantWeight("int4", t["B"].contiguous(), t["scales"].float().contiguous(),
+                                  t["zero_points"].contiguous() if "zero_points" in t else None, fmt.group)
+        if fmt.kind == "int8":
+            return qg.QuantWeight("int8", t["weight"].contiguous(), t["scale"].float().contiguous())
+        if fmt.kind == "mxfp4":
+            return qg.QuantWeight("mxfp4", t["weight"].contiguous(), t["scale"].contiguous(), block_size=fmt.group)
     raise BackendError(f"triton backend: no kernel for weight format {w.fmt!r}")
 
 
@@ -150,7 +150,7 @@ class TritonBackend(Backend):
         return [DeviceInfo("cpu (triton interpreter)", "cpu")]
 
     def capabilities(self) -> Capabilities:
-        ops: dict = {op: set(WEIGHT_FORMATS) for op in ("linear", "grouped_linear", "moe")}
+        ops: dict = {op: set(KERNEL_FORMATS) for op in ("linear", "grouped_linear", "moe")}
         ops.update({op: True for op in WEIGHTLESS_OPS})
         return Capabilities(ops=ops, max_context=None, deterministic=False)
 

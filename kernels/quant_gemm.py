@@ -36,56 +36,37 @@ from typing import Optional
 
 import torch
 
+# absolute: `python -m pytest` in a checkout puts the repo root on sys.path, and transformers' probe for the HF
+# "kernels" package then imports this folder as a top-level `kernels`, where `..quant` would not resolve
+from flashport.quant.formats import dequantize_channel, dequantize_int4
+from flashport.quant.release import E2M1_VALUES, dequantize_mxfp4
 from ._common import HAS_TRITON, cdiv, interpreting, triton_usable
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 _FMT_ID = {"int4": 0, "int8": 1, "mxfp4": 2, "float": 3}
 BLOCK_M = 16  # fixed: see "Batch invariance" above
 
 
 # ----------------------------------------------------------------------------- refs
-def _unpack_nibbles(b: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., n] -> int [..., 2n], low nibble first."""
-    b = b.to(torch.int32) & 0xFF
-    return torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
-
-
+# The dequantizations are flashport.quant's (the one torch implementation of each format); these names keep the
+# kernels' reference API (leading expert dims, block_size checked against the layout).
 def dequant_int4_ref(qweight, scales, zero_points=None, block_size=32, K=None):
-    """MatMulNBits int4 -> float32 [..., N, K] (leading dims, e.g. experts, kept)."""
-    *lead, N, nb, half = qweight.shape
-    assert half * 2 == block_size, "qweight last dim must be block_size/2"
-    q = _unpack_nibbles(qweight.reshape(*lead, N, nb * half))          # [..., N, nb*bs]
-    if zero_points is None:
-        zp = torch.full((*lead, N, nb), 8, dtype=torch.int32, device=q.device)
-    else:
-        zp = _unpack_nibbles(zero_points)[..., :nb]
-    w = (q.float() - zp.float().repeat_interleave(block_size, -1)) \
-        * scales.float().repeat_interleave(block_size, -1)
-    return w if K is None else w[..., :K]
+    """MatMulNBits int4 -> float32 [..., N, K] (leading dims, e.g. experts, kept): quant.formats.dequantize_int4."""
+    assert qweight.shape[-1] * 2 == block_size, "qweight last dim must be block_size/2"
+    return dequantize_int4(qweight, scales, zero_points, K)
 
 
 def dequant_int8_ref(qweight, scales):
-    return qweight.float() * scales.float()[..., None]
-
-
-def _e8m0_to_float(scales):
-    if scales.dtype != torch.uint8:
-        scales = scales.view(torch.uint8)
-    e = scales.to(torch.int32)
-    bits = torch.where(e == 0, torch.full_like(e, 0x400000), e << 23)
-    bits = torch.where(e == 255, torch.full_like(e, 0x7FC00000), bits)
-    return bits.view(torch.float32)
+    """int8 [..., N, K] x scales [..., N] -> float32: quant.formats.dequantize_channel."""
+    return dequantize_channel(qweight, scales)
 
 
 def dequant_mxfp4_ref(packed, scales):
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
-    v = lut[_unpack_nibbles(packed.view(torch.uint8)).long()]            # [..., N, K]
-    return v * _e8m0_to_float(scales).repeat_interleave(32, -1)[..., :v.shape[-1]]
+    """MXFP4 -> float32 [..., N, K]: quant.release.dequantize_mxfp4 (scales e8m0 or uint8, last block may be partial)."""
+    return dequantize_mxfp4(packed, scales)
 
 
 def int4_gemm_ref(x, qweight, scales, zero_points=None, block_size=32):

@@ -8,6 +8,13 @@ of plain tensors with a fixed key set (safetensors-serializable, no pickles), an
     w_hat = fmt.dequantize(packed)                                   # float32 [N, K]
     fmt.packed_shapes(N, K)                                          # {key: TensorSpec(shape, dtype)}
     fmt.bits_per_weight(N, K)                                        # incl. scales / zero points
+    fmt.kind, fmt.group, fmt.symmetric                               # "int4", 32, False
+
+This module is flashport's one vocabulary of weight formats: backends, kernels, the exporter and the
+planner ask it for names (``WEIGHT_FORMATS``, ``INT4_FORMATS``, ``CHANNEL_FORMATS``), group sizes and
+symmetry (attributes of each format), the stored tensors of a logical shape (``tensor_specs``), their
+bytes (``tensor_nbytes``) and the torch dequantization (``dequantize``, ``dequantize_int4``); nothing
+else parses a format's name. "fp32" (and "int64", for integer tables) are stored as themselves, any rank.
 
 Exactness: ``pack`` is lossy for every format except "bf16" on bf16-representable input (and fp8 /
 mxfp4 on input that is already on their grid). ``dequantize`` is the reference: for "mxfp4" and
@@ -41,11 +48,12 @@ import torch
 from torch import Tensor
 
 from .release import (
-    E8M0, FP8_E4M3_MAX, MXFP4_BLOCK, check_finite, dequantize_fp8_block, dequantize_mxfp4, pack_fp4,
+    E8M0, FP8_BLOCK, FP8_E4M3_MAX, MXFP4_BLOCK, check_finite, dequantize_fp8_block, dequantize_mxfp4, pack_fp4,
     quantize_fp8_block, quantize_mxfp4, round_up_scale, unpack_fp4,
 )
 
 F32_MAX = torch.finfo(torch.float32).max
+INT4_ZERO_POINT = 8  # symmetric int4's implicit zero point (MatMulNBits' default)
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,12 @@ def _saturate(x: Tensor) -> Tensor:
     return x.clamp(-F32_MAX, F32_MAX)  # +-Inf from an overflowing product -> +-fp32 max
 
 
+def dequantize_channel(codes: Tensor, scale: Tensor) -> Tensor:
+    """Per-output-channel dequantization (int8, w8a8, fp8-e4m3-channel): codes [..., N, K] (int8 or
+    float8_e4m3fn), scale [..., N] -> float32 ``code * scale`` rounded once, not saturated."""
+    return codes.float() * scale.float()[..., None]
+
+
 def _shape_of(packed: dict, default: tuple[int, int]) -> tuple[int, int]:
     s = packed.get("shape")
     return default if s is None else (int(s[0]), int(s[1]))
@@ -82,6 +96,9 @@ class WeightFormat:
 
     name: str = ""
     meta_keys: tuple[str, ...] = ()  # keys that are metadata (excluded from bits_per_weight)
+    kind: str = ""          # the code type: "bf16" | "fp8" | "mxfp4" | "int4" | "int8"
+    group: int | None = None  # weights along K that share one scale; None: one scale per output row, or none
+    symmetric: bool = True    # False: codes carry a zero point (int4 "-asym")
 
     def pack(self, w: Tensor, name: str = "weight") -> dict[str, Tensor]:
         raise NotImplementedError
@@ -120,7 +137,7 @@ class BF16Format(WeightFormat):
     """{"weight": bfloat16 [N, K]}. fp32 -> bf16 rounds to nearest even (lossy; exact for bf16 input);
     finite values beyond bf16 max saturate to +-bf16 max instead of becoming Inf."""
 
-    name = "bf16"
+    name, kind = "bf16", "bf16"
 
     def pack(self, w, name="weight"):
         w = _check_weight(w, name)
@@ -145,8 +162,10 @@ class FP8BlockFormat(WeightFormat):
     """Release FP8: {"weight": float8_e4m3fn [N, K], "scale": [ceil(N/128), ceil(K/128)]} with float32
     scales ("fp8-e4m3-block128") or UE8M0 float8_e8m0fnu scales ("fp8-e4m3-block128-ue8m0")."""
 
-    def __init__(self, scale_fmt: str, block: int = 128):
-        self.scale_fmt, self.block = scale_fmt, (block, block)
+    kind = "fp8"
+
+    def __init__(self, scale_fmt: str, block: int = FP8_BLOCK):
+        self.scale_fmt, self.block, self.group = scale_fmt, (block, block), block  # block: (rows, cols) per scale
         self.name = f"fp8-e4m3-block{block}" + ("-ue8m0" if scale_fmt == "ue8m0" else "")
         self.scale_dtype = E8M0 if scale_fmt == "ue8m0" else torch.float32
 
@@ -173,7 +192,7 @@ class FP8ChannelFormat(WeightFormat):
     """{"weight": float8_e4m3fn [N, K], "scale": float32 [N]}: one scale per output channel,
     amax/448 rounded up (no clipping); e4m3 round-to-nearest-even. Lossy."""
 
-    name = "fp8-e4m3-channel"
+    name, kind = "fp8-e4m3-channel", "fp8"
 
     def pack(self, w, name="weight"):
         w = _check_weight(w, name)
@@ -187,7 +206,7 @@ class FP8ChannelFormat(WeightFormat):
         return {"weight": unpacked["codes"].view(torch.float8_e4m3fn), "scale": unpacked["scale"]}
 
     def dequantize(self, packed):
-        return _saturate(packed["weight"].float() * packed["scale"][:, None])
+        return _saturate(dequantize_channel(packed["weight"], packed["scale"]))
 
     def packed_shapes(self, N, K):
         return {"weight": TensorSpec((N, K), torch.float8_e4m3fn), "scale": TensorSpec((N,), torch.float32)}
@@ -198,7 +217,7 @@ class MXFP4Format(WeightFormat):
     """Release experts: {"weight": int8 [N, Kp/2], "scale": float8_e8m0fnu [N, Kp/32], "shape": int64 [2]},
     Kp = K rounded up to 32 (zero padded). See release.quantize_mxfp4 for the scale rule."""
 
-    name = "mxfp4"
+    name, kind, group = "mxfp4", "mxfp4", MXFP4_BLOCK
     meta_keys = ("shape",)
 
     def pack(self, w, name="weight"):
@@ -234,11 +253,13 @@ class Int4BlockFormat(WeightFormat):
     codes clamp(round(w/scale)+zp, 0, 15). Dequant: (q - zp) * scale. Lossy, |err| <= scale/2."""
 
     meta_keys = ("shape",)
+    kind = "int4"
 
     def __init__(self, block: int, asym: bool):
         if block < 16 or block & (block - 1):
             raise ValueError(f"MatMulNBits block_size must be a power of two >= 16, got {block}")
         self.block, self.asym = block, asym
+        self.group, self.symmetric = block, not asym
         self.name = f"int4-g{block}" + ("-asym" if asym else "")
 
     def _nb(self, K):
@@ -258,8 +279,8 @@ class Int4BlockFormat(WeightFormat):
         else:
             scale = round_up_scale(wb.abs().amax(-1), 7.0)
             s = scale.double().clamp(min=torch.finfo(torch.float64).tiny)
-            zp = torch.full_like(s, 8.0)
-            q = (torch.round(wb / s[..., None]) + 8).clamp(1, 15)
+            zp = torch.full_like(s, float(INT4_ZERO_POINT))
+            q = (torch.round(wb / s[..., None]) + INT4_ZERO_POINT).clamp(1, 15)
         out = {"B": self._pack_b(q.to(torch.uint8)), "scales": scale}
         if self.asym:
             out["zero_points"] = self._pack_zp(zp.to(torch.uint8))
@@ -277,10 +298,9 @@ class Int4BlockFormat(WeightFormat):
     def unpack(self, packed):
         B = packed["B"]
         N, nb, half = B.shape
-        out = {"codes": torch.stack([B & 0xF, B >> 4], -1).reshape(N, nb * half * 2), "scales": packed["scales"]}
+        out = {"codes": unpack_fp4(B).reshape(N, nb * half * 2), "scales": packed["scales"]}
         if self.asym:
-            z = packed["zero_points"]
-            out["zero_points"] = torch.stack([z & 0xF, z >> 4], -1).reshape(N, -1)[:, :nb]
+            out["zero_points"] = unpack_fp4(packed["zero_points"])[:, :nb]
         return out | ({"shape": packed["shape"]} if "shape" in packed else {})
 
     def repack(self, unpacked):
@@ -292,11 +312,7 @@ class Int4BlockFormat(WeightFormat):
         return out | ({"shape": unpacked["shape"]} if "shape" in unpacked else {})
 
     def dequantize(self, packed):
-        u = self.unpack(packed)
-        N, nb = u["scales"].shape
-        zp = u["zero_points"].float()[..., None] if self.asym else 8.0
-        q = u["codes"].float().reshape(N, nb, self.block)
-        w = _saturate(((q - zp) * u["scales"][..., None]).reshape(N, -1))
+        w = _saturate(dequantize_int4(packed["B"], packed["scales"], packed.get("zero_points") if self.asym else None))
         N, K = _shape_of(packed, tuple(w.shape))
         return w[:, :K]
 
@@ -306,6 +322,20 @@ class Int4BlockFormat(WeightFormat):
         if self.asym:
             out["zero_points"] = TensorSpec((N, -(-nb // 2)), torch.uint8)
         return out | {"shape": TensorSpec((2,), torch.int64)}
+
+
+def dequantize_int4(B: Tensor, scales: Tensor, zero_points: Tensor | None = None, K: int | None = None) -> Tensor:
+    """The int4 dequantization (MatMulNBits layout), the one torch implementation every path uses.
+
+    B uint8 [..., N, nb, g/2], scales float [..., N, nb], zero_points uint8 [..., N, ceil(nb/2)] or None
+    (symmetric: the implicit zero point INT4_ZERO_POINT = 8) -> float32 [..., N, nb*g] (leading dims, e.g.
+    stacked experts, kept), cut to [..., :K] when K is given. Each weight is ``(q - zp) * scale`` rounded
+    once to fp32, not saturated (``Int4BlockFormat.dequantize`` saturates to +-fp32 max)."""
+    *lead, N, nb, half = B.shape
+    q = unpack_fp4(B).float().reshape(*lead, N, nb, 2 * half)  # nibbles, low first (the fp4 byte layout)
+    zp = float(INT4_ZERO_POINT) if zero_points is None else unpack_fp4(zero_points)[..., :nb].float()[..., None]
+    w = ((q - zp) * scales.float()[..., None]).reshape(*lead, N, nb * 2 * half)
+    return w if K is None else w[..., :K]
 
 
 def to_matmulnbits(packed: dict[str, Tensor], block: int) -> tuple[dict[str, Tensor], dict[str, int]]:
@@ -323,6 +353,8 @@ class Int8ChannelFormat(WeightFormat):
     rounded up, codes round(w/scale) in [-127, 127]. Lossy, |err| <= scale/2. "int8" is the W8A16
     use (dequantize, matmul in float); "w8a8" is the same storage used with ``w8a8_matmul``."""
 
+    kind = "int8"
+
     def __init__(self, name: str):
         self.name = name
 
@@ -339,7 +371,7 @@ class Int8ChannelFormat(WeightFormat):
         return {"weight": unpacked["codes"].to(torch.int8), "scale": unpacked["scale"]}
 
     def dequantize(self, packed):
-        return _saturate(packed["weight"].float() * packed["scale"][:, None])
+        return _saturate(dequantize_channel(packed["weight"], packed["scale"]))
 
     def packed_shapes(self, N, K):
         return {"weight": TensorSpec((N, K), torch.int8), "scale": TensorSpec((N,), torch.float32)}
@@ -364,18 +396,62 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in [
     BF16Format(),
     FP8BlockFormat("fp32"), FP8BlockFormat("ue8m0"), FP8ChannelFormat(),
     MXFP4Format(),
-    *(Int4BlockFormat(g, asym) for asym in (False, True) for g in (32, 64, 128)),
     Int8ChannelFormat("int8"), Int8ChannelFormat("w8a8"),
+    *(Int4BlockFormat(g, asym) for asym in (False, True) for g in (32, 64, 128)),
 ]}
+"""The quantized formats (each with pack / unpack / repack / dequantize), by name."""
+
+PLAIN_FORMATS: dict[str, torch.dtype] = {"fp32": torch.float32, "int64": torch.int64}
+"""Formats stored as the tensor itself ({"weight": tensor}), any rank: "fp32" weights, "int64" tables."""
+
+WEIGHT_FORMATS: tuple[str, ...] = ("fp32", *FORMATS)
+"""Every format a linear weight may be stored in (backends.contract re-exports it for plugin authors)."""
+
+INT4_FORMATS: tuple[str, ...] = tuple(n for n, f in FORMATS.items() if f.kind == "int4")
+"""The int4 group-wise formats (MatMulNBits layout)."""
+
+CHANNEL_FORMATS: tuple[str, ...] = tuple(n for n, f in FORMATS.items() if f.kind in ("fp8", "int8") and f.group is None)
+"""Formats stored as codes [N, K] plus one float32 scale per output row: {"weight", "scale" [N]}."""
 
 
 def get_format(name: str | WeightFormat) -> WeightFormat:
+    """The quantized format called ``name`` (a WeightFormat passes through). Unknown names (and the plain
+    "fp32" / "int64", which have no packing) raise ValueError listing the known ones."""
     if isinstance(name, WeightFormat):
         return name
     try:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown weight format {name!r}; known: {', '.join(FORMATS)}") from None
+
+
+def tensor_specs(fmt: str, shape) -> dict[str, TensorSpec]:
+    """The tensors one tensor of logical ``shape`` is stored as in ``fmt``: {key: TensorSpec(shape, dtype)}.
+    Plain formats ("fp32", "int64") take any rank; quantized ones need a 2-D [N, K]. Raises ValueError for an
+    unknown format or a shape the format cannot hold."""
+    shape = tuple(int(d) for d in shape)
+    if fmt in PLAIN_FORMATS:
+        return {"weight": TensorSpec(shape, PLAIN_FORMATS[fmt])}
+    f = get_format(fmt)
+    if len(shape) != 2:
+        raise ValueError(f"format {fmt} needs a 2-D tensor, got shape {shape}")
+    return f.packed_shapes(*shape)
+
+
+def tensor_nbytes(fmt: str, shape) -> int:
+    """Stored bytes of one tensor of logical ``shape`` in ``fmt``: every key of ``tensor_specs`` (scales, zero
+    points, padding and the int64 ``shape`` metadata included). Errors as ``tensor_specs``."""
+    return sum(s.nbytes for s in tensor_specs(fmt, shape).values())
+
+
+def dequantize(fmt: str, packed: dict[str, Tensor]) -> Tensor:
+    """Stored tensors of ``fmt`` -> the tensor: float32 for every weight format (the format's reference
+    ``dequantize``; "fp32" is the stored weight as float32), int64 for "int64". Unknown format: ValueError."""
+    if fmt == "int64":
+        return packed["weight"]
+    if fmt == "fp32":
+        return packed["weight"].float()
+    return get_format(fmt).dequantize(packed)
 
 
 def quantization_error(w: Tensor, fmt: str | WeightFormat) -> dict[str, float]:

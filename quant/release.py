@@ -32,6 +32,7 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -
 FP8_E4M3_MAX = 448.0
 FP4_E2M1_MAX = 6.0
 MXFP4_BLOCK = 32
+FP8_BLOCK = 128  # the release's FP8 scale block: 128 x 128 weights
 F32_MAX = torch.finfo(torch.float32).max
 E8M0 = torch.float8_e8m0fnu
 # Thresholds between consecutive e2m1 magnitudes 0,.5,1,1.5,2,3,4,6 (midpoints). A tie goes to the
@@ -71,7 +72,8 @@ def float_to_e8m0(t: Tensor) -> Tensor:
     return (e + 127).to(torch.uint8).view(E8M0)
 
 
-def _scale_to_float(scale: Tensor) -> Tensor:
+def scale_to_float(scale: Tensor) -> Tensor:
+    """Block scales -> float32: UE8M0 (float8_e8m0fnu or uint8 exponent bytes) exactly, other floats cast."""
     return e8m0_to_float(scale) if scale.dtype in (E8M0, torch.uint8) else scale.float()
 
 
@@ -104,7 +106,7 @@ def _block_amax(w: Tensor, block: tuple[int, int]) -> Tensor:
     return a.reshape(*lead, nb_n, bn, nb_k, bk).amax(dim=(-3, -1))
 
 
-def quantize_fp8_block(w: Tensor, block=(128, 128), scale_fmt: str = "ue8m0", name: str = "weight"):
+def quantize_fp8_block(w: Tensor, block=(FP8_BLOCK, FP8_BLOCK), scale_fmt: str = "ue8m0", name: str = "weight"):
     """fp32/bf16 [..., N, K] -> (q float8_e4m3fn [..., N, K], scale [..., ceil(N/bn), ceil(K/bk)]).
 
     scale_fmt "ue8m0": scale = smallest power of two 2**e such that amax/scale rounds (RNE) to a finite
@@ -132,10 +134,10 @@ def quantize_fp8_block(w: Tensor, block=(128, 128), scale_fmt: str = "ue8m0", na
     return q, scale
 
 
-def dequantize_fp8_block(q: Tensor, scale: Tensor, block=(128, 128)) -> Tensor:
+def dequantize_fp8_block(q: Tensor, scale: Tensor, block=(FP8_BLOCK, FP8_BLOCK)) -> Tensor:
     """(float8_e4m3fn [..., N, K], scale grid) -> float32 [..., N, K]: q.float() * scale per block.
     scale may be float32, float8_e8m0fnu or uint8 exponent bytes. Exact in fp32 for UE8M0 scales."""
-    return q.float() * _expand_blocks(_scale_to_float(scale), q.shape, tuple(block))
+    return q.float() * _expand_blocks(scale_to_float(scale), q.shape, tuple(block))
 
 
 # ---------------------------------------------------------------- MXFP4 (e2m1 + UE8M0 per 1x32)
@@ -209,10 +211,12 @@ def pack_fp4(codes: Tensor) -> Tensor:
 
 
 def dequantize_mxfp4(packed: Tensor, scale: Tensor) -> Tensor:
-    """(int8 [..., N, K/2], scale [..., N, K/32] e8m0 or uint8) -> float32 [..., N, K]. Bit-exact
-    (and exactly representable in bf16)."""
+    """(int8/uint8 [..., N, K/2], scale [..., N, ceil(K/32)] e8m0 or uint8) -> float32 [..., N, K]. Bit-exact
+    (and exactly representable in bf16). A last block may be partial (K not a multiple of 32)."""
     v = _e2m1_to_float(unpack_fp4(packed))
-    s = _scale_to_float(scale).repeat_interleave(MXFP4_BLOCK, dim=-1)
+    s = scale_to_float(scale).repeat_interleave(MXFP4_BLOCK, dim=-1)
+    if s.shape[:-1] == v.shape[:-1] and 0 <= s.shape[-1] - v.shape[-1] < MXFP4_BLOCK:
+        s = s[..., :v.shape[-1]]
     if s.shape != v.shape:
         raise ValueError(f"MXFP4 scale {tuple(scale.shape)} does not match packed {tuple(packed.shape)} (1x32 blocks)")
     return v * s

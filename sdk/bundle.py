@@ -35,7 +35,7 @@ from .backends.contract import QuantWeight
 from .checkpoint import CheckpointError, check_safetensors_file
 from .config import ModelConfig
 from .model import Linear, Transformer, param_shapes, rope_inv_freq
-from .quant.formats import FORMATS
+from .quant.formats import dequantize, tensor_nbytes, tensor_specs
 
 FORMAT = "flashport-bundle"
 SCHEMA_VERSION = 1
@@ -158,19 +158,20 @@ def open_shard(path: Path):
 
 
 def expected_specs(fmt: str, shape: list[int]) -> dict[str, tuple[tuple, torch.dtype]]:
-    """key -> (shape, dtype) of the stored tensors of one weight of logical `shape` in format `fmt`."""
-    if fmt == "fp32":
-        return {"weight": (tuple(shape), torch.float32)}
-    if fmt == "int64":
-        return {"weight": (tuple(shape), torch.int64)}
-    if fmt not in FORMATS:
-        raise BundleError(f"unknown weight format {fmt!r} in the manifest")
-    return {k: (s.shape, s.dtype) for k, s in FORMATS[fmt].packed_shapes(*shape).items()}
+    """key -> (shape, dtype) of the stored tensors of one weight of logical `shape` in format `fmt`
+    (flashport.quant.formats.tensor_specs). Raises BundleError for a format or shape the manifest cannot mean."""
+    try:
+        return {k: (s.shape, s.dtype) for k, s in tensor_specs(fmt, shape).items()}
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"bad manifest entry: {e}") from None
 
 
 def stored_nbytes(entry: dict) -> int:
-    """Bytes a manifest tensor entry occupies in its format."""
-    return sum(torch.Size(s).numel() * d.itemsize for s, d in expected_specs(entry["format"], entry["shape"]).values())
+    """Bytes a manifest tensor entry occupies in its format. Raises BundleError."""
+    try:
+        return tensor_nbytes(entry["format"], entry["shape"])
+    except (ValueError, TypeError) as e:
+        raise BundleError(f"bad manifest entry: {e}") from None
 
 
 def moe_prefix(name: str) -> str | None:
@@ -317,7 +318,7 @@ def install_tensor(model: Transformer, name: str, fmt: str, shape: tuple, packed
             mod.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
             mod.packed = QuantWeight(fmt, tuple(shape), packed)
         return
-    t = packed["weight"] if fmt in ("fp32", "int64") else FORMATS[fmt].dequantize(packed)
+    t = dequantize(fmt, packed)
     if leaf in mod._buffers:
         mod._buffers[leaf] = t
     else:

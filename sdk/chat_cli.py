@@ -44,8 +44,10 @@ def chat_cli(path: str, mode: str = "chat", system: str = "", max_new_tokens: in
     run_command(path, opts, chat, ["chat", path])
 
 
-def run_chat(session: Session, sampling: dict, read=input, out=sys.stdout):
-    """The read-eval-print loop (separate from chat_cli so tests can drive it)."""
+def run_chat(session: Session, sampling: dict, read=None, out=None):
+    """The read-eval-print loop (separate from chat_cli so tests can drive it); read: input(), out: sys.stdout
+    (both looked up at call time)."""
+    read, out = read or input, out or sys.stdout
     tty = out.isatty() if hasattr(out, "isatty") else False
     dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
     out.write(f"flashport chat ({session.mode} mode). {HELP}\n")

@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .bundle import KeepExpert, install_placeholder, is_bundle, load_model
 from .checkpoint import CheckpointError, CheckpointReader
 from .model import Transformer
@@ -83,15 +81,3 @@ def drop_experts(model: Transformer, keep_expert: KeepExpert) -> None:
             if not keep_expert(prefix, int(rest.split(".")[0])):
                 install_placeholder(model, name, "fp32", tuple(p.shape))
 
-
-def model_device_bytes(model: Transformer) -> int:
-    """Bytes of every parameter and buffer as held (packed weights at their packed size)."""
-    total = 0
-    for mod in model.modules():
-        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-        packed = getattr(mod, "packed", None)
-        if packed is not None:
-            total += packed.nbytes
-    return total

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from flashport.quant import release as R
+from flashport.quant import formats as F, release as R
 from flashport.quant.formats import (
     FORMATS, Int4BlockFormat, Int8ChannelFormat, get_format, quantization_error, to_matmulnbits, w8a8_matmul,
 )
@@ -109,7 +109,7 @@ def test_fp8_block_partial_blocks_and_errors():
         q, s = R.quantize_fp8_block(w, scale_fmt=fmt)
         assert s.shape == (2, 2)
         d = R.dequantize_fp8_block(q, s)
-        step = R._expand_blocks(R._scale_to_float(s), w.shape, (128, 128)) * 2.0**-10  # e4m3 subnormal half-step
+        step = R._expand_blocks(R.scale_to_float(s), w.shape, (128, 128)) * 2.0**-10  # e4m3 subnormal half-step
         assert d.shape == w.shape and ((d - w).abs() <= w.abs() / 16 + step).all()
     with pytest.raises(ValueError, match="wq_a"):
         R.quantize_fp8_block(torch.tensor([[1.0, math.inf]]), name="layers.0.attn.wq_a.weight")
@@ -269,3 +269,98 @@ def test_all_zero_weight(name):
     d = fmt.dequantize(p)
     assert torch.equal(d, torch.zeros(3, 70))
     assert all(torch.isfinite(v.float()).all() for v in p.values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- one vocabulary: specs, bytes and dequantization agree
+def _pack_any(name, w):
+    return {"weight": w.float()} if name == "fp32" else get_format(name).pack(w)
+
+
+@HYP
+@given(name=st.sampled_from(F.WEIGHT_FORMATS), N=st.integers(1, 40), K=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_specs_bytes_and_dequantize_agree(name, N, K, seed):
+    """For every weight format and shape: the packed tensors are exactly tensor_specs, tensor_nbytes is their bytes,
+    and every dequantization path (the module function, the format, the contract's QuantWeight, the triton and
+    C++ kernels' torch references) gives the same bits."""
+    from flashport.backends import cpu_quant
+    from flashport.backends.contract import QuantWeight
+    from flashport.kernels import quant_gemm as qg
+
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 3
+    p = _pack_any(name, w)
+    specs = F.tensor_specs(name, (N, K))
+    assert {k: (tuple(v.shape), v.dtype) for k, v in p.items()} == {k: (s.shape, s.dtype) for k, s in specs.items()}
+    assert F.tensor_nbytes(name, (N, K)) == sum(v.numel() * v.element_size() for v in p.values())
+    assert F.tensor_nbytes(name, [N, K]) == QuantWeight(name, (N, K), p).nbytes
+    d = F.dequantize(name, p)
+    assert d.shape == (N, K) and d.dtype == torch.float32
+    assert bits_equal(QuantWeight(name, (N, K), p).dequantize(), d)
+    if name == "fp32":
+        assert torch.equal(d, w)
+        return
+    fmt = get_format(name)
+    assert bits_equal(fmt.dequantize(p), d)
+    meta = sum(specs[k].nbytes for k in fmt.meta_keys if k in specs)
+    assert fmt.bits_per_weight(N, K) == 8 * (F.tensor_nbytes(name, (N, K)) - meta) / (N * K)
+    # the attributes describe the layout
+    if fmt.kind == "int4":
+        nb = -(-K // fmt.group)
+        assert p["B"].shape == (N, nb, fmt.group // 2) and p["scales"].shape == (N, nb)
+        assert ("zero_points" in p) == (not fmt.symmetric) and name in F.INT4_FORMATS
+        assert bits_equal(F.dequantize_int4(p["B"], p["scales"], p.get("zero_points"), K), d)
+        assert bits_equal(qg.dequant_int4_ref(p["B"], p["scales"], p.get("zero_points"), fmt.group, K), d)
+        stacked = F.dequantize_int4(p["B"][None].expand(2, -1, -1, -1), p["scales"][None].expand(2, -1, -1),
+                                    None if fmt.symmetric else p["zero_points"][None].expand(2, -1, -1), K)
+        assert bits_equal(stacked[1], d)  # leading (expert) dims
+    elif fmt.kind == "mxfp4":
+        assert p["scale"].shape == (N, -(-K // fmt.group)) and fmt.group == R.MXFP4_BLOCK
+        assert bits_equal(qg.dequant_mxfp4_ref(p["weight"], p["scale"])[:, :K], d)
+    elif fmt.group is None and fmt.kind != "bf16":  # one scale per output row
+        assert name in F.CHANNEL_FORMATS and p["scale"].shape == (N,)
+        assert bits_equal(F.dequantize_channel(p["weight"], p["scale"]), d)
+        if fmt.kind == "int8":
+            assert bits_equal(qg.dequant_int8_ref(p["weight"], p["scale"]), d)
+    elif fmt.kind == "fp8":
+        assert p["scale"].shape == (-(-N // fmt.group), -(-K // fmt.group))
+    assert fmt.symmetric == (not name.endswith("-asym"))
+    if fmt.kind in ("int4", "int8") or fmt.group == R.FP8_BLOCK:  # the CPU kernels' own layouts, torch path
+        cw = cpu_quant.CpuWeight.from_quant(QuantWeight(name, (N, K), p))
+        cw.native = None
+        assert bits_equal(cw.dequantize(), d)
+
+
+def test_vocabulary_is_the_contracts():
+    from flashport.backends import contract
+    from flashport.kernels.backend import KERNEL_FORMATS
+
+    assert contract.WEIGHT_FORMATS is F.WEIGHT_FORMATS  # plugin authors' name for it, the same object
+    assert F.WEIGHT_FORMATS == ("fp32", "bf16", "fp8-e4m3-block128", "fp8-e4m3-block128-ue8m0", "fp8-e4m3-channel",
+                                "mxfp4", "int8", "w8a8", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym",
+                                "int4-g64-asym", "int4-g128-asym")
+    assert F.CHANNEL_FORMATS == ("fp8-e4m3-channel", "int8", "w8a8")
+    assert {(get_format(n).group, get_format(n).symmetric) for n in F.INT4_FORMATS} == {
+        (g, s) for g in (32, 64, 128) for s in (True, False)}
+    assert KERNEL_FORMATS <= set(F.WEIGHT_FORMATS)
+    assert F.tensor_specs("int64", (3, 4, 5)) == {"weight": F.TensorSpec((3, 4, 5), torch.int64)}
+    assert F.tensor_nbytes("fp32", (7,)) == 28
+    with pytest.raises(ValueError, match="needs a 2-D"):
+        F.tensor_specs("int8", (2, 3, 4))
+    with pytest.raises(ValueError, match="unknown weight format"):
+        F.tensor_nbytes("q4_k", (2, 3))
+
+
+def test_format_names_are_parsed_only_in_quant():
+    """No module outside flashport.quant derives a group size or a family from a format's name: it asks quant."""
+    import re
+    from pathlib import Path
+
+    import flashport
+
+    root = Path(flashport.__file__).resolve().parents[1]
+    bad = re.compile(r"""split\(\s*["']-g|\.startswith\(\s*["'](int4|int8|fp8|mxfp4)|f["']int4-g\{|["']-asym["']""")
+    offenders = []
+    for d in ("sdk", "backends", "kernels", "export", "bench"):
+        for f in (root / d).rglob("*.py"):
+            offenders += [f"{f.relative_to(root)}:{i}" for i, line in enumerate(f.read_text().splitlines(), 1)
+                          if bad.search(line)]
+    assert not offenders, offenders

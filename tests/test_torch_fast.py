@@ -1,10 +1,20 @@
 """Fast CPU ops (backends/torch_fast.py, backends/cpu_quant.py) against the torch reference: bit-exact where the
 module docstrings claim it, else within the stated tolerance; and greedy generation through the fast path."""
 
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
-from flashport.backends import cpu_quant, reference, torch_fast
+from flashport.backends import cpu_build, cpu_quant, reference, torch_fast
 from flashport.backends.contract import QuantWeight
 from flashport.backends.dispatch import Ops
 from flashport.quant.formats import get_format
@@ -249,3 +259,209 @@ def test_deterministic_mode_is_torch_backends():
         assert isinstance(b.upload(quant("int8", 8, 32)), torch.Tensor)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# ---------------------------------------------------------------- the kernel build as users meet it (cpu_build)
+# A module with no torch headers: compiles in about a second, so the build machinery is tested without the
+# real kernels' 30-60 s (TORCH_EXTENSION_NAME is set by torch's build)
+TINY_CPP = """#include <Python.h>
+#define FP_STR2(x) #x
+#define FP_STR(x) FP_STR2(x)
+#define FP_CAT(a, b) a##b
+#define FP_INIT(n) FP_CAT(PyInit_, n)
+static PyModuleDef def = {PyModuleDef_HEAD_INIT, FP_STR(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+PyMODINIT_FUNC FP_INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&def); }
+// %s
+"""
+
+LOADER = """import sys
+from flashport.backends import cpu_build
+mod = cpu_build.load_extension("fp_tiny", [sys.argv[1]], what="test kernels")
+print("status", cpu_build.last_status["fp_tiny"], mod.__name__, flush=True)
+"""
+
+needs_compiler = pytest.mark.skipif(not shutil.which("c++"), reason="no C++ compiler here")
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHPORT_KERNEL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "loader.py").write_text(LOADER)
+    return tmp_path
+
+
+def tiny_source(root: Path, variant: str = "v1") -> Path:
+    (root / "src").mkdir(exist_ok=True)
+    src = root / "src" / "tiny.cpp"
+    src.write_text(TINY_CPP % variant)
+    return src
+
+
+def wait_for_line(stream, text: str, lines: int = 50) -> bool:
+    return any(text in stream.readline() for _ in range(lines))
+
+
+def run_loader(root: Path, src: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(root / "loader.py"), str(src)], capture_output=True, text=True,
+                          timeout=timeout, env=os.environ.copy(), check=False)
+
+
+@needs_compiler
+def test_build_said_once_then_cached(kernel_cache):
+    """First load builds (one line on stderr before, one after); a fresh process with unchanged sources imports the
+    cached library without running the build; a changed source builds into another directory."""
+    src = tiny_source(kernel_cache)
+    first = run_loader(kernel_cache, src)
+    assert first.returncode == 0, first.stderr
+    assert "status built" in first.stdout
+    assert re.search(r"^flashport: building test kernels, once \(~\d+ s\)\.\.\.$", first.stderr, re.MULTILINE)
+    assert re.search(r"^flashport: test kernels built in \d+ s \(cached in ", first.stderr, re.MULTILINE)
+    d = cpu_build.build_dir("fp_tiny", [src])
+    lib = next(d.glob("fp_tiny_*.so"))
+    stamp = lib.stat().st_mtime_ns
+    again = run_loader(kernel_cache, src)
+    assert again.returncode == 0 and "status cached" in again.stdout, again.stderr
+    assert "building" not in again.stderr and lib.stat().st_mtime_ns == stamp
+    assert not (d / "lock").exists()
+    src.write_text(TINY_CPP % "v2")
+    changed = run_loader(kernel_cache, src)
+    assert "status built" in changed.stdout and cpu_build.build_dir("fp_tiny", [src]) != d
+
+
+@needs_compiler
+def test_stale_lock_of_a_killed_build_does_not_hang(kernel_cache):
+    """A build killed with SIGKILL leaves torch's lock file behind (its existence is the lock, so torch alone would
+    wait forever). The next load waits while the holder lives, then goes on: the flock died with its process and
+    the stale file is removed with a message."""
+    src = tiny_source(kernel_cache)
+    d = cpu_build.build_dir("fp_tiny", [src])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"""import sys, time
+from pathlib import Path
+from flashport.backends import cpu_build
+d = Path({str(d)!r}); d.mkdir(parents=True)
+with cpu_build.exclusive(d / cpu_build.LOCK, "test kernels"):
+    (d / cpu_build.TORCH_LOCK).touch()  # what torch's build holds while it compiles
+    print("held", flush=True)
+    time.sleep(600)
+"""], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waiter = subprocess.Popen([sys.executable, str(kernel_cache / "loader.py"), str(src)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+        assert wait_for_line(waiter.stderr, "waiting for another process")
+        assert waiter.poll() is None  # it waits while the holder lives
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder
+        holder.wait()
+    try:
+        out, err = waiter.communicate(timeout=300)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 0, err
+    assert "removing a stale build lock" in err and "status built" in out
+    assert not (d / cpu_build.TORCH_LOCK).exists()
+
+
+SLOW_BUILD = """import sys, threading
+from flashport.backends import cpu_build
+done = threading.Event()
+def build():
+    try:
+        cpu_build.load_extension("fp_slow", [sys.argv[1]], what="test kernels")
+    except Exception as e:  # what cpu_quant.ext() does with a build error: fall back to torch and go on
+        print("went on after", type(e).__name__, flush=True)
+    except BaseException as e:
+        print("stopped by", type(e).__name__, flush=True)
+        raise
+    finally:
+        done.set()
+if sys.argv[2] == "main":
+    build()
+else:  # a program that loads its engine in a worker thread: only the main thread gets KeyboardInterrupt
+    threading.Thread(target=build).start()
+    while True:
+        try:
+            if done.wait(0.1):
+                break
+        except KeyboardInterrupt:
+            print("main interrupted", flush=True)
+"""
+
+
+@needs_compiler
+@pytest.mark.parametrize("where", ["main", "thread"])
+def test_ctrl_c_during_the_build_stops_it(kernel_cache, where):
+    """Ctrl-C (SIGINT to the terminal's process group: Python, ninja and the compiler) while the compiler runs stops
+    the build promptly with KeyboardInterrupt, also in a worker thread, where torch reports the killed compiler as a
+    failed build (which would fall back to torch and go on); and it leaves no lock held."""
+    src = kernel_cache / "src" / "slow.cpp"
+    src.parent.mkdir()
+    src.write_text("#include <torch/extension.h>\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}\n")  # ~15 s to build
+    (kernel_cache / "slow.py").write_text(SLOW_BUILD)
+    p = subprocess.Popen([sys.executable, str(kernel_cache / "slow.py"), str(src), where], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=os.environ.copy(), start_new_session=True)
+    try:
+        assert wait_for_line(p.stderr, "building test kernels")
+        time.sleep(2)  # the compiler is running now
+        t0 = time.monotonic()
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "stopped by KeyboardInterrupt" in out and "went on" not in out, (out, err)
+    d = cpu_build.build_dir("fp_slow", [src])
+    fd = os.open(d / cpu_build.LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it any more
+    finally:
+        os.close(fd)
+
+
+@needs_ext
+def test_real_kernels_not_rebuilt_by_a_fresh_process():
+    """The CPU kernels built (or found) by this process are found, not rebuilt, by a fresh one."""
+    lib = Path(cpu_quant.ext().__file__)
+    stamp = lib.stat().st_mtime_ns
+    code = ("from flashport.backends import cpu_quant, cpu_build\n"
+            "assert cpu_quant.ext() is not None\nprint(cpu_build.last_status['flashport_cpu'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=os.environ.copy(), check=False)
+    assert r.returncode == 0 and r.stdout.strip() == "cached" and "building" not in r.stderr, r.stderr
+    assert lib.stat().st_mtime_ns == stamp
+
+
+def test_kernel_constants_have_one_source():
+    """The C++ constants shared with Python come from cpu_quant.KERNEL_CONSTANTS (built from flashport.quant) as -D
+    flags; the sources define none of them and common.h refuses to build without them."""
+    from flashport.quant.formats import FORMATS, INT4_FORMATS, INT4_ZERO_POINT
+    from flashport.quant.release import FP8_BLOCK
+
+    k = cpu_quant.KERNEL_CONSTANTS
+    assert k["FLASHPORT_MAX_ROWS"] == cpu_quant.GEMV_MAX_ROWS and k["FLASHPORT_FP8_BLOCK"] == FP8_BLOCK
+    assert k["FLASHPORT_INT4_ZERO_POINT"] == INT4_ZERO_POINT
+    assert k["FLASHPORT_INT4_MAX_GROUP"] == max(FORMATS[f].group for f in INT4_FORMATS)
+    assert [k[f"FLASHPORT_FMT_{n}"] for n in ("F32", "BF16", "I8", "I4", "FP8")] == [
+        cpu_quant.FMT_F32, cpu_quant.FMT_BF16, cpu_quant.FMT_I8, cpu_quant.FMT_I4, cpu_quant.FMT_FP8]
+    texts = {p.name: p.read_text() for p in cpu_quant.KERNEL_DIR.iterdir() if p.suffix in (".cpp", ".h")}
+    assert set(cpu_quant.KERNEL_SOURCES) | {"common.h"} <= set(texts)
+    assert not any(re.search(r"#\s*define\s+FLASHPORT_(?!DISPATCH_T|AVX512)", t) for t in texts.values())
+    assert all(name in texts["common.h"] for name in k)
+    assert "#error" in texts["common.h"]
+
+
+def test_kernel_sources_ship_in_the_package(tmp_path):
+    """setuptools' build of the package (what a wheel holds) carries every kernel source to where cpu_quant looks."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").exists():
+        pytest.skip("not a source checkout")
+    r = subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q", "build_py",
+                        "--build-lib", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    built = tmp_path / "flashport" / "kernels" / "cpu"
+    assert sorted(p.name for p in built.iterdir()) == sorted(
+        p.name for p in cpu_quant.KERNEL_DIR.iterdir() if p.suffix in (".cpp", ".h"))
+    assert (tmp_path / "flashport" / "backends" / "cpu_quant.py").resolve().parents[1] / "kernels" / "cpu" == built

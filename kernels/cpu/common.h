@@ -1,0 +1,74 @@
+// flashport's CPU kernels: what quant_gemv.cpp, fused_ops.cpp and bindings.cpp share.
+//
+// Built by flashport.backends.cpu_quant (torch.utils.cpp_extension, once per machine, cached). The constants
+// that Python uses too are NOT written here: the build passes them as -D flags from one Python table
+// (cpu_quant.KERNEL_CONSTANTS, whose format values come from flashport.quant), so they cannot drift apart.
+#pragma once
+
+// only the operators used (not all of ATen/ATen.h): the headers are most of the build time
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if !defined(FLASHPORT_MAX_ROWS) || !defined(FLASHPORT_FMT_I4) || !defined(FLASHPORT_FP8_BLOCK) || \
+    !defined(FLASHPORT_INT4_ZERO_POINT) || !defined(FLASHPORT_INT4_MAX_GROUP)
+#error "flashport's kernel constants are missing: build through flashport.backends.cpu_quant.ext()"
+#endif
+
+namespace flashport {
+
+using at::Tensor;
+
+// -- from Python (cpu_quant.KERNEL_CONSTANTS) ------------------------------------------------------------------
+constexpr int64_t MAX_ROWS = FLASHPORT_MAX_ROWS;  // activation rows served by the GEMV kernel (cpu_quant.GEMV_MAX_ROWS)
+// CpuWeight.fmt: the compact CPU layouts (cpu_quant.FMT_*)
+constexpr int64_t FMT_F32 = FLASHPORT_FMT_F32, FMT_BF16 = FLASHPORT_FMT_BF16, FMT_I8 = FLASHPORT_FMT_I8,
+                  FMT_I4 = FLASHPORT_FMT_I4, FMT_FP8 = FLASHPORT_FMT_FP8;
+constexpr int64_t FP8_BLOCK = FLASHPORT_FP8_BLOCK;         // FP8 scale block (rows and columns), quant.release
+constexpr int INT4_ZERO_POINT = FLASHPORT_INT4_ZERO_POINT;  // symmetric int4's implicit zero point, quant.formats
+
+// -- C++ only (tuning) -------------------------------------------------------------------------------------------
+constexpr int64_t CHUNK = 512;  // K elements dequantized at a time
+static_assert(CHUNK % FLASHPORT_INT4_MAX_GROUP == 0, "CHUNK must be a multiple of every int4 group (whole groups)");
+constexpr int64_t PARALLEL_MIN = 1 << 20;  // multiply-adds below which a kernel stays on one thread
+
+// A weight in its compact CPU layout (cpu_quant.CpuWeight): FMT_F32 fp32 [N,K], FMT_BF16 bf16 [N,K], FMT_I8 int8
+// [N,K] + scale [N], FMT_I4 int4 MatMulNBits B uint8 [N, nb, group/2] + scales fp32 [N, nb] (+ zero points uint8
+// [N, ceil(nb/2)]), FMT_FP8 fp8 e4m3 codes uint8 [N, K] + scales fp32 [ceil(N/FP8_BLOCK), ceil(K/FP8_BLOCK)].
+struct QW {
+  int64_t fmt, N, K, group;
+  Tensor w, scale, zp;
+};
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  #pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+// quant_gemv.cpp: quantized GEMV / GEMM and the fused MoE (torch references: backends/reference.py linear,
+// grouped_linear, moe on quant.formats' dequantization)
+Tensor dequantize(const QW& q);
+Tensor linear(const Tensor& x, const QW& q);
+Tensor grouped_linear(const Tensor& x, const QW& q);
+Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
+           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit);
+
+// fused_ops.cpp: RMSNorm, RoPE and the mHC mixes (torch references: backends/reference.py)
+Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse);
+std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
+                           int64_t iters, double eps, double norm_eps);
+Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
+
+}  // namespace flashport

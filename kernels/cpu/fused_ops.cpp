@@ -1,0 +1,167 @@
+// Small fused ops for torch_fast: RMSNorm, interleaved RoPE and the mHC mixes (Sinkhorn included), each one call
+// instead of tens of eager torch ops per decode step.
+//
+// Torch references: backends/reference.py (rms_norm, rope, hc_pre, hc_post), which torch_fast runs when this
+// extension is not built. rope is BIT-EXACT with it (same elementwise fp32 ops, built with -ffp-contract=off);
+// the others are TOLERANCE-BOUND (another summation order, libm's exp).
+#include "common.h"
+
+namespace flashport {
+
+static inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
+
+// rows of x [R, D] -> weight * x / sqrt(mean(x^2) + eps)
+Tensor rms_norm(const Tensor& x_, const c10::optional<Tensor>& weight, double eps) {
+  Tensor x = x_.contiguous();
+  const int64_t D = x.size(-1), R = D ? x.numel() / D : 0;
+  Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* w = weight.has_value() && weight->defined() ? weight->contiguous().data_ptr<float>() : nullptr;
+  at::parallel_for(0, R, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const float* a = xp + r * D;
+      float* o = op + r * D;
+      const float inv = 1.f / std::sqrt(dot(a, a, D) / float(D) + float(eps));
+      if (w) {
+        #pragma omp simd
+        for (int64_t d = 0; d < D; d++) o[d] = w[d] * (a[d] * inv);
+      } else {
+        #pragma omp simd
+        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
+      }
+    }
+  });
+  return out;
+}
+
+// interleaved RoPE on the last 2*cos.size(1) channels; x [T, M, Dh] (M rows per position), cos/sin [T, r/2]
+Tensor rope(const Tensor& x_, const Tensor& cos_, const Tensor& sin_, bool inverse) {
+  Tensor x = x_.contiguous(), cs = cos_.contiguous(), sn = sin_.contiguous();
+  const int64_t T = x.size(0), Dh = x.size(-1), half = cs.size(1), r = 2 * half;
+  const int64_t M = T ? x.numel() / (T * Dh) : 0;
+  Tensor out = x.clone();
+  const float* cp = cs.data_ptr<float>();
+  const float* sp = sn.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sgn = inverse ? -1.f : 1.f;
+  at::parallel_for(0, T * M, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(Dh, 1)), [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; a++) {
+      const int64_t t = a / M;
+      float* v = op + a * Dh + (Dh - r);
+      for (int64_t i = 0; i < half; i++) {
+        const float c = cp[t * half + i], s = sgn * sp[t * half + i];
+        const float x1 = v[2 * i], x2 = v[2 * i + 1];
+        v[2 * i] = x1 * c - x2 * s;
+        v[2 * i + 1] = x2 * c + x1 * s;
+      }
+    }
+  });
+  return out;
+}
+
+// mHC before a sub-block: streams [T, N, D], fn [(2+N)*N, N*D] -> (x [T, D], post [T, N], comb [T, N, N]); the
+// mixes rms_norm(streams) @ fn.T come from one matmul (prefill) or per-token dot products (decode), then
+// sigmoid / softmax / Sinkhorn / the stream mix run per token in registers.
+std::vector<Tensor> hc_pre(const Tensor& streams_, const Tensor& fn_, const Tensor& base_, const Tensor& scale_,
+                           int64_t iters, double eps_, double norm_eps) {
+  Tensor streams = streams_.contiguous(), fn = fn_.contiguous(), base = base_.contiguous(), scale = scale_.contiguous();
+  const int64_t T = streams.size(0), N = streams.size(1), D = streams.size(2), M = (2 + N) * N;
+  TORCH_CHECK(N <= 16, "hc_mult above 16 is not supported by the fused kernel");
+  Tensor mix;
+  if (T > MAX_ROWS) {
+    mix = at::mm(rms_norm(streams.view({T, N * D}), c10::nullopt, norm_eps), fn.t()).contiguous();
+  } else {
+    mix = at::empty({T, M}, at::kFloat);
+    const float* sp = streams.data_ptr<float>();
+    const float* fp = fn.data_ptr<float>();
+    float* mp = mix.data_ptr<float>();
+    for (int64_t t = 0; t < T; t++) {
+      const float* a = sp + t * N * D;
+      const float inv = 1.f / std::sqrt(dot(a, a, N * D) / float(N * D) + float(norm_eps));
+      for (int64_t j = 0; j < M; j++) mp[t * M + j] = dot(fp + j * N * D, a, N * D) * inv;
+    }
+  }
+  Tensor x = at::empty({T, D}, at::kFloat), post = at::empty({T, N}, at::kFloat), comb = at::empty({T, N, N}, at::kFloat);
+  const float* mp = mix.data_ptr<float>();
+  const float* sp = streams.data_ptr<float>();
+  const float* bp = base.data_ptr<float>();
+  const float* sc = scale.data_ptr<float>();
+  const float eps = float(eps_);
+  float* xp = x.data_ptr<float>();
+  float* pp = post.data_ptr<float>();
+  float* cp = comb.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, PARALLEL_MIN / (N * D)), [&](int64_t t0, int64_t t1) {
+    float pre[16], c[16 * 16];
+    for (int64_t t = t0; t < t1; t++) {
+      const float* m = mp + t * (2 + N) * N;
+      for (int64_t i = 0; i < N; i++) {
+        pre[i] = sigmoid(m[i] * sc[0] + bp[i]) + eps;
+        pp[t * N + i] = 2.f * sigmoid(m[N + i] * sc[1] + bp[N + i]);
+      }
+      for (int64_t i = 0; i < N; i++) {  // row softmax
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < N; j++) { c[i * N + j] = m[2 * N + i * N + j] * sc[2] + bp[2 * N + i * N + j]; mx = std::max(mx, c[i * N + j]); }
+        for (int64_t j = 0; j < N; j++) { c[i * N + j] = std::exp(c[i * N + j] - mx); sum += c[i * N + j]; }
+        for (int64_t j = 0; j < N; j++) c[i * N + j] = c[i * N + j] / sum + eps;
+      }
+      auto cols = [&]() {
+        for (int64_t j = 0; j < N; j++) {
+          float s = 0.f;
+          for (int64_t i = 0; i < N; i++) s += c[i * N + j];
+          for (int64_t i = 0; i < N; i++) c[i * N + j] /= s + eps;
+        }
+      };
+      cols();
+      for (int64_t it = 0; it < iters - 1; it++) {
+        for (int64_t i = 0; i < N; i++) {
+          float s = 0.f;
+          for (int64_t j = 0; j < N; j++) s += c[i * N + j];
+          for (int64_t j = 0; j < N; j++) c[i * N + j] /= s + eps;
+        }
+        cols();
+      }
+      std::memcpy(cp + t * N * N, c, N * N * sizeof(float));
+      float* xo = xp + t * D;
+      const float* st = sp + t * N * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) xo[d] = pre[0] * st[d];
+      for (int64_t i = 1; i < N; i++) {
+        #pragma omp simd
+        for (int64_t d = 0; d < D; d++) xo[d] += pre[i] * st[i * D + d];
+      }
+    }
+  });
+  return {x, post, comb};
+}
+
+// mHC after a sub-block: out [T, D], streams [T, N, D], post [T, N], comb [T, N, N] -> [T, N, D]
+Tensor hc_post(const Tensor& out_, const Tensor& streams_, const Tensor& post_, const Tensor& comb_) {
+  Tensor o = out_.contiguous(), streams = streams_.contiguous(), post = post_.contiguous(), comb = comb_.contiguous();
+  const int64_t T = streams.size(0), N = streams.size(1), D = streams.size(2);
+  Tensor res = at::empty({T, N, D}, at::kFloat);
+  const float* opp = o.data_ptr<float>();
+  const float* sp = streams.data_ptr<float>();
+  const float* pp = post.data_ptr<float>();
+  const float* cp = comb.data_ptr<float>();
+  float* rp = res.data_ptr<float>();
+  at::parallel_for(0, T * N, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(D * N, 1)), [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; a++) {
+      const int64_t t = a / N, kk = a % N;
+      float* r = rp + a * D;
+      const float p = pp[a];
+      const float* src = opp + t * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) r[d] = p * src[d];
+      for (int64_t j = 0; j < N; j++) {
+        const float c = cp[(t * N + j) * N + kk];
+        const float* s = sp + (t * N + j) * D;
+        #pragma omp simd
+        for (int64_t d = 0; d < D; d++) r[d] += c * s[d];
+      }
+    }
+  });
+  return res;
+}
+
+}  // namespace flashport

@@ -1,0 +1,354 @@
+// Quantized GEMV / GEMM and the fused routed-expert (MoE) step on flashport's compact CPU weights.
+//
+// Torch references: backends/reference.py (linear, grouped_linear, moe) on flashport.quant's dequantization;
+// cpu_quant.py's torch paths run them when this extension is not built. Dequantization here is BIT-EXACT with
+// quant.formats (one fp32 rounding of (q - zp) * scale and q * scale); the dot products accumulate in another
+// order than torch's matmul: TOLERANCE-BOUND (tests/test_torch_fast.py).
+#include "common.h"
+
+namespace flashport {
+
+static inline float bf16_bits_to_f32(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+
+// e4m3 code -> fp32 (exact), for the scalar paths
+static float E4M3[256];
+static bool e4m3_init = [] {
+  for (int b = 0; b < 256; b++) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    float v = e ? std::ldexp(1.f + m / 8.f, e - 7) : std::ldexp(m / 8.f, -6);
+    if ((b & 0x7F) == 0x7F) v = NAN;
+    E4M3[b] = (b & 0x80) ? -v : v;
+  }
+  return true;
+}();
+
+// Weight row n, columns [k0, k0 + CHUNK) -> fp32 buf (bit-exact with quant.formats' dequantize). int4 writes whole
+// groups, so buf may be filled a little past K (padding codes); callers only read up to K.
+static inline const float* dequant_row(const QW& q, int64_t n, int64_t k0, int64_t k1, float* buf) {
+  const int64_t K = q.K;
+  switch (q.fmt) {
+    case FMT_F32: return q.w.data_ptr<float>() + n * K + k0;
+    case FMT_BF16: {
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(q.w.data_ptr()) + n * K;
+      #pragma omp simd
+      for (int64_t k = k0; k < k1; k++) buf[k - k0] = bf16_bits_to_f32(w[k]);
+      return buf;
+    }
+    case FMT_I8: {
+      const int8_t* w = q.w.data_ptr<int8_t>() + n * K;
+      const float s = q.scale.data_ptr<float>()[n];
+      #pragma omp simd
+      for (int64_t k = k0; k < k1; k++) buf[k - k0] = float(w[k]) * s;
+      return buf;
+    }
+    case FMT_FP8: {  // fp8 e4m3 with one scale per FP8_BLOCK^2 block: q.float() * scale, exact for power-of-two scales
+      const uint8_t* w = q.w.data_ptr<uint8_t>() + n * K;
+      const float* sc = q.scale.data_ptr<float>() + (n / FP8_BLOCK) * q.scale.size(1);
+      for (int64_t k = k0; k < k1; k++) buf[k - k0] = E4M3[w[k]] * sc[k / FP8_BLOCK];
+      return buf;
+    }
+    default: {  // FMT_I4
+      const int64_t g = q.group, nb = q.w.size(1);
+      const uint8_t* B = q.w.data_ptr<uint8_t>() + n * nb * (g / 2);
+      const float* sc = q.scale.data_ptr<float>() + n * nb;
+      const uint8_t* zp = q.zp.defined() ? q.zp.data_ptr<uint8_t>() + n * q.zp.size(1) : nullptr;
+      for (int64_t b = k0 / g; b * g < k1; b++) {
+        const float s = sc[b];
+        const int z = zp ? ((zp[b / 2] >> ((b & 1) * 4)) & 15) : INT4_ZERO_POINT;
+        const uint8_t* src = B + b * (g / 2);
+        float* dst = buf + (b * g - k0);
+        #pragma omp simd
+        for (int64_t j = 0; j < g / 2; j++) {
+          dst[2 * j] = float(int(src[j] & 15) - z) * s;
+          dst[2 * j + 1] = float(int(src[j] >> 4) - z) * s;
+        }
+      }
+      return buf;
+    }
+  }
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+// AVX-512 row kernels, one instantiation per row count T (accumulators stay in registers) with U independent
+// accumulator sets to hide the FMA latency. They dequantize 16 weights in registers and FMA them with every
+// activation row; int8 takes the row scale out of the sum and int4 the group scale and zero point
+// (s * (sum q*x - z * sum x)): another rounding order than the reference's, same tolerance.
+static inline __m512 load_bf16(const uint16_t* w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
+}
+static inline __m512 load_i8(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
+template <int T, bool BF16>
+static inline void row_dense(const void* wp, float scale, const float* x, int64_t ldx, int64_t K, float* acc) {
+  constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
+  __m512 a[U][T];
+  for (int u = 0; u < U; u++)
+    for (int t = 0; t < T; t++) a[u][t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; u++) {
+      const int64_t kk = k + 16 * u;
+      const __m512 wv = BF16 ? load_bf16(static_cast<const uint16_t*>(wp) + kk) : load_i8(static_cast<const int8_t*>(wp) + kk);
+      for (int t = 0; t < T; t++) a[u][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * ldx + kk), a[u][t]);
+    }
+  for (int t = 0; t < T; t++) {
+    for (int u = 1; u < U; u++) a[0][t] = _mm512_add_ps(a[0][t], a[u][t]);
+    float s = _mm512_reduce_add_ps(a[0][t]);
+    for (int64_t kk = k; kk < K; kk++)
+      s += (BF16 ? bf16_bits_to_f32(static_cast<const uint16_t*>(wp)[kk]) : float(static_cast<const int8_t*>(wp)[kk])) * x[t * ldx + kk];
+    acc[t] = BF16 ? s : s * scale;
+  }
+}
+
+// int4, group g (a multiple of 32): xd holds x deinterleaved per 32 columns (16 even, then 16 odd), zero padded to
+// nb * g columns, so the low and high nibbles of 16 bytes meet 16 contiguous activations each; xs[t * ldx + b] is
+// the sum of row t's activations in group b.
+template <int T>
+static inline void row_i4(const uint8_t* B, const float* sc, const uint8_t* zp, int64_t g, int64_t nb, const float* xd,
+                          const float* xs, int64_t ldx, float* acc) {
+  __m512 a[T];
+  float zx[T];  // sum over groups of s * z * sum(x in group)
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int t = 0; t < T; t++) { a[t] = _mm512_setzero_ps(); zx[t] = 0.f; }
+  for (int64_t b = 0; b < nb; b++) {
+    const float z = float(zp ? ((zp[b / 2] >> ((b & 1) * 4)) & 15) : INT4_ZERO_POINT);
+    __m512 p0[T], p1[T];
+    for (int t = 0; t < T; t++) p0[t] = p1[t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < g; j += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (b * g + j) / 2)));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      for (int t = 0; t < T; t++) {
+        const float* xx = xd + t * ldx + b * g + j;
+        p0[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xx), p0[t]);
+        p1[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xx + 16), p1[t]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(sc[b]);
+    for (int t = 0; t < T; t++) {
+      a[t] = _mm512_fmadd_ps(_mm512_add_ps(p0[t], p1[t]), s, a[t]);
+      zx[t] += sc[b] * z * xs[t * ldx + b];
+    }
+  }
+  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(a[t]) - zx[t];
+}
+
+// fp8 e4m3 -> fp16 bits (sign << 8, exponent and mantissa << 7: the same number times 2^-8, subnormals included)
+// -> fp32 by the F16C conversion, which is exact; the 2^8 joins the block scale.
+static inline __m512 load_e4m3_x256(const uint8_t* w) {
+  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
+                                    _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
+  return _mm512_cvtph_ps(h);
+}
+
+template <int T>
+static inline void row_fp8(const uint8_t* w, const float* sc, const float* x, int64_t ldx, int64_t K, float* acc) {
+  __m512 a[T];
+  float tail[T];
+  for (int t = 0; t < T; t++) { a[t] = _mm512_setzero_ps(); tail[t] = 0.f; }
+  for (int64_t kb = 0; kb < K; kb += FP8_BLOCK) {
+    const int64_t ke = std::min(K, kb + FP8_BLOCK);
+    __m512 p0[T], p1[T];
+    for (int t = 0; t < T; t++) p0[t] = p1[t] = _mm512_setzero_ps();
+    int64_t k = kb;
+    for (; k + 32 <= ke; k += 32) {
+      const __m512 w0 = load_e4m3_x256(w + k), w1 = load_e4m3_x256(w + k + 16);
+      for (int t = 0; t < T; t++) {
+        p0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx + k), p0[t]);
+        p1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + k + 16), p1[t]);
+      }
+    }
+    const float s = sc[kb / FP8_BLOCK];
+    const __m512 s256 = _mm512_set1_ps(s * 256.f);
+    for (int t = 0; t < T; t++) {
+      a[t] = _mm512_fmadd_ps(_mm512_add_ps(p0[t], p1[t]), s256, a[t]);
+      for (int64_t kk = k; kk < ke; kk++) tail[t] += E4M3[w[kk]] * s * x[t * ldx + kk];
+    }
+  }
+  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(a[t]) + tail[t];
+}
+
+static_assert(MAX_ROWS == 8, "FLASHPORT_DISPATCH_T instantiates the row kernels for 1..8 activation rows");
+#define FLASHPORT_DISPATCH_T(T_, CALL)                                                            \
+  switch (T_) {                                                                                   \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8);       \
+  }
+#define FLASHPORT_AVX512 1
+#endif
+
+// y[t, n] = sum_k x[t, xoff(n) + k] * W[n, k] for t < T <= MAX_ROWS. rows_per_group > 0: grouped projection, row n
+// reads x's group n / rows_per_group (x rows hold G*K values).
+static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy, int64_t rows_per_group) {
+  const int64_t K = q.K;
+#ifdef FLASHPORT_AVX512
+  Tensor xd_t;  // int4: activations deinterleaved per 32 columns and zero padded (see row_i4)
+  const float* xd = nullptr;
+  int64_t ldxd = 0;
+  const bool i4_fast = q.fmt == FMT_I4 && q.group % 32 == 0 && rows_per_group == 0;
+  if (i4_fast) {
+    const int64_t Kp = q.w.size(1) * q.group;
+    const int64_t nb = q.w.size(1);
+    xd_t = at::zeros({T, Kp + nb}, at::kFloat);  // deinterleaved activations, then the per-group sums
+    float* d = xd_t.data_ptr<float>();
+    for (int64_t t = 0; t < T; t++) {
+      for (int64_t k = 0; k < K; k++) d[t * (Kp + nb) + (k & ~int64_t(31)) + ((k & 1) << 4) + ((k & 31) >> 1)] = x[t * ldx + k];
+      for (int64_t b = 0; b < nb; b++) {
+        float s = 0.f;
+        for (int64_t k = b * q.group; k < std::min(K, (b + 1) * q.group); k++) s += x[t * ldx + k];
+        d[t * (Kp + nb) + Kp + b] = s;
+      }
+    }
+    xd = d;
+    ldxd = Kp + nb;
+  }
+#endif
+  // Threads only for big weights: each parallel region costs a wake-up of the other threads, which on a loaded
+  // machine can cost more than a small expert's whole GEMV (~10 us single-threaded).
+  const int64_t grain = q.N * K * T >= PARALLEL_MIN ? std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)) : q.N;
+  at::parallel_for(0, q.N, grain, [&](int64_t n0, int64_t n1) {
+    alignas(64) float buf[CHUNK + 256];
+    for (int64_t n = n0; n < n1; n++) {
+      float acc[MAX_ROWS] = {0};
+      const int64_t xoff = rows_per_group > 0 ? (n / rows_per_group) * K : 0;
+#ifdef FLASHPORT_AVX512
+      if (q.fmt == FMT_BF16) {
+        const uint16_t* w = reinterpret_cast<const uint16_t*>(q.w.data_ptr()) + n * K;
+#define CALL(TT) row_dense<TT, true>(w, 1.f, x + xoff, ldx, K, acc)
+        FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+      } else if (q.fmt == FMT_I8) {
+        const int8_t* w = q.w.data_ptr<int8_t>() + n * K;
+        const float s = q.scale.data_ptr<float>()[n];
+#define CALL(TT) row_dense<TT, false>(w, s, x + xoff, ldx, K, acc)
+        FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+      } else if (q.fmt == FMT_FP8) {
+        const uint8_t* w = q.w.data_ptr<uint8_t>() + n * K;
+        const float* sc = q.scale.data_ptr<float>() + (n / FP8_BLOCK) * q.scale.size(1);
+#define CALL(TT) row_fp8<TT>(w, sc, x + xoff, ldx, K, acc)
+        FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+      } else if (i4_fast) {
+        const int64_t nb = q.w.size(1);
+        const uint8_t* B = q.w.data_ptr<uint8_t>() + n * nb * (q.group / 2);
+        const float* sc = q.scale.data_ptr<float>() + n * nb;
+        const uint8_t* zp = q.zp.defined() ? q.zp.data_ptr<uint8_t>() + n * q.zp.size(1) : nullptr;
+        const float* xs = xd + (ldxd - nb);
+#define CALL(TT) row_i4<TT>(B, sc, zp, q.group, nb, xd, xs, ldxd, acc)
+        FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+      } else
+#endif
+      for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+        const int64_t k1 = std::min(K, k0 + CHUNK);
+        const float* wr = dequant_row(q, n, k0, k1, buf);
+        for (int64_t t = 0; t < T; t++) acc[t] += dot(wr, x + t * ldx + xoff + k0, k1 - k0);
+      }
+      for (int64_t t = 0; t < T; t++) y[t * ldy + n] = acc[t];
+    }
+  });
+}
+
+Tensor dequantize(const QW& q) {
+  if (q.fmt == FMT_F32) return q.w;
+  Tensor out = at::empty({q.N, q.K}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, q.N, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(q.K, 1)), [&](int64_t n0, int64_t n1) {
+    alignas(64) float buf[CHUNK + 256];
+    for (int64_t n = n0; n < n1; n++) {
+#ifdef FLASHPORT_AVX512
+      if (q.fmt == FMT_FP8) {  // vectorised e4m3 -> fp32; (v * 2^-8) * (s * 2^8) is exactly v * s rounded once
+        const uint8_t* w = q.w.data_ptr<uint8_t>() + n * q.K;
+        const float* sc = q.scale.data_ptr<float>() + (n / FP8_BLOCK) * q.scale.size(1);
+        float* dst = o + n * q.K;
+        int64_t k = 0;
+        for (; k + 16 <= q.K; k += 16)
+          _mm512_storeu_ps(dst + k, _mm512_mul_ps(load_e4m3_x256(w + k), _mm512_set1_ps(sc[k / FP8_BLOCK] * 256.f)));
+        for (; k < q.K; k++) dst[k] = E4M3[w[k]] * sc[k / FP8_BLOCK];
+        continue;
+      }
+#endif
+      for (int64_t k0 = 0; k0 < q.K; k0 += CHUNK) {
+        const int64_t k1 = std::min(q.K, k0 + CHUNK);
+        std::memcpy(o + n * q.K + k0, dequant_row(q, n, k0, k1, buf), (k1 - k0) * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
+// x [T, K] -> [T, N]
+Tensor linear(const Tensor& x_, const QW& q) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0);
+  if (T > MAX_ROWS || q.fmt == FMT_F32) return at::mm(x, dequantize(q).t());
+  Tensor y = at::empty({T, q.N}, at::kFloat);
+  gemv(q, x.data_ptr<float>(), T, q.K, y.data_ptr<float>(), q.N, 0);
+  return y;
+}
+
+// x [T, G, I], W [G*R, I] -> [T, G, R]
+Tensor grouped_linear(const Tensor& x_, const QW& q) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), G = x.size(1), R = q.N / G;
+  if (T > MAX_ROWS || q.fmt == FMT_F32) {
+    Tensor w = dequantize(q).view({G, R, q.K});
+    return at::bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).contiguous();  // [T, G, R]
+  }
+  Tensor y = at::empty({T, G, R}, at::kFloat);
+  gemv(q, x.data_ptr<float>(), T, G * q.K, y.data_ptr<float>(), q.N, R);
+  return y;
+}
+
+// Routed-expert step, the reference's math: experts in ascending id order, each over all of its tokens,
+// out += weight * w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit)).
+// ids: the distinct expert ids of idx (ascending); w1/w3/w2[i] belong to ids[i].
+Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const std::vector<int64_t>& ids,
+           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit_) {
+  Tensor x = x_.contiguous(), weights = weights_.contiguous().to(at::kFloat), idx = idx_.contiguous().to(at::kLong);
+  const int64_t T = x.size(0), D = x.size(1), k = idx.size(1);
+  const float limit = float(limit_);
+  Tensor out = at::zeros({T, D}, at::kFloat);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* wp = weights.data_ptr<float>();
+  for (size_t e = 0; e < ids.size(); e++) {
+    std::vector<int64_t> rows;
+    std::vector<float> gate_w;
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t s = 0; s < k; s++)
+        if (ip[t * k + s] == ids[e]) { rows.push_back(t); gate_w.push_back(wp[t * k + s]); }
+    if (rows.empty()) continue;
+    const int64_t n = rows.size();
+    Tensor rows_t = at::from_blob(rows.data(), {n}, at::kLong).clone();
+    Tensor xe = x.index_select(0, rows_t);  // [n, D]
+    Tensor g = linear(xe, w1[e]), u = linear(xe, w3[e]);  // [n, I]
+    float* gp = g.data_ptr<float>();
+    const float* up = u.data_ptr<float>();
+    const int64_t I = g.size(1);
+    for (int64_t i = 0; i < n * I; i++) {
+      const float a = std::min(gp[i], limit);
+      const float b = std::min(std::max(up[i], -limit), limit);
+      gp[i] = a / (1.f + std::exp(-a)) * b;
+    }
+    Tensor ye = linear(g, w2[e]);  // [n, D]
+    const float* yp = ye.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t r = 0; r < n; r++) {
+      const float c = gate_w[r];
+      float* dst = op + rows[r] * D;
+      const float* src = yp + r * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) dst[d] += src[d] * c;
+    }
+  }
+  return out;
+}
+
+}  // namespace flashport
