@@ -99,7 +99,8 @@ class OnnxRuntimeBackend(Backend):
         the format's block) or fp32 / bf16 densely. Anything else (fp8 128x128 blocks, mxfp4, int8 experts) is
         refused by bind_model (`flashport export-onnx --dequantize-unsupported` stores it as fp32). Not
         deterministic in the contract's sense: ORT picks kernels by shape."""
-        from .onnx_export import INT4_FORMATS, NATIVE_FORMATS
+        from ..quant.formats import INT4_FORMATS
+        from .onnx_export import NATIVE_FORMATS
 
         ops = {op: (set(NATIVE_FORMATS) if weighted else True) for op, weighted in OPS.items()}
         ops["moe"] = set(INT4_FORMATS) | {"fp32", "bf16"}

@@ -100,9 +100,6 @@ def load_factory(target: str):
     return getattr(importlib.import_module(mod), attr)
 
 
-_load = load_factory  # the old private name, still used by bench/ops.py
-
-
 def flashport_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

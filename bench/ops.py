@@ -84,9 +84,9 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _make_backend(name: str):
-    from ..backends.registry import _load, create
+    from ..backends.registry import create, load_factory
 
-    return _load(name)() if ":" in name else create(name)
+    return load_factory(name)() if ":" in name else create(name)
 
 
 def _shape(s: str) -> tuple[int, ...]:
