@@ -190,7 +190,8 @@ def _probe_child(names: list[str], options: dict) -> None:
                 raise TypeError(f"returned {type(caps).__name__}, not Capabilities")
             emit(stage="devices", capabilities=caps_to_json(caps))
             devs = [vars(d) for d in backend.devices()]
-            emit(stage="done", ok=True, devices=devs, describe=str(backend.describe()),
+            describe = getattr(backend, "describe", None)  # contract 1.1; a duck-typed 1.0 backend may lack it
+            emit(stage="done", ok=True, devices=devs, describe=str(describe() if callable(describe) else ""),
                  implements=[op for op in OPS if backend.implements(op)])
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt from a plugin included
             what = {"import": "failed to import", "start": "failed to start", "capabilities": "capabilities() raised",
