@@ -197,7 +197,7 @@ def test_bad_input_flood_then_still_correct(live):
         after = http.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "max_tokens": 3, "temperature": 0}).json()
     assert after["choices"][0]["message"] == before["choices"][0]["message"]
-    assert metric(live, 'requests_total{path="/v1/chat/completions",code="400"}') >= 15 * 17
+    assert metric(live, 'requests_total{code="400",path="/v1/chat/completions"}') >= 15 * 17
 
 
 def test_client_disconnect_cancels_generation(live):
