@@ -793,7 +793,7 @@ async def _wait_unstreamed(srv, seq, request):
 
 
 def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-              max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
+              max_queue: int = 64, max_batch: int = 32, max_body: int = 0, max_context: int = 0,
               max_tokens: int = 256, backend: str = "auto", model_name: str = "", kv_dir: str = "",
               prefix_pool: int = 16, log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0,
               pg_backend: str = "gloo", timeout: float = 30.0, max_device_memory: str = "",
@@ -802,12 +802,13 @@ def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
     host: 127.0.0.1 by default (this machine only); api_key: required as `Authorization: Bearer KEY` on /v1/*
     (default: $FLASHPORT_API_KEY, else none); max_queue: waiting requests before 429; max_batch: sequences decoded
-    together; max_body: request bytes before 413; max_context: prompt + completion token limit (0: the model's);
-    max_tokens: default completion length; model_name: the id clients send (default: the directory's name);
-    kv_dir: disk KV cache directory; prefix_pool: recent conversations kept for KV reuse across requests (0: off);
-    shutdown_timeout: seconds to finish running requests on Ctrl-C. ep: expert-parallel ranks (torchrun, process
-    group pg_backend, collective timeout seconds); max_device_memory: offload cold experts beyond this budget
-    (e.g. 8GiB) to offload_tier (host | disk).
+    together; max_body: request bytes before 413 (0: 16 per context token, at least 1 MiB); max_context: prompt +
+    completion token limit (0: what half the available memory holds as KV, see server.default_max_context);
+    max_tokens: default completion length (capped to the context a prompt leaves); model_name: the id clients send
+    (default: the directory's name); kv_dir: disk KV cache directory; prefix_pool: recent conversations kept for
+    KV reuse across requests (0: off); shutdown_timeout: seconds to finish running requests on Ctrl-C. ep:
+    expert-parallel ranks (torchrun, process group pg_backend, collective timeout seconds); max_device_memory:
+    offload cold experts beyond this budget (e.g. 8GiB) to offload_tier (host | disk).
     """
     if ep > 1:
         from .distributed import launch
