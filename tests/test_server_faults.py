@@ -77,19 +77,43 @@ def test_extreme_valid_seeds_run(live):
 
 
 def test_bad_seed_past_the_api_fails_its_sequence_alone(engine):
-    """A seed that reaches the scheduler unvalidated (SDK callers) fails that sequence, not the engine thread."""
+    """A seed that reaches the scheduler unvalidated (SDK callers) fails that sequence only: its batch-mate admitted
+    in the same step runs on, and the engine thread stays alive."""
+    alone = Scheduler(engine).run(Sequence([0, 40, 41], max_tokens=3)).output
     sched = Scheduler(engine).start()
     try:
-        bad = sched.submit(Sequence([0, 40, 41], max_tokens=3, temperature=0.8, seed=2 ** 64))
-        good = sched.submit(Sequence([0, 40, 41], max_tokens=3))
+        with sched._cv:  # both join the batch in the same step, the good one first
+            good = sched.submit(Sequence([0, 40, 41], max_tokens=3))
+            bad = sched.submit(Sequence([0, 40, 41], max_tokens=3, temperature=0.8, seed=2 ** 64))
         assert bad.done.wait(30) and good.done.wait(30)
         assert bad.finish_reason == "error" and "Overflow" in str(bad.error)
-        assert good.finish_reason == "length" and len(good.output) == 3
+        assert good.finish_reason == "length" and good.output == alone
         assert sched.alive and sched._thread.is_alive()
         again = sched.submit(Sequence([0, 40, 41], max_tokens=3))
-        assert again.done.wait(30) and again.output == good.output
+        assert again.done.wait(30) and again.output == alone
     finally:
         sched.stop()
+
+
+def test_exception_in_sampling_fails_only_that_sequence(engine, monkeypatch):
+    """Two sequences in one batched step, the sampler raises for one of them: the other's output is the same as
+    alone (the step goes on for the rest of the batch)."""
+    alone = Scheduler(engine).run(Sequence([0, 60, 61], max_tokens=4)).output
+    real = scheduler_mod.sample
+
+    def faulty(logits, temperature, top_p, gen):
+        if temperature == 0.123:
+            raise RuntimeError("injected sampler fault")
+        return real(logits, temperature, top_p, gen)
+
+    monkeypatch.setattr(scheduler_mod, "sample", faulty)
+    sched = Scheduler(engine)
+    bad = sched.submit(Sequence([0, 70, 71], max_tokens=4, temperature=0.123))
+    good = sched.submit(Sequence([0, 60, 61], max_tokens=4))
+    while not (bad.done.is_set() and good.done.is_set()):
+        sched.step()
+    assert bad.finish_reason == "error" and "injected sampler fault" in str(bad.error)
+    assert good.finish_reason == "length" and good.output == alone
 
 
 def test_exception_in_sampling_fails_one_request(live, monkeypatch):
