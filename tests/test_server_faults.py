@@ -387,3 +387,61 @@ def test_every_field_with_every_hostile_value_is_never_5xx(live):
                         assert r.json()["choices"]
     print("\nhostile field x value:", statuses)
     assert greedy(live) == before
+
+
+SERVE_WITH_FRAGILE_ENGINE = """
+import sys
+from flashport.engine import Engine
+from flashport.scheduler import Scheduler
+from flashport.server import run_server
+
+real_step = Scheduler.step
+
+def step(self):  # the engine thread dies when a request asks for temperature 0.777 (fault injection)
+    if any(s.temperature == 0.777 for s in list(self.waiting) + list(self.active)):
+        raise SystemExit("injected engine death")
+    return real_step(self)
+
+Scheduler.step = step
+run_server(Engine.load(sys.argv[1]), "127.0.0.1", int(sys.argv[2]), None, "warning", shutdown_timeout=30,
+           model_name="tiny")
+"""
+
+
+def test_sigterm_with_a_dead_engine_exits_promptly(tiny_release, tmp_path):
+    """`run_server` in its own process: the engine thread dies under a request, the client gets a 503 instead of
+    hanging, /health says 503, and SIGTERM ends the process in seconds (it took 63 s)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_WITH_FRAGILE_ENGINE)
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_release), str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(url + "/v1/chat/completions", timeout=30,
+                       json={"messages": OK, "max_tokens": 500, "temperature": 0.777})
+        assert r.status_code == 503 and "injected engine death" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+        assert time.monotonic() - t0 < 5, "SIGTERM waited on a dead engine"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
