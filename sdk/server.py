@@ -389,10 +389,11 @@ class Server:
         except Exception as e:  # e.g. lone UTF-16 surrogates the tokenizer cannot take
             raise ApiError(400, f"cannot tokenize {param}: {e}", param=param) from None
 
-    def start(self, ids: list[int], req, max_tokens: int | None, *, thinking=False, tools=False, chat=True,
-              task: str | None = None, t_request: float = 0.0) -> Sequence:
+    async def start(self, ids: list[int], req, max_tokens: int | None, *, thinking=False, tools=False, chat=True,
+                    task: str | None = None, t_request: float = 0.0) -> Sequence:
         """Check the token budget, find reusable KV and submit a sequence. max_tokens None: the default, capped to
-        the context the prompt leaves (as llama-server and vLLM do)."""
+        the context the prompt leaves (as llama-server and vLLM do). The prefix-pool lookup and the snapshot points
+        are linear in the prompt, so they run on the tokenizer threads too, not on the event loop."""
         param = "messages" if chat else "prompt"
         left = self.max_context - len(ids)
         if max_tokens is None:
@@ -411,11 +412,16 @@ class Server:
         if not self.scheduler.alive:
             raise ApiError(503, f"the engine has stopped: {self.scheduler.failure}", type="server_error",
                            code="engine_dead")
-        run_ids, reused, snap = self.pool.lookup(ids) if self.pool else (ids, 0, None)
+        def find_kv():
+            run_ids, _, snap = self.pool.lookup(ids) if self.pool else (ids, 0, None)
+            return run_ids, snap, turn_boundaries(run_ids, self.tok) if chat and not task else ()
+
+        loop = asyncio.get_running_loop()
+        run_ids, snap, snap_at = await loop.run_in_executor(self._tokenizer_pool, find_kv)
         seq = Sequence(run_ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                       stop=tuple(stop), snap_at=turn_boundaries(run_ids, self.tok) if chat and not task else (),
-                       start=snap, thinking=thinking, tokenizer=self.tok, tool_calls=tools)
-        pipe = _Pipe(asyncio.get_running_loop())
+                       stop=tuple(stop), snap_at=snap_at, start=snap, thinking=thinking, tokenizer=self.tok,
+                       tool_calls=tools)
+        pipe = _Pipe(loop)
         seq.on_text, seq.on_token = pipe.on_text, self._on_token(pipe)
         seq.pipe, seq.task, seq.t_request = pipe, task, t_request or time.perf_counter()
         try:
@@ -595,7 +601,7 @@ def create_app(engine: Engine, **options):
         ids = await srv.tokenize(encode_chat, srv.tok, messages, tools or None, mode, param="messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         thinking = MODES[mode][0] and task is None  # a task's reply is plain text
-        seq = srv.start(ids, req, max_tokens, thinking=thinking, tools=bool(tools) and task is None, task=task,
+        seq = await srv.start(ids, req, max_tokens, thinking=thinking, tools=bool(tools) and task is None, task=task,
                         t_request=t_request)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -658,7 +664,7 @@ def create_app(engine: Engine, **options):
             ids = await srv.tokenize(engine.encode, prompt, param="prompt")
         else:
             ids = engine.encode(prompt)  # token ids: no tokenizer work
-        seq = srv.start(ids, req, req.max_tokens, chat=False, t_request=t_request)
+        seq = await srv.start(ids, req, req.max_tokens, chat=False, t_request=t_request)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def body(text: str, finish=None) -> dict:
