@@ -385,6 +385,13 @@ def test_every_field_with_every_hostile_value_is_never_5xx(live):
                         assert r.json()["error"]["message"]
                     elif body.get("stream") is not True:
                         assert r.json()["choices"]
+        for field in ["prompt", "echo", "logprobs", "suffix", "max_tokens", "seed", "stop", "temperature", "n"]:
+            for value in HOSTILE_VALUES + [[2 ** 70], [[1, 2], [3]], [-5]]:
+                body = {"model": MODEL, "prompt": "hi", "max_tokens": 1, field: value}
+                raw = json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                r = http.post(live.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                assert r.status_code < 500, ("completions", field, value, r.text[:200])
     print("\nhostile field x value:", statuses)
     assert greedy(live) == before
 
