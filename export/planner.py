@@ -285,7 +285,10 @@ def plan(cfg: ModelConfig, devices: str | list[Device], recipe: str | Recipe = "
             except PlanError as e:
                 if not str(e).startswith("does not fit"):
                     raise
-                p = plan(*args, "edge", kv_dtype, redundant, chunk, names)
+                try:
+                    p = plan(*args, "edge", kv_dtype, redundant, chunk, names)
+                except PlanError as e2:
+                    raise PlanError(f"{e2} (auto mode tried ep too: {str(e).removeprefix('does not fit: ')})") from None
                 p.notes.insert(0, f"auto mode: ep does not fit ({str(e).removeprefix('does not fit: ')}); "
                                  "placed in edge mode instead")
                 return p
