@@ -52,11 +52,10 @@ from pathlib import Path
 import crc32c
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..backends.contract import QuantWeight
-from ..checkpoint import CheckpointError, CheckpointReader, check_safetensors_file
+from ..checkpoint import CheckpointError, CheckpointReader, check_safetensors_file, save_tensors
 from ..config import ModelConfig
 from ..model import Linear, Transformer, rope_inv_freq
 from ..quant.formats import FORMATS
@@ -275,7 +274,7 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            save_file(shard, str(tmp), metadata={"bundle_id": bundle_id, "shard": rel, "format": FORMAT})
+            save_tensors(shard, tmp, metadata={"bundle_id": bundle_id, "shard": rel, "format": FORMAT})
             os.replace(tmp, path)
             unit_files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         del u.shards
