@@ -457,6 +457,8 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         if execution_provider is None:
             raise UsageError("--plugin-ep-library needs --execution-provider NAME (the name the plugin registers)")
     kv = None
+    if kv_dir is not None:
+        kv_dir_free(kv_dir)
     if kv_dir is not None or kv_strategy is not None or kv_dtype is not None:
         kv = KVOptions(kv_dir, **{k: v for k, v in (("strategy", kv_strategy), ("dtype", kv_dtype)) if v is not None})
     if offload_tier is not None and max_device_memory is None:
@@ -497,6 +499,25 @@ def _load_engine_until_the_factory_lands(path, *, backend, backend_options, devi
         return load_engine(path, max_device_memory=offload.max_device_memory, tier=offload.tier, backend=backend)
     kw = dict(kv_dir=kv.dir, kv_strategy=kv.strategy, kv_capacity=kv.capacity, kv_memory=kv.memory) if kv else {}
     return Engine.load(path, backend=backend, device=device, deterministic=deterministic, **kw)
+
+
+def kv_dir_free(kv_dir: str) -> None:
+    """Refuse a KV directory whose store another process holds (flashport.kvstore flocks DIR/LOCK; a second
+    process would run without its disk tier)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the store reports it itself
+        return
+    lock = Path(kv_dir) / "LOCK"
+    if not lock.is_file():
+        return
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"KV directory {kv_dir} is in use by another process (one process per KV "
+                             "directory: give this one another --kv-dir)") from None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _refuse_with_ep(opts) -> None:
@@ -573,13 +594,22 @@ def commands(obj) -> dict[str, object]:
 def _help(words: list[str]) -> int:
     """python-fire's help for `flashport WORDS`: commands and groups, or a command's flags with their types,
     defaults and meanings (from the signature and the docstring's Args section)."""
+    import contextlib
+    import io
+
     import fire
 
-    try:
-        fire.Fire(Cli(), command=[*words, "--help"], name="flashport")
-    except fire.core.FireExit as e:
-        return e.code or 0
-    return 0
+    buf = io.StringIO()  # fire writes help to stderr (or to a pager on a terminal); help belongs on stdout
+    code = 0
+    with contextlib.redirect_stderr(buf):
+        try:
+            fire.Fire(Cli(), command=[*words, "--help"], name="flashport")
+        except fire.core.FireExit as e:
+            code = e.code or 0
+    text = "".join(line for line in buf.getvalue().splitlines(keepends=True)
+                   if not line.startswith("INFO: Showing help"))
+    sys.stdout.write(text.lstrip("\n"))
+    return code
 
 
 def _resolve(argv: list[str]):
@@ -650,7 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader went away (`flashport config | head`): stop quietly; point stdout at devnull so the
         # interpreter's final flush does not fail again (the recipe of the Python docs, "Note on SIGPIPE")
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured)
+            pass
         return 1
     except KeyboardInterrupt:
         print("flashport: interrupted", file=sys.stderr)
