@@ -402,3 +402,11 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(engine):
     roles = [m["role"] for m in s.messages]
     assert roles == ["user", "assistant", "user", "assistant"]  # the conversation went on after the stop
     assert s.turns[0].generated_tokens < 30
+
+
+def test_config_json_value_of_the_wrong_type_is_one_line(tiny_release, tmp_path, capsys):
+    d = json.loads((tiny_release / "config.json").read_text())
+    d["hidden_size"] = "abc"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    err = _one_line_error(capsys, main(["config", str(tmp_path)]))
+    assert "hidden_size must be a whole number, not 'abc'" in err
