@@ -551,8 +551,8 @@ def _needs_module(module: str, command: str) -> None:
 # config: a table with B/M units and the parameters active per token
 # -------------------------------------------------------------------------------------------------------------
 def active_params(cfg, counts: dict[str, int]) -> int:
-    """Parameters one token runs through: everything but the routed experts, plus top-k of them per MoE layer
-    (the embedding counted once, as the release's "active parameters" do; the MTP block apart)."""
+    """Parameters one token runs through: everything but the routed experts (embedding and head included), plus
+    top-k of the routed experts per MoE layer; the MTP block apart, as in `param_count`."""
     routed = counts.get("routed_experts", 0)
     return counts["total"] - routed + routed * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1)
 

@@ -192,7 +192,7 @@ def parse_args(fn, argv: list[str], prog: str) -> dict:
             put(name, flag, argv[i])
             i += 1
         else:
-            raise UsageError(f"{flag} needs a value")
+            raise UsageError(f"{flag} needs a value (write {flag}=VALUE for a value that starts with -)")
     free = [n for n, p in params.items() if n not in out and p.kind == p.POSITIONAL_OR_KEYWORD]
     for v in positionals:
         if not free:
