@@ -610,21 +610,6 @@ def export_model(model: Transformer, out: str | Path, opset: int = 21, accuracy_
     return manifest
 
 
-def load_source(path: str | Path) -> Transformer:
-    """A bundle (manifest.json, packed weights) or a checkpoint directory (fp32 weights) as a Transformer."""
-    path = Path(path)
-    if (path / "manifest.json").exists():
-        from ..export.bundle import load_model
-
-        return load_model(path)
-    from ..checkpoint import CheckpointReader
-
-    reader = CheckpointReader(path)
-    model = Transformer(reader.cfg)
-    model.load_state_dict(reader.load_state_dict())
-    return model
-
-
 def quantize_in_memory(model: Transformer, experts: str | None = "int4-g32", linears: str | None = None) -> Transformer:
     """Give the model's Linears packed weights (`packed = QuantWeight`) like a bundle's: `experts` for routed and
     shared experts, `linears` for every other projection (None: keep fp32). For tests and benchmarks that have
@@ -648,7 +633,9 @@ def export_cli(bundle_or_checkpoint: str, out: str, opset: int = 21, accuracy_le
 
     Put OUT at BUNDLE/onnx and `--backend onnxruntime` finds it; otherwise the backend exports on load.
     """
-    model = load_source(bundle_or_checkpoint)
+    from ..loader import open_model
+
+    model = open_model(bundle_or_checkpoint).model
     m = export_model(model, out, opset=opset, accuracy_level=accuracy_level,
                      dequantize_unsupported=dequantize_unsupported, progress=True, check=check)
     fmts = ", ".join(f"{k} x{v}" for k, v in sorted(m["weight_formats"].items()))

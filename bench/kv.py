@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from flashport.options import KVOptions
+
 
 def _drop_cache(root: Path) -> None:
     """Ask the kernel to forget the page cache of every file under root (reads then come from the disk)."""
@@ -91,13 +93,13 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
         for strat in strategies:
             root = work / f"kv-{n}-{strat.replace(':', '_')}"
             shutil.rmtree(root, ignore_errors=True)
-            eng.enable_kv(root, strat)
+            eng.enable_kv(KVOptions(root, strat))
             _, _, miss = eng.prefill_cached(ids[:n])
             eng.kv.flush()
             written = eng.kv.stats()["disk"]["bytes_written"]
             eng.close()
             _drop_cache(root)
-            eng.enable_kv(root, strat)  # a restart: fresh store, fresh memory tier
+            eng.enable_kv(KVOptions(root, strat))  # a restart: fresh store, fresh memory tier
             _, _, hit = eng.prefill_cached(ids)
             eng.close()
             rate = hit.bytes_read / hit.restore_seconds if hit.restore_seconds else 0.0
@@ -127,7 +129,7 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
         for n in long_sizes:
             root = work / f"long-{n}"
             shutil.rmtree(root, ignore_errors=True)
-            leng.enable_kv(root, "periodic:4096")
+            leng.enable_kv(KVOptions(root, "periodic:4096"))
             ids = torch.randint(2, leng.cfg.vocab_size - 1, (n,), generator=g).tolist()
             t0 = time.perf_counter()
             state, logits, _ = leng.prefill_cached(ids)

@@ -6,7 +6,7 @@ Rows: the fully resident engine, then the offloaded engine with the given share 
 its device budget for experts (half pinned hottest first when routing statistics exist, the rest LRU cache).
 Figures per row: decode tokens/s, the ratio to resident, the cache hit rate (prefetched experts count as hits),
 and expert bytes read from the cold tier per generated token. With ep=2, the same generation under
-`torchrun --nproc-per-node 2 -m flashport.distributed` against one process.
+`flashport generate --ep N` (torchrun) against one process.
 """
 
 from __future__ import annotations
@@ -21,24 +21,25 @@ from pathlib import Path
 import torch
 
 
-def _budget(cfg, recipe, fraction: float) -> int:
-    from flashport.offload import expert_budget
+def _budget(path, fraction: float) -> int:
+    """Device bytes that leave `fraction` of all routed-expert bytes for experts (after the non-expert weights,
+    KV and workspace: flashport.offload.DeviceNeeds)."""
+    from flashport import OffloadOptions, load_engine
 
-    huge = 1 << 40
-    plan, left = expert_budget(cfg, huge, recipe)
-    experts = sum(u.experts for u in plan.usage.values())
-    return huge - left + int(fraction * experts)
+    eng = load_engine(path, backend="torch", offload=OffloadOptions(1 << 40, tier="disk"))
+    needs = eng.offload.needs
+    eng.close()
+    return needs.fixed + int(fraction * needs.experts)
 
 
 def run(path: str = "", preset: str = "flash-mini", recipe: str = "int4-experts", fractions: str = "100,50,25,10",
         tier: str = "disk", prompt_tokens: int = 64, decode_tokens: int = 16, threads: int = 0, ep: int = 2,
         seed: int = 0) -> str:
     """Decode tokens/s vs resident fraction of expert bytes, hit rate, bytes read per token; EP=N vs 1 process."""
+    from flashport import OffloadOptions, load_engine
     from flashport.checkpoint import make_checkpoint
-    from flashport.engine import Engine
-    from flashport.export.bundle import export, read_manifest
+    from flashport.export.bundle import export
     from flashport.model import Linear
-    from flashport.offload import load_engine
 
     if threads:
         torch.set_num_threads(threads)
@@ -47,8 +48,11 @@ def run(path: str = "", preset: str = "flash-mini", recipe: str = "int4-experts"
         src = make_checkpoint(Path(tmp.name) / "ckpt", preset, seed=seed, fmt="release")
         path = str(Path(tmp.name) / "bundle")
         export(src, path, recipe, progress=True)
-    m = read_manifest(path)
-    ids = [0] + [int(x) for x in torch.randint(2, 8000, (prompt_tokens - 1,), generator=torch.Generator().manual_seed(seed))]
+    resident = load_engine(path, backend="torch")
+    text = " ".join(f"word{i}" for i in range(prompt_tokens))
+    ids = resident.encode(text)[:prompt_tokens]
+    text = resident.tokenizer.decode(ids[1:])
+    ids = resident.encode(text)
 
     other = [0] + [int(x) for x in torch.randint(2, 8000, (prompt_tokens - 1,),
                                                  generator=torch.Generator().manual_seed(seed + 1))]
@@ -71,7 +75,6 @@ def run(path: str = "", preset: str = "flash-mini", recipe: str = "int4-experts"
             engine.offload.close()
         return row
 
-    resident = Engine.load(path, backend="torch")
     cfg = resident.cfg
     for mod in resident.model.modules():  # every weight uploaded up front, as the pinned experts are
         if isinstance(mod, Linear):
@@ -83,22 +86,20 @@ def run(path: str = "", preset: str = "flash-mini", recipe: str = "int4-experts"
             f"{'bytes read/token':>17} {'same tokens':>12}",
             f"{'100% (no offload)':>22} {base['decode_tok_s']:>13.2f} {1.0:>12.2f} {'-':>9} {'-':>17} {'-':>12}"]
     for f in [float(x) for x in str(fractions).split(",") if x]:
-        eng = load_engine(path, max_device_memory=_budget(cfg, m["recipe"], f / 100), tier=tier, backend="torch")
+        eng = load_engine(path, backend="torch", offload=OffloadOptions(_budget(path, f / 100), tier=tier))
         r = measure(eng)
         rows.append(f"{f:>21.0f}% {r['decode_tok_s']:>13.2f} {r['decode_tok_s'] / base['decode_tok_s']:>12.2f} "
                     f"{r['hit_rate']:>9.3f} {r['bytes_per_token'] / 2**10:>13.1f} KiB "
                     f"{str(r['tokens'] == base['tokens']):>12}")
     if ep > 1:
-        out = Path(tmp.name) / "ep.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ep}", "-m",
-               "flashport.distributed", "generate", path, f"--prompt_ids={json.dumps(ids)}", "--backend=torch",
-               f"--max_new_tokens={decode_tokens}", f"--json_out={out}"]
+        cmd = [sys.executable, "-m", "flashport.cli", "generate", path, f"--prompt={text}", "--backend=torch",
+               f"--max-new-tokens={decode_tokens}", f"--ep={ep}", "--json"]
         threads_each = max(1, torch.get_num_threads() // ep)
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads_each)})
         if r.returncode != 0:
             rows.append(f"EP={ep}: failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         else:
-            e = json.loads(out.read_text())
+            e = json.loads(r.stdout[r.stdout.index("{"):])
             rows.append(f"EP={ep} ({threads_each} thread(s) per rank, gloo): decode {e['decode_tok_s']:.2f} tok/s vs one "
                         f"process {base['decode_tok_s']:.2f} ({e['decode_tok_s'] / base['decode_tok_s']:.2f}x); "
                         f"same tokens: {e['token_ids'] == base['tokens']}")

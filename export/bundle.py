@@ -1,5 +1,5 @@
-"""Deployment bundles: `flashport export` writes one, `load_model` / `Engine.load` runs one, `flashport inspect`
-summarises one.
+"""Deployment bundles: `flashport export` writes one, `flashport inspect` summarises one; the runtime reads one
+through flashport.bundle (`Engine.load`).
 
     flashport export CHECKPOINT OUT --recipe int4-experts --devices npu:0=64GiB,npu:1=64GiB [--calib text.txt]
     flashport inspect OUT [--verify]
@@ -26,11 +26,8 @@ export skips units whose shards still verify, and a different export (source, re
 into the same directory starts over. The manifest is written last, so a directory without one is never mistaken
 for a finished bundle.
 
-Loading never trusts the bytes blindly. Always: the manifest's own digest (an edited manifest fails), schema and
-format names, every file's size (a truncated shard fails) and safetensors header, each shard's embedded bundle id
-and name (a shard from another bundle or another place fails), every tensor's dtype and shape against its format
-and the config, and each tensor's CRC32C (a flipped byte fails). With verify (parameter or FLASHPORT_VERIFY=1):
-also every file's sha256, the integrity record of the export.
+Reading (flashport.bundle) never trusts the bytes blindly: the manifest's digest, file sizes, headers, bundle ids,
+every tensor's dtype, shape and CRC32C, and with verify every file's sha256.
 
 Exactness: the `release` recipe copies the release's stored bytes (FP8 blocks, MXFP4, bf16) when the source is a
 release-format checkpoint, so a release bundle dequantizes to exactly the checkpoint's values and generates the
@@ -49,15 +46,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import crc32c
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..backends.contract import QuantWeight
-from ..checkpoint import CheckpointError, CheckpointReader, check_safetensors_file, save_tensors
-from ..config import ModelConfig
-from ..model import Linear, Transformer, rope_inv_freq
+from ..bundle import (FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, canonical_json, check_files, expert_index,
+                      manifest_digest, moe_prefix, read_manifest, sha256_file, stored_nbytes, tensor_crc32c)
+from ..checkpoint import CheckpointReader, save_tensors
 from ..quant.formats import FORMATS
 from ..tokenizer import DEFAULT_PATH
 from . import gptq
@@ -67,42 +62,13 @@ from .recipes import Recipe, load_recipe, tensor_class
 
 log = logging.getLogger("flashport.export")
 
-FORMAT = "flashport-bundle"
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 JOURNAL = ".export-journal.json"
 COMMON = "common"
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used (tampered, truncated, mismatched, wrong schema); the message names the file."""
 
 
 # -------------------------------------------------------------------------------------------------------------
 # small helpers
 # -------------------------------------------------------------------------------------------------------------
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _crc(t: torch.Tensor) -> int:
-    t = t.contiguous()
-    return crc32c.crc32c(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
-def _canonical(d: dict) -> bytes:
-    return json.dumps(d, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the manifest without its own `manifest_sha256` field."""
-    return hashlib.sha256(_canonical({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
-
-
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
@@ -141,15 +107,6 @@ def _unit_of(name: str) -> str:
     if parts[0] == "mtp":
         return f"mtp-{int(parts[1])}"
     return "globals"
-
-
-def _moe_prefix(name: str) -> str | None:
-    """'layers.3.ffn.experts.7.w1.weight' -> 'layers.3' (routed experts only)."""
-    return name.split(".ffn.experts.")[0] if ".ffn.experts." in name else None
-
-
-def _expert_index(name: str) -> int:
-    return int(name.split(".ffn.experts.")[1].split(".")[0])
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -211,7 +168,7 @@ class _Unit:
         for f in files:
             self.shards[f].update({f"{name}:{k}": v for k, v in packed.items()})
         self.entries[name] = {"format": fmt, "shape": list(shape), "class": cls, "layer": layer, "files": files,
-                              "crc32c": {k: _crc(v) for k, v in packed.items()}}
+                              "crc32c": {k: tensor_crc32c(v) for k, v in packed.items()}}
 
 
 def _unit_names(names: list[str]) -> dict[str, list[str]]:
@@ -244,8 +201,8 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
     placement = make_plan(cfg, devices, recipe, cal.routing_stats() if cal else None, context, sequences, mode,
                           kv_dtype, names=names)
     source = source_identity(reader)
-    calib_id = hashlib.sha256(_canonical(cal.routing_stats())).hexdigest() if cal else None
-    bundle_id = hashlib.sha256(_canonical({"schema": SCHEMA_VERSION, "source": source["sha256"],
+    calib_id = hashlib.sha256(canonical_json(cal.routing_stats())).hexdigest() if cal else None
+    bundle_id = hashlib.sha256(canonical_json({"schema": SCHEMA_VERSION, "source": source["sha256"],
                                            "recipe": recipe.to_dict(), "placement": placement.placement,
                                            "calibration": calib_id})).hexdigest()[:32]
     out = Path(out)
@@ -390,7 +347,7 @@ def _pack_unit(u: _Unit, reader, cfg, recipe: Recipe, formats, shapes, names, pl
         if lc is not None and lc.x is not None and recipe.calibrated(name, fmt, cfg):
             base = name.rsplit(".", 2)[0]  # layers.N.ffn.experts.E / layers.N.ffn.shared_experts
             if base not in hidden_in:
-                hidden_in[base] = lc.rows(_expert_index(name)) if cls == "experts" else lc.x
+                hidden_in[base] = lc.rows(expert_index(name)) if cls == "experts" else lc.x
             rows = hidden_in[base]
             if len(rows):
                 if name.endswith(".w2.weight"):
@@ -402,10 +359,10 @@ def _pack_unit(u: _Unit, reader, cfg, recipe: Recipe, formats, shapes, names, pl
         packed = pack_tensor(reader, name, fmt, H)
         if name.endswith((".w1.weight", ".w3.weight")) and H is not None:
             packed_w[name] = packed
-        prefix_e = _moe_prefix(name)
+        prefix_e = moe_prefix(name)
         parts = [COMMON] if prefix_e is None else [
             next(d.partition for d in placement.devices if d.name == dev)
-            for dev in placement.devices_of(prefix_e, _expert_index(name))]
+            for dev in placement.devices_of(prefix_e, expert_index(name))]
         u.add(name, fmt, shape, cls, layer, parts, packed)
 
 
@@ -430,162 +387,6 @@ def export_cli(src: str, out: str, recipe: str = "int4-experts", devices: str = 
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Reading and checking
-# -------------------------------------------------------------------------------------------------------------
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of bundle directory `path`, checked: format, schema version, own digest."""
-    path = Path(path)
-    mf = path / MANIFEST
-    if not mf.exists():
-        raise BundleError(f"{path}: no {MANIFEST} (not a bundle, or an export that did not finish)")
-    try:
-        m = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mf}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise BundleError(f"{mf}: not a flashport bundle manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
-    if m.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"{mf}: schema version {m.get('schema_version')!r}; this flashport reads version "
-                          f"{SCHEMA_VERSION}: re-export the bundle")
-    if m.get("manifest_sha256") != manifest_digest(m):
-        raise BundleError(f"{mf}: the manifest was modified after export (its digest does not match); re-export "
-                          "the bundle")
-    for key in ("config", "tensors", "files", "bundle_id"):
-        if key not in m:
-            raise BundleError(f"{mf}: missing field {key!r}")
-    return m
-
-
-def check_files(path: str | Path, manifest: dict, verify: bool = False, progress: bool = False) -> None:
-    """Sizes, safetensors headers and embedded bundle ids always; sha256 with verify. Raises BundleError."""
-    path = Path(path)
-    for rel, info in tqdm(manifest["files"].items(), desc="verify", unit="file", disable=not progress):
-        p = path / rel
-        if not p.exists():
-            raise BundleError(f"{p}: missing file of bundle {path}")
-        size = p.stat().st_size
-        if size != info["size"]:
-            raise BundleError(f"{p}: {size} bytes, the manifest says {info['size']} (truncated or replaced)")
-        if rel.endswith(".safetensors"):
-            try:
-                check_safetensors_file(p)
-            except CheckpointError as e:
-                raise BundleError(str(e)) from None
-        if rel.endswith(".safetensors") and "/" in rel:  # weight shards carry the bundle id and their own name
-            with safe_open(p, "pt") as f:
-                meta = f.metadata() or {}
-            if meta.get("bundle_id") != manifest["bundle_id"] or meta.get("shard") != rel:
-                raise BundleError(f"{p}: shard of bundle {meta.get('bundle_id')!r} ({meta.get('shard')!r}), not of "
-                                  f"this bundle {manifest['bundle_id']!r} ({rel!r}): a file from another export")
-        if verify and sha256_file(p) != info["sha256"]:
-            raise BundleError(f"{p}: sha256 does not match the manifest (corrupted or modified)")
-
-
-def _verify_default(verify: bool | None) -> bool:
-    return os.environ.get("FLASHPORT_VERIFY", "") not in ("", "0") if verify is None else bool(verify)
-
-
-def _expected_specs(fmt: str, shape: list[int]) -> dict[str, tuple[tuple, torch.dtype]]:
-    if fmt == "fp32":
-        return {"weight": (tuple(shape), torch.float32)}
-    if fmt == "int64":
-        return {"weight": (tuple(shape), torch.int64)}
-    if fmt not in FORMATS:
-        raise BundleError(f"unknown weight format {fmt!r} in the manifest")
-    return {k: (s.shape, s.dtype) for k, s in FORMATS[fmt].packed_shapes(*shape).items()}
-
-
-def load_model(path: str | Path, verify: bool | None = None, progress: bool = False) -> Transformer:
-    """Build the model of bundle `path`: Linears get `packed = QuantWeight` (their fp32 weight is freed), the other
-    tensors (norms, router, hyper-connections, sinks, embed) become fp32 parameters. Raises BundleError on any
-    mismatch; verify (default: FLASHPORT_VERIFY=1) also checks every file's sha256."""
-    path = Path(path)
-    m = read_manifest(path)
-    check_files(path, m, _verify_default(verify), progress)
-    try:
-        cfg = ModelConfig.from_dict(m["config"])
-    except Exception as e:
-        raise BundleError(f"{path / MANIFEST}: bad model config ({e})") from None
-    shapes = model_shapes(cfg)
-    entries = m["tensors"]
-    has_mtp = any(n.startswith("mtp.") for n in entries)
-    want = {n for n in shapes if has_mtp or not n.startswith("mtp.")}
-    if set(entries) != want:
-        extra, lack = sorted(set(entries) - want), sorted(want - set(entries))
-        raise BundleError(f"{path}: manifest tensors do not match the {cfg.name} config: "
-                          + (f"missing {lack[0]!r} ({len(lack)} in all) " if lack else "")
-                          + (f"unexpected {extra[0]!r} ({len(extra)} in all)" if extra else ""))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if not has_mtp:
-        model.mtp = torch.nn.ModuleList()
-    handles: dict[str, object] = {}
-    try:
-        for name in tqdm(sorted(entries), desc="load", unit="tensor", disable=not progress):
-            e = entries[name]
-            if list(e["shape"]) != list(shapes[name]):
-                raise BundleError(f"{name}: shape {e['shape']} in the manifest, the config implies {list(shapes[name])}")
-            rel = e["files"][0]
-            if rel not in m["files"]:
-                raise BundleError(f"{name}: file {rel!r} is not listed in the manifest's files")
-            if rel not in handles:
-                handles[rel] = safe_open(path / rel, "pt")
-            packed = _read_tensor(handles[rel], path / rel, name, e)
-            _install(model, name, e, packed)
-    finally:
-        handles.clear()
-    _rebuild_buffers(model)
-    for name, a in list(model.named_parameters()) + list(model.named_buffers()):
-        if a.is_meta:
-            raise BundleError(f"{path}: {name} was not loaded")
-    return model.eval()
-
-
-def _read_tensor(handle, file: Path, name: str, e: dict) -> dict[str, torch.Tensor]:
-    specs = _expected_specs(e["format"], e["shape"])
-    out = {}
-    for key, (shape, dtype) in specs.items():
-        try:
-            t = handle.get_tensor(f"{name}:{key}")
-        except Exception:
-            raise BundleError(f"{file}: tensor {name}:{key} is missing") from None
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise BundleError(f"{file}: {name}:{key} is {t.dtype} {tuple(t.shape)}, format {e['format']} needs "
-                              f"{dtype} {tuple(shape)}")
-        if _crc(t) != e["crc32c"].get(key):
-            raise BundleError(f"{file}: {name}:{key} fails its CRC32C check (corrupted)")
-        out[key] = t
-    return out
-
-
-def _install(model: Transformer, name: str, e: dict, packed: dict[str, torch.Tensor]) -> None:
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name)
-    fmt = e["format"]
-    if isinstance(mod, Linear) and leaf == "weight":
-        mod.handles = {}
-        if fmt == "fp32":
-            mod.weight, mod.packed = torch.nn.Parameter(packed["weight"], requires_grad=False), None
-        else:  # the packed weight is the weight: no fp32 copy is kept
-            mod.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-            mod.packed = QuantWeight(fmt, tuple(e["shape"]), packed)
-        return
-    t = _dequant(fmt, packed)
-    if leaf in mod._buffers:
-        mod._buffers[leaf] = t
-    else:
-        setattr(mod, leaf, torch.nn.Parameter(t.float() if t.is_floating_point() else t, requires_grad=False))
-
-
-def _rebuild_buffers(model: Transformer) -> None:
-    """Non-persistent buffers (the RoPE tables) are computed, not stored: rebuild them off the meta device."""
-    for mod in model.modules():
-        buf = mod._buffers.get("inv_freq")
-        if buf is not None and buf.is_meta:
-            mod._buffers["inv_freq"] = rope_inv_freq(model.cfg, compressed=mod.kind != "swa")
-
-
-# -------------------------------------------------------------------------------------------------------------
 # inspect
 # -------------------------------------------------------------------------------------------------------------
 def inspect_cli(bundle: str, verify: bool = False) -> str:
@@ -607,7 +408,7 @@ def inspect_cli(bundle: str, verify: bool = False) -> str:
         n = 1
         for s in e["shape"]:
             n *= s
-        b = sum(_nbytes(s, d) for s, d in _expected_specs(e["format"], e["shape"]).values())
+        b = stored_nbytes(e)
         row = by_fmt[e["format"]]
         row[0], row[1], row[2] = row[0] + 1, row[1] + n, row[2] + b
     rows.append(f"{'format':<26} {'tensors':>8} {'params':>12} {'MiB':>10} {'bits/param':>10}")
@@ -625,10 +426,3 @@ def inspect_cli(bundle: str, verify: bool = False) -> str:
     rows += ["", Plan.from_dict(m["placement"]).table()]
     rows.append(f"\nchecks: sizes, headers, bundle ids{', sha256 of every file' if verify else ''}: OK")
     return "\n".join(rows)
-
-
-def _nbytes(shape, dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * dtype.itemsize

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
+from ..bundle import ROUTING_STATS, load_routing_stats
 from ..checkpoint import CheckpointReader, save_tensors
 from ..config import ModelConfig
 from ..model import Block, LayerState
@@ -40,7 +41,6 @@ from ..tokenizer import Tokenizer
 
 log = logging.getLogger("flashport.export")
 
-ROUTING_STATS = "routing_stats.json"
 ACTIVATION_STATS = "activation_stats.safetensors"
 
 
@@ -139,22 +139,6 @@ class Calibration:
             cal.layers[k] = LayerCalib(torch.tensor(counts), act.get(f"{k}.x_sq", torch.zeros(0)),
                                        act.get(f"{k}.h_sq", torch.zeros(0)))
         return cal
-
-
-def load_routing_stats(path: str | Path) -> dict:
-    """routing_stats.json (a file, or a directory / bundle holding one) -> {"tokens", "layers": {prefix: counts}}."""
-    path = Path(path)
-    f = path / ROUTING_STATS if path.is_dir() else path
-    if not f.exists():
-        raise FileNotFoundError(f"no routing statistics at {f} (write them with flashport export --calib, or "
-                                "flashport.export.calibrate.calibrate(...).save(dir))")
-    try:
-        d = json.loads(f.read_text())
-        if not isinstance(d["layers"], dict) or not isinstance(d["tokens"], int):
-            raise TypeError("layers must be a mapping and tokens an int")
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{f}: not a routing statistics file ({e})") from None
-    return d
 
 
 def load_layer(reader: CheckpointReader, i: int) -> tuple[Block, dict[str, Tensor]]:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..kv import kv_layout
-from ..model import param_shapes
+from ..model import param_shapes, workspace_bytes
 from .recipes import Recipe, load_recipe, tensor_class, format_nbytes
 
 
@@ -148,17 +148,6 @@ def kv_bytes(cfg: ModelConfig, kv_dtype: str = "fp32") -> tuple[float, float]:
         raise PlanError(f"unknown kv_dtype {kv_dtype!r}; use {', '.join(KV_VALUE_BYTES)}")
     lay = kv_layout(cfg, KV_VALUE_BYTES[kv_dtype])
     return lay.compressed_per_token, lay.fixed_per_seq
-
-
-def workspace_bytes(cfg: ModelConfig, chunk: int, context: int) -> int:
-    """Activations of one prefill chunk of `chunk` tokens at `context` (an estimate; see the module docstring)."""
-    T = min(chunk, max(context, 1))
-    keys = cfg.sliding_window + T + max(cfg.index_topk, context // cfg.hca_rate)  # keys one query sees at most
-    per_token = (3 * cfg.hc_mult * cfg.hidden_size                        # streams in / out / mixed
-                 + cfg.num_attention_heads * (2 * cfg.head_dim + keys)    # q, output, attention logits
-                 + cfg.q_lora_rank + cfg.index_n_heads * cfg.index_head_dim
-                 + cfg.num_experts_per_tok * (2 * cfg.moe_intermediate_size + cfg.hidden_size))
-    return 4 * (T * per_token + cfg.vocab_size)
 
 
 def _gib(n: float | None) -> str:

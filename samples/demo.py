@@ -20,7 +20,7 @@ else:
         flashport.make_checkpoint(model_dir, "flash-tiny", seed=0)
 
 kv_dir = Path(tempfile.mkdtemp(prefix="flashport-demo-kv-"))  # a local KV directory, fresh for each demo
-engine = flashport.Engine.load(model_dir, kv_dir=kv_dir, kv_strategy="periodic:256")
+engine = flashport.Engine.load(model_dir, kv=flashport.KVOptions(kv_dir, "periodic:256"))
 prompt = sys.argv[1] if len(sys.argv) > 1 else "If the"  # the model learnt stdlib docstrings
 print(f"model: {model_dir.relative_to(ROOT)}  ({engine.cfg.param_count()['total'] / 1e6:.1f}M parameters, "
       f"backend {engine.model.ops.backend.name})")

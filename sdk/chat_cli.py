@@ -22,20 +22,17 @@ UNCLOSED_THINKING = ("(the reply ended inside its thinking, before </think>: rai
 
 
 def chat(engine, mode: str = "chat", system: str = "", sampling: dict | None = None) -> None:
-    """Chat with a loaded engine in the terminal until /quit or end of input; closes the engine at the end."""
+    """Chat with a loaded engine in the terminal until /quit or end of input (`flashport chat`, which loads the
+    engine with the engine flags and closes it after)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    try:
-        session = Session(engine, mode=mode, system=system or None)
-        if sys.stdin.isatty():
-            try:
-                import readline  # noqa: F401 - importing it gives input() line editing and history
-            except ImportError:  # not on every platform (Windows): plain input
-                pass
-        run_chat(session, sampling or {})
-    finally:
-        if callable(getattr(engine, "close", None)):
-            engine.close()
+    session = Session(engine, mode=mode, system=system or None)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing and history
+        except ImportError:  # not on every platform (Windows): plain input
+            pass
+    run_chat(session, sampling or {})
 
 
 def _stream_reply(session: Session, sampling: dict, out):

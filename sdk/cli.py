@@ -77,30 +77,30 @@ class Cli:
         _check_sampling(max_new_tokens, temperature, top_p, seed)
         if not prompt:
             raise UsageError("generate needs a prompt: flashport generate PATH --prompt TEXT")
+        from .engine import run_command
+        from .options import flags_of
+
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout)
-        if ep > 1:
-            from .distributed import launch
-
-            _refuse_with_ep(opts)
-            return launch(path, ep, "generate", prompt=prompt, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, seed=seed, backend=backend,
-                          pg_backend=opts.parallel.pg_backend, timeout=opts.parallel.timeout)
-        engine = load(path, opts)
+        command = ["generate", path, *flags_of(Cli.generate, locals())]  # what each rank runs under --ep
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        if json or not stream:
-            out = engine.generate(prompt, **sampling)
-            if json:
-                return _dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
-                              "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
-                              "decode_tok_s": round(out.decode_tok_s, 2)})
-            print(out.text)
-            return None
-        for piece in engine.generate(prompt, stream=True, **sampling):
-            print(piece, end="", flush=True)
-        print()
-        return None
+
+        def run(engine):
+            if json or not stream:
+                out = engine.generate(prompt, **sampling)
+                if json:
+                    print(_dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
+                                 "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
+                                 "decode_tok_s": round(out.decode_tok_s, 2)}), flush=True)
+                else:
+                    print(out.text, flush=True)
+                return
+            for piece in engine.generate(prompt, stream=True, **sampling):
+                print(piece, end="", flush=True)
+            print(flush=True)
+
+        run_command(path, opts, run, command)
 
     @_engine_doc
     def chat(self, path: str, mode: str = "chat", system: str = "", max_new_tokens: int = 512,
@@ -124,22 +124,23 @@ class Cli:
         """
         from .chat import MODES
         from .chat_cli import chat
+        from .engine import run_command
 
         one_of("--mode", mode, MODES)
         _check_sampling(max_new_tokens, temperature, top_p, seed)
+        if ep > 1:
+            raise UsageError(f"chat is one interactive process: run `flashport serve PATH --ep {ep}` and chat "
+                             "through a client")
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout)
-        if ep > 1:
-            raise UsageError("chat runs in one process: --ep works with generate and serve")
         print(f"flashport: loading {path} ...", file=sys.stderr, flush=True)
-        engine = load(path, opts)
-        chat(engine, mode, system, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                        seed=seed))
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        run_command(path, opts, lambda engine: chat(engine, mode, system, sampling), ["chat", path])
 
     @_engine_doc
     def serve(self, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-              max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
+              api_key_file: str | None = None, max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
               max_tokens: int = 256, model_name: str = "", prefix_pool: int = 16, log_level: str = "info",
               shutdown_timeout: float = 30.0,
               backend: str = "auto", execution_provider: str | None = None, plugin_ep_library: str | None = None,
@@ -153,7 +154,10 @@ class Cli:
             path: a checkpoint or bundle directory.
             host: address to listen on (127.0.0.1: this machine only).
             port: TCP port (0-65535).
-            api_key: required as `Authorization: Bearer KEY` on /v1/* (default: $FLASHPORT_API_KEY, else none).
+            api_key: required as `Authorization: Bearer KEY` on /v1/* (default: the first line of
+                --api-key-file, else $FLASHPORT_API_KEY, else none; a command line is visible to every user of the
+                machine: prefer the file or the variable).
+            api_key_file: a file whose first line is the API key.
             max_queue: waiting requests before 429 (>= 1).
             max_batch: sequences decoded together (>= 1).
             max_body: request bytes before 413 (>= 1).
@@ -173,24 +177,23 @@ class Cli:
                             ("--prefix-pool", prefix_pool, 0), ("--shutdown-timeout", shutdown_timeout, 0)):
             at_least(flag, v, lo)
         one_of("--log-level", log_level, ("critical", "error", "warning", "info", "debug", "trace"))
-        opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
-                              deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
-                              pg_backend, timeout)
+        if api_key_file is not None and not Path(api_key_file).is_file():
+            raise UsageError(f"--api-key-file: {api_key_file} does not exist")
+        engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
+                       kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep, pg_backend, timeout)
         _needs_module("uvicorn", "serve")
-        api_key = api_key or os.environ.get("FLASHPORT_API_KEY") or None
-        if ep > 1:
-            from .distributed import launch
+        from .server import serve_cli
 
-            _refuse_with_ep(opts)
-            return launch(path, ep, "serve", host=host, port=port, backend=backend,
-                          pg_backend=opts.parallel.pg_backend, timeout=opts.parallel.timeout, api_key=api_key,
-                          max_batch=max_batch, max_tokens=max_tokens, model_name=model_name, log_level=log_level)
-        from .server import run_server
-
-        engine = load(path, opts)
-        run_server(engine, host, port, api_key, log_level, shutdown_timeout, model_name=model_name or None,
-                   max_queue=max_queue, max_batch=max_batch, max_body=max_body, max_context=max_context,
-                   default_max_tokens=max_tokens, prefix_pool=prefix_pool)
+        # serve_cli builds the same options (flashport.options.engine_options) and runs the server on the engine
+        given = {k: v for k, v in dict(
+            api_key=api_key, api_key_file=api_key_file, execution_provider=execution_provider,
+            plugin_ep_library=plugin_ep_library, backend_option=backend_option, device=device, kv_dir=kv_dir,
+            kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory,
+            offload_tier=offload_tier, pg_backend=pg_backend, timeout=timeout).items() if v is not None}
+        serve_cli(path, host=host, port=port, max_queue=max_queue, max_batch=max_batch, max_body=max_body,
+                  max_context=max_context, max_tokens=max_tokens, backend=backend, deterministic=deterministic,
+                  model_name=model_name, prefix_pool=prefix_pool, log_level=log_level,
+                  shutdown_timeout=shutdown_timeout, ep=ep, **given)
 
     def make_checkpoint(self, preset: str = "flash-tiny", out: str | None = None, seed: int = 0,
                         format: str = "release", force: bool = False):
@@ -437,68 +440,28 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
                    kv_strategy: str | None = None, kv_dtype: str | None = None, max_device_memory: str | None = None,
                    offload_tier: str | None = None, ep: int = 1, pg_backend: str | None = None,
                    timeout: float | None = None):
-    """The EngineOptions record of the engine flags, checked (raises UsageError / OptionError naming the flag).
-    Flags that only mean something beside another (--kv-strategy without a KV cache, --pg-backend without --ep)
-    are refused rather than ignored."""
-    from .options import EngineOptions, KVOptions, OffloadOptions, ParallelOptions, parse_backend_options
+    """The EngineOptions of the engine flags of generate, chat and serve (flashport.options.engine_options, which
+    serve_cli uses too), after the checks only the command line needs: PATH exists, the KV directory is not held
+    by another process, and flags that only mean something beside another (--pg-backend without --ep) are
+    refused rather than ignored. Raises UsageError / OptionError naming the flag."""
+    from . import options
 
     existing_dir("PATH", path)
-    backend_options = parse_backend_options(backend_option)
-    for flag, v, key in (("--execution-provider", execution_provider, "ep"),
-                         ("--plugin-ep-library", plugin_ep_library, "plugin_ep_library")):
-        if v is None:
-            continue
-        if backend != "onnxruntime":
-            raise UsageError(f"{flag} is an ONNX Runtime option: add --backend onnxruntime")
-        backend_options[key] = v
-    if plugin_ep_library is not None:
-        if not Path(plugin_ep_library).is_file():
-            raise UsageError(f"--plugin-ep-library: {plugin_ep_library} does not exist")
-        if execution_provider is None:
-            raise UsageError("--plugin-ep-library needs --execution-provider NAME (the name the plugin registers)")
-    kv = None
-    if kv_dir is not None:
-        kv_dir_free(kv_dir)
-    if kv_dir is not None or kv_strategy is not None or kv_dtype is not None:
-        kv = KVOptions(kv_dir, **{k: v for k, v in (("strategy", kv_strategy), ("dtype", kv_dtype)) if v is not None})
-    if offload_tier is not None and max_device_memory is None:
-        raise UsageError("--offload-tier applies with --max-device-memory SIZE")
-    offload = None if max_device_memory is None else \
-        OffloadOptions(max_device_memory, **({"tier": offload_tier} if offload_tier is not None else {}))
     at_least("--ep", ep, 1)
     if ep == 1 and (pg_backend is not None or timeout is not None):
         raise UsageError(f"{'--pg-backend' if pg_backend is not None else '--timeout'} applies with --ep N (N >= 2)")
-    parallel = None if ep == 1 else ParallelOptions(ep, *(v for v in (pg_backend or "gloo", timeout) if v is not None))
-    return EngineOptions(backend, backend_options, device, deterministic, kv, offload, parallel)
-
-
-def load(path: str, opts):
-    """flashport.load_engine(path, ...) with the options of `engine_options`; a KV directory that another process
-    holds is refused in one line."""
-    import flashport
-
-    factory = getattr(flashport, "load_engine", None) or _load_engine_until_the_factory_lands
-    try:
-        return factory(path, backend=opts.backend, backend_options=opts.backend_options, device=opts.device,
-                       deterministic=opts.deterministic, kv=opts.kv, offload=opts.offload, parallel=opts.parallel)
-    except BlockingIOError:
-        raise UsageError(f"KV directory {opts.kv.dir if opts.kv else ''} is in use by another process "
-                         "(one process per KV directory)") from None
-
-
-def _load_engine_until_the_factory_lands(path, *, backend, backend_options, device, deterministic, kv, offload,
-                                         parallel):
-    # TEMPORARY: the signature of flashport.load_engine (sdk/engine.py, being written); delete once it is exported.
-    from .engine import Engine
-
-    if backend_options:
-        raise UsageError("backend options need flashport.load_engine, which this build does not have yet")
-    if offload is not None:
-        from .offload import load_engine
-
-        return load_engine(path, max_device_memory=offload.max_device_memory, tier=offload.tier, backend=backend)
-    kw = dict(kv_dir=kv.dir, kv_strategy=kv.strategy, kv_capacity=kv.capacity, kv_memory=kv.memory) if kv else {}
-    return Engine.load(path, backend=backend, device=device, deterministic=deterministic, **kw)
+    if kv_dir is None and kv_dtype is not None:
+        raise UsageError("--kv-dtype applies with --kv-dir DIR")
+    if plugin_ep_library is not None and execution_provider is None:
+        raise UsageError("--plugin-ep-library needs --execution-provider NAME (the name the plugin registers)")
+    if kv_dir is not None and "WORLD_SIZE" not in os.environ:  # checked once, before torchrun starts the ranks
+        kv_dir_free(kv_dir)
+    given = {k: v for k, v in dict(
+        backend=backend, execution_provider=execution_provider, plugin_ep_library=plugin_ep_library,
+        backend_option=backend_option, device=device, deterministic=deterministic, kv_dir=kv_dir,
+        kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory, offload_tier=offload_tier,
+        ep=ep, pg_backend=pg_backend, timeout=timeout).items() if v is not None}
+    return options.engine_options(**given)
 
 
 def kv_dir_free(kv_dir: str) -> None:
@@ -518,16 +481,6 @@ def kv_dir_free(kv_dir: str) -> None:
             raise UsageError(f"KV directory {kv_dir} is in use by another process (one process per KV "
                              "directory: give this one another --kv-dir)") from None
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def _refuse_with_ep(opts) -> None:
-    # flashport.distributed.launch carries the backend, pg backend and timeout to the ranks, not the other options
-    for flag, given in (("--kv-dir/--kv-strategy/--kv-dtype", opts.kv is not None),
-                        ("--max-device-memory", opts.offload is not None),
-                        ("--backend-option/--execution-provider", bool(opts.backend_options)),
-                        ("--device", opts.device is not None), ("--deterministic", opts.deterministic)):
-        if given:
-            raise UsageError(f"{flag} does not work with --ep yet (expert-parallel ranks do not receive it)")
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
@@ -649,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     from .backends import BackendError
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .distributed import EPError
     from .engine import RequestError
     from .options import OptionError
     from .tokenizer import TokenizerFileError
@@ -659,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.remove("--debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    user_errors = (UsageError, OptionError, BackendError, CheckpointError, ConfigError, RequestError,
+    user_errors = (UsageError, OptionError, BackendError, CheckpointError, ConfigError, EPError, RequestError,
                    TokenizerFileError, FileNotFoundError, NotADirectoryError, ValueError, KeyError)
     try:
         if argv[:1] in (["--version"], ["-V"]):

@@ -1,8 +1,12 @@
 """Expert parallelism (EP) over torch.distributed: each rank holds a slice of every layer's routed experts.
 
-    torchrun --nproc-per-node 2 -m flashport.distributed generate BUNDLE --prompt "Hello" [--pg-backend gloo]
-    torchrun --nproc-per-node 8 -m flashport.distributed serve BUNDLE --port 8000 --pg-backend nccl
-    flashport.distributed.launch(BUNDLE, ep=2, command="generate", prompt="Hello")   # starts torchrun itself
+    flashport generate BUNDLE --prompt "Hello" --ep 2 [--pg-backend gloo]    # starts torchrun itself
+    flashport serve BUNDLE --port 8000 --ep 8 --pg-backend nccl
+    torchrun --nproc-per-node 2 -m flashport.cli generate BUNDLE --prompt "Hello" --ep 2   # the same, by hand
+
+Every rank runs the same command; `flashport.load_engine(..., parallel=ParallelOptions(ep=N))` loads the rank's
+part (`rank_plan`) and wires it (`EPRunner`); `flashport.engine.drive` runs the command on rank 0 while the
+other ranks follow.
 
 Layout. Rank r maps `common/` (attention, shared experts, router, embeddings: replicated on every rank) and only
 its own expert partition of the bundle (the r-th accelerator of the bundle's ep-mode placement, e.g. `npu1/`);
@@ -39,7 +43,6 @@ For nccl, set TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (done here by default) so the ti
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import subprocess
@@ -50,8 +53,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .bundle import KeepExpert, is_bundle, moe_prefix, read_manifest
+from .config import ModelConfig
 from .model import MoE, Transformer
-from .offload import load_bundle_partial, moe_layers
+from .offload import moe_layers
 
 log = logging.getLogger("flashport.distributed")
 
@@ -280,144 +285,31 @@ class EPRunner:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading a rank
+# What a rank loads, and starting the ranks
 # ---------------------------------------------------------------------------------------------------------------
-def load_rank_model(path: str | Path, ep: EPGroup) -> tuple[Transformer, dict[str, list[list[int]]], dict | None]:
-    """This rank's model: replicated common weights + only its experts. -> (model, holders, manifest)."""
-    from .checkpoint import CheckpointReader
-    from .export.bundle import MANIFEST, read_manifest
-
+def rank_plan(path: str | Path, ep: EPGroup) -> tuple[KeepExpert, dict[str, list[list[int]]], str | None]:
+    """What rank `ep.rank` loads of the model at `path` -> (keep_expert for flashport.loader.open_model, holders:
+    MoE prefix -> per expert the ranks holding it, the bundle partition to read replicated experts from).
+    A bundle exported for expert parallelism follows its placement; anything else is split in contiguous
+    blocks of experts per rank."""
     path = Path(path)
-    if (path / MANIFEST).exists():
+    if is_bundle(path):
         m = read_manifest(path)
-        cfg = m["config"]
-        prefixes = sorted({n.split(".ffn.experts.")[0] for n in m["tensors"] if ".ffn.experts." in n})
-        holders, parts = rank_holders(m, prefixes, cfg["n_routed_experts"], ep.world)
-        model, m = load_bundle_partial(path, lambda p, e: ep.rank in holders[p][e], prefer_partition=parts[ep.rank])
-        return model, holders, m
-    reader = CheckpointReader(path)
-    model = Transformer(reader.cfg)
-    sd = reader.load_state_dict()
-    model.load_state_dict(sd)
-    holders = {p: contiguous_holders(reader.cfg.n_routed_experts, ep.world) for p, _ in moe_layers(model)}
-    from .backends.contract import QuantWeight
-
-    for p, moe in moe_layers(model):  # drop the experts held elsewhere (placeholders with their format)
-        for e, ex in enumerate(moe.experts):
-            if ep.rank not in holders[p][e]:
-                for lin in (ex.w1, ex.w2, ex.w3):
-                    shape = tuple(lin.weight.shape)
-                    lin.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-                    lin.packed, lin.handles = QuantWeight("fp32", shape, {}), {}
-    return model, holders, None
+        prefixes = sorted({p for n in m["tensors"] if (p := moe_prefix(n)) is not None})
+        holders, parts = rank_holders(m, prefixes, m["config"]["n_routed_experts"], ep.world)
+        partition = parts[ep.rank]
+    else:
+        cfg = ModelConfig.from_file(path / "config.json")
+        prefixes = [f"layers.{i}" for i in range(cfg.num_hidden_layers)] + \
+            [f"mtp.{j}" for j in range(cfg.num_nextn_predict_layers)]
+        holders, partition = {p: contiguous_holders(cfg.n_routed_experts, ep.world) for p in prefixes}, None
+    return (lambda prefix, e: ep.rank in holders[prefix][e]), holders, partition
 
 
-def load_engine(path: str | Path, ep: EPGroup, backend: str = "auto", **engine_kwargs):
-    """This rank's Engine (rank 0 drives it; the others call `engine.ep_runner.follow()`)."""
-    from .backends import Ops, create
-    from .engine import Engine
-    from .tokenizer import Tokenizer
-
-    model, holders, _ = load_rank_model(path, ep)
-    model.set_ops(Ops(create(backend)))
-    runner = EPRunner(model, ep, holders)
-    tok_file = Path(path) / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
-    engine = Engine(model, tokenizer, Path(path), **engine_kwargs)
-    engine.ep_runner = runner
-    return engine
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Commands (run under torchrun)
-# ---------------------------------------------------------------------------------------------------------------
-def _run_rank(path, pg_backend, timeout, backend, driver) -> int:
-    ep = EPGroup(pg_backend, timeout)
-    try:
-        engine = load_engine(path, ep, backend=backend)
-        if ep.rank != 0:
-            engine.ep_runner.follow()
-            return 0
-        try:
-            driver(engine)
-        finally:
-            engine.ep_runner.shutdown()
-        return 0
-    except EPError as e:
-        print(f"flashport: error: {e}", file=sys.stderr, flush=True)
-        return 3
-    finally:
-        ep.close()
-
-
-def generate_cli(path: str, prompt: str = "", max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, backend: str = "auto", pg_backend: str = "gloo", timeout: float = 30.0,
-                 json_out: str = "", prompt_ids: str | list | None = None) -> None:
-    """Generate from PATH with expert parallelism; run under torchrun (one process per rank). Rank 0 prints the
-    text (and with json_out writes token ids and timings there). prompt_ids: token ids (a JSON list) instead
-    of prompt text. pg_backend: gloo | nccl | hccl | ...; timeout: seconds a collective may wait for a peer
-    before the request fails."""
-    if isinstance(prompt_ids, str):
-        prompt_ids = json.loads(prompt_ids)
-
-    def drive(engine):
-        out = engine.generate(list(prompt_ids) if prompt_ids else prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed)
-        print(out.text, flush=True)
-        if json_out:
-            Path(json_out).write_text(json.dumps({
-                "token_ids": out.token_ids, "text": out.text, "world_size": engine.ep_runner.ep.world,
-                "prefill_tok_s": out.prefill_tok_s, "decode_tok_s": out.decode_tok_s}))
-
-    _exit_on_failure(_run_rank(path, pg_backend, timeout, backend, drive))
-
-
-def _exit_on_failure(rc: int) -> None:
-    if rc:
-        sys.exit(rc)
-
-
-def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, backend: str = "auto", pg_backend: str = "gloo",
-              timeout: float = 30.0, api_key: str | None = None, max_batch: int = 32, max_tokens: int = 256,
-              model_name: str = "", log_level: str = "info") -> None:
-    """Serve PATH with expert parallelism under torchrun: rank 0 runs the OpenAI-compatible server
-    (flashport.server), the other ranks serve their experts."""
-    def drive(engine):
-        from .server import run_server
-
-        print(f"flashport: expert parallelism over {engine.ep_runner.ep.world} ranks", flush=True)
-        run_server(engine, host, port, api_key or os.environ.get("FLASHPORT_API_KEY") or None, log_level,
-                   model_name=model_name or None, max_batch=max_batch, default_max_tokens=max_tokens)
-
-    _exit_on_failure(_run_rank(path, pg_backend, timeout, backend, drive))
-
-
-def launch(path: str, ep: int, command: str = "generate", **kwargs) -> int:
-    """`flashport generate|serve PATH --ep N`: under torchrun (WORLD_SIZE set) run this rank's part, else start
-    `torchrun --standalone --nproc-per-node N -m flashport.distributed COMMAND PATH ...` and wait for it."""
-    if command not in ("generate", "serve"):
-        raise ValueError(f"--ep supports generate and serve, not {command!r}")
-    if ep < 1:
-        raise ValueError(f"--ep must be >= 1, got {ep}")
-    if "WORLD_SIZE" in os.environ:
-        fn = generate_cli if command == "generate" else serve_cli
-        fn(path, **kwargs)
-        return 0
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ep}",
-            "-m", "flashport.distributed", command, str(path)]
-    for k, v in kwargs.items():
-        if v is not None:
-            args.append(f"--{k}={v}")
-    return subprocess.call(args)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import fire
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire({"generate": generate_cli, "serve": serve_cli}, command=argv, name="flashport.distributed")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def launch_torchrun(nproc: int, module: str, args: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `python -m MODULE ARGS` as `nproc` ranks under torchrun (one machine) and wait -> exit status.
+    Secrets go in `env` (inherited by every rank), never in `args`: a command line is readable by every user of
+    the machine (`ps`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", module, *args]
+    return subprocess.call(cmd, env={**os.environ, **(env or {})})

@@ -14,21 +14,28 @@ batch-invariant ops and block-aligned prefill chunks: a restored sequence contin
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointReader
-from .kv import KVManager, PrefillStats, check_fits, chunk_spans, model_identity, prefill_cached
+from .bundle import is_bundle
 from .config import ModelConfig
+from .distributed import EPGroup, EPRunner, launch_torchrun, rank_plan
+from .kv import KVManager, PrefillStats, check_fits, chunk_spans, model_identity, prefill_cached
+from .loader import open_model
 from .model import SeqState, Transformer
+from .offload import apply_offload, offload_keep_expert
+from .options import EngineOptions, KVOptions, OffloadOptions, OptionError, ParallelOptions
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("flashport.engine")
+T = TypeVar("T")
 
 
 class RequestError(ValueError):
@@ -68,7 +75,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
+    """A model, its tokenizer (None: token ids only) and the generate loop. Build one with `Engine.load` /
+    `flashport.load_engine`; `offload` (the expert cache) and `ep_runner` (expert parallelism) are set there."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
                  prefill_chunk: int = 1024, deterministic: bool | None = None):
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         self.cfg: ModelConfig = model.cfg
@@ -78,63 +88,42 @@ class Engine:
         # backend's batch-invariant ops (torch backend, deterministic=True)
         self.deterministic = bool(caps and caps.deterministic) if deterministic is None else deterministic
         self.kv: KVManager | None = None
+        self.offload = None    # flashport.offload.ExpertCache when experts are offloaded
+        self.ep_runner = None  # flashport.distributed.EPRunner under expert parallelism
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", device: str | None = None, kv_dir: str | Path | None = None,
-             kv_strategy: str = "periodic:4096", kv_capacity: int = 20 << 30, kv_memory: int = 256 << 20,
-             deterministic: bool = False, **kwargs) -> "Engine":
-        """Open a release-format or transformers-format checkpoint directory and run it on `backend`
-        ("auto", "torch", "triton", "onnxruntime" or a plugin's name); unsupported ops fall back per op.
+    def load(cls, path: str | Path, *, backend: str = "auto", backend_options: dict | None = None,
+             device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
+             offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
+             prefill_chunk: int = 1024, verify: bool | None = None, progress: bool = False) -> "Engine":
+        """The documented SDK call: the same as `flashport.load_engine` (see there)."""
+        return load_engine(path, backend=backend, backend_options=backend_options, device=device,
+                           deterministic=deterministic, kv=kv, offload=offload, parallel=parallel,
+                           prefill_chunk=prefill_chunk, verify=verify, progress=progress)
 
-        kv_dir: a directory for the durable prefix cache (None: no cache); kv_strategy: full | periodic:P | none
-        (what is stored of the sliding windows); kv_capacity: disk bytes; kv_memory: host-memory tier bytes.
-        deterministic: bit-identical results across restores and batch compositions (torch backend only).
-        """
-        from .backends import Ops, create
-
-        options = {"device": device} if device else {}
-        if deterministic:
-            if backend not in ("auto", "torch"):
-                raise ValueError(f"deterministic mode needs the torch backend, not {backend!r}")
-            backend, options["deterministic"] = "torch", True
-        ops = Ops(create(backend, **options))
-        path = Path(path)
-        if (path / "manifest.json").exists():  # a deployment bundle (flashport export)
-            from .export.bundle import load_model
-
-            model = load_model(path)
-        else:
-            reader = CheckpointReader(path)
-            model = Transformer(reader.cfg)
-            model.load_state_dict(reader.load_state_dict())
-        model.set_ops(ops)
-        if hasattr(ops.backend, "bind_model"):  # a backend that runs whole decoder steps (onnxruntime)
-            model = ops.backend.bind_model(model, path)
-        tok_file = path / "tokenizer.json"
-        tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
-        if tokenizer.vocab_size > model.cfg.vocab_size:
-            raise ValueError(f"{tok_file}: tokenizer has {tokenizer.vocab_size} ids, the model only "
-                             f"{model.cfg.vocab_size}")
-        engine = cls(model, tokenizer, path, **kwargs)
-        if kv_dir is not None:
-            engine.enable_kv(kv_dir, kv_strategy, kv_capacity, kv_memory)
-        return engine
-
-    def enable_kv(self, kv_dir: str | Path | None, strategy: str = "periodic:4096", capacity: int = 20 << 30,
-                  memory: int = 256 << 20, fsync: bool = True) -> KVManager:
-        """Attach a prefix cache (kv_dir None: memory tier only). Its namespace names these weights and the
-        numeric mode, so a cache is never shared with another model or with non-deterministic results."""
+    def enable_kv(self, kv: KVOptions | str | Path | None = None) -> KVManager:
+        """Attach a prefix cache (KVOptions, or a directory for the defaults; None or a KVOptions without a dir:
+        memory tier only). Its namespace names these weights and the numeric mode, so a cache is never shared
+        with another model or with non-deterministic results."""
+        kv = kv if isinstance(kv, KVOptions) else KVOptions(kv)
         if self.kv is not None:
             self.kv.close()
         ns = model_identity(self.model, "det" if self.deterministic else "")
-        self.kv = KVManager(self.cfg, kv_dir, ns, strategy, capacity, memory, fsync=fsync)
+        self.kv = KVManager(self.cfg, kv.dir, ns, kv.strategy, kv.capacity, kv.memory, fsync=kv.fsync)
         return self.kv
 
     def close(self) -> None:
-        """Flush and close the KV cache (pending block writes finish first)."""
+        """Flush and close the KV cache (pending block writes finish first), stop the expert prefetcher and leave
+        the expert-parallel group."""
         if self.kv is not None:
             self.kv.close()
             self.kv = None
+        if self.offload is not None:
+            self.offload.close()
+        if self.ep_runner is not None:
+            self.ep_runner.shutdown()
+            self.ep_runner.ep.close()
+            self.ep_runner = None
 
     # -- low level -------------------------------------------------------------------------------------------
     def new_state(self) -> SeqState:
@@ -195,10 +184,23 @@ class Engine:
         short answer and leave the session as it was (flashport.session.Session.quick)."""
         return session.quick(task, **kwargs)
 
+    def require_tokenizer(self) -> Tokenizer:
+        """The tokenizer, or a RequestError saying that this model takes token ids only."""
+        if self.tokenizer is None:
+            raise RequestError(f"{self.path}: the model has no tokenizer.json, so it takes token ids, not text "
+                               "(put the model's tokenizer.json beside its weights)")
+        return self.tokenizer
+
     def encode(self, prompt: str | list[int], add_bos: bool = True) -> list[int]:
+        """Token ids of a text prompt (BOS first), or the ids as given."""
         if isinstance(prompt, str):
-            return ([self.tokenizer.bos_id] if add_bos else []) + self.tokenizer.encode(prompt)
+            tok = self.require_tokenizer()
+            return ([tok.bos_id] if add_bos else []) + tok.encode(prompt)
         return list(prompt)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids ("" without a tokenizer: the ids are the result)."""
+        return self.tokenizer.decode(ids, skip_special=True) if self.tokenizer is not None else ""
 
     # -- generation ------------------------------------------------------------------------------------------
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -214,10 +216,11 @@ class Engine:
         self._check_ids(ids + [0] * max_new_tokens)
         steps = self._steps(ids, max_new_tokens, temperature, top_p, seed, stop_ids)
         if stream:
+            self.require_tokenizer()
             return self._stream_text(steps)
         out = list(steps)
         timings = out.pop() if out and isinstance(out[-1], dict) else {}
-        return Generation(out, self.tokenizer.decode(out, skip_special=True), len(ids),
+        return Generation(out, self.decode(out), len(ids),
                           timings.get("prefill_seconds", 0.0), timings.get("decode_seconds", 0.0),
                           timings.get("finish_reason", "length"), timings)
 
@@ -228,7 +231,7 @@ class Engine:
 
     def _steps_no_grad(self, ids, max_new_tokens, temperature, top_p, seed, stop_ids):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        stop = {self.tokenizer.eos_id} | set(stop_ids or ())
+        stop = {self.cfg.eos_token_id} | set(stop_ids or ())
         t0 = time.perf_counter()
         state, logits, kv_stats, tracker = self._prefill_cached(ids)
         t1 = time.perf_counter()
@@ -259,3 +262,136 @@ class Engine:
                 yield piece
         if tail := dec.finish():
             yield tail
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The factory: every entrance (Engine.load, the CLI, the server, each expert-parallel rank, the ONNX exporter and
+# the benchmarks) builds its engine here, so every option composes the same way everywhere.
+# ---------------------------------------------------------------------------------------------------------------
+def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dict | None = None,
+                device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
+                offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
+                prefill_chunk: int = 1024, verify: bool | None = None, progress: bool = False) -> Engine:
+    """Open a bundle, a release checkpoint or transformers' save_pretrained output and build an Engine.
+
+    path: the model directory (its format is detected from the files: flashport.loader).
+    backend: "auto", "torch", "triton", "onnxruntime" or a plugin's name; backend_options: keyword options of the
+      backend (onnxruntime: ep=EXECUTION_PROVIDER, plugin_ep_library=PATH, threads=N...); device: the backend's
+      device ("cpu", "cuda:0", ...). Ops a per-op backend lacks fall back per op to the torch reference.
+    deterministic: bit-identical results across restores and batch compositions (torch backend only).
+    kv: the prefix cache (KVOptions, or a directory for the default options); None: no cache.
+    offload: expert offload (OffloadOptions); parallel: expert parallelism (ParallelOptions, ep > 1 under
+      torchrun: this process loads only its rank's experts; rank 0 drives, the others call
+      `engine.ep_runner.follow()`).
+    Combinations that cannot work are refused before anything is loaded (`check_combination`). Raises
+    OptionError, BackendError, CheckpointError / BundleError (files), OffloadError, EPError.
+    """
+    from .backends import Ops
+
+    path = Path(path)
+    if isinstance(kv, (str, Path)):
+        kv = KVOptions(kv)
+    opts = EngineOptions(backend, dict(backend_options or {}), device, bool(deterministic), kv, offload, parallel)
+    be = preflight(path, opts)
+    whole_step = runs_whole_steps(be)
+    ep = holders = keep = partition = None
+    if parallel is not None and parallel.ep > 1:
+        ep = EPGroup(parallel.pg_backend, parallel.timeout)
+        if ep.world != parallel.ep:
+            raise OptionError(f"ep {parallel.ep} but torchrun started {ep.world} ranks")
+        keep, holders, partition = rank_plan(path, ep)
+    elif offload is not None:
+        keep = offload_keep_expert(is_bundle(path))
+    loaded = open_model(path, keep_expert=keep, prefer_partition=partition, verify=verify, progress=progress)
+    model = loaded.model
+    model.set_ops(Ops(be))
+    cache = apply_offload(model, path, loaded.manifest, offload) if offload is not None else None
+    runner = EPRunner(model, ep, holders) if ep is not None else None
+    if whole_step:
+        model = be.bind_model(model, path)
+    engine = Engine(model, loaded.tokenizer, path, prefill_chunk=prefill_chunk, deterministic=deterministic or None)
+    engine.offload, engine.ep_runner = cache, runner
+    if kv is not None and (ep is None or ep.rank == 0):  # followers never prefill: only the driver caches
+        engine.enable_kv(kv)
+    return engine
+
+
+def run_command(path: str | Path, opts: EngineOptions, fn: Callable[[Engine], T], command: list[str],
+                secrets: dict[str, str] | None = None) -> T | None:
+    """What `flashport generate|chat|serve` do with their engine flags: build the engine (`load_engine`) and
+    `drive` fn with it. With expert parallelism outside torchrun, everything checkable is checked here first
+    (`preflight`: option pairs, path, backend), then `opts.parallel.ep` ranks are started running
+    `flashport COMMAND` under torchrun (a rank's failure exits with its status: SystemExit). secrets (e.g.
+    FLASHPORT_API_KEY) reach the ranks through the environment, never their command line."""
+    if opts.parallel is not None and opts.parallel.ep > 1 and "WORLD_SIZE" not in os.environ:
+        preflight(path, opts, launching=True)
+        rc = launch_torchrun(opts.parallel.ep, "flashport.cli", command, secrets)
+        if rc:
+            raise SystemExit(rc)
+        return None
+    return drive(load_engine(path, **opts.kwargs()), fn)
+
+
+def drive(engine: Engine, fn: Callable[[Engine], T]) -> T | None:
+    """Run fn(engine) where requests are driven and close the engine after. Under expert parallelism that is
+    rank 0; the other ranks serve their experts for rank 0's steps until it is done (then None is returned)."""
+    runner = engine.ep_runner
+    try:
+        if runner is not None and runner.ep.rank != 0:
+            runner.follow()
+            return None
+        return fn(engine)
+    finally:
+        engine.close()
+
+
+def preflight(path: str | Path, opts: EngineOptions, launching: bool = False):
+    """Everything that can be checked before a model is read: the options' combination, the path, and the backend
+    (created here: its options, execution provider, device) -> the backend. Raises like `load_engine`."""
+    from .backends import create
+
+    check_combination(opts, launching=launching)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: does not exist")
+    backend, kwargs = opts.backend, dict(opts.backend_options)
+    if opts.device:
+        kwargs["device"] = opts.device
+    if opts.deterministic:
+        backend, kwargs["deterministic"] = "torch", True
+    be = create(backend, **kwargs)
+    check_combination(opts, runs_whole_steps(be), launching)
+    return be
+
+
+def runs_whole_steps(backend) -> bool:
+    """Whether a backend runs whole decoder steps (the contract's `whole_step` capability) rather than single ops."""
+    flag = getattr(backend.capabilities(), "whole_step", None)
+    return bool(flag) if flag is not None else hasattr(backend, "bind_model")  # contract 1.0: no flag yet
+
+
+def check_combination(opts: EngineOptions, whole_step: bool | None = None, launching: bool = False) -> None:
+    """Refuse, before anything is loaded, option pairs that cannot work together: one OptionError naming both
+    options and why. whole_step: whether the chosen backend runs whole decoder steps (None: not known yet);
+    launching: the caller is about to start the expert-parallel ranks itself (torchrun)."""
+    name = opts.backend
+    if opts.deterministic and name not in ("auto", "torch"):
+        raise OptionError(f"deterministic with backend {name}: deterministic mode needs the torch backend's "
+                          "batch-invariant ops")
+    if opts.deterministic and opts.parallel is not None and opts.parallel.ep > 1:
+        raise OptionError("deterministic with ep > 1: expert parallelism sums partial expert outputs in rank order, "
+                          "which the batch-invariant guarantee does not cover")
+    if opts.offload is not None and opts.parallel is not None and opts.parallel.ep > 1:
+        raise OptionError("max device memory (expert offload) with ep > 1: each rank already holds only its slice "
+                          "of the experts; give the ranks enough memory or offload in one process")
+    if whole_step:
+        why = (f"backend {name} runs whole decoder steps with every expert inside its own graph")
+        if opts.offload is not None:
+            raise OptionError(f"max device memory (expert offload) with backend {name}: {why}, so experts cannot "
+                              "be offloaded; use a per-op backend (torch, triton or a plugin)")
+        if opts.parallel is not None and opts.parallel.ep > 1:
+            raise OptionError(f"ep > 1 with backend {name}: {why}, so MoE layers cannot be split across ranks; "
+                              "use a per-op backend (torch, triton or a plugin)")
+    if opts.parallel is not None and opts.parallel.ep > 1 and "WORLD_SIZE" not in os.environ and not launching:
+        raise OptionError(f"ep {opts.parallel.ep}: expert parallelism runs one process per rank under torchrun; "
+                          f"use `flashport generate|serve PATH --ep {opts.parallel.ep}` (it starts torchrun) or "
+                          "start this program with torchrun")

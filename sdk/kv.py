@@ -754,8 +754,10 @@ def demo_prefix_hit(engine, kv_dir: str | Path | None = None, strategy: str = "p
     (the memory tier is emptied in between). Returns printable lines with the tokens loaded and recomputed."""
     import tempfile
 
+    from .options import KVOptions
+
     if engine.kv is None:
-        engine.enable_kv(kv_dir or tempfile.mkdtemp(prefix="flashport-kv-demo-"), strategy=strategy)
+        engine.enable_kv(KVOptions(kv_dir or tempfile.mkdtemp(prefix="flashport-kv-demo-"), strategy))
     kv = engine.kv
     text = ("The disk tier keeps compressed attention entries in blocks, keyed by a chained hash of the tokens. "
             "A request that shares a prefix with an earlier one reads those blocks instead of recomputing them. ")

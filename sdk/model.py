@@ -502,3 +502,16 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         model = Transformer(cfg)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return shapes
+
+
+def workspace_bytes(cfg: ModelConfig, chunk: int, context: int) -> int:
+    """Bytes of the fp32 activations of one prefill chunk of `chunk` tokens at `context` (an estimate for memory
+    budgets: the mHC streams, one query's attention logits over the keys it can see, the indexer, the routed experts'
+    hidden states, and one row of logits)."""
+    T = min(chunk, max(context, 1))
+    keys = cfg.sliding_window + T + max(cfg.index_topk, context // cfg.hca_rate)  # keys one query sees at most
+    per_token = (3 * cfg.hc_mult * cfg.hidden_size                        # streams in / out / mixed
+                 + cfg.num_attention_heads * (2 * cfg.head_dim + keys)    # q, output, attention logits
+                 + cfg.q_lora_rank + cfg.index_n_heads * cfg.index_head_dim
+                 + cfg.num_experts_per_tok * (2 * cfg.moe_intermediate_size + cfg.hidden_size))
+    return 4 * (T * per_token + cfg.vocab_size)

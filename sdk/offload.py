@@ -1,6 +1,6 @@
 """Expert offload: run a model whose routed experts do not all fit on the device.
 
-    engine = flashport.offload.load_engine("bundle/", max_device_memory="8GiB", tier="disk")
+    engine = flashport.load_engine("bundle/", offload=OffloadOptions("8GiB", tier="disk"))
     engine.generate("Hello", max_new_tokens=16)
     engine.offload.stats()          # hits, misses, bytes read, evictions ...
 
@@ -14,11 +14,10 @@ Where every routed expert lives:
 - cold: everything else, in host memory (`tier="host"`) or memory-mapped from the bundle's safetensors shards
   (`tier="disk"`, read on every miss, each tensor's CRC32C checked, so a damaged shard fails loudly).
 
-The budget: `max_device_memory` is the whole device. The planner (flashport.export.planner, edge mode) takes off
-the non-expert weights, the KV target (context x sequences) and the workspace including its double buffer for
-fetched experts; what is left holds pinned + cached experts. A budget that cannot hold even the non-expert
-weights is refused by the planner (PlanError naming the numbers) before anything is loaded. Without
-`max_device_memory`, a bundle exported in edge mode is run as planned: experts the placement put on the primary
+The budget: `max_device_memory` is the whole device. The non-expert weights as loaded, the KV target (context x
+sequences) and one prefill chunk's workspace come off first (`device_needs`); what is left holds pinned + cached
+experts. A budget that cannot hold even those and one expert is refused (OffloadError naming the numbers)
+before any expert is read. Without `max_device_memory`, a bundle exported in edge mode is run as planned: experts the placement put on the primary
 device are pinned, the ones on cpu/ are held in host memory, the ones on disk/ stay on disk, and the LRU cache
 is the planner's double buffer (2 x top-k experts).
 
@@ -51,7 +50,9 @@ from safetensors import safe_open
 from torch import nn
 
 from .backends.contract import QuantWeight
-from .model import Expert, Linear, Module, MoE, Transformer
+from .bundle import ROUTING_STATS, load_routing_stats, read_tensor, stored_nbytes
+from .kv import kv_layout
+from .model import Expert, Linear, Module, MoE, Transformer, workspace_bytes
 
 log = logging.getLogger("flashport.offload")
 
@@ -79,63 +80,6 @@ def _qweight(lin: Linear) -> QuantWeight:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Partial bundle loading (shared with flashport.distributed: a rank maps only its partition)
-# ---------------------------------------------------------------------------------------------------------------
-def load_bundle_partial(path: str | Path, keep_expert: Callable[[str, int], bool] | None = None,
-                        prefer_partition: str | None = None, verify: bool | None = None) -> tuple[Transformer, dict]:
-    """Like flashport.export.bundle.load_model, but reads only the routed experts `keep_expert(prefix, e)` accepts
-    (all when None), each from the shard of `prefer_partition` when it holds a copy. The other experts get
-    placeholder Linears (no data, the right format name) that must never run. Only the files read are checked.
-    -> (model, manifest)."""
-    from .config import ModelConfig
-    from .export import bundle as B
-
-    path = Path(path)
-    m = B.read_manifest(path)
-    entries = m["tensors"]
-    cfg = ModelConfig.from_dict(m["config"])
-    shapes = B.model_shapes(cfg)
-    has_mtp = any(n.startswith("mtp.") for n in entries)
-    want = {n for n in shapes if has_mtp or not n.startswith("mtp.")}
-    if set(entries) != want:
-        raise B.BundleError(f"{path}: manifest tensors do not match the {cfg.name} config")
-
-    def wanted(name: str) -> bool:
-        prefix = B._moe_prefix(name)
-        return prefix is None or keep_expert is None or keep_expert(prefix, B._expert_index(name))
-
-    def file_of(name: str) -> str:
-        files = entries[name]["files"]
-        own = [f for f in files if prefer_partition and f.split("/")[0] == prefer_partition]
-        return (own or files)[0]
-
-    read = {n: file_of(n) for n in entries if wanted(n)}
-    needed = {f: m["files"][f] for f in set(read.values())}
-    B.check_files(path, {**m, "files": needed}, B._verify_default(verify))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if not has_mtp:
-        model.mtp = nn.ModuleList()
-    handles: dict[str, object] = {}
-    try:
-        for name in sorted(entries):
-            e = entries[name]
-            if name not in read:  # an expert held elsewhere: a placeholder with its format, no bytes
-                lin = model.get_submodule(name.rpartition(".")[0])
-                lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-                lin.packed, lin.handles = QuantWeight(e["format"], tuple(e["shape"]), {}), {}
-                continue
-            rel = read[name]
-            if rel not in handles:
-                handles[rel] = safe_open(path / rel, "pt")
-            B._install(model, name, e, B._read_tensor(handles[rel], path / rel, name, e))
-    finally:
-        handles.clear()
-    B._rebuild_buffers(model)
-    return model.eval(), m
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Cold tiers
 # ---------------------------------------------------------------------------------------------------------------
 class ExpertStore:
@@ -160,8 +104,6 @@ class ExpertStore:
             return ws
         if self.bundle is None:
             raise OffloadError(f"expert {key} is in no tier (no host copy and no bundle to read from)")
-        from .export import bundle as B
-
         out = {}
         for w in WEIGHTS:
             name = expert_name(key, w)
@@ -170,7 +112,7 @@ class ExpertStore:
             with self._lock:  # safe_open handles are opened once and shared; reads are serialised per store
                 if rel not in self._files:
                     self._files[rel] = safe_open(self.bundle / rel, "pt")
-                packed = B._read_tensor(self._files[rel], self.bundle / rel, name, e)
+                packed = read_tensor(self._files[rel], self.bundle / rel, name, e)
             out[w] = QuantWeight(e["format"], tuple(e["shape"]), packed)
             self.bytes_read["disk"] += out[w].nbytes
         return out
@@ -178,13 +120,7 @@ class ExpertStore:
     def nbytes(self, key: Key) -> int:
         if key in self.host:
             return sum(w.nbytes for w in self.host[key].values())
-        from .export.bundle import _expected_specs
-
-        total = 0
-        for w in WEIGHTS:
-            e = self.manifest["tensors"][expert_name(key, w)]
-            total += sum(torch.Size(s).numel() * d.itemsize for s, d in _expected_specs(e["format"], e["shape"]).values())
-        return total
+        return sum(stored_nbytes(self.manifest["tensors"][expert_name(key, w)]) for w in WEIGHTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,115 +361,100 @@ def _take_experts(model: Transformer) -> dict[Key, dict[str, QuantWeight]]:
     return out
 
 
-def expert_budget(cfg, max_device_memory: int | str, recipe, stats: dict | None = None, context: int = 4096,
-                  sequences: int = 1, kv_dtype: str = "fp32"):
-    """-> (plan, bytes left for routed experts) on one device of `max_device_memory`; the planner raises
-    PlanError when even the non-expert weights, KV and workspace do not fit."""
-    from .export.planner import Device, parse_size, plan
-
-    budget = parse_size(max_device_memory) if isinstance(max_device_memory, str) else int(max_device_memory)
-    p = plan(cfg, [Device("device", "accel", budget), Device("host", "host", None)], recipe, stats, context,
-             sequences, "edge", kv_dtype)
-    u = p.usage["device"]
-    return p, budget - u.non_expert - u.kv - u.workspace
 
 
-FP32_RECIPE = {"name": "fp32", "formats": {c: "fp32" for c in ("experts", "shared_experts", "attention", "compressor",
-                                                               "indexer", "gate", "mtp_proj", "embed", "head")}}
+# ---------------------------------------------------------------------------------------------------------------
+# Applying offload to an opened model (what flashport.load_engine calls)
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DeviceNeeds:
+    """Bytes on the device besides the routed-expert cache: the non-expert weights as loaded (packed where
+    packed), the KV of `context` x `sequences` tokens, one prefill chunk's workspace; and all routed experts."""
+
+    non_expert: int
+    kv: int
+    workspace: int
+    experts: int
+
+    @property
+    def fixed(self) -> int:
+        return self.non_expert + self.kv + self.workspace
 
 
-def load_engine(path: str | Path, max_device_memory: int | str | None = None, tier: str = "host",
-                backend: str = "auto", pin_fraction: float = 0.5, prefetch: bool = True, context: int = 4096,
-                sequences: int = 1, stats: str | dict | None = None, verify: bool | None = None, **engine_kwargs):
-    """An Engine whose routed experts are offloaded (see the module docstring).
+def offload_keep_expert(is_bundle: bool):
+    """Which routed experts `open_model` should read for offload: none from a bundle (the expert store reads them
+    from the shards after the budget check), all from a checkpoint (fp32; they become the host tier)."""
+    return (lambda prefix, e: False) if is_bundle else None
 
-    path: a bundle (tier host or disk) or a checkpoint directory (tier host only: it is loaded as fp32).
-    max_device_memory: bytes or a size such as "8GiB" for the whole device; None: the bundle's own edge
-    placement. tier: where the experts that are not pinned live: host memory or the bundle's files on disk.
-    pin_fraction: share of the expert budget pinned hottest first (the rest is the LRU cache).
-    context x sequences: the KV the budget reserves. stats: routing statistics (file, dir or dict; default:
-    the bundle's routing_stats.json). The engine gets `engine.offload` (the ExpertCache).
-    """
-    from .backends import Ops, create
-    from .checkpoint import CheckpointReader
-    from .engine import Engine
-    from .export.calibrate import ROUTING_STATS, load_routing_stats
-    from .tokenizer import Tokenizer
 
-    path = Path(path)
-    if tier not in ("host", "disk"):
-        raise OffloadError(f"tier must be host or disk, not {tier!r}")
-    if not 0.0 <= pin_fraction <= 1.0:
-        raise OffloadError(f"pin_fraction must be in [0, 1], not {pin_fraction}")
-    is_bundle = (path / "manifest.json").exists()
-    if tier == "disk" and not is_bundle:
+def device_needs(model: Transformer, store: ExpertStore, context: int, sequences: int,
+                 prefill_chunk: int = 1024) -> DeviceNeeds:
+    non_expert = 0
+    for name, mod in model.named_modules():
+        if ".ffn.experts." in name or isinstance(mod, OffloadedExperts):
+            continue
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if isinstance(t, torch.Tensor):
+                non_expert += t.numel() * t.element_size()
+        if isinstance(mod, Linear) and mod.packed is not None:
+            non_expert += mod.packed.nbytes
+    experts = sum(store.nbytes((p, e)) for p, moe in moe_layers(model) for e in range(len(moe.experts)))
+    return DeviceNeeds(non_expert, kv_layout(model.cfg).kv_bytes(context, sequences),
+                       workspace_bytes(model.cfg, prefill_chunk, context), experts)
+
+
+def apply_offload(model: Transformer, path: Path, manifest: dict | None, opts) -> ExpertCache:
+    """Offload the routed experts of an opened model (flashport.loader.open_model with `offload_keep_expert`)
+    according to `opts` (flashport.options.OffloadOptions). Call after `model.set_ops`. The budget is checked
+    before any expert is read: OffloadError names the numbers when the non-expert weights, KV and workspace do
+    not leave room for one expert."""
+    if opts.tier == "disk" and manifest is None:
         raise OffloadError(f"{path}: the disk tier reads experts from a bundle's shards; export one first "
-                           "(flashport export) or use tier='host'")
-    if isinstance(stats, (str, Path)):
-        stats = load_routing_stats(stats)
-    elif stats is None and (path / ROUTING_STATS).exists():
-        stats = load_routing_stats(path)
-
-    if is_bundle:
-        from .export.bundle import read_manifest
-        from .export.planner import Plan
-
-        manifest = read_manifest(path)
-        from .config import ModelConfig
-
-        cfg, recipe = ModelConfig.from_dict(manifest["config"]), manifest["recipe"]
-    else:
-        reader = CheckpointReader(path)
-        cfg, recipe, manifest = reader.cfg, FP32_RECIPE, None
-
-    if max_device_memory is not None:  # budget first: a plan that cannot work fails before any load
-        _, expert_bytes = expert_budget(cfg, max_device_memory, recipe, stats, context, sequences)
-        order, capacity_total, host_keys = hot_order(stats, _prefixes(cfg)), expert_bytes, None
-    else:
-        if not is_bundle or manifest["placement"]["mode"] != "edge":
-            raise OffloadError(f"{path}: give max_device_memory (no edge-mode placement to follow)")
-        plan_ = Plan.from_dict(manifest["placement"])
-        primary = plan_.devices[0].name
-        order = [(p, e) for p, per in plan_.placement.items() for e, devs in enumerate(per) if primary in devs]
-        host_keys = {(p, e) for p, per in plan_.placement.items() for e, devs in enumerate(per)
-                     if any(d.kind == "host" for d in plan_.devices if d.name in devs)}
-        capacity_total = None
-
-    if is_bundle:  # read now: the host tier (all experts, or those the plan puts in host memory or on the device)
-        planned = None if host_keys is None else host_keys | set(order)
-        model, manifest = load_bundle_partial(
-            path, lambda p, e: tier == "host" if planned is None else (p, e) in planned, verify=verify)
-    else:
-        model = Transformer(cfg)
-        model.load_state_dict(reader.load_state_dict())
-    ops = Ops(create(backend))
-    model.set_ops(ops)
-    host = _take_experts(model)
-    store = ExpertStore(host, path if is_bundle else None, manifest)
-    biggest = max(store.nbytes((p, 0)) for p, _ in moe_layers(model))
-    if capacity_total is None:  # the bundle's plan: pinned = on the primary device, cache = its double buffer
-        pins, capacity = order, 2 * cfg.num_experts_per_tok * biggest
-    else:
-        pins, left = [], int(pin_fraction * capacity_total)
-        for key in order:
+                           "(flashport export) or use the host tier")
+    stats = load_routing_stats(opts.stats) if opts.stats else \
+        load_routing_stats(path) if (path / ROUTING_STATS).exists() else None
+    layers = moe_layers(model)
+    keys = [(p, e) for p, moe in layers for e in range(len(moe.experts))]
+    store = ExpertStore(_take_experts(model), path if manifest is not None else None, manifest)
+    needs = device_needs(model, store, opts.context, opts.sequences)
+    biggest = max((store.nbytes((p, 0)) for p, _ in layers), default=0)
+    host_keys: set[Key] = set()
+    if opts.max_device_memory is not None:
+        left = opts.max_device_memory - needs.fixed
+        if left < biggest:
+            raise OffloadError(
+                f"max device memory {_mib(opts.max_device_memory)} does not fit: the device needs "
+                f"{_mib(needs.non_expert)} of non-expert weights, {_mib(needs.kv)} of KV ({opts.context} tokens x "
+                f"{opts.sequences}) and {_mib(needs.workspace)} of workspace, plus {_mib(biggest)} for one expert")
+        pins, room = [], int(opts.pin_fraction * left)
+        for key in hot_order(stats, [p for p, _ in layers]):
             nb = store.nbytes(key)
-            if nb > left:
+            if nb > room:
                 break
             pins.append(key)
-            left -= nb
-        capacity = capacity_total - sum(store.nbytes(k) for k in pins)
-    if tier == "disk":  # experts neither pinned nor planned for host memory are dropped from it: read from disk
-        keep_host = set(pins) | (host_keys or set())
-        store.host = {k: v for k, v in store.host.items() if k in keep_host}
-    cache = enable_offload(model, store, capacity, pins, prefetch)
-    tok_file = path / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tok_file) if tok_file.exists() else Tokenizer.default()
-    engine = Engine(model, tokenizer, path, **engine_kwargs)
-    engine.offload = cache
-    log.info("offload: %d experts pinned, LRU cache %.1f MiB, cold tier %s", len(pins), capacity / 2**20, tier)
-    return engine
+            room -= nb
+        capacity = left - sum(store.nbytes(k) for k in pins)
+    else:  # run the bundle's own edge placement: pinned = on the primary device, cache = its double buffer
+        placement = (manifest or {}).get("placement") or {}
+        if placement.get("mode") != "edge":
+            raise OffloadError(f"{path}: give a max device memory (the model has no edge-mode placement to follow)")
+        devices = placement["devices"]
+        host_devs = {d["name"] for d in devices if d["kind"] == "host"}
+        pins = [(p, e) for p, per in placement["placement"].items() for e, devs in enumerate(per)
+                if devices[0]["name"] in devs]
+        host_keys = {(p, e) for p, per in placement["placement"].items() for e, devs in enumerate(per)
+                     if host_devs & set(devs)}
+        capacity = 2 * model.cfg.num_experts_per_tok * biggest
+    if manifest is not None:  # read the host tier from the shards now, after the budget check
+        wanted = keys if opts.tier == "host" else set(pins) | host_keys
+        for key in wanted:
+            store.host[key] = store.read(key)
+        store.bytes_read["disk"] = 0
+    cache = enable_offload(model, store, capacity, pins, opts.prefetch)
+    cache.needs = needs
+    log.info("offload: %d experts pinned, LRU cache %.1f MiB, cold tier %s", len(pins), capacity / 2**20, opts.tier)
+    return cache
 
 
-def _prefixes(cfg) -> list[str]:
-    return [f"layers.{i}" for i in range(cfg.num_hidden_layers)] + \
-        [f"mtp.{j}" for j in range(cfg.num_nextn_predict_layers)]
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"

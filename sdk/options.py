@@ -12,7 +12,7 @@ refused, and why, is decided in one place: `flashport.engine.check_combination`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -114,7 +114,7 @@ class ParallelOptions:
         if not isinstance(self.pg_backend, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", self.pg_backend):
             raise OptionError(f"pg backend must be a process-group backend name such as gloo or nccl, "
                               f"not {self.pg_backend!r}")
-        if not float(self.timeout) > 0:
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or not self.timeout > 0:
             raise OptionError(f"timeout must be > 0 seconds, not {self.timeout!r}")
 
 
@@ -144,3 +144,59 @@ class EngineOptions:
     kv: KVOptions | None = None
     offload: OffloadOptions | None = None
     parallel: ParallelOptions | None = None
+
+    def kwargs(self) -> dict:
+        """These options as keyword arguments of `flashport.load_engine`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def engine_options(backend: str = "auto", execution_provider: str = "", plugin_ep_library: str = "",
+                   backend_option: list[str] | tuple[str, ...] | str | None = None, device: str = "",
+                   deterministic: bool = False, kv_dir: str = "", kv_strategy: str = "periodic:4096",
+                   kv_dtype: str = "fp32", max_device_memory: str = "", offload_tier: str = "host",
+                   ep: int = 1, pg_backend: str = "gloo", timeout: float = 30.0) -> EngineOptions:
+    """The EngineOptions that the engine flags of `flashport generate|chat|serve` and the benches describe
+    (empty strings mean "not given"). Raises OptionError for a value that cannot work or a flag that needs
+    another one (e.g. --execution-provider with a backend other than onnxruntime)."""
+    options = parse_backend_options(backend_option)
+    for flag, key, value in (("--execution-provider", "ep", execution_provider),
+                             ("--plugin-ep-library", "plugin_ep_library", plugin_ep_library)):
+        if value:
+            if backend not in ("onnxruntime", "auto"):
+                raise OptionError(f"{flag} with --backend {backend}: execution providers belong to the onnxruntime "
+                                  "backend (use --backend onnxruntime)")
+            options[key] = value
+    if options.keys() & {"ep", "plugin_ep_library"} and backend == "auto":
+        backend = "onnxruntime"
+    if plugin_ep_library and not Path(plugin_ep_library).is_file():
+        raise OptionError(f"--plugin-ep-library {plugin_ep_library}: no such file")
+    if kv_strategy != "periodic:4096" and not kv_dir:
+        raise OptionError("--kv-strategy without --kv-dir: the strategy says what the disk KV cache stores; give "
+                          "--kv-dir DIR")
+    if offload_tier != "host" and not max_device_memory:
+        raise OptionError("--offload-tier without --max-device-memory: the tier holds the experts that do not "
+                          "fit the device budget; give --max-device-memory SIZE")
+    kv = KVOptions(kv_dir, kv_strategy, dtype=kv_dtype) if kv_dir else None
+    offload = OffloadOptions(max_device_memory, offload_tier) if max_device_memory else None
+    off = isinstance(ep, int) and not isinstance(ep, bool) and ep <= 1  # 0 or 1: one process
+    parallel = None if off else ParallelOptions(ep, pg_backend, timeout)
+    return EngineOptions(backend, options, device or None, bool(deterministic), kv, offload, parallel)
+
+
+def flags_of(fn, values: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """`--name=value` flags for every parameter of `fn` (but the first positional ones without a default and
+    `skip`) whose value in `values` differs from its default: a command line that repeats a call (what the
+    expert-parallel ranks run). Lists and tuples repeat the flag."""
+    import inspect
+
+    out = []
+    for name, p in inspect.signature(fn).parameters.items():
+        if name in skip or name == "self" or p.default is inspect.Parameter.empty or name not in values:
+            continue
+        v = values[name]
+        if v == p.default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            out.append(f"{flag}={item}" if not isinstance(item, bool) else (flag if item else f"--no{name}"))
+    return out

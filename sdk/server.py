@@ -26,6 +26,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -556,40 +557,46 @@ async def _wait_unstreamed(srv, seq, request):
     return None
 
 
-def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, api_key_file: str = "",
               max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
-              max_tokens: int = 256, backend: str = "auto", model_name: str = "", kv_dir: str = "",
-              prefix_pool: int = 16, log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0,
-              pg_backend: str = "gloo", timeout: float = 30.0, max_device_memory: str = "",
-              offload_tier: str = "host"):
+              max_tokens: int = 256, backend: str = "auto", execution_provider: str = "", plugin_ep_library: str = "",
+              backend_option: str | tuple = "", device: str = "", deterministic: bool = False,
+              model_name: str = "", kv_dir: str = "", kv_strategy: str = "periodic:4096", prefix_pool: int = 16,
+              log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0, pg_backend: str = "gloo",
+              timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host"):
     """Serve PATH (a checkpoint or bundle directory) with an OpenAI-compatible API.
 
     host: 127.0.0.1 by default (this machine only); api_key: required as `Authorization: Bearer KEY` on /v1/*
-    (default: $FLASHPORT_API_KEY, else none); max_queue: waiting requests before 429; max_batch: sequences decoded
+    (default: the first line of api_key_file, else $FLASHPORT_API_KEY, else none; prefer the file or the
+    variable: a command line is visible to every user of the machine); max_queue: waiting requests before 429; max_batch: sequences decoded
     together; max_body: request bytes before 413; max_context: prompt + completion token limit (0: the model's);
     max_tokens: default completion length; model_name: the id clients send (default: the directory's name);
     kv_dir: disk KV cache directory; prefix_pool: recent conversations kept for KV reuse across requests (0: off);
-    shutdown_timeout: seconds to finish running requests on Ctrl-C. ep: expert-parallel ranks (torchrun, process
-    group pg_backend, collective timeout seconds); max_device_memory: offload cold experts beyond this budget
-    (e.g. 8GiB) to offload_tier (host | disk).
+    shutdown_timeout: seconds to finish running requests on Ctrl-C. The engine flags (backend, execution
+    provider, KV, ep, offload) are those of `flashport generate`; with ep > 1 rank 0 serves and the other ranks
+    serve their experts.
     """
-    if ep > 1:
-        from .distributed import launch
+    from .engine import run_command
+    from .options import OptionError, engine_options, flags_of
 
-        return launch(path, ep, "serve", host=host, port=port, backend=backend, pg_backend=pg_backend,
-                      timeout=timeout, api_key=api_key, max_batch=max_batch, max_tokens=max_tokens,
-                      model_name=model_name, log_level=log_level)
+    opts = engine_options(backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
+                          kv_dir, kv_strategy, "fp32", max_device_memory, offload_tier, ep, pg_backend, timeout)
+    if api_key_file:
+        try:
+            api_key = Path(api_key_file).read_text().splitlines()[0].strip() or None
+        except (OSError, IndexError, UnicodeDecodeError) as e:
+            raise OptionError(f"--api-key-file {api_key_file}: cannot read a key from it ({e.__class__.__name__})") from None
     api_key = api_key or os.environ.get("FLASHPORT_API_KEY") or None
-    load_kwargs = {"kv_dir": kv_dir} if kv_dir else {}
-    if max_device_memory:
-        from .offload import load_engine
+    command = ["serve", path, *flags_of(serve_cli, locals(), skip=("api_key", "api_key_file"))]
 
-        engine = load_engine(path, max_device_memory=max_device_memory, tier=offload_tier, backend=backend)
-    else:
-        engine = Engine.load(path, backend=backend, **load_kwargs)
-    run_server(engine, host, port, api_key, log_level, shutdown_timeout, model_name=model_name or None,
-               max_queue=max_queue, max_batch=max_batch, max_body=max_body, max_context=max_context,
-               default_max_tokens=max_tokens, prefix_pool=prefix_pool)
+    def serve(engine):
+        if engine.ep_runner is not None:
+            print(f"flashport: expert parallelism over {engine.ep_runner.ep.world} ranks", flush=True)
+        run_server(engine, host, port, api_key, log_level, shutdown_timeout, model_name=model_name or None,
+                   max_queue=max_queue, max_batch=max_batch, max_body=max_body, max_context=max_context,
+                   default_max_tokens=max_tokens, prefix_pool=prefix_pool)
+
+    return run_command(path, opts, serve, command, {"FLASHPORT_API_KEY": api_key} if api_key else None)
 
 
 def run_server(engine: Engine, host: str, port: int, api_key: str | None, log_level: str = "info",

@@ -131,20 +131,26 @@ def test_unknown_flag_is_refused(words, fn, capsys):
     (["make-checkpoint", "--out", "{ck}"], "is not empty (add --force"),
     (["make-checkpoint", "--out", "{tmp}/new", "--format", "onnx"], "--format must be one of release, hf"),
     (["bench", "decode", "--prompt-lens", "512,abc"], "--prompt-lens: expected whole numbers"),
-    (["generate", "{ck}", "--prompt", "x", "--execution-provider", "CPUExecutionProvider"], "--backend onnxruntime"),
+    (["generate", "{ck}", "--prompt", "x", "--backend", "torch", "--execution-provider", "CPUExecutionProvider"],
+     "use --backend onnxruntime"),
     (["generate", "{ck}", "--prompt", "x", "--pg-backend", "nccl"], "applies with --ep N"),
-    (["generate", "{ck}", "--prompt", "x", "--offload-tier", "disk"], "applies with --max-device-memory"),
+    (["generate", "{ck}", "--prompt", "x", "--offload-tier", "disk"], "--offload-tier without --max-device-memory"),
     (["generate", "{ck}", "--prompt", "x", "--max-device-memory", "8XB"], "expected a size such as 8GiB"),
-    (["generate", "{ck}", "--prompt", "x", "--kv-strategy", "often"], "kv strategy must be"),
+    (["generate", "{ck}", "--prompt", "x", "--kv-dir", "{tmp}/kv", "--kv-strategy", "often"], "kv strategy must be"),
+    (["generate", "{ck}", "--prompt", "x", "--kv-strategy", "full"], "--kv-strategy without --kv-dir"),
+    (["generate", "{ck}", "--prompt", "x", "--kv-dtype", "bf16"], "--kv-dtype applies with --kv-dir"),
     (["generate", "{ck}", "--prompt", "x", "--backend-option", "novalue"], "KEY=VALUE"),
-    (["chat", "{ck}", "--ep", "2"], "--ep works with generate and serve"),
+    (["chat", "{ck}", "--ep", "2"], "chat is one interactive process"),
 ])
 def test_bad_input_is_refused_before_any_work(argv, message, tiny_release, tmp_path, capsys, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("the job ran before its flags were checked")
 
     # nothing may be loaded, exported, evaluated or served
-    monkeypatch.setattr(flashport, "load_engine", no_work, raising=False)
+    import flashport.engine
+
+    monkeypatch.setattr(flashport.engine, "load_engine", no_work)
+    monkeypatch.setattr(flashport.engine, "run_command", no_work)
     monkeypatch.setattr(flashport.Engine, "load", no_work)
     import flashport.export.bundle as bundle
     import flashport.export.evaluate as evaluate
@@ -184,6 +190,8 @@ def test_typed_booleans_and_flag_forms():
 
 
 class FakeEngine:
+    ep_runner = None
+
     def __init__(self):
         self.closed = False
 
@@ -204,7 +212,9 @@ def test_engine_flags_become_one_load_engine_call(tiny_release, tmp_path, monkey
         calls.append((path, kw))
         return FakeEngine()
 
-    monkeypatch.setattr(flashport, "load_engine", load_engine, raising=False)
+    import flashport.engine
+
+    monkeypatch.setattr(flashport.engine, "load_engine", load_engine)  # what run_command calls
     lib = tmp_path / "libplugin_ep.so"
     lib.write_bytes(b"")
     kv = tmp_path / "kv"
@@ -228,11 +238,19 @@ def test_engine_flags_become_one_load_engine_call(tiny_release, tmp_path, monkey
     assert main(["chat", str(tiny_release), "--kv-dir", str(kv)]) == 0
     assert calls[0][1]["kv"] == KVOptions(str(kv)) and calls[0][1]["offload"] is None
     assert "loading" in capsys.readouterr().err  # chat says what it is doing while the model loads
+    calls.clear()
+    import flashport.server as server
+
+    served = []
+    monkeypatch.setattr(server, "run_server", lambda engine, *a, **k: served.append(k))
+    assert main(["serve", str(tiny_release), "--backend", "onnxruntime", "--execution-provider", "MyEP",
+                 "--max-tokens", "7"]) == 0, capsys.readouterr().err
+    assert calls[0][1]["backend_options"] == {"ep": "MyEP"} and served[0]["default_max_tokens"] == 7
 
 
 def test_kv_directory_in_use_is_one_line(tiny_release, tmp_path, capsys):
     kv = tmp_path / "kv"
-    holder = flashport.Engine.load(tiny_release, kv_dir=kv)  # this process holds the directory's lock
+    holder = flashport.load_engine(tiny_release, kv=KVOptions(str(kv)))  # this process holds the directory's lock
     try:
         lock = next(kv.rglob("LOCK"))
         with open(lock, "a+b") as f:  # flock is per open file: this test's second opener conflicts like a process

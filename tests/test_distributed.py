@@ -1,8 +1,9 @@
 """Expert parallelism with 2 gloo ranks on the CPU: same greedy tokens as one process, logits within the documented
 tolerance, replicated experts used, and a rank killed mid-request makes the driver fail with a clear error fast.
 
-Ranks run as subprocesses (each a fresh interpreter): one pair through the library with fault injection, one
-pair through `torchrun -m flashport.distributed generate` (the real entry point)."""
+Ranks run as subprocesses (each a fresh interpreter): one pair through the library (`load_engine(...,
+parallel=ParallelOptions(2))`) with fault injection, one pair through `flashport generate --ep 2` (the real entry
+point: it starts torchrun)."""
 
 import json
 import os
@@ -48,11 +49,12 @@ WORKER = textwrap.dedent("""
     import json, os, sys, time, torch
     from safetensors.torch import save_file
     torch.set_num_threads(1)
-    from flashport.distributed import EPError, EPGroup, load_engine
+    from flashport import ParallelOptions, load_engine
+    from flashport.distributed import EPError
     bundle, out, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    ep = EPGroup("gloo", timeout_s=20.0)
-    engine = load_engine(bundle, ep, backend="torch")
+    engine = load_engine(bundle, backend="torch", parallel=ParallelOptions(2, "gloo", 20.0))
     runner = engine.ep_runner
+    ep = runner.ep
     if ep.rank == 1:
         served = {"n": 0}
         moe = runner.moes[3]
@@ -119,14 +121,13 @@ def test_two_ranks_match_single_process_and_survive_a_dead_rank(ep_bundle, singl
     assert res["again"] and "broken" in res["again"]
 
 
-def test_torchrun_entry_point(ep_bundle, single, tmp_path):
-    ids, _, ref_tokens = single
-    out = tmp_path / "gen.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "flashport.distributed", "generate", str(ep_bundle), f"--prompt={PROMPT}", "--max_new_tokens=6",
-           "--backend=torch", f"--json_out={out}", "--timeout=20"]
+def test_cli_ep_entry_point(ep_bundle, single):
+    """`flashport generate --ep 2` starts torchrun itself; rank 0 prints the JSON once (no stray return value)."""
+    _, _, ref_tokens = single
+    cmd = [sys.executable, "-m", "flashport.cli", "generate", str(ep_bundle), f"--prompt={PROMPT}",
+           "--max-new-tokens=6", "--backend=torch", "--json", "--timeout=20", "--ep", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["world_size"] == 2 and res["token_ids"] == ref_tokens
+    res = json.loads(r.stdout)  # exactly one JSON document on stdout
+    assert res["token_ids"] == ref_tokens

@@ -8,10 +8,15 @@ import torch
 
 from flashport.cli import main
 from flashport.engine import Engine
-from flashport.export.bundle import (BundleError, JOURNAL, MANIFEST, export, inspect_cli, load_model,
-                                     manifest_digest)
+from flashport.bundle import BundleError, MANIFEST, manifest_digest
+from flashport.bundle import load_model as load_bundle
+from flashport.export.bundle import JOURNAL, export, inspect_cli
 from flashport.export.recipes import recipe_names
 from flashport.model import Linear
+
+
+def load_model(path, **kw):
+    return load_bundle(path, **kw)[0]
 
 PROMPT = "hello world, this is"
 

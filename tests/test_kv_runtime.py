@@ -19,6 +19,7 @@ from flashport.config import ModelConfig
 from flashport.engine import Engine
 from flashport.kv import (KVManager, Strategy, check_fits, chunk_spans, kv_cli, kv_layout, demo_prefix_hit,
                           release_entry_bytes)
+from flashport.options import KVOptions
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def written(det, prompts, tmp_path_factory):
     strategy only reads what it would have written itself: periodic:96 the records at multiples of 96, none
     no records)."""
     root = tmp_path_factory.mktemp("kv-written")
-    det.enable_kv(root, "full", fsync=False)
+    det.enable_kv(KVOptions(root, "full", fsync=False))
     _, _, miss = det.prefill_cached(prompts[0])
     assert miss.path == "miss" and miss.loaded_tokens == 0
     assert det.kv.stats()["records_written"] == 12
@@ -81,7 +82,7 @@ def _decode(engine, state, logits, steps=2):
 def test_restore_is_bit_identical(det, prompts, uninterrupted, written, strategy, path, loaded, recomputed):
     """A hit that ends mid-block, served from disk by a freshly opened store (a restart), continues with the same
     state and logits, bit for bit, prefill and decode, as the uninterrupted run."""
-    det.enable_kv(written, strategy, fsync=False)
+    det.enable_kv(KVOptions(written, strategy, fsync=False))
     state, logits, hit = det.prefill_cached(prompts[1])
     assert (hit.path, hit.loaded_tokens, hit.recomputed_tokens) == (path, loaded, recomputed)
     assert hit.new_tokens == len(prompts[1]) - 11 * 32 and hit.read_from == "disk" and hit.bytes_read > 0
@@ -99,7 +100,7 @@ def test_restore_is_bit_identical(det, prompts, uninterrupted, written, strategy
 
 def test_fast_mode_restore_matches_within_tolerance(tiny_release, tmp_path):
     """Default (fast) ops with 1024-token chunks: a restore is exact up to fp32 reassociation."""
-    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="none")
+    eng = Engine.load(tiny_release, kv=KVOptions(tmp_path, "none"))
     B, V = eng.cfg.kv_block_tokens, eng.cfg.vocab_size
     ids = torch.randint(2, V, (14 * B,), generator=torch.Generator().manual_seed(2)).tolist()
     eng.prefill_cached(ids[:12 * B + 3])
@@ -111,7 +112,7 @@ def test_fast_mode_restore_matches_within_tolerance(tiny_release, tmp_path):
 
 
 def test_store_errors_fall_back_to_recompute(tiny_release, tmp_path, monkeypatch):
-    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="full")
+    eng = Engine.load(tiny_release, kv=KVOptions(tmp_path, "full"))
     B = eng.cfg.kv_block_tokens
     ids = list(range(9, 9 + 6 * B + 3))
     ref = eng.prefill(ids, eng.new_state())
@@ -137,12 +138,12 @@ def test_store_errors_fall_back_to_recompute(tiny_release, tmp_path, monkeypatch
 
 def test_other_weights_never_hit(tiny_release, alt_release, tmp_path):
     """The namespace names the weights: another model on the same directory sees no blocks."""
-    a = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="full")
+    a = Engine.load(tiny_release, kv=KVOptions(tmp_path, "full"))
     ids = list(range(2, 2 + 6 * a.cfg.kv_block_tokens))
     a.prefill_cached(ids)
     ns_a = a.kv.namespace
     a.close()
-    b = Engine.load(alt_release, kv_dir=tmp_path, kv_strategy="full")
+    b = Engine.load(alt_release, kv=KVOptions(tmp_path, "full"))
     assert b.kv.namespace != ns_a
     _, _, st = b.prefill_cached(ids)
     assert st.path == "miss" and st.hit_tokens == 0
@@ -152,7 +153,7 @@ def test_other_weights_never_hit(tiny_release, alt_release, tmp_path):
 def test_generate_reuses_prefix_and_reply(tiny_release, tmp_path):
     """generate() goes through the cache; blocks completed while decoding are stored for the next turn; the
     demo helper prints the tokens loaded and recomputed."""
-    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="full")
+    eng = Engine.load(tiny_release, kv=KVOptions(tmp_path, "full"))
     B = eng.cfg.kv_block_tokens
     ids = list(range(5, 5 + 3 * B + 4))
     out = eng.generate(ids, max_new_tokens=2 * B)
@@ -171,7 +172,8 @@ def test_sigkill_during_writes_serves_only_exact_blocks(tiny_release, tmp_path):
     script = (
         "import sys, torch\n"
         "from flashport.engine import Engine\n"
-        "e = Engine.load(sys.argv[1], kv_dir=sys.argv[2], kv_strategy='full')\n"
+        "from flashport.options import KVOptions\n"
+        "e = Engine.load(sys.argv[1], kv=KVOptions(sys.argv[2], 'full'))\n"
         "print('ready', flush=True)\n"
         "for s in range(100000):\n"
         "    g = torch.Generator().manual_seed(s % 5)\n"
@@ -188,7 +190,7 @@ def test_sigkill_during_writes_serves_only_exact_blocks(tiny_release, tmp_path):
         time.sleep(0.5 + 0.5 * kill)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        eng.enable_kv(tmp_path, "full", fsync=False)
+        eng.enable_kv(KVOptions(tmp_path, "full", fsync=False))
         for s in range(5):
             ids = torch.randint(2, 8000, (8 * B + 3,), generator=torch.Generator().manual_seed(s)).tolist() + [11]
             _, logits, st = eng.prefill_cached(ids)

@@ -1,13 +1,12 @@
 """Expert offload: generation identical to the fully resident run, the cache really evicts and refetches, and a
-budget that cannot hold the non-expert weights is refused by the planner."""
+budget that cannot hold the non-expert weights is refused before any expert is read."""
 
 import pytest
 import torch
 
-from flashport.engine import Engine
+from flashport import OffloadOptions, load_engine
 from flashport.export.bundle import export
-from flashport.export.planner import PlanError
-from flashport.offload import FP32_RECIPE, OffloadError, expert_budget, load_engine
+from flashport.offload import OffloadError
 
 PROMPT = "the quick brown fox jumps over"
 
@@ -21,28 +20,24 @@ def bundle(tiny_release, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resident(bundle):
-    eng = Engine.load(bundle, backend="torch")
+    eng = load_engine(bundle, backend="torch")
     ids = eng.encode(PROMPT)
     return ids, eng.logits(ids), eng.generate(ids, max_new_tokens=8).token_ids
 
 
-def _budget(cfg, recipe, fraction):
+def _budget(path, fraction, tier="host"):
     """Device bytes leaving `fraction` of all routed-expert bytes for experts."""
-    huge = 1 << 40
-    plan, left = expert_budget(cfg, huge, recipe)
-    experts = plan.usage["device"].experts + plan.usage["host"].experts
-    return huge - left + int(fraction * experts)
+    eng = load_engine(path, backend="torch", offload=OffloadOptions(1 << 40, tier=tier))
+    needs = eng.offload.needs
+    eng.close()
+    return needs.fixed + int(fraction * needs.experts)
 
 
 @pytest.mark.parametrize("tier,prefetch", [("host", True), ("disk", True), ("disk", False)])
 def test_offload_generation_identical(bundle, resident, tier, prefetch):
     ids, ref_logits, ref_tokens = resident
-    cfg = Engine.load(bundle, backend="torch").cfg
-    import json
-
-    recipe = json.loads((bundle / "manifest.json").read_text())["recipe"]
-    eng = load_engine(bundle, max_device_memory=_budget(cfg, recipe, 0.25), tier=tier, backend="torch",
-                      prefetch=prefetch)
+    eng = load_engine(bundle, backend="torch",
+                      offload=OffloadOptions(_budget(bundle, 0.25), tier=tier, prefetch=prefetch))
     assert torch.equal(eng.logits(ids), ref_logits)  # bit-identical: same packed bytes, same ops
     assert eng.generate(ids, max_new_tokens=8).token_ids == ref_tokens
     eng.offload.drain()
@@ -51,19 +46,19 @@ def test_offload_generation_identical(bundle, resident, tier, prefetch):
     assert s["cached_bytes"] <= s["capacity_bytes"]
     assert (s["bytes_read_disk"] > 0) == (tier == "disk")
     assert (s["prefetched"] > 0) == prefetch
-    eng.offload.close()
+    eng.close()
 
 
 def test_offload_checkpoint_host_tier(tiny_release):
-    ref = Engine.load(tiny_release, backend="torch")
+    ref = load_engine(tiny_release, backend="torch")
     ids = ref.encode(PROMPT)
-    eng = load_engine(tiny_release, max_device_memory=_budget(ref.cfg, FP32_RECIPE, 0.1), backend="torch")
+    eng = load_engine(tiny_release, backend="torch", offload=OffloadOptions(_budget(tiny_release, 0.1)))
     assert torch.equal(eng.logits(ids), ref.logits(ids))
     assert eng.offload.stats()["evictions"] > 0
     with pytest.raises(OffloadError, match="bundle"):
-        load_engine(tiny_release, max_device_memory="1GiB", tier="disk")
+        load_engine(tiny_release, offload=OffloadOptions("1GiB", tier="disk"))
 
 
-def test_budget_below_non_expert_weights_is_a_plan_error(bundle):
-    with pytest.raises(PlanError, match="does not fit: device"):
-        load_engine(bundle, max_device_memory="256KiB", tier="disk")
+def test_budget_below_non_expert_weights_is_refused(bundle):
+    with pytest.raises(OffloadError, match="does not fit: the device needs .* non-expert weights"):
+        load_engine(bundle, offload=OffloadOptions("256KiB", tier="disk"))

@@ -2,7 +2,6 @@
 errors (unavailable EP, plugin library, corrupt file, stale export, unsupported format), and the runtime features
 (generation, streaming, several sequences) through it. Parity figures live in test_onnx_parity.py."""
 
-import inspect
 import shutil
 
 import numpy as np
@@ -190,8 +189,6 @@ def test_export_cli_on_a_checkpoint_then_run_it(tiny_release, tmp_path):
         assert (om(ids) - model(ids)).abs().max() < 1e-3
 
 
-@pytest.mark.skipif("bind_model" not in inspect.getsource(Engine.load),
-                    reason="Engine.load has no whole-step backend hook yet (see docs/onnx.md)")
 def test_engine_load_with_onnxruntime_backend(tiny_release):
     ours, ref = Engine.load(tiny_release, backend="onnxruntime"), Engine.load(tiny_release, backend="torch")
     assert ours.generate("Hello there", max_new_tokens=10).token_ids == \

@@ -1,0 +1,97 @@
+"""Open what a user points flashport at, through one reader per format, as a model with its tokenizer.
+
+    loaded = open_model("path")          # a bundle, a release checkpoint or transformers' save_pretrained output
+    loaded.model, loaded.tokenizer, loaded.kind, loaded.manifest
+
+The format is detected from the files, not from a flag: a bundle has `manifest.json` (flashport.bundle reads it);
+a checkpoint directory has `config.json` + safetensors, read by flashport.checkpoint.CheckpointReader, which tells
+the release layout from transformers' layout by the tensor names. Everything above this module (the engine
+factory, expert parallelism, offload, the ONNX exporter, the benchmarks) opens models here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .bundle import KeepExpert, install_placeholder, is_bundle, load_model
+from .checkpoint import CheckpointError, CheckpointReader
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class LoadedModel:
+    """A model as opened: kind is "bundle" or the checkpoint's format ("release", "hf"); manifest is the bundle's
+    (None for checkpoints); tokenizer is None when the directory has no tokenizer.json (token ids only)."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    path: Path
+    kind: str
+    manifest: dict | None = None
+
+
+def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer.json beside a model, or None when there is none (the engine then takes token ids only:
+    a stand-in tokenizer would silently produce ids the model was not trained on). Raises CheckpointError when
+    the tokenizer has more ids than the model's vocabulary."""
+    f = Path(path) / TOKENIZER_FILE
+    if not f.exists():
+        return None
+    tok = Tokenizer.from_file(f)
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{f}: the tokenizer has {tok.vocab_size} ids, the model's vocabulary only {vocab_size}")
+    return tok
+
+
+def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_partition: str | None = None,
+               verify: bool | None = None, progress: bool = False) -> LoadedModel:
+    """Open the model at `path` (a bundle or a checkpoint directory) on the CPU, in eval mode, with fp32 or packed
+    weights as stored.
+
+    keep_expert(prefix, e): load only the routed experts it accepts; the others become placeholders (format and
+    shape, no data) for expert parallelism and offload to fill. prefer_partition: a bundle partition to read
+    replicated experts from. verify: also check every file's sha256 (bundles; default FLASHPORT_VERIFY=1).
+    Raises FileNotFoundError for a missing path, CheckpointError / BundleError for files that cannot be used."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (give a checkpoint or bundle directory)")
+    if is_bundle(path):
+        model, manifest = load_model(path, verify=verify, progress=progress, keep_expert=keep_expert,
+                                     prefer_partition=prefer_partition)
+        return LoadedModel(model, load_tokenizer(path, model.cfg.vocab_size), path, "bundle", manifest)
+    reader = CheckpointReader(path)
+    model = Transformer(reader.cfg)
+    model.load_state_dict(reader.load_state_dict())
+    if keep_expert is not None:
+        drop_experts(model, keep_expert)
+    return LoadedModel(model.eval(), load_tokenizer(path, reader.cfg.vocab_size), path, reader.format)
+
+
+def drop_experts(model: Transformer, keep_expert: KeepExpert) -> None:
+    """Turn the routed experts keep_expert rejects into placeholders, freeing their weights."""
+    for name, p in list(model.named_parameters()):
+        if ".ffn.experts." in name and name.endswith(".weight"):
+            prefix, rest = name.split(".ffn.experts.")
+            if not keep_expert(prefix, int(rest.split(".")[0])):
+                install_placeholder(model, name, "fp32", tuple(p.shape))
+
+
+def model_device_bytes(model: Transformer) -> int:
+    """Bytes of every parameter and buffer as held (packed weights at their packed size)."""
+    total = 0
+    for mod in model.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        packed = getattr(mod, "packed", None)
+        if packed is not None:
+            total += packed.nbytes
+    return total
