@@ -244,8 +244,9 @@ def test_engine_flags_become_one_load_engine_call(tiny_release, tmp_path, monkey
     served = []
     monkeypatch.setattr(server, "run_server", lambda engine, *a, **k: served.append(k))
     assert main(["serve", str(tiny_release), "--backend", "onnxruntime", "--execution-provider", "MyEP",
-                 "--max-tokens", "7"]) == 0, capsys.readouterr().err
+                 "--max-tokens", "7", "--kv-dir", str(kv), "--kv-dtype", "bf16"]) == 0, capsys.readouterr().err
     assert calls[0][1]["backend_options"] == {"ep": "MyEP"} and served[0]["default_max_tokens"] == 7
+    assert calls[0][1]["kv"] == KVOptions(str(kv), dtype="bf16")
 
 
 def test_kv_directory_in_use_is_one_line(tiny_release, tmp_path, capsys):
