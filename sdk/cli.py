@@ -32,7 +32,7 @@ ENGINE_ARGS = """backend: auto | torch | triton | onnxruntime | a plugin's name.
             kv_dir: directory of the durable prefix (KV) cache; reused across runs and processes.
             kv_strategy: what the KV cache stores of the sliding windows: full | none | periodic:P (P tokens;
                 default periodic:4096).
-            kv_dtype: numerics of the stored KV entries: release (FP8 + BF16 RoPE dims) | bf16 | fp32 (default).
+            kv_dtype: numerics of the stored KV entries (with --kv-dir): release (FP8 + BF16 RoPE dims) | bf16 | fp32.
             max_device_memory: keep the hottest experts within this device budget (e.g. 8GiB, 512MiB) and
                 offload the rest to --offload-tier.
             offload_tier: where offloaded experts live: host (memory, default) | disk (the bundle's shards).
