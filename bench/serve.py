@@ -15,6 +15,7 @@ tool call, so the conversation has the shape of an agent loop; what is measured 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,6 +52,7 @@ def _throughput(bg, model: str, concurrency: list[int], max_tokens: int) -> list
         batch = (sched.batch_rows - rows0) / max(sched.steps - steps0, 1)
         rows.append(f"| {c} | {n_req} | {tps:.1f} | {statistics.median(lat):.2f} | "
                     f"{lat[min(len(lat) - 1, int(0.99 * len(lat)))]:.2f} | {batch:.1f} | {tps / base:.2f}x |")
+        print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -75,6 +77,7 @@ def _quick(engine, max_tokens: int) -> list[str]:
                     f"| {q.stats.seconds:.3f} |")
         rows.append(f"| {task} | separate request | {len(ids)} | {len(ids)} | {alone.prefill_seconds:.3f} | 1x | "
                     f"{sep_total:.3f} (same tokens: {same}) |")
+        print(rows[-2], rows[-1], sep="\n", file=sys.stderr, flush=True)
     return rows
 
 
@@ -103,6 +106,7 @@ def _tool_turns(bg, model: str, turns: int) -> list[str]:
         cached = u.prompt_tokens_details.cached_tokens
         rows.append(f"| {turn} | {u.prompt_tokens} | {cached} | {u.prompt_tokens - cached} | "
                     f"{100 * cached / u.prompt_tokens:.0f}% |")
+        print(rows[-1], file=sys.stderr, flush=True)
         msg = r.choices[0].message
         messages.append(msg.model_dump(exclude_none=True))
         for tc in msg.tool_calls or []:

@@ -111,6 +111,10 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config ({self.name}): {msg}")
 
+        for f in dataclasses.fields(self):  # a config.json value of the wrong type ("hidden_size": "abc"), named
+            v, kinds = getattr(self, f.name), {"int": int, "float": (int, float)}.get(f.type)
+            if kinds is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+                need(False, f"{f.name} must be {'a whole number' if f.type == 'int' else 'a number'}, not {v!r}")
         need(len(self.compress_ratios) == self.num_hidden_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for {self.num_hidden_layers} layers")
         bad = sorted({r for r in self.compress_ratios if r not in (0, self.csa_rate, self.hca_rate)})

@@ -169,7 +169,7 @@ def check_fits(cfg: ModelConfig, n_tokens: int, sequences: int = 1, available: i
 
 
 def _gb(n: float) -> str:
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):  # binary units, as plan prints
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:.0f} B"
