@@ -227,11 +227,12 @@ class Cli:
             json: print the whole config and the counts as JSON (for machines).
         """
         from .config import ModelConfig
+        from .model import param_count
 
         p = Path(preset_or_path)
         cfg = ModelConfig.from_file(p / "config.json" if p.is_dir() else p) if p.exists() else \
             ModelConfig.preset(preset_or_path)
-        counts = cfg.param_count()
+        counts = param_count(cfg)
         active = active_params(cfg, counts)
         if json:
             return _dump({"params": counts, "active_params": active, "kv_block_tokens": cfg.kv_block_tokens,

@@ -231,18 +231,6 @@ class ModelConfig:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name], name=name)
 
-    def param_count(self) -> dict[str, int]:
-        """Parameters by group, from the shapes alone (works for `v4-flash` without weights)."""
-        from .model import param_shapes
-
-        groups: dict[str, int] = {}
-        for name, shape in param_shapes(self).items():
-            g = "mtp" if name.startswith("mtp.") else "routed_experts" if ".experts." in name else (
-                "embed_head" if name in ("embed.weight", "head.weight") else "other")
-            groups[g] = groups.get(g, 0) + math.prod(shape)
-        groups["total"] = sum(v for k, v in groups.items() if k != "mtp")  # the MTP block is counted apart
-        return groups
-
 
 # Small presets keep every feature of V4-Flash (sliding-only, CSA and HCA layers, hash routing, mHC, shared
 # expert, sinks, grouped output projection, YaRN) at sizes where several CSA and HCA windows are reachable within

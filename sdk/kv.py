@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .kvstore import DiskKVStore, chain_hashes
-from .model import Compressor, PoolState, SeqState
+from .model import Compressor, PoolState, SeqState, param_count
 
 log = logging.getLogger("flashport.kv")
 
@@ -194,7 +194,7 @@ def kv_cli(preset_or_path: str = "v4-flash", context: int = 1048576, sequences: 
             sum(cfg.layer_kind(i) == "csa" for i in range(cfg.num_hidden_layers)) / cfg.csa_rate
             * (cfg.index_head_dim + 4))  # indexer keys, FP8 + a scale (an estimate: the report gives no figure)
         total = lay.kv_bytes(context, sequences)
-        weights = cfg.param_count()["total"] * 4
+        weights = param_count(cfg)["total"] * 4
         fits = "yes" if total + weights <= avail else "NO"
         rows.append(f"{cfg.name:<14} {cfg.num_hidden_layers:>6} {cfg.kv_block_tokens:>5} "
                     f"{lay.compressed_per_token:>10.0f} {rel:>13.0f} {lay.swa_per_token:>9} "

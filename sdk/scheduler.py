@@ -27,20 +27,36 @@ waiting and running sequence is failed, `Scheduler.failure` says why, and `submi
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from .chat import parse_assistant
 from .engine import sample
-from .session import Snapshot, snapshot
+from .model import LayerState, SeqState
 from .tokenizer import END_THINK, THINK, StreamDecoder
 
 log = logging.getLogger("flashport.scheduler")
 TOOL_CALLS_OPEN = "<｜DSML｜tool_calls>"
+
+
+def snapshot(state: SeqState) -> SeqState:
+    """A copy of `state` that shares its tensors: valid because the model replaces state tensors, never edits them."""
+    return SeqState(state.n_tokens, [LayerState(st.window, copy.copy(st.comp), copy.copy(st.index))
+                                     for st in state.layers])
+
+
+@dataclass
+class Snapshot:
+    """A sequence's state after ids[:pos], with the next-token logits (so a full hit needs no forward pass)."""
+
+    state: SeqState  # covers ids[:pos]
+    logits: torch.Tensor  # [V] next-token logits after ids[:pos]
 
 
 class QueueFull(RuntimeError):
