@@ -522,13 +522,15 @@ class Report:
                 "cases": [asdict(c) | {"id": c.id} for c in self.cases], "end_to_end": self.end_to_end}
 
     def summary(self) -> str:
+        per_op = self.per_op()
+        w = max([36, *map(len, per_op)])  # the first column fits the longest op (format) name
         lines = [f"conformance of backend {self.backend!r} on {self.device} (contract {API_VERSION[0]}."
                  f"{API_VERSION[1]}, longest context tested {self.max_context_tested})",
-                 f"{'op (format)':<36} {'cases':>5}  {'bit-exact':<9} {'max abs err':>12} {'max ulp':>10}  result"]
+                 f"{'op (format)':<{w}} {'cases':>5}  {'bit-exact':<9} {'max abs err':>12} {'max ulp':>10}  result"]
         if self.whole_step:
             lines[1:] = [f"per-op cases: none run one by one: every op {IN_GRAPH}"]
-        for key, s in ({} if self.whole_step else self.per_op()).items():
-            lines.append(f"{key:<36} {s['cases']:>5}  {'yes' if s['bit_exact'] else 'no':<9} {s['max_abs']:>12.3g} "
+        for key, s in ({} if self.whole_step else per_op).items():
+            lines.append(f"{key:<{w}} {s['cases']:>5}  {'yes' if s['bit_exact'] else 'no':<9} {s['max_abs']:>12.3g} "
                          f"{s['max_ulp']:>10}  {'pass' if s['passed'] else 'FAIL'}")
         for c in self.cases:
             if not c.passed:

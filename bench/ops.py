@@ -83,10 +83,10 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
-def _make_backend(name: str):
+def _make_backend(name: str, options: dict | None = None):
     from ..backends.registry import create, load_factory
 
-    return load_factory(name)() if ":" in name else create(name)
+    return load_factory(name)(**(options or {})) if ":" in name else create(name, **(options or {}))
 
 
 def _shape(s: str) -> tuple[int, ...]:
@@ -94,14 +94,16 @@ def _shape(s: str) -> tuple[int, ...]:
 
 
 def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32", threads: int = 0,
-        moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "", seed: int = 0):
-    """Print one row per (op, shape, path): ms, GB/s of the bytes the op must read, % of measured bandwidth."""
+        moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "", seed: int = 0,
+        backend_options: dict | None = None):
+    """Print one row per (op, shape, path): ms, GB/s of the bytes the op must read, % of measured bandwidth.
+    backend_options: keyword arguments of the backend's factory (e.g. {"ep": "CPUExecutionProvider"})."""
     from tqdm import tqdm
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    b = _make_backend(backend)
+    b = _make_backend(backend, backend_options)
     bw = read_bandwidth()
     rows: list[dict] = []
 

@@ -48,12 +48,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..bundle import (FORMAT, MANIFEST, SCHEMA_VERSION, BundleError, canonical_json, check_files, expert_index,
                       manifest_digest, moe_prefix, read_manifest, sha256_file, stored_nbytes, tensor_crc32c)
-from ..checkpoint import CheckpointReader
+from ..checkpoint import CheckpointReader, save_tensors
 from ..quant.formats import FORMATS, dequantize
 from . import gptq
 from .calibrate import calibrate, swiglu_hidden
@@ -225,7 +224,7 @@ def export(src: str | Path, out: str | Path, recipe: str | Recipe = "int4-expert
             path = out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            save_file(shard, str(tmp), metadata={"bundle_id": bundle_id, "shard": rel, "format": FORMAT})
+            save_tensors(shard, tmp, metadata={"bundle_id": bundle_id, "shard": rel, "format": FORMAT})
             os.replace(tmp, path)
             unit_files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         del u.shards

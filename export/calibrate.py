@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm import tqdm
 
 from ..bundle import ROUTING_STATS, load_routing_stats
-from ..checkpoint import CheckpointError, CheckpointReader
+from ..checkpoint import CheckpointError, CheckpointReader, save_tensors
 from ..config import ModelConfig
 from ..loader import load_tokenizer
 from ..model import Block, LayerState
@@ -45,14 +45,31 @@ log = logging.getLogger("flashport.export")
 ACTIVATION_STATS = "activation_stats.safetensors"
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".json", ".jsonl", ".csv", ".tsv", ".html", ".xml", ".py")
+
+
+def looks_like_path(text: str | Path) -> bool:
+    """Whether a text argument names a file rather than being the text: a Path, or one line that starts like a
+    path (/, ./, ../, ~) or ends in a text file's suffix."""
+    if isinstance(text, Path):
+        return True
+    s = str(text)
+    return ("\n" not in s and len(s) < 1024 and s.strip() == s and
+            (s.startswith(("/", "./", "../", "~")) or s.lower().endswith(TEXT_SUFFIXES)))
+
+
 def read_text_arg(text: str | Path) -> str:
-    """A text argument: the contents of the file it names, else the text itself."""
+    """A text argument: the contents of the file it names, else the text itself. Raises FileNotFoundError when it
+    looks like a path (see looks_like_path) but no such file exists, so a mistyped path is never used as the text."""
     s = str(text)
     try:
-        if "\n" not in s and len(s) < 1024 and Path(s).is_file():
-            return Path(s).read_text(encoding="utf-8")
+        p = Path(s).expanduser()
+        if "\n" not in s and len(s) < 1024 and p.is_file():
+            return p.read_text(encoding="utf-8")
     except OSError:  # not a usable path (e.g. a name too long): it is text
         pass
+    if looks_like_path(text):
+        raise FileNotFoundError(f"text file {s} does not exist")
     return s
 
 
@@ -109,7 +126,7 @@ class Calibration:
         tensors = {}
         for k, v in self.layers.items():
             tensors[f"{k}.x_sq"], tensors[f"{k}.h_sq"] = v.x_sq.contiguous(), v.h_sq.contiguous()
-        save_file(tensors, str(out / ACTIVATION_STATS), metadata={"tokens": str(self.tokens)})
+        save_tensors(tensors, out / ACTIVATION_STATS, metadata={"tokens": str(self.tokens)})
         return [out / ROUTING_STATS, out / ACTIVATION_STATS]
 
     @classmethod

@@ -11,6 +11,7 @@ argmaxes agree. Perplexity = exp(mean negative log-likelihood of each next token
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,15 +61,24 @@ def compare(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[float, floa
 
 
 def evaluate(model: str | Path | Engine, text: str | Path, reference: str | Path | Engine | None = None,
-             max_tokens: int = 1024) -> Quality:
+             max_tokens: int = 1024, progress: bool = False) -> Quality:
+    """Quality of `model` on `text`; progress: one status line per stage on stderr (loading, scoring)."""
+    def status(msg: str) -> None:
+        if progress:
+            print(f"eval: {msg}", file=sys.stderr, flush=True)
+
+    status(f"loading {model}")
     eng = _load(model)
     ids = text_ids(eng, text, max_tokens)
+    status(f"scoring {len(ids)} tokens")
     logits = eng.logits(ids)
     q = Quality(len(ids) - 1, perplexity(logits, ids))
     if reference is not None:
+        status(f"loading reference {reference}")
         ref = _load(reference)
         if ref.cfg.vocab_size != eng.cfg.vocab_size:
             raise ValueError(f"reference vocabulary {ref.cfg.vocab_size} != model vocabulary {eng.cfg.vocab_size}")
+        status(f"scoring {len(ids)} tokens on the reference")
         ref_logits = ref.logits(ids)
         q.kl, q.top1_agreement = compare(logits, ref_logits)
         q.ref_perplexity = perplexity(ref_logits, ids)
@@ -78,7 +88,7 @@ def evaluate(model: str | Path | Engine, text: str | Path, reference: str | Path
 def eval_cli(path: str, text: str, reference: str | None = None, max_tokens: int = 1024, json: bool = False) -> str:
     """Perplexity of PATH (checkpoint or bundle) on TEXT (a file); with --reference PATH also the mean KL divergence
     and top-1 agreement of next-token distributions against that model, on the same tokens."""
-    q = evaluate(path, text, reference, max_tokens)
+    q = evaluate(path, text, reference, max_tokens, progress=True)
     if json:
         import json as _json
 

@@ -265,7 +265,23 @@ def plan(cfg: ModelConfig, devices: str | list[Device], recipe: str | Recipe = "
     recipe = load_recipe(recipe)
     accels = [d for d in devs if d.kind == "accel"]
     if mode == "auto":
-        mode = "ep" if len(accels) > 1 else "edge"
+        # auto tries the modes that can fit, fastest first: ep (every expert resident on some accelerator) with two
+        # or more accelerators, else edge (hot experts on the accelerator, the rest on host memory and disk)
+        if len(accels) > 1:
+            args = (cfg, devs, recipe, stats, context, sequences)
+            try:
+                return plan(*args, "ep", kv_dtype, redundant, chunk, names)
+            except PlanError as e:
+                if not str(e).startswith("does not fit"):
+                    raise
+                try:
+                    p = plan(*args, "edge", kv_dtype, redundant, chunk, names)
+                except PlanError as e2:
+                    raise PlanError(f"{e2} (auto mode tried ep too: {str(e).removeprefix('does not fit: ')})") from None
+                p.notes.insert(0, f"auto mode: ep does not fit ({str(e).removeprefix('does not fit: ')}); "
+                                 "placed in edge mode instead")
+                return p
+        mode = "edge"
     if mode not in ("ep", "edge"):
         raise PlanError(f"unknown mode {mode!r}; use ep, edge or auto")
     if context < 1 or sequences < 1:
@@ -423,7 +439,8 @@ def plan_cli(model: str = "v4-flash", devices: str = "npu:0=64GiB,npu:1=64GiB,cp
 
     devices: NAME=SIZE list (npu:0=64GiB,...,cpu=256GiB,disk); recipe: a named recipe or a JSON/TOML file;
     stats: routing_stats.json (or a bundle holding one; uniform routing when absent); context x sequences: the
-    KV target; mode: ep | edge | auto (ep with two or more accelerators); kv_dtype: fp32 | bf16 | fp8;
+    KV target; mode: ep | edge | auto (ep with two or more accelerators when it fits, else edge); kv_dtype:
+    fp32 | bf16 | fp8;
     redundant: replica slots per rank per layer in ep mode (default 1, as memory allows); json_out: also write
     the plan as JSON.
     """

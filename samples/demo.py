@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import flashport
+from flashport.model import param_count
 from flashport.kv import demo_prefix_hit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +23,7 @@ else:
 kv_dir = Path(tempfile.mkdtemp(prefix="flashport-demo-kv-"))  # a local KV directory, fresh for each demo
 engine = flashport.Engine.load(model_dir, kv=flashport.KVOptions(kv_dir, "periodic:256"))
 prompt = sys.argv[1] if len(sys.argv) > 1 else "If the"  # the model learnt stdlib docstrings
-print(f"model: {model_dir.relative_to(ROOT)}  ({engine.cfg.param_count()['total'] / 1e6:.1f}M parameters, "
+print(f"model: {model_dir.relative_to(ROOT)}  ({param_count(engine.cfg)['total'] / 1e6:.1f}M parameters, "
       f"backend {engine.model.ops.backend.name})")
 print(f"prompt: {prompt!r}\n---")
 out = engine.generate(prompt, max_new_tokens=48, temperature=0.0)

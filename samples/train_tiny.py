@@ -52,6 +52,7 @@ from flashport.backends.dispatch import Ops, _ExpertHandles  # noqa: E402
 from flashport.checkpoint import init_weights, write_checkpoint  # noqa: E402
 from flashport.config import ModelConfig  # noqa: E402
 from flashport.model import Gate, LayerState, SeqState, Transformer  # noqa: E402
+from flashport.model import param_count  # noqa: E402
 from flashport.tokenizer import DEFAULT_PATH, Tokenizer  # noqa: E402
 
 DOC_SEP = "\x1e\n"  # separates the documents in heldout.txt
@@ -289,8 +290,8 @@ def main(argv=None) -> int:
         def hook(mod, inp, out, n=n):
             loads[n] = loads.get(n, 0) + torch.bincount(out[1].reshape(-1), minlength=cfg.n_routed_experts)
         m.register_forward_hook(hook)
-    print(f"model: {args.preset}, {cfg.param_count()['total'] / 1e6:.1f}M parameters (+MTP "
-          f"{cfg.param_count()['mtp'] / 1e6:.1f}M), {sum(p.numel() for _, p in params) / 1e6:.1f}M trained", flush=True)
+    print(f"model: {args.preset}, {param_count(cfg)['total'] / 1e6:.1f}M parameters (+MTP "
+          f"{param_count(cfg)['mtp'] / 1e6:.1f}M), {sum(p.numel() for _, p in params) / 1e6:.1f}M trained", flush=True)
 
     budget = args.minutes * 60 if args.minutes > 0 else float("inf")
     total = args.steps or 0  # 0 until estimated

@@ -1,57 +1,250 @@
-"""`flashport bench ...`: benchmarks that print figures and ratios measured side by side in one run."""
+"""`flashport bench ...`: benchmarks that print figures and ratios measured side by side in one run.
 
-from __future__ import annotations
+Each subcommand checks its flags (cli_args) before it imports or builds anything, then calls the benchmark's
+`run` in flashport.bench.*.
+"""
+
+from .cli_args import UsageError, at_least, csv_choices, existing_dir, ints, one_of, parent_dir
 
 
 class Bench:
-    def decode(self, path: str = "", preset: str = "flash-mini", prompt_lens: str = "512,2048", decode_tokens: int = 32,
-               threads: int = 0, peer: bool = True, seed: int = 0):
-        """Prefill and decode tokens/s of flashport and of transformers' DeepseekV4ForCausalLM on the same
-        weights (PATH, or a fresh PRESET checkpoint), with the ratio."""
+    """Benchmarks: `flashport bench SUBCOMMAND --help` lists each one's flags."""
+
+    def decode(self, path: str = "", preset: str = "flash-mini", prompt_lens: str = "512,2048",
+               decode_tokens: int = 32, threads: int = 0, peer: bool = True, seed: int = 0):
+        """Prefill and decode tokens/s of flashport and of transformers' DeepseekV4ForCausalLM on the same weights,
+        with the ratio.
+
+        Args:
+            path: a checkpoint directory (default: a fresh checkpoint of PRESET).
+            preset: the preset of the fresh checkpoint.
+            prompt_lens: prompt lengths in tokens, comma-separated.
+            decode_tokens: decode steps timed (>= 1).
+            threads: torch intra-op threads (0: torch's default).
+            peer: also run transformers (the peer) on the same weights.
+            seed: seed of the weights and the prompts.
+        """
+        lens = _common(path, preset, threads, seed, prompt_lens=prompt_lens, decode_tokens=decode_tokens)
         from flashport.bench.decode import run
 
-        return run(path=path, preset=preset, prompt_lens=_ints(prompt_lens),
-                   decode_tokens=decode_tokens, threads=threads, peer=peer, seed=seed)
+        return run(path=path, preset=preset, prompt_lens=lens, decode_tokens=decode_tokens, threads=threads,
+                   peer=peer, seed=seed)
 
     def decode_context(self, path: str = "", preset: str = "flash-small", contexts: str = "8192,32768,131072",
                        decode_tokens: int = 16, threads: int = 0, seed: int = 0):
-        """Decode cost per token at several context lengths (sparse attention should keep it nearly flat)."""
+        """Decode cost per token at several context lengths (sparse attention keeps it nearly flat).
+
+        Args:
+            path: a checkpoint directory (default: a fresh checkpoint of PRESET).
+            preset: the preset of the fresh checkpoint.
+            contexts: context lengths in tokens, comma-separated.
+            decode_tokens: decode steps timed per context (>= 1).
+            threads: torch intra-op threads (0: torch's default).
+            seed: seed of the weights and the prompts.
+        """
+        ctx = _common(path, preset, threads, seed, contexts=contexts, decode_tokens=decode_tokens)
         from flashport.bench.decode import run_contexts
 
-        return run_contexts(path=path, preset=preset, contexts=_ints(contexts),
-                            decode_tokens=decode_tokens, threads=threads, seed=seed)
+        return run_contexts(path=path, preset=preset, contexts=ctx, decode_tokens=decode_tokens, threads=threads,
+                            seed=seed)
 
-    def kv(self, *args, **kwargs):
-        """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth."""
-        return _run("flashport.bench.kv:run", args, kwargs)
+    def kv(self, path: str = "", preset: str = "flash-mini", sizes: str = "8192,32768",
+           strategies: str = "full,periodic:4096,none", decode_tokens: int = 16, long_preset: str = "flash-tiny",
+           long_sizes: str = "4096,16384", dir: str = "", threads: int = 0, seed: int = 0):
+        """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth.
 
-    def ops(self, *args, **kwargs):
-        """Per-op throughput and fraction of measured memory bandwidth: bench ops --backend B."""
-        return _run("flashport.bench.ops:run", args, kwargs)
+        Args:
+            path: a checkpoint directory (default: a fresh checkpoint of PRESET).
+            preset: the preset of the fresh checkpoint.
+            sizes: prompt lengths in tokens, comma-separated.
+            strategies: KV strategies, comma-separated: full | none | periodic:P.
+            decode_tokens: decode steps after each prompt (>= 1).
+            long_preset: the preset of the long-context rows.
+            long_sizes: prompt lengths of the long-context rows, comma-separated.
+            dir: working directory for the KV stores (default: a temporary one).
+            threads: torch intra-op threads (0: torch's default).
+            seed: seed of the weights and the prompts.
+        """
+        from flashport.options import KVOptions
 
-    def onnx(self, *args, **kwargs):
-        """ONNX Runtime CPU EP against the torch backend: decode/prefill tok/s, export time and size."""
-        return _run("flashport.bench.onnx:run", args, kwargs)
+        _common(path, preset, threads, seed, sizes=sizes, long_sizes=long_sizes, decode_tokens=decode_tokens)
+        _preset("--long-preset", long_preset)
+        for s in strategies.split(","):
+            KVOptions(strategy=s.strip())  # OptionError names a bad strategy
+        from flashport.bench.kv import run
 
-    def offload(self, *args, **kwargs):
-        """Expert offload: tokens/s against the resident fraction of expert bytes."""
-        return _run("flashport.bench.offload:run", args, kwargs)
+        return run(path=path, preset=preset, sizes=sizes, strategies=strategies, decode_tokens=decode_tokens,
+                   long_preset=long_preset, long_sizes=long_sizes, dir=dir, threads=threads, seed=seed)
 
-    def serve(self, *args, **kwargs):
-        """Server throughput against concurrency, Quick Instruction cost, tokens reused per turn."""
-        return _run("flashport.bench.serve:run", args, kwargs)
+    def ops(self, backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32",
+            threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",
+            seed: int = 0, execution_provider: str | None = None, plugin_ep_library: str | None = None,
+            backend_option: list[str] | None = None):
+        """Per-op throughput and fraction of measured memory bandwidth of BACKEND.
 
-    def export(self, *args, **kwargs):
-        """Export throughput (MB/s of source read) and peak RSS."""
-        return _run("flashport.bench.export:run", args, kwargs)
+        Args:
+            backend: a registered backend name, or module:factory.
+            shapes: linear shapes NxK, comma-separated.
+            fmt: the weight format of the linears (int4-g32, int8, ...).
+            threads: torch intra-op threads (0: torch's default).
+            moe: the MoE case, hidden x intermediate x top-k.
+            ort: also time ONNX Runtime's MatMulNBits.
+            repeat: timed repetitions per case (>= 1).
+            report: also write the rows as JSON to this file.
+            seed: seed of the weights.
+            execution_provider: ONNX Runtime execution provider (with --backend onnxruntime).
+            plugin_ep_library: ONNX Runtime plugin EP library (with --backend onnxruntime).
+            backend_option: KEY=VALUE handed to the backend's factory; repeat the flag for several.
+        """
+        from flashport.options import parse_backend_options
+        from flashport.quant.formats import FORMATS
+
+        at_least("--threads", threads, 0)
+        at_least("--repeat", repeat, 1)
+        one_of("--fmt", fmt, FORMATS)
+        for flag, v, n in (("--shapes", shapes, 2), ("--moe", moe, 3)):
+            for s in v.split(","):
+                if len(ints(flag, s.replace("x", ","))) != n:
+                    raise UsageError(f"{flag}: expected {'x'.join('N' * n)} shapes, got {s!r}")
+        if report:
+            parent_dir("--report", report)
+        options = parse_backend_options(backend_option)
+        for flag, v, key in (("--execution-provider", execution_provider, "ep"),
+                             ("--plugin-ep-library", plugin_ep_library, "plugin_ep_library")):
+            if v is not None:
+                if backend != "onnxruntime":
+                    raise UsageError(f"{flag} is an ONNX Runtime option: add --backend onnxruntime")
+                options[key] = v
+        from flashport.bench.ops import run
+
+        return run(backend=backend, shapes=shapes, fmt=fmt, threads=threads, moe=moe, ort=ort, repeat=repeat,
+                   report=report, seed=seed, backend_options=options)
+
+    def onnx(self, preset: str = "flash-mini", experts: str = "int4-g32", linears: str | None = None,
+             prompt_len: int = 256, decode_tokens: int = 32, repeats: int = 2, threads: int = 0, seed: int = 0,
+             int8_activations: bool = False):
+        """ONNX Runtime CPU EP against the torch backend: decode/prefill tokens/s, export time and size.
+
+        Args:
+            preset: the model preset (random weights).
+            experts: weight format of the routed experts.
+            linears: weight format of the other linears (default: unquantized).
+            prompt_len: prompt tokens (>= 1).
+            decode_tokens: decode steps timed (>= 1).
+            repeats: timed repetitions (>= 1).
+            threads: torch / ONNX Runtime intra-op threads (0: default).
+            seed: seed of the weights and the prompt.
+            int8_activations: also run accuracy level 4 (int8 activations).
+        """
+        from flashport.quant.formats import FORMATS
+
+        _preset("--preset", preset)
+        one_of("--experts", experts, FORMATS)
+        if linears not in (None, "none"):
+            one_of("--linears", linears, FORMATS)
+        for flag, v in (("--prompt-len", prompt_len), ("--decode-tokens", decode_tokens), ("--repeats", repeats)):
+            at_least(flag, v, 1)
+        at_least("--threads", threads, 0)
+        from flashport.bench.onnx import run
+
+        return run(preset=preset, experts=experts, linears=linears, prompt_len=prompt_len,
+                   decode_tokens=decode_tokens, repeats=repeats, threads=threads, seed=seed,
+                   int8_activations=int8_activations)
+
+    def offload(self, path: str = "", preset: str = "flash-mini", recipe: str = "int4-experts",
+                fractions: str = "100,50,25,10", tier: str = "disk", prompt_tokens: int = 64, decode_tokens: int = 16,
+                threads: int = 0, ep: int = 2, seed: int = 0):
+        """Expert offload: tokens/s against the resident fraction of expert bytes; EP=N against one process.
+
+        Args:
+            path: a bundle (default: a fresh PRESET checkpoint exported with RECIPE).
+            preset: the preset of the fresh checkpoint.
+            recipe: the export recipe of the fresh bundle.
+            fractions: resident percentages of the expert bytes, comma-separated (1-100).
+            tier: where the other experts live: host | disk.
+            prompt_tokens: prompt tokens (>= 2).
+            decode_tokens: decode steps timed (>= 1).
+            threads: torch intra-op threads (0: torch's default).
+            ep: expert-parallel ranks of the EP row (0: skip it).
+            seed: seed of the weights and the prompts.
+        """
+        pct = _common(path, preset, threads, seed, fractions=fractions, decode_tokens=decode_tokens)
+        if max(pct) > 100:
+            raise UsageError(f"--fractions are percentages (1-100), got {fractions!r}")
+        one_of("--tier", tier, ("host", "disk"))
+        at_least("--prompt-tokens", prompt_tokens, 2)
+        at_least("--ep", ep, 0)
+        from flashport.bench.offload import run
+
+        return run(path=path, preset=preset, recipe=recipe, fractions=fractions, tier=tier,
+                   prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads, ep=ep, seed=seed)
+
+    def serve(self, path: str = "", preset: str = "flash-tiny", concurrency: str = "1,4,16,32", max_tokens: int = 16,
+              turns: int = 10, quick_tokens: int = 8, threads: int = 0, seed: int = 0):
+        """Server throughput against concurrency, Quick Instruction cost, tokens reused per turn.
+
+        Args:
+            path: a checkpoint directory (default: a fresh checkpoint of PRESET).
+            preset: the preset of the fresh checkpoint.
+            concurrency: concurrent clients per row, comma-separated.
+            max_tokens: tokens per request (>= 1).
+            turns: turns of the tool-calling conversation (>= 1).
+            quick_tokens: tokens of the Quick Instruction (>= 1).
+            threads: torch intra-op threads (0: torch's default).
+            seed: seed of the weights.
+        """
+        _common(path, preset, threads, seed, concurrency=concurrency, max_tokens=max_tokens, turns=turns,
+                quick_tokens=quick_tokens)
+        from flashport.bench.serve import run
+
+        return run(path=path, preset=preset, concurrency=concurrency, max_tokens=max_tokens, turns=turns,
+                   quick_tokens=quick_tokens, threads=threads, seed=seed)
+
+    def export(self, preset: str = "flash-mini", model: str | None = None, parts: str = "throughput,quality,plan",
+               max_tokens: int = 1024, context: int = 131072, sequences: int = 4, threads: int = 1):
+        """Export throughput (MB/s of source read), peak RSS, quality per recipe, plans.
+
+        Args:
+            preset: the preset of the fresh checkpoint (throughput).
+            model: the checkpoint the quality rows export (default: the shipped trained model).
+            parts: which parts, comma-separated: throughput | quality | plan.
+            max_tokens: tokens the quality rows score (>= 2).
+            context: KV target of the plan rows (>= 1).
+            sequences: sequences of the plan rows (>= 1).
+            threads: torch intra-op threads (0: torch's default; 1 suits shared machines).
+        """
+        _common("", preset, threads, 0)
+        if model is not None:
+            existing_dir("--model", model)
+        csv_choices("--parts", parts, ("throughput", "quality", "plan"))
+        at_least("--max-tokens", max_tokens, 2)
+        at_least("--context", context, 1)
+        at_least("--sequences", sequences, 1)
+        from flashport.bench.export import run
+
+        return run(preset=preset, model=model, parts=parts, max_tokens=max_tokens, context=context,
+                   sequences=sequences, threads=threads)
 
 
-def _ints(v) -> list[int]:
-    """A list of ints from `--x 512,2048` (fire hands over a tuple) or `--x 512`."""
-    return [int(x) for x in v] if isinstance(v, (tuple, list)) else [int(x) for x in str(v).split(",") if x]
+def _preset(flag: str, preset: str) -> None:
+    from flashport.config import PRESETS
+
+    one_of(flag, preset, PRESETS)
 
 
-def _run(target, args, kwargs):
-    from flashport.cli import _run as run
-
-    return run(target, args, kwargs)
+def _common(path: str, preset: str, threads: int, seed: int, **checked) -> list[int]:
+    """The checks every benchmark shares; returns the whole numbers of the first list flag in `checked`."""
+    if path:
+        existing_dir("PATH", path)
+    _preset("--preset", preset)
+    at_least("--threads", threads, 0)
+    at_least("--seed", seed, 0)
+    first = None
+    for name, v in checked.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, str):
+            got = ints(flag, v)
+            first = got if first is None else first
+        else:
+            at_least(flag, v, 1)
+    return first or []

@@ -1,47 +1,90 @@
 """`flashport chat PATH`: an interactive terminal chat on a Session (the KV is reused from turn to turn).
 
 Thinking is shown dimmed (or under a "thinking:" label when the output is not a terminal), apart from the answer.
+Line editing and history come from the stdlib's readline. Ctrl-C during a reply stops that reply (what was
+generated stays in the conversation) and returns to the prompt; Ctrl-D or /quit leaves.
 Commands: /mode chat|thinking|thinking-max, /clear, /title, /stats, /help, /quit.
 """
 
 from __future__ import annotations
 
+import queue
 import sys
+import threading
 
 from .chat import MODES
 from .session import Session
 
 HELP = ("commands: /mode chat|thinking|thinking-max  /clear (forget the conversation)  /title (Quick Instruction)  "
         "/stats (KV reuse per turn)  /help  /quit")
+UNCLOSED_THINKING = ("(the reply ended inside its thinking, before </think>: raise --max-new-tokens, or /mode chat "
+                     "for replies without thinking)")
 
 
-def chat_cli(path: str, mode: str = "chat", system: str = "", max_new_tokens: int = 512, temperature: float = 0.7,
-             top_p: float = 0.95, seed: int | None = None, backend: str = "auto", execution_provider: str = "",
-             plugin_ep_library: str = "", backend_option: str | tuple = "", device: str = "",
-             deterministic: bool = False, kv_dir: str = "", kv_strategy: str = "periodic:4096",
-             max_device_memory: str = "", offload_tier: str = "host", ep: int = 0):
-    """Chat with PATH (a checkpoint or bundle directory) in the terminal.
-
-    mode: chat | thinking | thinking-max; system: a system prompt; max_new_tokens, temperature, top_p, seed:
-    sampling of each reply; the engine flags (backend, execution provider, KV, offload) are those of
-    `flashport generate`. The chat is one interactive process: --ep is refused (serve with --ep instead).
-    """
-    from .engine import run_command
-    from .options import OptionError, engine_options
-
+def chat(engine, mode: str = "chat", system: str = "", sampling: dict | None = None) -> None:
+    """Chat with a loaded engine in the terminal until /quit or end of input (`flashport chat`, which loads the
+    engine with the engine flags and closes it after)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    if ep not in (0, 1):
-        raise OptionError(f"chat with --ep {ep}: the chat is one interactive process; run `flashport serve PATH "
-                          f"--ep {ep}` and chat through a client")
-    opts = engine_options(backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
-                          kv_dir, kv_strategy, "fp32", max_device_memory, offload_tier)
+    session = Session(engine, mode=mode, system=system or None)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - importing it gives input() line editing and history
+        except ImportError:  # not on every platform (Windows): plain input
+            pass
+    run_chat(session, sampling or {})
 
-    def chat(engine):
-        session = Session(engine, mode=mode, system=system or None)
-        run_chat(session, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed))
 
-    run_command(path, opts, chat, ["chat", path])
+def _stream_reply(session: Session, sampling: dict, out):
+    """Generate the reply on a worker thread and write its pieces; Ctrl-C cancels the generation (the scheduler
+    drops the sequence at its next step) and waits for the worker, so the process never exits under it.
+    Returns (the Reply, kind of its last piece, whether it was stopped)."""
+    pieces: queue.Queue = queue.Queue()
+    failure: list[BaseException] = []
+    replies = []
+
+    def work():
+        try:
+            replies.append(session.generate(on_token=lambda k, t: pieces.put((k, t)), **sampling))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, raised there
+            failure.append(e)
+        finally:
+            pieces.put(None)
+
+    tty = out.isatty() if hasattr(out, "isatty") else False
+    dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
+    worker = threading.Thread(target=work, name="flashport-chat-reply", daemon=True)
+    worker.start()
+    kind_now, stopped = None, False
+    while True:
+        try:
+            item = pieces.get(timeout=0.1)
+            if item is None:
+                break
+            if stopped:
+                continue
+            kind, piece = item
+            if kind != kind_now:
+                if kind == "reasoning":
+                    out.write(f"{dim}thinking: ")
+                elif kind_now == "reasoning":
+                    out.write(f"{reset}\n")
+                kind_now = kind
+            out.write(piece)
+            out.flush()
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            stopped = True
+            sch = session.scheduler
+            for seq in list(sch.active) + list(sch.waiting):
+                seq.cancel()
+    worker.join()
+    if kind_now == "reasoning":
+        out.write(reset)
+    if failure:
+        raise failure[0]
+    return replies[0], kind_now, stopped
 
 
 def run_chat(session: Session, sampling: dict, read=None, out=None):
@@ -51,12 +94,16 @@ def run_chat(session: Session, sampling: dict, read=None, out=None):
     tty = out.isatty() if hasattr(out, "isatty") else False
     dim, reset = ("\x1b[2m", "\x1b[0m") if tty else ("", "")
     out.write(f"flashport chat ({session.mode} mode). {HELP}\n")
+    shown_from = 0  # /stats lists the turns since the last /clear
     while True:
         try:
             line = read("> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             out.write("\n")
             return
+        except KeyboardInterrupt:
+            out.write("\n(Ctrl-D or /quit to leave)\n")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -66,6 +113,7 @@ def run_chat(session: Session, sampling: dict, read=None, out=None):
                 return
             if cmd == "/clear":
                 session.clear()
+                shown_from = len(session.turns)
                 out.write("(conversation cleared)\n")
             elif cmd == "/mode":
                 if arg.strip() not in MODES:
@@ -79,30 +127,28 @@ def run_chat(session: Session, sampling: dict, read=None, out=None):
                 else:
                     out.write("(say something first)\n")
             elif cmd == "/stats":
-                for i, t in enumerate(session.turns):
+                turns = session.turns[shown_from:]
+                if not turns:
+                    out.write("(no turns yet)\n")
+                for i, t in enumerate(turns):
                     out.write(f"  {i + 1} {t.kind}: prompt {t.prompt_tokens}, reused {t.reused_tokens}, "
                               f"prefilled {t.prefilled_tokens}, generated {t.generated_tokens}, {t.seconds:.2f} s\n")
-            else:
+            elif cmd == "/help":
                 out.write(HELP + "\n")
+            else:
+                out.write(f"unknown command {cmd}; {HELP}\n")
             continue
         session.add({"role": "user", "content": line})
-        kind_now = None
-        for kind, piece in session.stream(**sampling):
-            if kind != kind_now:
-                if kind == "reasoning":
-                    out.write(f"{dim}thinking: ")
-                elif kind_now == "reasoning":
-                    out.write(f"{reset}\n")
-                kind_now = kind
-            out.write(piece)
-            out.flush()
-        if kind_now == "reasoning":
-            out.write(reset)
-        reply, st = session.last_reply, session.turns[-1]
+        reply, kind_now, stopped = _stream_reply(session, sampling, out)
+        st = reply.stats
+        if stopped:
+            out.write("\n(stopped)")
+        elif kind_now == "reasoning" and session.thinking:
+            out.write(f"\n{UNCLOSED_THINKING}")
         for call in reply.tool_calls:
             out.write(f"\n[tool call] {call['function']['name']}({call['function']['arguments']})")
         out.write(f"\n{dim}[{st.reused_tokens} tokens reused, {st.prefilled_tokens} prefilled, "
                   f"{st.generated_tokens} generated in {st.seconds:.2f} s]{reset}\n")
 
 
-__all__ = ["chat_cli", "run_chat"]
+__all__ = ["chat", "run_chat"]

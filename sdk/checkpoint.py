@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from pathlib import Path
@@ -34,6 +35,26 @@ _FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_expert
 _FP4 = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
 _BF16 = re.compile(r"^(embed|head)\.weight$|ffn\.gate\.weight$|compressor\.(wkv|wgate)\.weight$|weights_proj\.weight$")
 _EXPERT = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+
+
+def umask() -> int:
+    """The process's file-creation mask (read from /proc on Linux, where reading it does not change it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (not thread-safe; restored at once)
+    os.umask(mask)
+    return mask
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file's mode following the umask (0666 & ~umask) like every other file
+    flashport writes: safetensors creates it 0600, so a service account could not read a bundle someone exported."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
 
 
 def release_dtype(name: str) -> str:
@@ -364,7 +385,7 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tens
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        save_tensors(shard, out / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (out / "model.safetensors.index.json").write_text(

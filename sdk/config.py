@@ -111,6 +111,10 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(f"config ({self.name}): {msg}")
 
+        for f in dataclasses.fields(self):  # a config.json value of the wrong type ("hidden_size": "abc"), named
+            v, kinds = getattr(self, f.name), {"int": int, "float": (int, float)}.get(f.type)
+            if kinds is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+                need(False, f"{f.name} must be {'a whole number' if f.type == 'int' else 'a number'}, not {v!r}")
         need(len(self.compress_ratios) == self.num_hidden_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for {self.num_hidden_layers} layers")
         bad = sorted({r for r in self.compress_ratios if r not in (0, self.csa_rate, self.hca_rate)})
@@ -226,18 +230,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name], name=name)
-
-    def param_count(self) -> dict[str, int]:
-        """Parameters by group, from the shapes alone (works for `v4-flash` without weights)."""
-        from .model import param_shapes
-
-        groups: dict[str, int] = {}
-        for name, shape in param_shapes(self).items():
-            g = "mtp" if name.startswith("mtp.") else "routed_experts" if ".experts." in name else (
-                "embed_head" if name in ("embed.weight", "head.weight") else "other")
-            groups[g] = groups.get(g, 0) + math.prod(shape)
-        groups["total"] = sum(v for k, v in groups.items() if k != "mtp")  # the MTP block is counted apart
-        return groups
 
 
 # Small presets keep every feature of V4-Flash (sliding-only, CSA and HCA layers, hash routing, mHC, shared

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .kvstore import DiskKVStore, chain_hashes
-from .model import Compressor, PoolState, SeqState
+from .model import Compressor, PoolState, SeqState, param_count
 
 log = logging.getLogger("flashport.kv")
 
@@ -169,7 +169,7 @@ def check_fits(cfg: ModelConfig, n_tokens: int, sequences: int = 1, available: i
 
 
 def _gb(n: float) -> str:
-    for unit, div in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):  # binary units, as plan prints
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:.0f} B"
@@ -194,7 +194,7 @@ def kv_cli(preset_or_path: str = "v4-flash", context: int = 1048576, sequences: 
             sum(cfg.layer_kind(i) == "csa" for i in range(cfg.num_hidden_layers)) / cfg.csa_rate
             * (cfg.index_head_dim + 4))  # indexer keys, FP8 + a scale (an estimate: the report gives no figure)
         total = lay.kv_bytes(context, sequences)
-        weights = cfg.param_count()["total"] * 4
+        weights = param_count(cfg)["total"] * 4
         fits = "yes" if total + weights <= avail else "NO"
         rows.append(f"{cfg.name:<14} {cfg.num_hidden_layers:>6} {cfg.kv_block_tokens:>5} "
                     f"{lay.compressed_per_token:>10.0f} {rel:>13.0f} {lay.swa_per_token:>9} "

@@ -515,3 +515,15 @@ def workspace_bytes(cfg: ModelConfig, chunk: int, context: int) -> int:
                  + cfg.q_lora_rank + cfg.index_n_heads * cfg.index_head_dim
                  + cfg.num_experts_per_tok * (2 * cfg.moe_intermediate_size + cfg.hidden_size))
     return 4 * (T * per_token + cfg.vocab_size)
+
+
+def param_count(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters by group (routed_experts, embed_head, other, mtp; total without the MTP block), from the shapes
+    alone: works for `v4-flash` without weights."""
+    groups: dict[str, int] = {}
+    for name, shape in param_shapes(cfg).items():
+        g = "mtp" if name.startswith("mtp.") else "routed_experts" if ".experts." in name else (
+            "embed_head" if name in ("embed.weight", "head.weight") else "other")
+        groups[g] = groups.get(g, 0) + math.prod(shape)
+    groups["total"] = sum(v for k, v in groups.items() if k != "mtp")  # the MTP block is counted apart
+    return groups

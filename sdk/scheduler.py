@@ -17,24 +17,46 @@ A sequence that runs alone (batch of one) is bit-exact with `Engine.generate`.
 Prefix reuse plugs in at one place, `Scheduler._initial_state`: a sequence either brings a snapshot (`start`, from
 a Session or the server's prefix pool) or, when the engine has a KV cache attached (`engine.kv`, flashport.kv),
 its prompt comes from `engine.prefill_cached(ids) -> (state, last_logits, stats)`.
+
+Fault containment: an exception while admitting, prefilling, sampling or retiring one sequence fails that sequence
+alone (`finish_reason` "error", `error` set); a failed batched forward pass fails the sequences of that step. The
+engine thread survives both. If it ever dies anyway (a BaseException, a bug outside the per-sequence guards), every
+waiting and running sequence is failed, `Scheduler.failure` says why, and `submit` refuses new work
+(`EngineDead`), so no request waits forever for a thread that is gone.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 
 import torch
 
 from .chat import parse_assistant
 from .engine import sample
-from .session import Snapshot, snapshot
+from .model import LayerState, SeqState
 from .tokenizer import END_THINK, THINK, StreamDecoder
 
 log = logging.getLogger("flashport.scheduler")
 TOOL_CALLS_OPEN = "<｜DSML｜tool_calls>"
+
+
+def snapshot(state: SeqState) -> SeqState:
+    """A copy of `state` that shares its tensors: valid because the model replaces state tensors, never edits them."""
+    return SeqState(state.n_tokens, [LayerState(st.window, copy.copy(st.comp), copy.copy(st.index))
+                                     for st in state.layers])
+
+
+@dataclass
+class Snapshot:
+    """A sequence's state after ids[:pos], with the next-token logits (so a full hit needs no forward pass)."""
+
+    state: SeqState  # covers ids[:pos]
+    logits: torch.Tensor  # [V] next-token logits after ids[:pos]
 
 
 class QueueFull(RuntimeError):
@@ -43,6 +65,22 @@ class QueueFull(RuntimeError):
 
 class SchedulerClosed(RuntimeError):
     """The scheduler is shutting down and takes no new sequences."""
+
+
+class EngineDead(SchedulerClosed):
+    """The engine thread has died (`Scheduler.failure` says why): no sequence can run any more."""
+
+
+class NonFiniteLogits(ArithmeticError):
+    """The model produced NaN or +inf logits for a sequence (a backend fault): nothing can be sampled from them."""
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise NonFiniteLogits unless `logits` [V] can be sampled from: no NaN, no +inf, not all -inf (-inf alone is
+    a masked token). Softmax and argmax give garbage ids silently on such rows; multinomial raises a vague error."""
+    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()) or bool(torch.isneginf(logits).all()):
+        n_nan, n_inf = int(torch.isnan(logits).sum()), int(torch.isinf(logits).sum())
+        raise NonFiniteLogits(f"the model produced non-finite logits ({n_nan} NaN, {n_inf} inf of {logits.numel()})")
 
 
 class ReplyStream:
@@ -180,12 +218,15 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._scripts: deque[list[int]] = deque()
+        self.failure: str | None = None  # why the engine thread died (None while it is alive or never started)
         self.steps = 0
         self.batch_rows = 0  # sum of sequences over steps: batch_rows / steps = mean batch
 
     # -- submitting --------------------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
         with self._cv:
+            if self.failure is not None:
+                raise EngineDead(f"the engine has stopped: {self.failure}")
             if self._closing:
                 raise SchedulerClosed("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
@@ -213,6 +254,11 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died (see `failure`); True before it starts and while it runs."""
+        return self.failure is None
+
     # -- the engine thread -------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._loop, name="flashport-engine", daemon=True)
@@ -226,7 +272,8 @@ class Scheduler:
             self._closing = True
             self._cv.notify()
         deadline = time.monotonic() + timeout
-        while drain and (self.active or self.waiting) and time.monotonic() < deadline:
+        # a dead engine thread drains nothing: waiting for it would only delay the shutdown by `timeout`
+        while drain and (self.active or self.waiting) and time.monotonic() < deadline and self.alive:
             time.sleep(0.01)
         for seq in list(self.waiting) + list(self.active):
             seq.cancel()
@@ -237,13 +284,30 @@ class Scheduler:
             self._thread = None
 
     def _loop(self):
-        while True:
+        try:
+            while True:
+                with self._cv:
+                    while not (self.waiting or self.active or self._closing):
+                        self._cv.wait()
+                    if self._closing and not (self.waiting or self.active):
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a bug outside the per-sequence guards: fail this step's sequences only
+                    log.exception("engine step failed")
+                    for seq in [s for s in self.active if s.finish_reason is None]:
+                        self._fail(seq, e)
+                    with self._cv:
+                        self.active = [s for s in self.active if s.finish_reason is None]
+        except BaseException as e:  # the thread is dying: nobody may wait for it
+            self.failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            log.critical("the engine thread died (%s); failing every request", self.failure)
             with self._cv:
-                while not (self.waiting or self.active or self._closing):
-                    self._cv.wait()
-                if self._closing and not (self.waiting or self.active):
-                    return
-            self.step()
+                orphans, self.waiting, self.active = list(self.waiting) + list(self.active), deque(), []
+            for seq in orphans:
+                if not seq.done.is_set():
+                    self._fail(seq, EngineDead(f"the engine has stopped: {self.failure}"))
+            raise
 
     @torch.no_grad()
     def step(self):
@@ -263,27 +327,28 @@ class Scheduler:
             except Exception as e:  # one bad step must not take the server down: fail its sequences
                 log.exception("forward pass failed")
                 for seq in running:
-                    seq.error = e
-                    self._finish(seq, "error")
+                    self._fail(seq, e)
             else:
                 self.steps, self.batch_rows = self.steps + 1, self.batch_rows + len(running)
                 for seq, chunk, lg in zip(running, chunks, logits):
-                    self._advance(seq, len(chunk), lg[0])
+                    try:
+                        self._advance(seq, len(chunk), lg[0])
+                    except Exception as e:  # sampling, a snapshot, a callback: this sequence fails alone
+                        self._fail(seq, e)
         with self._cv:
             self.active = [s for s in self.active if s.finish_reason is None]
 
     def _admit(self, seq: Sequence):
-        seq.gen = torch.Generator().manual_seed(seq.seed) if seq.seed is not None else None
         if self._scripts:
             seq.script = self._scripts.popleft()
         try:
+            # manual_seed raises on seeds outside [-2**63, 2**64 - 1]: the server validates, other callers may not
+            seq.gen = torch.Generator().manual_seed(seq.seed) if seq.seed is not None else None
             self._initial_state(seq)
+            if seq.logits is not None:  # the whole prompt came from a cache
+                self._sample(seq)
         except Exception as e:
-            seq.error = e
-            self._finish(seq, "error")
-            return
-        if seq.logits is not None:  # the whole prompt came from a cache
-            self._sample(seq)
+            self._fail(seq, e)
 
     def _initial_state(self, seq: Sequence):
         """Where a sequence's KV comes from: its snapshot, the engine's prefix cache, or nothing (prefill all)."""
@@ -333,6 +398,7 @@ class Scheduler:
         if seq.script is not None:
             tok = seq.script.pop(0) if seq.script else self.engine.tokenizer.eos_id
         else:
+            check_logits(seq.logits)
             tok = sample(seq.logits, seq.temperature, seq.top_p, seq.gen)
         seq.output.append(tok)
         if len(seq.output) == 1:
@@ -353,15 +419,29 @@ class Scheduler:
             for kind, text in pieces:
                 seq.on_text(kind, text)
 
+    def _fail(self, seq: Sequence, error: BaseException):
+        """End `seq` with finish_reason "error" (its request answers with `error`); the others run on."""
+        if seq.done.is_set():
+            return
+        if not isinstance(error, (EngineDead, NonFiniteLogits)):
+            log.error("sequence failed: %s: %s", type(error).__name__, error, exc_info=error)
+        seq.error = error
+        self._finish(seq, "error")
+
     def _finish(self, seq: Sequence, reason: str):
+        """Retire `seq`. Never raises: whatever fails here fails the sequence, and its waiter always wakes."""
         seq.finish_reason = reason
-        if seq.text is not None and reason != "error":
-            self._emit(seq, seq.text.finish())
+        try:
+            if seq.text is not None and reason != "error":
+                self._emit(seq, seq.text.finish())
+            if seq.logits is not None and seq.state is not None and reason in ("stop", "length"):
+                # the state covers prompt + output[:-1]: the end of the sequence is one more reusable snapshot
+                end = seq.state.n_tokens
+                seq.snapshots[end] = Snapshot(snapshot(seq.state), seq.logits)
+        except Exception as e:
+            log.exception("retiring a sequence failed")
+            seq.error, seq.finish_reason = e, "error"
         seq.t_done = time.perf_counter()
-        if seq.logits is not None and seq.state is not None and reason in ("stop", "length"):
-            # the state covers prompt + output[:-1]: the end of the sequence is one more reusable snapshot
-            end = seq.state.n_tokens
-            seq.snapshots[end] = Snapshot(snapshot(seq.state), seq.logits)
         seq.state = None  # the KV lives on only in snapshots
         seq.done.set()
         if seq.on_token:
@@ -371,4 +451,5 @@ class Scheduler:
                 log.exception("on_token callback failed")
 
 
-__all__ = ["Scheduler", "Sequence", "ReplyStream", "QueueFull", "SchedulerClosed"]
+__all__ = ["Scheduler", "Sequence", "ReplyStream", "QueueFull", "SchedulerClosed", "EngineDead", "NonFiniteLogits",
+           "check_logits"]

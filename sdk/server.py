@@ -1,19 +1,26 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn): `flashport serve PATH`.
 
     flashport serve samples/models/flash-small --port 8000 [--api-key KEY]
-    curl localhost:8000/v1/chat/completions -d '{"model": "flash-small", "messages": [{"role": "user", "content": "Hi"}]}'
+    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
 
 Endpoints: POST /v1/chat/completions (SSE with "stream": true; `reasoning_content` in thinking mode, chosen by
-`reasoning_effort` or the extension field `thinking`; `tools`/`tool_choice`), POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics (Prometheus text).
+`reasoning_effort` or the extension field `thinking`; `tools`/`tool_choice`; Quick Instruction with a `task` field
+on the last user message), POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics
+(Prometheus text through prometheus_client).
 
 All requests share one model: a single engine thread (flashport.scheduler) batches the decode steps of every
 running sequence. The OpenAI API is stateless, so a `PrefixPool` of recent sequences' KV snapshots lets a request
 that re-sends a conversation reuse the KV of the previous turn (reported as `usage.prompt_tokens_details.
 cached_tokens` and in /metrics); an engine with a disk prefix cache (`prefill_cached`) is used on a miss.
 
-Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with 400 (bad JSON, bad UTF-8, wrong
-types, too many tokens), 401 (API key), 404 (unknown model or route), 413 (body too large), 429 (queue full).
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with 400 (bad JSON, JSON nested deeper
+than `MAX_JSON_DEPTH`, bad UTF-8, wrong types or values, too many tokens), 401 (API key), 404 (unknown model or
+route), 413 (body too large), 429 (queue full), 500 (one generation failed), 503 (shutting down, engine dead).
+
+Fault containment: the request is validated (pydantic models below, strict types and ranges) before any work;
+tokenization runs on a small thread pool with a time bound, never on the event loop or the engine thread; a
+failure inside the engine fails that request alone (flashport.scheduler); `/health` answers 503 when the engine
+thread has died; a client that disconnects cancels its generation, streamed or not.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -32,14 +40,22 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import MODES, encode_chat
 from .engine import Engine
-from .scheduler import QueueFull, Scheduler, SchedulerClosed, Sequence
+from .kv import available_memory, kv_layout
+from .scheduler import EngineDead, QueueFull, Scheduler, SchedulerClosed, Sequence
 from .session import PrefixPool, turn_boundaries
+from .tokenizer import TASK_TOKENS
 
 log = logging.getLogger("flashport.server")
+
+MAX_JSON_DEPTH = 64  # JSON nesting a request may use (tool parameter schemas are the deepest real ones, ~10)
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+BYTES_PER_TOKEN = 16  # request-body bytes allowed per context token when the body limit is derived
+KV_MEMORY_FRACTION = 0.5  # of the memory available at start (weights loaded) that the KV may take by default
 
 
 class ApiError(Exception):
@@ -50,6 +66,9 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
 
 
 # ---- request schemas (strict: "1" is not a number, 1 is not a string) ------------------------------------------
@@ -79,6 +98,19 @@ class _ToolCall(_Strict):
     function: _CallFunction
 
 
+class _NamedFunction(_Strict):
+    name: str = Field(min_length=1)
+
+
+class _ToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: _NamedFunction
+
+
+class _ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class _Part(_Strict):
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
@@ -92,6 +124,7 @@ class _Message(_Strict):
     tool_calls: list[_ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    task: str | None = None  # Quick Instruction (release extension): on the last user message only
 
 
 class _StreamOptions(_Strict):
@@ -99,11 +132,11 @@ class _StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = Field(None, ge=0)
+    model: str | None = None  # optional: the served model
+    max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
@@ -112,12 +145,15 @@ class _Sampling(_Strict):
 
 class ChatRequest(_Sampling):
     messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[_Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    tool_choice: Literal["none", "auto", "required"] | _ToolChoice | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "max", "xhigh"] | None = None
     thinking: bool | None = None  # extension: thinking mode on/off
     logprobs: bool | None = None
+    response_format: _ResponseFormat | None = None
+    functions: Any = None  # legacy function calling: refused with a pointer to `tools`
+    function_call: Any = None
 
 
 class CompletionRequest(_Sampling):
@@ -127,9 +163,68 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
 
-# ---- metrics ----------------------------------------------------------------------------------------------------
+# ---- limits -------------------------------------------------------------------------------------------------------
+def default_max_context(cfg, sequences: int, available: int | None = None,
+                        fraction: float = KV_MEMORY_FRACTION) -> int:
+    """The longest prompt + completion (tokens) the server admits when `max_context` is not given.
+
+    `fraction` of the memory available now (bytes; flashport.kv.available_memory, read after the weights are loaded)
+    is shared by `sequences` KV states (the running batch plus the prefix pool's conversations), each costing the
+    model's KV bytes per token in the runtime's fp32 layout (flashport.kv.kv_layout: compressed entries and indexer
+    keys) plus its fixed per-sequence state. Rounded down to the KV block (`cfg.kv_block_tokens`), at least one
+    block, at most `cfg.max_position_embeddings`. Unknown memory (0) gives the model's limit.
+    """
+    limit = cfg.max_position_embeddings
+    avail = available_memory() if available is None else available
+    if avail <= 0:
+        return limit
+    lay = kv_layout(cfg)
+    per_seq = avail * fraction / max(sequences, 1) - lay.fixed_per_seq
+    tokens = int(per_seq / max(lay.compressed_per_token, 1e-9))
+    block = max(cfg.kv_block_tokens, 1)
+    return max(block, min(limit, tokens // block * block))
+
+
+def json_depth(obj) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, [] is 1), without recursion."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        depth = max(depth, d)
+        stack.extend((v, d + 1) for v in value if isinstance(v, (dict, list)))
+    return depth
+
+
+def parse_json_body(body: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
+    """A request body -> its JSON object, or ApiError 400 (not UTF-8, malformed, not an object, nested deeper than
+    `max_depth`). The C parser stops at Python's recursion limit with RecursionError (caught); the depth check then
+    keeps deeper-than-useful structures away from validation, repr and rendering, which recurse too."""
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"malformed JSON in request body: {e.msg} at line {e.lineno} column {e.colno}",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"request body nests JSON deeper than {max_depth} levels", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    if json_depth(obj) > max_depth:
+        raise ApiError(400, f"request body nests JSON deeper than {max_depth} levels", code="invalid_json")
+    return obj
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------
 class Metrics:
-    """Counters and gauges in Prometheus text format (no client library: a handful of lines)."""
+    """Prometheus metrics (prometheus_client, one registry per server): request counts, token counters, latency
+    histograms, and the scheduler's gauges read at scrape time."""
 
     COUNTERS = {
         "prompt_tokens_total": "Prompt tokens of finished requests",
@@ -139,39 +234,67 @@ class Metrics:
         "kv_hits_total": "Requests that reused a cached prefix",
         "kv_lookups_total": "Requests that looked for a cached prefix",
         "cancelled_total": "Generations cancelled (client disconnected)",
+        "failed_total": "Generations that failed inside the engine (the request got an error, the server went on)",
     }
+    LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+    RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = {}
-        self.counters = dict.fromkeys(self.COUNTERS, 0)
+    def __init__(self, scheduler: Scheduler):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = reg = CollectorRegistry()
+        self.requests = Counter("flashport_requests", "HTTP requests by path and status", ["path", "code"],
+                                registry=reg)
+        self.counters = {k: Counter(f"flashport_{k.removesuffix('_total')}", doc, registry=reg)
+                         for k, doc in self.COUNTERS.items()}
+        self.ttft = Histogram("flashport_time_to_first_token_seconds",
+                              "Request arrival to the first generated token (validation, queue, prefill)",
+                              buckets=self.LATENCY_BUCKETS, registry=reg)
+        self.latency = Histogram("flashport_request_latency_seconds",
+                                 "Request arrival to the end of its generation", buckets=self.LATENCY_BUCKETS,
+                                 registry=reg)
+        self.tokens_per_second = Histogram("flashport_generation_tokens_per_second",
+                                           "Decode rate of a request after its first token",
+                                           buckets=self.RATE_BUCKETS, registry=reg)
+        reg.register(_SchedulerCollector(scheduler))
 
     def count_request(self, path: str, status: int):
-        with self._lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+        self.requests.labels(path, str(status)).inc()
 
     def add(self, **kv):
-        with self._lock:
-            for k, v in kv.items():
-                self.counters[k] += v
+        for k, v in kv.items():
+            self.counters[k].inc(v)
 
-    def render(self, scheduler: Scheduler) -> str:
-        lines = ["# HELP flashport_requests_total HTTP requests by path and status",
-                 "# TYPE flashport_requests_total counter"]
-        with self._lock:
-            lines += [f'flashport_requests_total{{path="{p}",code="{c}"}} {n}'
-                      for (p, c), n in sorted(self.requests.items())]
-            for k, v in self.counters.items():
-                lines += [f"# HELP flashport_{k} {self.COUNTERS[k]}", f"# TYPE flashport_{k} counter",
-                          f"flashport_{k} {v}"]
-        gauges = {"queue_depth": ("Requests waiting for the engine", scheduler.queue_depth),
-                  "running_sequences": ("Sequences in the running batch", len(scheduler.active)),
-                  "engine_steps_total": ("Batched forward passes", scheduler.steps),
-                  "engine_batch_rows_total": ("Sequences summed over forward passes", scheduler.batch_rows)}
-        for k, (doc, v) in gauges.items():
-            kind = "counter" if k.endswith("_total") else "gauge"
-            lines += [f"# HELP flashport_{k} {doc}", f"# TYPE flashport_{k} {kind}", f"flashport_{k} {v}"]
-        return "\n".join(lines) + "\n"
+    def observe(self, seq: Sequence, t_request: float):
+        """Record a finished sequence's time to first token, latency (seconds from `t_request`) and decode rate."""
+        if seq.t_first:
+            self.ttft.observe(max(seq.t_first - t_request, 0.0))
+        self.latency.observe(max(seq.t_done - t_request, 0.0))
+        if len(seq.output) > 1 and seq.t_done > seq.t_first > 0:
+            self.tokens_per_second.observe((len(seq.output) - 1) / (seq.t_done - seq.t_first))
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _SchedulerCollector:
+    """The scheduler's live figures, read at scrape time."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.scheduler
+        yield GaugeMetricFamily("flashport_queue_depth", "Requests waiting for the engine", value=s.queue_depth)
+        yield GaugeMetricFamily("flashport_running_sequences", "Sequences in the running batch", value=len(s.active))
+        yield GaugeMetricFamily("flashport_engine_up", "1 while the engine thread is alive", value=int(s.alive))
+        yield CounterMetricFamily("flashport_engine_steps", "Batched forward passes", value=s.steps)
+        yield CounterMetricFamily("flashport_engine_batch_rows", "Sequences summed over forward passes",
+                                  value=s.batch_rows)
 
 
 # ---- the app ------------------------------------------------------------------------------------------------------
@@ -196,18 +319,34 @@ class _Pipe:
 
 
 class Server:
+    """Request handling shared by the endpoints. Limits (all configurable):
+
+    max_context: prompt + completion tokens per request; 0 derives it from the memory available at start
+      (`default_max_context` over max_batch + prefix_pool sequences), capped at the model's limit.
+    max_body: request bytes; 0 derives it from the context, `BYTES_PER_TOKEN` x max_context, at least 1 MiB.
+    tokenize_timeout: seconds a request's tokenization may take (on `tokenize_threads` worker threads) before 400.
+    default_max_tokens: completion length when a request gives none, capped to the context left.
+    """
+
     def __init__(self, engine: Engine, model_name: str | None = None, api_key: str | None = None,
-                 max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
-                 default_max_tokens: int = 256, prefix_pool: int = 16):
+                 max_queue: int = 64, max_batch: int = 32, max_body: int = 0, max_context: int = 0,
+                 default_max_tokens: int = 256, prefix_pool: int = 16, tokenize_timeout: float = 10.0,
+                 tokenize_threads: int = 2):
         self.engine, self.tok = engine, engine.tokenizer
         self.model_name = model_name or (engine.path.name if engine.path else engine.cfg.name)
-        self.api_key, self.max_body = api_key, max_body
-        self.max_context = min(max_context or engine.cfg.max_position_embeddings, engine.cfg.max_position_embeddings)
+        self.api_key = api_key
+        limit = engine.cfg.max_position_embeddings
+        self.max_context = min(max_context or default_max_context(engine.cfg, max_batch + prefix_pool), limit)
+        self.max_body = max_body or max(1 << 20, BYTES_PER_TOKEN * self.max_context)
         self.default_max_tokens = default_max_tokens
+        self.tokenize_timeout = tokenize_timeout
+        self._tokenizer_pool = ThreadPoolExecutor(tokenize_threads, thread_name_prefix="flashport-tokenize")
         self.scheduler = Scheduler(engine, max_queue=max_queue, max_batch=max_batch)
         self.pool = PrefixPool(self.tok, capacity=prefix_pool) if prefix_pool else None
-        self.metrics = Metrics()
+        self.metrics = Metrics(self.scheduler)
         self.created = int(time.time())
+        log.info("limits: context %d tokens, body %d bytes, queue %d, batch %d", self.max_context, self.max_body,
+                 max_queue, max_batch)
 
     # -- request handling ------------------------------------------------------------------------------------------
     async def read_json(self, request) -> dict:
@@ -221,18 +360,7 @@ class Server:
             if len(body) > self.max_body:
                 raise ApiError(413, f"request body exceeds the limit of {self.max_body} bytes",
                                code="request_too_large")
-        try:
-            text = bytes(body).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ApiError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"malformed JSON in request body: {e.msg} at line {e.lineno} column {e.colno}",
-                           code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-        return obj
+        return parse_json_body(body)
 
     def validate(self, schema: type[BaseModel], obj: dict):
         try:
@@ -241,16 +369,39 @@ class Server:
             err = e.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise ApiError(400, f"{loc}: {err['msg']} (got {_short(err.get('input'))})", param=loc) from None
-        if req.model != self.model_name:
+        if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         return req
 
-    def start(self, ids: list[int], req, max_tokens: int, *, thinking=False, tools=False, chat=True) -> Sequence:
-        """Check the token budget, find reusable KV and submit a sequence."""
-        if len(ids) + max_tokens > self.max_context:
-            raise ApiError(400, f"this request needs {len(ids)} prompt + {max_tokens} completion tokens, more than "
-                                f"the context limit of {self.max_context}", param="messages" if chat else "prompt",
+    async def tokenize(self, fn, *args, param: str) -> list[int]:
+        """Run a tokenization off the event loop and the engine thread, bounded by `tokenize_timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(self._tokenizer_pool, fn, *args),
+                                          self.tokenize_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(400, f"tokenizing the {param} took longer than {self.tokenize_timeout:g} s",
+                           param=param, code="tokenization_timeout") from None
+        except ApiError:
+            raise
+        except (ValueError, TypeError, KeyError) as e:
+            raise ApiError(400, f"cannot render {param}: {e}", param=param) from None
+        except Exception as e:  # e.g. lone UTF-16 surrogates the tokenizer cannot take
+            raise ApiError(400, f"cannot tokenize {param}: {e}", param=param) from None
+
+    async def start(self, ids: list[int], req, max_tokens: int | None, *, thinking=False, tools=False, chat=True,
+                    task: str | None = None, t_request: float = 0.0) -> Sequence:
+        """Check the token budget, find reusable KV and submit a sequence. max_tokens None: the default, capped to
+        the context the prompt leaves (as llama-server and vLLM do). The prefix-pool lookup and the snapshot points
+        are linear in the prompt, so they run on the tokenizer threads too, not on the event loop."""
+        param = "messages" if chat else "prompt"
+        left = self.max_context - len(ids)
+        if max_tokens is None:
+            max_tokens = min(self.default_max_tokens, left)
+        if max_tokens < 1 or len(ids) + max_tokens > self.max_context:
+            raise ApiError(400, f"this request needs {len(ids)} prompt + {max(max_tokens, 1)} completion tokens, more "
+                                f"than the context limit of {self.max_context}", param=param,
                            code="context_length_exceeded")
         bad = next((i for i in ids if not 0 <= i < self.engine.cfg.vocab_size), None)
         if bad is not None:
@@ -259,18 +410,28 @@ class Server:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop sequences", param="stop")
-        run_ids, reused, snap = self.pool.lookup(ids) if self.pool else (ids, 0, None)
+        if not self.scheduler.alive:
+            raise ApiError(503, f"the engine has stopped: {self.scheduler.failure}", type="server_error",
+                           code="engine_dead")
+        def find_kv():
+            run_ids, _, snap = self.pool.lookup(ids) if self.pool else (ids, 0, None)
+            return run_ids, snap, turn_boundaries(run_ids, self.tok) if chat and not task else ()
+
+        loop = asyncio.get_running_loop()
+        run_ids, snap, snap_at = await loop.run_in_executor(self._tokenizer_pool, find_kv)
         seq = Sequence(run_ids, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                       stop=tuple(stop), snap_at=turn_boundaries(run_ids, self.tok) if chat else (), start=snap,
-                       thinking=thinking, tokenizer=self.tok, tool_calls=tools)
-        pipe = _Pipe(asyncio.get_running_loop())
+                       stop=tuple(stop), snap_at=snap_at, start=snap, thinking=thinking, tokenizer=self.tok,
+                       tool_calls=tools)
+        pipe = _Pipe(loop)
         seq.on_text, seq.on_token = pipe.on_text, self._on_token(pipe)
-        seq.pipe = pipe
+        seq.pipe, seq.task, seq.t_request = pipe, task, t_request or time.perf_counter()
         try:
             self.scheduler.submit(seq)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", type="rate_limit_error",
                            code="rate_limit_exceeded") from None
+        except EngineDead as e:
+            raise ApiError(503, str(e), type="server_error", code="engine_dead") from None
         except SchedulerClosed as e:
             raise ApiError(503, str(e), type="server_error") from None
         return seq
@@ -279,31 +440,43 @@ class Server:
         def on_token(seq: Sequence, tok):
             if tok is not None:
                 return
-            if seq.finish_reason in ("stop", "length"):
-                self.metrics.add(prompt_tokens_total=len(seq.prompt), prefill_tokens_total=seq.prefilled,
-                                 generation_tokens_total=len(seq.output), kv_reused_tokens_total=seq.reused,
-                                 kv_hits_total=int(seq.reused > 0), kv_lookups_total=1)
-                if self.pool is not None:
-                    self.pool.store(seq.prompt + seq.output[:-1], seq.snapshots)
-            elif seq.finish_reason == "cancelled":
-                self.metrics.add(cancelled_total=1)
-            pipe.on_token(seq, None)
+            try:
+                if seq.finish_reason in ("stop", "length"):
+                    self.metrics.add(prompt_tokens_total=len(seq.prompt), prefill_tokens_total=seq.prefilled,
+                                     generation_tokens_total=len(seq.output), kv_reused_tokens_total=seq.reused,
+                                     kv_hits_total=int(seq.reused > 0), kv_lookups_total=1)
+                    self.metrics.observe(seq, seq.t_request)
+                    # a Quick Instruction is a side branch: the conversation's own trace stays as it was
+                    if self.pool is not None and seq.task is None:
+                        self.pool.store(seq.prompt + seq.output[:-1], seq.snapshots)
+                elif seq.finish_reason == "cancelled":
+                    self.metrics.add(cancelled_total=1)
+                elif seq.finish_reason == "error":
+                    self.metrics.add(failed_total=1)
+            finally:
+                pipe.on_token(seq, None)
         return on_token
 
     async def events(self, seq: Sequence, request):
-        """(kind, text) pieces until the sequence is done; cancels it if the client goes away."""
+        """(kind, text) pieces until the sequence is done. Polls for a client disconnect every 0.5 s, also while
+        pieces keep arriving, and cancels the sequence when the client has gone."""
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + 0.5
         try:
             while True:
                 try:
                     kind, text = await asyncio.wait_for(seq.pipe.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    kind = text = None
+                if kind == "done":
+                    return
+                if kind is not None:
+                    yield kind, text
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + 0.5
                     if await request.is_disconnected():
                         seq.cancel()
                         return
-                    continue
-                if kind == "done":
-                    return
-                yield kind, text
         finally:
             if not seq.done.is_set():
                 seq.cancel()  # the client disconnected (the stream was closed or the task cancelled)
@@ -312,6 +485,17 @@ class Server:
         return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output),
                 "total_tokens": len(seq.prompt) + len(seq.output),
                 "prompt_tokens_details": {"cached_tokens": seq.reused}}
+
+    def failure(self, seq: Sequence) -> ApiError:
+        """The error a request gets when its sequence failed in the engine (500; 503 when the engine died)."""
+        e = seq.error
+        if isinstance(e, EngineDead):
+            return ApiError(503, str(e), type="server_error", code="engine_dead")
+        return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error",
+                        code="generation_failed")
+
+    def close(self):
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _short(value: Any) -> str:
@@ -334,7 +518,8 @@ def _sse(obj) -> str:
 
 def create_app(engine: Engine, **options):
     """The FastAPI app serving `engine`; options as for `Server` (model_name, api_key, max_queue, max_batch,
-    max_body, max_context, default_max_tokens, prefix_pool). `app.state.server` holds the Server."""
+    max_body, max_context, default_max_tokens, prefix_pool, tokenize_timeout, tokenize_threads).
+    `app.state.server` holds the Server."""
     srv = Server(engine, **options)
 
     @asynccontextmanager
@@ -344,6 +529,7 @@ def create_app(engine: Engine, **options):
         log.info("shutting down: draining %d running and %d waiting sequences", len(srv.scheduler.active),
                  srv.scheduler.queue_depth)
         srv.scheduler.stop(drain=True)
+        srv.close()
         if callable(getattr(engine, "close", None)):  # flushes the disk KV writer
             engine.close()
 
@@ -352,72 +538,72 @@ def create_app(engine: Engine, **options):
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return e.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e):
-        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}",
-                                     type=kind).body(), status_code=e.status_code)
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").response()
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if srv.api_key and path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {srv.api_key}":
-                srv.metrics.count_request(path, 401)
-                return JSONResponse(ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                             code="invalid_api_key").body(), status_code=401)
-        try:
-            response = await call_next(request)
-        except Exception:  # a bug: answer in the OpenAI shape, keep serving
-            log.exception("request failed: %s", path)
-            response = JSONResponse(ApiError(500, "internal server error", type="server_error").body(),
-                                    status_code=500)
-        known = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                 "/metrics") else "other"
-        srv.metrics.count_request(known, response.status_code)
-        return response
+    app.add_middleware(_Guard, server=srv)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": srv.model_name, "queue_depth": srv.scheduler.queue_depth,
+        body = {"status": "ok", "model": srv.model_name, "queue_depth": srv.scheduler.queue_depth,
                 "running": len(srv.scheduler.active)}
+        if not srv.scheduler.alive:  # a load balancer must take this replica out
+            return JSONResponse({**body, "status": "error", "reason": f"engine thread died: {srv.scheduler.failure}"},
+                                status_code=503)
+        return body
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(srv.metrics.render(srv.scheduler), media_type="text/plain; version=0.0.4")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return PlainTextResponse(srv.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "flashport"}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": srv.model_name, "object": "model", "created": srv.created,
-                                            "owned_by": "flashport"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != srv.model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {srv.model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        t_request = time.perf_counter()
         req: ChatRequest = srv.validate(ChatRequest, await srv.read_json(request))
         if req.logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs")
+        if req.functions is not None or req.function_call is not None:
+            raise ApiError(400, "the legacy `functions` / `function_call` fields are not supported; send the same "
+                                "definitions as `tools` (and `tool_choice`)",
+                           param="functions" if req.functions is not None else "function_call")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise ApiError(400, f"response_format {req.response_format.type!r} is not supported (no constrained "
+                                "decoding); only 'text'", param="response_format")
         mode = _mode(req)
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        if isinstance(req.tool_choice, dict):
-            name = (req.tool_choice.get("function") or {}).get("name")
+        if isinstance(req.tool_choice, _ToolChoice):
+            name = req.tool_choice.function.name
             if name not in {t["function"]["name"] for t in tools}:
                 raise ApiError(400, f"tool_choice names the function {name!r}, which is not in tools",
                                param="tool_choice")
         if req.tool_choice == "none":
             tools = []
+        task = _task(req.messages)
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        try:
-            ids = encode_chat(srv.tok, messages, tools or None, mode)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ApiError(400, f"cannot render messages: {e}", param="messages") from None
-        except Exception as e:  # e.g. lone UTF-16 surrogates the tokenizer cannot take
-            raise ApiError(400, f"cannot tokenize messages: {e}", param="messages") from None
+        ids = await srv.tokenize(encode_chat, srv.tok, messages, tools or None, mode, param="messages")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        max_tokens = srv.default_max_tokens if max_tokens is None else max_tokens
-        thinking = MODES[mode][0]
-        seq = srv.start(ids, req, max_tokens, thinking=thinking, tools=bool(tools))
+        thinking = MODES[mode][0] and task is None  # a task's reply is plain text
+        seq = await srv.start(ids, req, max_tokens, thinking=thinking, tools=bool(tools) and task is None, task=task,
+                        t_request=t_request)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta: dict, finish=None, **extra) -> dict:
@@ -436,7 +622,7 @@ def create_app(engine: Engine, **options):
                 async for kind, text in srv.events(seq, request):
                     yield _sse(chunk({"reasoning_content" if kind == "reasoning" else "content": text}))
                 if seq.finish_reason == "error":
-                    yield _sse(ApiError(500, f"generation failed: {seq.error}", type="server_error").body())
+                    yield _sse(srv.failure(seq).body())
                 elif seq.done.is_set() and seq.finish_reason != "cancelled":
                     calls = tool_calls()
                     if calls:
@@ -464,6 +650,7 @@ def create_app(engine: Engine, **options):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
+        t_request = time.perf_counter()
         req: CompletionRequest = srv.validate(CompletionRequest, await srv.read_json(request))
         if req.echo or req.logprobs is not None or req.suffix is not None:
             raise ApiError(400, "echo, logprobs and suffix are not supported", param="echo")
@@ -474,12 +661,11 @@ def create_app(engine: Engine, **options):
             prompt = prompt[0]
         if not prompt:
             raise ApiError(400, "empty prompt", param="prompt")
-        try:
-            ids = engine.encode(prompt)
-        except Exception as e:
-            raise ApiError(400, f"cannot tokenize prompt: {e}", param="prompt") from None
-        max_tokens = srv.default_max_tokens if req.max_tokens is None else req.max_tokens
-        seq = srv.start(ids, req, max_tokens, chat=False)
+        if isinstance(prompt, str):
+            ids = await srv.tokenize(engine.encode, prompt, param="prompt")
+        else:
+            ids = engine.encode(prompt)  # token ids: no tokenizer work
+        seq = await srv.start(ids, req, req.max_tokens, chat=False, t_request=t_request)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def body(text: str, finish=None) -> dict:
@@ -491,7 +677,7 @@ def create_app(engine: Engine, **options):
                 async for _, text in srv.events(seq, request):
                     yield _sse(body(text))
                 if seq.finish_reason == "error":
-                    yield _sse(ApiError(500, f"generation failed: {seq.error}", type="server_error").body())
+                    yield _sse(srv.failure(seq).body())
                 elif seq.done.is_set() and seq.finish_reason != "cancelled":
                     yield _sse(body("", seq.finish_reason))
                     if req.stream_options and req.stream_options.include_usage:
@@ -504,6 +690,62 @@ def create_app(engine: Engine, **options):
         return {**body(seq.text.content, seq.finish_reason), "usage": srv.usage(seq)}
 
     return app
+
+
+def _task(messages: list[_Message]) -> str | None:
+    """The Quick Instruction task of a request: allowed only on its last message, a user turn (or the tool result
+    that closes one), and only a release task name; anything else is a 400 naming the message and the task."""
+    task = None
+    for i, m in enumerate(messages):
+        if m.task is None:
+            continue
+        if m.task not in TASK_TOKENS:
+            raise ApiError(400, f"messages.{i}.task: unknown Quick Instruction task {m.task!r}; expected one of "
+                                f"{', '.join(sorted(TASK_TOKENS))}", param=f"messages.{i}.task",
+                           code="unknown_task")
+        if i != len(messages) - 1 or m.role not in ("user", "tool"):
+            raise ApiError(400, f"messages.{i}.task: the task {m.task!r} must be on the last message, a user turn "
+                                f"(this is message {i} of {len(messages)}, role {m.role!r})",
+                           param=f"messages.{i}.task")
+        task = m.task
+    return task
+
+
+class _Guard:
+    """ASGI middleware: the API key on /v1/*, request counting by path and status, and an OpenAI-shaped 500 for
+    any exception that escapes a handler (the server keeps serving). Pure ASGI, so streamed responses and
+    `request.is_disconnected()` see the client's connection directly."""
+
+    KNOWN = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, app, server: Server):
+        self.app, self.srv = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        known = path if path in self.KNOWN else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        if self.srv.api_key and path.startswith("/v1/"):
+            if Headers(scope=scope).get("authorization", "") != f"Bearer {self.srv.api_key}":
+                self.srv.metrics.count_request(known, 401)
+                return await ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                      code="invalid_api_key").response()(scope, receive, send)
+        status = {}
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        except Exception:  # a bug: answer in the OpenAI shape when nothing was sent yet, keep serving
+            log.exception("request failed: %s", path)
+            if "code" not in status:
+                await ApiError(500, "internal server error", type="server_error").response()(scope, receive,
+                                                                                            send_status)
+        self.srv.metrics.count_request(known, status.get("code", 500))
 
 
 class BackgroundServer:
@@ -547,40 +789,41 @@ class BackgroundServer:
 
 async def _wait_unstreamed(srv, seq, request):
     """Wait for a non-streamed sequence to finish. None when it did; the 499 response when the client left; a
-    generation failure raises (500)."""
+    generation failure raises (500, or 503 when the engine died)."""
     async for _ in srv.events(seq, request):
         pass
     if seq.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {seq.error}", type="server_error")
+        raise srv.failure(seq)
     if seq.finish_reason == "cancelled" or not seq.done.is_set():
         return JSONResponse(ApiError(499, "client closed the request", code="cancelled").body(), 499)
     return None
 
 
 def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, api_key_file: str = "",
-              max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
+              max_queue: int = 64, max_batch: int = 32, max_body: int = 0, max_context: int = 0,
               max_tokens: int = 256, backend: str = "auto", execution_provider: str = "", plugin_ep_library: str = "",
               backend_option: str | tuple = "", device: str = "", deterministic: bool = False,
               model_name: str = "", kv_dir: str = "", kv_strategy: str = "periodic:4096", prefix_pool: int = 16,
               log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0, pg_backend: str = "gloo",
-              timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host"):
+              timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host", kv_dtype: str = "fp32"):
     """Serve PATH (a checkpoint or bundle directory) with an OpenAI-compatible API.
 
     host: 127.0.0.1 by default (this machine only); api_key: required as `Authorization: Bearer KEY` on /v1/*
     (default: the first line of api_key_file, else $FLASHPORT_API_KEY, else none; prefer the file or the
-    variable: a command line is visible to every user of the machine); max_queue: waiting requests before 429; max_batch: sequences decoded
-    together; max_body: request bytes before 413; max_context: prompt + completion token limit (0: the model's);
-    max_tokens: default completion length; model_name: the id clients send (default: the directory's name);
-    kv_dir: disk KV cache directory; prefix_pool: recent conversations kept for KV reuse across requests (0: off);
-    shutdown_timeout: seconds to finish running requests on Ctrl-C. The engine flags (backend, execution
-    provider, KV, ep, offload) are those of `flashport generate`; with ep > 1 rank 0 serves and the other ranks
-    serve their experts.
+    variable: a command line is visible to every user of the machine); max_queue: waiting requests before 429;
+    max_batch: sequences decoded together; max_body: request bytes before 413 (0: 16 per context token, at least
+    1 MiB); max_context: prompt + completion token limit (0: what half the available memory holds as KV, see
+    server.default_max_context); max_tokens: default completion length (capped to the context a prompt leaves);
+    model_name: the id clients send (default: the directory's name); kv_dir: disk KV cache directory; prefix_pool:
+    recent conversations kept for KV reuse across requests (0: off); shutdown_timeout: seconds to finish running
+    requests on Ctrl-C. The engine flags (backend, execution provider, KV, ep, offload) are those of
+    `flashport generate`; with ep > 1 rank 0 serves and the other ranks serve their experts.
     """
     from .engine import run_command
     from .options import OptionError, engine_options, flags_of
 
     opts = engine_options(backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
-                          kv_dir, kv_strategy, "fp32", max_device_memory, offload_tier, ep, pg_backend, timeout)
+                          kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep, pg_backend, timeout)
     if api_key_file:
         try:
             api_key = Path(api_key_file).read_text().splitlines()[0].strip() or None
@@ -611,4 +854,5 @@ def run_server(engine: Engine, host: str, port: int, api_key: str | None, log_le
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
 
 
-__all__ = ["create_app", "serve_cli", "BackgroundServer", "Server", "ApiError", "Metrics", "ChatRequest", "CompletionRequest"]
+__all__ = ["create_app", "serve_cli", "run_server", "BackgroundServer", "Server", "ApiError", "Metrics", "ChatRequest",
+           "CompletionRequest", "default_max_context", "parse_json_body", "json_depth", "MAX_JSON_DEPTH"]

@@ -23,29 +23,15 @@ the projections run on several rows at once and agree within float tolerance (se
 
 from __future__ import annotations
 
-import copy
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 
 from .chat import MODES, encode_chat
-from .model import LayerState, SeqState
+from .scheduler import Scheduler, Sequence, Snapshot, snapshot
 from .tokenizer import ASSISTANT, END_THINK, TASK_TOKENS, THINK
-
-
-def snapshot(state: SeqState) -> SeqState:
-    """A copy of `state` that shares its tensors: valid because the model replaces state tensors, never edits them."""
-    return SeqState(state.n_tokens, [LayerState(st.window, copy.copy(st.comp), copy.copy(st.index))
-                                     for st in state.layers])
-
-
-@dataclass
-class Snapshot:
-    state: SeqState  # covers ids[:pos]
-    logits: torch.Tensor  # [V] next-token logits after ids[:pos] (so a full hit needs no forward pass)
 
 
 class KVTrace:
@@ -171,8 +157,6 @@ class Session:
 
     def __init__(self, engine, mode: str = "chat", tools: list[dict] | None = None, system: str | None = None,
                  scheduler=None, max_snapshots: int = 64):
-        from .scheduler import Scheduler
-
         if mode not in MODES:
             raise ValueError(f"unknown chat mode {mode!r}; expected one of {sorted(MODES)}")
         self.engine, self.mode, self.tools = engine, mode, tools
@@ -284,8 +268,6 @@ class Session:
 
     # -- running -----------------------------------------------------------------------------------------------
     def _run(self, ids, max_new_tokens, temperature, top_p, seed, on_token, chat_reply=True, extra_snaps=()):
-        from .scheduler import Sequence
-
         t0 = time.perf_counter()
         reused, snap = self.trace.restore(ids)
         seq = Sequence(ids, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,

@@ -197,7 +197,7 @@ def test_bad_input_flood_then_still_correct(live):
         after = http.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                                      "max_tokens": 3, "temperature": 0}).json()
     assert after["choices"][0]["message"] == before["choices"][0]["message"]
-    assert metric(live, 'requests_total{path="/v1/chat/completions",code="400"}') >= 15 * 17
+    assert metric(live, 'requests_total{code="400",path="/v1/chat/completions"}') >= 15 * 17
 
 
 def test_client_disconnect_cancels_generation(live):
@@ -263,3 +263,127 @@ def test_graceful_shutdown_finishes_requests_and_closes_engine(engine):
         del engine.close
     assert out["r"].usage.completion_tokens == 30  # the running request was drained, not cut
     assert closed == [True] and live.srv.scheduler._thread is None
+
+
+# ---- issue 12: the API as OpenAI clients expect it -------------------------------------------------------------------
+def test_models_retrieve_optional_model_and_404_type(live):
+    c = live.client()
+    m = c.models.retrieve(MODEL)
+    assert (m.id, m.object, m.owned_by) == (MODEL, "model", "flashport")
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4o")
+    assert e.value.body["type"] == "invalid_request_error" and e.value.body["code"] == "model_not_found"
+    r = httpx.get(live.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    # `model` may be left out: the served model answers
+    r = httpx.post(live.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                            "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["model"] == MODEL
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_response_format_and_legacy_functions_are_refused_not_ignored(live):
+    c = live.client()
+    ok = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        c.chat.completions.create(model=MODEL, messages=ok, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        c.chat.completions.create(model=MODEL, messages=ok, functions=[{"name": "f", "parameters": {}}])
+    r = c.chat.completions.create(model=MODEL, messages=ok, max_tokens=1, response_format={"type": "text"})
+    assert r.usage.completion_tokens == 1
+
+
+def test_default_max_tokens_is_capped_to_the_context_left(engine):
+    """--max-context 300, a prompt of ~290 tokens and no max_tokens: served with the 10 tokens left (llama-server
+    and vLLM behaviour), not refused because the default 256 does not fit."""
+    live = LiveServer(create_app(engine, model_name=MODEL, max_context=300, default_max_tokens=256))
+    try:
+        c = live.client()
+        content = "one two three " * 95
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], temperature=0)
+        assert 280 <= r.usage.prompt_tokens < 300
+        assert r.usage.prompt_tokens + r.usage.completion_tokens <= 300
+        if r.choices[0].finish_reason == "length":
+            assert r.usage.completion_tokens == 300 - r.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError, match="context limit"):  # an explicit max_tokens is not capped
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=20)
+        with pytest.raises(openai.BadRequestError, match="context limit"):  # nothing left at all
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "one two three " * 110}])
+    finally:
+        live.stop()
+
+
+def test_metrics_histograms(live):
+    c = live.client()
+    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "metrics"}], max_tokens=4)
+    text = httpx.get(live.url + "/metrics").text
+    for name in ("time_to_first_token_seconds", "request_latency_seconds", "generation_tokens_per_second"):
+        assert f"# TYPE flashport_{name} histogram" in text
+        assert metric(live, f"{name}_count") >= 1 and f'flashport_{name}_bucket{{le="+Inf"}}' in text
+    assert metric(live, "engine_up") == 1 and metric(live, "generation_tokens_total") >= 4
+
+
+# ---- issue 17: Quick Instruction over the OpenAI API ----------------------------------------------------------------
+def conversation(live, turns=2):
+    """A multi-turn conversation of several hundred tokens through the official client (greedy)."""
+    c = live.client()
+    notes = " ".join(f"Note {i}: the rollout step {i} touches service {i % 7}." for i in range(30))
+    messages = [{"role": "system", "content": "You are a release assistant."},
+                {"role": "user", "content": f"Here are my notes:\n{notes}\nSummarise them."}]
+    for turn in range(turns):
+        r = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        if turn < turns - 1:
+            messages.append({"role": "user", "content": f"And what is the riskiest step, question {turn}?"})
+    return messages[:-1], r  # up to the last user turn, and its reply
+
+
+@pytest.mark.parametrize("task", ["title", "action"])
+def test_quick_instruction_reuses_the_conversation_kv(live, engine, task):
+    from flashport.chat import encode_chat
+    from flashport.tokenizer import TASK_TOKENS
+
+    c = live.client()
+    live.srv.pool.traces.clear()
+    messages, last = conversation(live)
+    assert last.usage.prompt_tokens > 300
+    asked = [*messages[:-1], {**messages[-1], "task": task}]  # an extra field on the last user message
+    pool_before = [(list(tr.ids), sorted(tr.snaps)) for tr in live.srv.pool.traces.values()]
+    r = c.chat.completions.create(model=MODEL, messages=asked, max_tokens=8, temperature=0)
+    u = r.usage
+    ids = encode_chat(engine.tokenizer, asked)
+    assert ids[-1] == engine.tokenizer.token_id(TASK_TOKENS[task]) and u.prompt_tokens == len(ids)
+    assert u.prompt_tokens_details.cached_tokens == u.prompt_tokens - 1  # only the task token is prefilled
+    # the same tokens as the same prompt run cold
+    cold = engine.generate(ids, max_new_tokens=8)
+    assert r.usage.completion_tokens == len(cold.token_ids)
+    assert r.choices[0].message.content == engine.tokenizer.decode(
+        [t for t in cold.token_ids if t != engine.tokenizer.eos_id])
+    # through extra_body, streamed: the same text
+    chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ignored"}],
+                                            max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"messages": asked}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == u.prompt_tokens - 1
+    # the conversation's cached state is intact (the task is a side branch, not stored) and its next turn reuses it
+    assert [(list(tr.ids), sorted(tr.snaps)) for tr in live.srv.pool.traces.values()] == pool_before
+    nxt = [*messages, {"role": "assistant", "content": last.choices[0].message.content},
+           {"role": "user", "content": "Thanks."}]
+    r2 = c.chat.completions.create(model=MODEL, messages=nxt, max_tokens=2, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= last.usage.prompt_tokens
+
+
+def test_quick_instruction_refusals(live):
+    c = live.client()
+    with pytest.raises(openai.BadRequestError, match="'summary'") as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x", "task": "summary"}])
+    assert e.value.body["param"] == "messages.0.task"
+    with pytest.raises(openai.BadRequestError, match="messages.0.task") as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x", "task": "title"},
+                                                         {"role": "assistant", "content": "y"},
+                                                         {"role": "user", "content": "z"}])
+    with pytest.raises(openai.BadRequestError, match="messages.1.task"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"},
+                                                         {"role": "assistant", "content": "y", "task": "title"}])

@@ -6,7 +6,8 @@ import torch
 from flashport.chat import encode_chat, render_tool_calls
 from flashport.engine import Engine
 from flashport.scheduler import QueueFull, ReplyStream, Scheduler, Sequence
-from flashport.session import KVTrace, PrefixPool, Session, align_to_cache, snapshot, turn_boundaries
+from flashport.scheduler import Snapshot, snapshot
+from flashport.session import KVTrace, PrefixPool, Session, align_to_cache, turn_boundaries
 from flashport.tokenizer import ASSISTANT, END_THINK, TASK_TOKENS
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -56,7 +57,6 @@ def test_trace_restores_the_longest_valid_prefix(engine):
 
 
 def _snap(state, logits):
-    from flashport.session import Snapshot
 
     return Snapshot(snapshot(state), logits)
 
