@@ -84,9 +84,9 @@ class OnnxRuntimeBackend(Backend):
     # -- contract ----------------------------------------------------------------------------------------------
     def devices(self) -> list[DeviceInfo]:
         if self.ep == "CPUExecutionProvider":
-            from .torch_backend import _device_memory
+            from .torch_backend import device_memory
 
-            total, free = _device_memory(torch.device("cpu"))
+            total, free = device_memory(torch.device("cpu"))
             return [DeviceInfo("cpu", "cpu", total, free)]
         return [DeviceInfo(self.device, "gpu" if "CUDA" in self.ep or "ROCM" in self.ep else "npu")]
 

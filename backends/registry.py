@@ -101,14 +101,13 @@ def load_factory(target: str):
 
 
 def flashport_version() -> str:
+    """The installed flashport's version (conformance records are per version)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("flashport")
-    except PackageNotFoundError:
-        from .. import __version__
-
-        return __version__
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def cache_dir() -> Path:

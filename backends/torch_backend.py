@@ -38,7 +38,7 @@ from . import reference
 from .contract import OPS, WEIGHT_FORMATS, Backend, Capabilities, DeviceInfo, QuantWeight
 
 
-def _device_memory(dev: torch.device) -> tuple[int, int]:
+def device_memory(dev: torch.device) -> tuple[int, int]:
     if dev.type == "cuda":
         free, total = torch.cuda.mem_get_info(dev)
         return total, free
@@ -137,7 +137,7 @@ class TorchBackend(Backend):
                 setattr(self, op, fn)
 
     def devices(self) -> list[DeviceInfo]:
-        total, free = _device_memory(self.torch_device)
+        total, free = device_memory(self.torch_device)
         kind = "cpu" if self.torch_device.type == "cpu" else ("gpu" if self.torch_device.type == "cuda" else "npu")
         return [DeviceInfo(str(self.torch_device), kind, total, free)]
 

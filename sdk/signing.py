@@ -25,9 +25,8 @@ import os
 import stat
 from pathlib import Path
 
-from .bundle import MANIFEST, sha256_file
-
 SIGNATURE = "manifest.sig.json"
+MANIFEST = "manifest.json"  # the bundle's manifest (flashport.bundle.MANIFEST; the bundle reader imports this module)
 SIG_FORMAT = "flashport-bundle-signature"
 SIG_VERSION = 1
 PUBLIC_KEY_ENV = "FLASHPORT_PUBLIC_KEY"  # a public key file: every bundle load then requires a valid signature
@@ -190,7 +189,8 @@ def verify_bundle(bundle: str | Path, public_key_file: str | Path, check_files: 
         for rel, info in tqdm(sorted(m["files"].items()), desc="verify", unit="file", disable=not progress):
             p = bundle / rel
             try:
-                digest = sha256_file(p)
+                with open(p, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
             except FileNotFoundError:
                 raise SignatureError(f"{p}: missing file of signed bundle {bundle}") from None
             if digest != (info or {}).get("sha256"):

@@ -6,7 +6,7 @@ Layers, lowest first (a module imports its own layer, without a cycle, or lower 
     base          quant, options, config, tokenizer, chat format, the disk KV block store
     backends      the backend contract, dispatch, registry, reference ops, the built-in per-op backends and kernels
     model         the reference model (flashport.model)
-    readers       checkpoint and bundle readers
+    readers       checkpoint and bundle readers, bundle signatures
     loader        one entrance for every format (flashport.loader)
     services      what works on an opened model: the KV runtime, expert offload, expert parallelism, and the
                   backends that need the model (ONNX export and the whole-step ONNX Runtime backend, the
@@ -37,7 +37,7 @@ LAYERS = [
                   "flashport.backends.torch_fast", "flashport.backends.cpu_quant", "flashport.backends.cpu_build",
                   "flashport.kernels", "flashport.kernels.*"]),
     ("model", ["flashport.model"]),
-    ("readers", ["flashport.checkpoint", "flashport.bundle"]),
+    ("readers", ["flashport.checkpoint", "flashport.bundle", "flashport.signing"]),
     ("loader", ["flashport.loader"]),
     ("services", ["flashport.kv", "flashport.kv.*", "flashport.offload", "flashport.distributed",
                   "flashport.backends.onnx_export", "flashport.backends.onnx_backend",
