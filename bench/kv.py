@@ -66,7 +66,7 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
         threads: int = 0, seed: int = 0) -> str:
     from flashport.checkpoint import make_checkpoint
     from flashport.engine import Engine
-    from flashport.kv import _gb, kv_layout
+    from flashport.kv import format_bytes, kv_layout
 
     if threads:
         torch.set_num_threads(threads)
@@ -143,14 +143,14 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             pts.append((n, t1 - t0, disk, mem))
             lines.append(f"{'':>27} {n:>8} {t1 - t0:>9.1f} {n / (t1 - t0):>7.0f} "
-                         f"{(t2 - t1) / max(decode_tokens, 1) * 1e3:>13.1f} {_gb(mem):>10} {_gb(disk):>10} "
-                         f"{_gb(rss):>9}")
+                         f"{(t2 - t1) / max(decode_tokens, 1) * 1e3:>13.1f} {format_bytes(mem):>10} {format_bytes(disk):>10} "
+                         f"{format_bytes(rss):>9}")
         (n0, s0, _, _), (n1, s1, d1, m1) = pts[0], pts[-1]
         per_tok = (s1 - s0) / (n1 - n0) if n1 > n0 else s1 / n1
         big = 1 << 20
         lines.append(f"extrapolated to {big} tokens: prefill ~{s1 + per_tok * (big - n1):.0f} s at the marginal "
                      f"{per_tok * 1e3:.2f} ms/token measured between {n0} and {n1}; KV memory "
-                     f"{_gb(lay.kv_bytes(big))}; disk ~{_gb(d1 / n1 * big)}")
+                     f"{format_bytes(lay.kv_bytes(big))}; disk ~{format_bytes(d1 / n1 * big)}")
     if not dir:
         shutil.rmtree(work, ignore_errors=True)
     return "\n".join(lines)
