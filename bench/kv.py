@@ -154,3 +154,48 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
     if not dir:
         shutil.rmtree(work, ignore_errors=True)
     return "\n".join(lines)
+
+
+def numerics(path: str = "samples/models/flash-small", context: int = 8192, dtypes="release,bf16",
+             text: str = "", chunk: int = 1024) -> str:
+    """Accuracy of KV numerics against fp32 KV: the same tokens prefilled with entries and indexer keys kept in
+    each dtype (flashport.quant.kv_numerics); per dtype, the mean KL(fp32 || dtype) of the next-token
+    distributions over every position and the top-1 agreement, overall and past `context // 2`.
+
+    text: a UTF-8 file to take the tokens from (default: the model directory's heldout.txt, repeated if short).
+    """
+    from flashport.engine import Engine
+    from flashport.model import SeqState
+
+    eng = Engine.load(path, backend="torch")
+    src = Path(text) if text else Path(path) / "heldout.txt"
+    ids = eng.encode(src.read_text(encoding="utf-8"))
+    distinct = len(ids)
+    while len(ids) < context:
+        ids += ids[1:]
+    ids = torch.tensor(ids[:context])
+    names = ["fp32"] + [d for d in str(dtypes).split(",") if d and d != "fp32"]
+    states = {d: SeqState.empty(eng.cfg, d) for d in names}
+    kl = {d: [] for d in names[1:]}
+    agree = {d: [] for d in names[1:]}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a in range(0, context, chunk):
+            logp = {d: eng.model.forward_batch([ids[a:a + chunk]], [states[d]])[0].float().log_softmax(-1)
+                    for d in names}
+            ref = logp["fp32"]
+            for d in names[1:]:
+                kl[d].append((ref.exp() * (ref - logp[d])).sum(-1))
+                agree[d].append(ref.argmax(-1) == logp[d].argmax(-1))
+    rows = [f"KV numerics against fp32 KV: {Path(path).name}, {context} tokens ({distinct} distinct, from "
+            f"{src.name}), {time.perf_counter() - t0:.0f} s",
+            f"{'dtype':<8} {'B/tok':>6} {'mean KL':>10} {'top-1':>7} {'mean KL 2nd half':>17} {'top-1 2nd half':>15}"]
+    from flashport.kv import kv_layout
+
+    for d in names[1:]:
+        k, g = torch.cat(kl[d]), torch.cat(agree[d]).float()
+        h = context // 2
+        rows.append(f"{d:<8} {kv_layout(eng.cfg, d).compressed_per_token:>6.0f} {k.mean():>10.2e} {g.mean():>7.4f} "
+                    f"{k[h:].mean():>17.2e} {g[h:].mean():>15.4f}")
+    rows.append(f"fp32 B/tok: {kv_layout(eng.cfg, 'fp32').compressed_per_token:.0f}")
+    return "\n".join(rows)
