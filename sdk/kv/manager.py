@@ -288,7 +288,7 @@ class KVManager:
         """Build the state the plan starts from -> (state at plan.start, bytes read, tiers read). For a
         "window" plan the state holds every loaded entry and empty windows (prefill_cached replays the windows).
         A block or record that does not match this model's layout is evicted, then KVRestoreError is raised."""
-        cfg, r, n_read, sources = self.cfg, self.cfg.qk_rope_head_dim, 0, set()
+        r, n_read, sources = self.cfg.qk_rope_head_dim, 0, set()
         parts: dict[str, list[dict[str, torch.Tensor]]] = {}
         # one file per block: read them concurrently so the disk sees several requests in flight (file reads
         # and CRC32C release the GIL); the tiers and the store are thread-safe
