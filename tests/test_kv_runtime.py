@@ -196,6 +196,8 @@ def test_a_full_write_queue_drops_and_counts_instead_of_blocking(tiny_release, t
     monkeypatch.setattr(kv.store, "_write_file", stuck)
     monkeypatch.setattr(kv.store, "_q", queue.Queue(maxsize=2))
     try:
+        assert kv.store.put(b"first", {"x": torch.ones(1)})  # the writer takes it from the small queue, then sticks
+        assert started.wait(30)
         t0 = time.perf_counter()
         out = eng.generate(list(range(5, 5 + 6 * B + 3)), max_new_tokens=2 * B)  # prefill + decode, 8+ blocks
         assert started.is_set() and not gate.is_set()  # everything above ran while the writer was stuck
