@@ -190,9 +190,6 @@ class OnnxModel:
             raise OnnxModelError(f"{self.dir}: exported for another model config; re-run flashport export-onnx")
         self.sess = backend.session(self.dir / self.manifest["graph"])
         self.input_names = {i.name for i in self.sess.get_inputs()}
-        from ..model import Compressor
-
-        self._compressors = [m for m in source.modules() if isinstance(m, Compressor)]
         self._overlap_init: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- the Transformer interface ---------------------------------------------------------------------------------
@@ -236,10 +233,10 @@ class OnnxModel:
             binding.bind_output(n, "cpu")
         self.sess.run_with_iobinding(binding)
         outs = dict(zip(names, (torch.from_numpy(v.numpy()) for v in binding.get_outputs())))
-        # flashport.kv.serve_loaded_entries (a prefix-cache window rebuild) freezes the source's compressors: the
-        # loaded entries already hold this span's windows. The graph's new entries sit past every query's causal
-        # limit (index >= loaded count), so attention is unchanged; they are only not appended.
-        frozen = any("forward" in c.__dict__ for c in self._compressors)
+        # PoolState.replay (a prefix-cache window rebuild, flashport.kv): the loaded entries already hold this
+        # span's windows. The graph's new entries sit past every query's causal limit (index >= loaded count),
+        # so attention is unchanged; they are only not appended.
+        frozen = any(ps is not None and ps.replay for ls in st.layers for ps in (ls.comp, ls.index))
         for i, spec in enumerate(self.manifest["state"]):
             ls = st.layers[i]
             for f in spec:

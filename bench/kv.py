@@ -68,7 +68,7 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
         threads: int = 0, seed: int = 0) -> str:
     from flashport.checkpoint import make_checkpoint
     from flashport.engine import Engine
-    from flashport.kv import _gb, kv_layout
+    from flashport.kv import format_bytes, kv_layout
 
     if threads:
         torch.set_num_threads(threads)
@@ -145,14 +145,59 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             pts.append((n, t1 - t0, disk, mem))
             lines.append(f"{'':>27} {n:>8} {t1 - t0:>9.1f} {n / (t1 - t0):>7.0f} "
-                         f"{(t2 - t1) / max(decode_tokens, 1) * 1e3:>13.1f} {_gb(mem):>10} {_gb(disk):>10} "
-                         f"{_gb(rss):>9}")
+                         f"{(t2 - t1) / max(decode_tokens, 1) * 1e3:>13.1f} {format_bytes(mem):>10} {format_bytes(disk):>10} "
+                         f"{format_bytes(rss):>9}")
         (n0, s0, _, _), (n1, s1, d1, m1) = pts[0], pts[-1]
         per_tok = (s1 - s0) / (n1 - n0) if n1 > n0 else s1 / n1
         big = 1 << 20
         lines.append(f"extrapolated to {big} tokens: prefill ~{s1 + per_tok * (big - n1):.0f} s at the marginal "
                      f"{per_tok * 1e3:.2f} ms/token measured between {n0} and {n1}; KV memory "
-                     f"{_gb(lay.kv_bytes(big))}; disk ~{_gb(d1 / n1 * big)}")
+                     f"{format_bytes(lay.kv_bytes(big))}; disk ~{format_bytes(d1 / n1 * big)}")
     if not dir:
         shutil.rmtree(work, ignore_errors=True)
     return "\n".join(lines)
+
+
+def numerics(path: str = "samples/models/flash-small", context: int = 8192, dtypes="release,bf16",
+             text: str = "", chunk: int = 1024) -> str:
+    """Accuracy of KV numerics against fp32 KV: the same tokens prefilled with entries and indexer keys kept in
+    each dtype (flashport.quant.kv_numerics); per dtype, the mean KL(fp32 || dtype) of the next-token
+    distributions over every position and the top-1 agreement, overall and past `context // 2`.
+
+    text: a UTF-8 file to take the tokens from (default: the model directory's heldout.txt, repeated if short).
+    """
+    from flashport.engine import Engine
+    from flashport.model import SeqState
+
+    eng = Engine.load(path, backend="torch")
+    src = Path(text) if text else Path(path) / "heldout.txt"
+    ids = eng.encode(src.read_text(encoding="utf-8"))
+    distinct = len(ids)
+    while len(ids) < context:
+        ids += ids[1:]
+    ids = torch.tensor(ids[:context])
+    names = ["fp32"] + [d for d in str(dtypes).split(",") if d and d != "fp32"]
+    states = {d: SeqState.empty(eng.cfg, d) for d in names}
+    kl = {d: [] for d in names[1:]}
+    agree = {d: [] for d in names[1:]}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for a in range(0, context, chunk):
+            logp = {d: eng.model.forward_batch([ids[a:a + chunk]], [states[d]])[0].float().log_softmax(-1)
+                    for d in names}
+            ref = logp["fp32"]
+            for d in names[1:]:
+                kl[d].append((ref.exp() * (ref - logp[d])).sum(-1))
+                agree[d].append(ref.argmax(-1) == logp[d].argmax(-1))
+    rows = [f"KV numerics against fp32 KV: {Path(path).name}, {context} tokens ({distinct} distinct, from "
+            f"{src.name}), {time.perf_counter() - t0:.0f} s",
+            f"{'dtype':<8} {'B/tok':>6} {'mean KL':>10} {'top-1':>7} {'mean KL 2nd half':>17} {'top-1 2nd half':>15}"]
+    from flashport.kv import kv_layout
+
+    for d in names[1:]:
+        k, g = torch.cat(kl[d]), torch.cat(agree[d]).float()
+        h = context // 2
+        rows.append(f"{d:<8} {kv_layout(eng.cfg, d).compressed_per_token:>6.0f} {k.mean():>10.2e} {g.mean():>7.4f} "
+                    f"{k[h:].mean():>17.2e} {g[h:].mean():>15.4f}")
+    rows.append(f"fp32 B/tok: {kv_layout(eng.cfg, 'fp32').compressed_per_token:.0f}")
+    return "\n".join(rows)

@@ -485,33 +485,12 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         raise UsageError("--kv-dtype applies with --kv-dir DIR")
     if plugin_ep_library is not None and execution_provider is None:
         raise UsageError("--plugin-ep-library needs --execution-provider NAME (the name the plugin registers)")
-    if kv_dir is not None and "WORLD_SIZE" not in os.environ:  # checked once, before torchrun starts the ranks
-        kv_dir_free(kv_dir)
     given = {k: v for k, v in dict(
         backend=backend, execution_provider=execution_provider, plugin_ep_library=plugin_ep_library,
         backend_option=backend_option, device=device, deterministic=deterministic, kv_dir=kv_dir,
         kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory, offload_tier=offload_tier,
         ep=ep, pg_backend=pg_backend, timeout=timeout).items() if v is not None}
     return options.engine_options(**given)
-
-
-def kv_dir_free(kv_dir: str) -> None:
-    """Refuse a KV directory whose store another process holds (flashport.kvstore flocks DIR/LOCK; a second
-    process would run without its disk tier)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the store reports it itself
-        return
-    lock = Path(kv_dir) / "LOCK"
-    if not lock.is_file():
-        return
-    with open(lock, "rb") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"KV directory {kv_dir} is in use by another process (one process per KV "
-                             "directory: give this one another --kv-dir)") from None
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .bundle import is_bundle
 from .config import ModelConfig
 from .distributed import EPGroup, EPRunner, launch_torchrun, rank_plan
-from .kv import KVManager, PrefillStats, check_fits, chunk_spans, model_identity, prefill_cached
+from .kv import KVManager, PrefillStats, check_fits, check_not_in_use, chunk_spans, model_identity, prefill_cached
 from .loader import open_model
 from .model import SeqState, Transformer
 from .offload import apply_offload, offload_keep_expert
@@ -108,8 +108,9 @@ class Engine:
         kv = kv if isinstance(kv, KVOptions) else KVOptions(kv)
         if self.kv is not None:
             self.kv.close()
+            self.kv = None
         ns = model_identity(self.model, "det" if self.deterministic else "")
-        self.kv = KVManager(self.cfg, kv.dir, ns, kv.strategy, kv.capacity, kv.memory, fsync=kv.fsync)
+        self.kv = KVManager(self.cfg, kv.dir, ns, kv.strategy, kv.capacity, kv.memory, fsync=kv.fsync, dtype=kv.dtype)
         return self.kv
 
     def close(self) -> None:
@@ -127,7 +128,9 @@ class Engine:
 
     # -- low level -------------------------------------------------------------------------------------------
     def new_state(self) -> SeqState:
-        return SeqState.empty(self.cfg)
+        """An empty sequence; with a KV cache its compressed entries are kept in the cache's numerics
+        (KVOptions.dtype), so what the cache stores is exactly what the model used."""
+        return self.kv.new_state() if self.kv is not None else SeqState.empty(self.cfg)
 
     def _check_ids(self, ids: list[int], state: SeqState | None = None):
         if not ids:
@@ -353,6 +356,8 @@ def preflight(path: str | Path, opts: EngineOptions, launching: bool = False):
     check_combination(opts, launching=launching)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: does not exist")
+    if opts.kv is not None and opts.kv.dir is not None and "RANK" not in os.environ:  # ranks: rank 0 opens it
+        check_not_in_use(opts.kv.dir)
     backend, kwargs = opts.backend, dict(opts.backend_options)
     if opts.device:
         kwargs["device"] = opts.device

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .backends.contract import QuantWeight
 from .backends.dispatch import REFERENCE, Ops
 from .config import ModelConfig
+from .quant.kv_numerics import round_kv
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +101,11 @@ class PoolState:
                                  it feeds the next window's entry. None before the first full window.
     entries         [t // m, dim] compressed entries, append-only; block b holds rows b*epb .. (b+1)*epb - 1
                                   with epb = kv_block_tokens // m
+    numerics        what the entries are rounded to as they are made (flashport.quant.kv_numerics: "fp32",
+                    "bf16" or "release", FP8 e4m3 + BF16 RoPE dims); entries stay float32 tensors
+    replay          True while the sequence re-runs tokens whose entries `entries` already holds (a prefix-cache
+                    window rebuild, flashport.kv): the compressor advances kv/gate/overlap and appends nothing.
+                    Each query's causal limit hides the entries past its position, so attention is unchanged.
     """
 
     kv: Tensor
@@ -107,6 +113,8 @@ class PoolState:
     entries: Tensor
     overlap_kv: Tensor | None = None
     overlap_gate: Tensor | None = None
+    numerics: str = "fp32"
+    replay: bool = False
 
 
 @dataclass
@@ -123,9 +131,9 @@ class LayerState:
     index: PoolState | None = None
 
     @staticmethod
-    def empty(cfg: ModelConfig, layer: int) -> "LayerState":
+    def empty(cfg: ModelConfig, layer: int, numerics: str = "fp32") -> "LayerState":
         def pool(c: int, dim: int) -> PoolState:
-            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim))
+            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim), numerics=numerics)
 
         kind, dh = cfg.layer_kind(layer), cfg.head_dim
         st = LayerState(window=torch.zeros(0, dh))
@@ -144,8 +152,9 @@ class SeqState:
     layers: list[LayerState]
 
     @staticmethod
-    def empty(cfg: ModelConfig) -> "SeqState":
-        return SeqState(0, [LayerState.empty(cfg, i) for i in range(cfg.num_hidden_layers)])
+    def empty(cfg: ModelConfig, numerics: str = "fp32") -> "SeqState":
+        """A new sequence whose compressed entries and indexer keys are kept in `numerics` (PoolState)."""
+        return SeqState(0, [LayerState.empty(cfg, i, numerics) for i in range(cfg.num_hidden_layers)])
 
     def tensors(self) -> dict[str, Tensor]:
         """Flat `layer.part.field` -> tensor view of the whole state (for saving, hashing, comparing)."""
@@ -155,13 +164,14 @@ class SeqState:
             for part in ("comp", "index"):
                 ps = getattr(st, part)
                 for k, v in (vars(ps).items() if ps is not None else ()):
-                    if v is not None:
+                    if isinstance(v, Tensor):
                         out[f"{i}.{part}.{k}"] = v
         return out
 
     def clone(self) -> "SeqState":
         def cp(ps):
-            return None if ps is None else PoolState(**{k: None if v is None else v.clone() for k, v in vars(ps).items()})
+            return None if ps is None else PoolState(**{k: v.clone() if isinstance(v, Tensor) else v
+                                                        for k, v in vars(ps).items()})
 
         return SeqState(self.n_tokens, [LayerState(st.window.clone(), cp(st.comp), cp(st.index)) for st in self.layers])
 
@@ -247,10 +257,13 @@ class Compressor(Module):
             ps.overlap_kv, ps.overlap_gate = kv[-1, :, :d].clone(), gate[-1, :, :d].clone()
             kv = torch.cat([torch.cat([prev_kv, kv[:-1, :, :d]]), kv[:, :, d:]], dim=1)  # [w, 2m, d]
             gate = torch.cat([torch.cat([prev_gate, gate[:-1, :, :d]]), gate[:, :, d:]], dim=1)
+        if ps.replay:  # these windows' entries are already in ps.entries (loaded from the KV cache)
+            return ps.entries
         new = self.norm(self.ops.compress_pool(kv, gate))  # [w, d]
         n0 = ps.entries.shape[0]
         cos, sin = rope(m * n0, m * (n0 + w), m)  # RoPE at each window's first token
-        ps.entries = torch.cat([ps.entries, self.ops.rope(new, cos, sin)])
+        new = round_kv(self.ops.rope(new, cos, sin), ps.numerics, 2 * cos.shape[-1])  # the KV's numerics
+        ps.entries = torch.cat([ps.entries, new])
         return ps.entries
 
 

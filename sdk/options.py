@@ -48,13 +48,15 @@ class KVOptions:
     """The durable prefix cache (flashport.kv). dir: where blocks live (None: host-memory tier only);
     strategy: what is stored of the sliding windows, `full`, `periodic:P` (every P tokens) or `none`
     (DeepSeek-V4 report 3.5); capacity: disk bytes; memory: host-memory tier bytes; dtype: the numerics of the
-    stored entries (`release`: FP8 e4m3 + BF16 RoPE dims as the release keeps them, `bf16`, `fp32`)."""
+    compressed entries and indexer keys, as the model makes them and as they are stored (`release`: FP8 e4m3 in
+    blocks of 64 with a UE8M0 scale + BF16 RoPE dims, as the release keeps them; `bf16`; `fp32`; see
+    flashport.quant.kv_numerics and docs/kv-runtime.md for its accuracy); it is part of the cache namespace."""
 
     dir: str | Path | None = None
     strategy: str = "periodic:4096"
     capacity: int | str = 20 << 30
     memory: int | str = 256 << 20
-    dtype: str = "fp32"
+    dtype: str = "release"
     fsync: bool = True
 
     def __post_init__(self):
@@ -153,7 +155,7 @@ class EngineOptions:
 def engine_options(backend: str = "auto", execution_provider: str = "", plugin_ep_library: str = "",
                    backend_option: list[str] | tuple[str, ...] | str | None = None, device: str = "",
                    deterministic: bool = False, kv_dir: str = "", kv_strategy: str = "periodic:4096",
-                   kv_dtype: str = "fp32", max_device_memory: str = "", offload_tier: str = "host",
+                   kv_dtype: str = "release", max_device_memory: str = "", offload_tier: str = "host",
                    ep: int = 1, pg_backend: str = "gloo", timeout: float = 30.0) -> EngineOptions:
     """The EngineOptions that the engine flags of `flashport generate|chat|serve` and the benches describe
     (empty strings mean "not given"). Raises OptionError for a value that cannot work or a flag that needs

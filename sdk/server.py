@@ -805,7 +805,7 @@ def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
               backend_option: str | tuple = "", device: str = "", deterministic: bool = False,
               model_name: str = "", kv_dir: str = "", kv_strategy: str = "periodic:4096", prefix_pool: int = 16,
               log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0, pg_backend: str = "gloo",
-              timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host", kv_dtype: str = "fp32"):
+              timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host", kv_dtype: str = "release"):
     """Serve PATH (a checkpoint or bundle directory) with an OpenAI-compatible API.
 
     host: 127.0.0.1 by default (this machine only); api_key: required as `Authorization: Bearer KEY` on /v1/*

@@ -17,8 +17,9 @@ from flashport.backends import reference
 from flashport.backends.torch_backend import DETERMINISTIC_OPS
 from flashport.config import ModelConfig
 from flashport.engine import Engine
-from flashport.kv import (KVManager, Strategy, check_fits, chunk_spans, kv_cli, kv_layout, demo_prefix_hit,
-                          release_entry_bytes)
+from flashport.kv import (KV_FORMAT, KVManager, Strategy, check_fits, chunk_spans, kv_cli, kv_layout, demo_prefix_hit,
+                          model_identity, release_entry_bytes)
+from flashport.model import SeqState
 from flashport.options import KVOptions
 
 
@@ -96,6 +97,137 @@ def test_restore_is_bit_identical(det, prompts, uninterrupted, written, strategy
     assert stats["hits"] == 1 and stats["tokens"]["loaded"] == loaded
     assert stats["bytes_read"]["disk"] == hit.bytes_read
     det.close()
+
+
+@pytest.mark.parametrize("dtype", ["release", "bf16", "fp32"])
+@pytest.mark.parametrize("strategy", ["full", "none"])
+def test_restore_is_bit_identical_per_kv_dtype(det, prompts, tmp_path, dtype, strategy):
+    """In each KV numerics the stored bytes are the bytes the model used: a restart's hit (mid-block; the `none`
+    strategy replays the windows over the loaded entries) continues bit for bit like the uninterrupted run made
+    in the same numerics."""
+    ns = model_identity(det.model, "det")
+    det.kv = KVManager(det.cfg, tmp_path, ns, strategy, dtype=dtype, fsync=False)
+    det.prefill_cached(prompts[0])
+    det.close()
+    det.kv = KVManager(det.cfg, tmp_path, ns, strategy, dtype=dtype, fsync=False)  # a restart: disk only
+    state, logits, hit = det.prefill_cached(prompts[1])
+    assert hit.loaded_tokens > 0 and hit.read_from == "disk" and hit.error == ""
+    ref_state = SeqState.empty(det.cfg, dtype)
+    ref_logits = det.prefill(prompts[1], ref_state)
+    ref, got = ref_state.clone().tensors(), state.tensors()
+    ref_logits = _decode(det, ref_state, ref_logits)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    for a, b in zip(_decode(det, state, logits), ref_logits):
+        assert torch.equal(a, b)
+    stats = det.kv.stats()
+    assert stats["dtype"] == dtype and stats["bytes_per_token"] == kv_layout(det.cfg, dtype).compressed_per_token
+    det.close()
+
+
+def test_caches_of_different_kv_dtypes_never_mix(det, prompts, tmp_path):
+    """The numerics are part of the namespace (and of every block's key and meta): a cache written in one dtype is
+    a miss in another, on the same directory, and both live side by side."""
+    ns = model_identity(det.model, "det")
+    spaces = {}
+    for dtype in ("release", "bf16", "fp32"):
+        det.kv = KVManager(det.cfg, tmp_path, ns, "full", dtype=dtype, fsync=False)
+        _, _, st = det.prefill_cached(prompts[0])
+        assert st.path == "miss" and st.hit_tokens == 0, dtype  # nothing of the other dtypes is visible
+        spaces[dtype] = det.kv.namespace
+        det.close()
+    assert len(set(spaces.values())) == 3 and all(v.endswith("-" + k) for k, v in spaces.items())
+    for dtype in ("release", "fp32"):
+        det.kv = KVManager(det.cfg, tmp_path, ns, "full", dtype=dtype, fsync=False)
+        _, _, st = det.prefill_cached(prompts[1])
+        assert st.loaded_tokens == 11 * det.cfg.kv_block_tokens and st.error == ""
+        det.close()
+    # a sequence made in other numerics is never stored in this cache (its bytes would not be the ones it used)
+    det.kv = KVManager(det.cfg, None, ns, "full", dtype="release")
+    tracker, state = det.kv.tracker(prompts[0]), SeqState.empty(det.cfg, "fp32")
+    det.prefill(prompts[0], state)
+    det.kv.observe(tracker, state)
+    assert det.kv.stats()["blocks_written"] == 0
+    det.kv = None
+
+
+def test_entry_with_wrong_shape_is_evicted_not_recomputed_forever(tiny_release, tmp_path):
+    """A block that passes its CRC but does not fit the model (a writer bug, a hand-edited store) is evicted on the
+    first request that meets it; the recompute stores a good block and the next request hits."""
+    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="none")
+    B = eng.cfg.kv_block_tokens
+    ids = list(range(9, 9 + 8 * B + 3))
+    eng.prefill_cached(ids)
+    kv = eng.kv
+    kv.flush()
+    key = kv.tracker(ids).hashes[2]
+    assert kv.store.discard(key)
+    got = kv._get(key)  # still in the memory tier
+    assert got is not None
+    good = got[0]
+    bad = {k: torch.zeros(v.shape[0] + 1, *v.shape[1:], dtype=v.dtype) for k, v in good.items()}
+    meta = {"v": KV_FORMAT, "kind": "block", "block": 2, "tokens": 3 * B, "dtype": kv.dtype}
+    assert kv.store.put(key, bad, meta, sync=True)  # a valid file with a wrong shape
+    kv.drop_memory()
+    _, _, st = eng.prefill_cached(ids)
+    assert "does not match" in st.error and st.loaded_tokens == 0
+    assert kv.store.stats()["discarded"] == 2  # the test's own discard, then the bad block
+    kv.flush()
+    kv.drop_memory()
+    _, _, st = eng.prefill_cached(ids)
+    assert st.error == "" and st.loaded_tokens == 8 * B  # the recompute stored the block again
+    eng.close()
+
+
+def test_a_full_write_queue_drops_and_counts_instead_of_blocking(tiny_release, tmp_path, monkeypatch):
+    """The background writer stuck (a slow disk): prefill and decode go on, the puts that do not fit the bounded
+    queue are dropped and counted, and nothing waits for the disk."""
+    import queue
+    import threading
+
+    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="full")
+    kv, B = eng.kv, eng.cfg.kv_block_tokens
+    gate, started = threading.Event(), threading.Event()
+    real = kv.store._write_file
+
+    def stuck(*a):
+        started.set()
+        assert gate.wait(60)
+        real(*a)
+
+    monkeypatch.setattr(kv.store, "_write_file", stuck)
+    monkeypatch.setattr(kv.store, "_q", queue.Queue(maxsize=2))
+    try:
+        assert kv.store.put(b"first", {"x": torch.ones(1)})  # the writer takes it from the small queue, then sticks
+        assert started.wait(30)
+        t0 = time.perf_counter()
+        out = eng.generate(list(range(5, 5 + 6 * B + 3)), max_new_tokens=2 * B)  # prefill + decode, 8+ blocks
+        assert started.is_set() and not gate.is_set()  # everything above ran while the writer was stuck
+        st = kv.stats()
+        assert st["puts_dropped"] >= 8 and st["disk"]["puts_dropped"] == st["puts_dropped"]
+        assert st["disk"]["queue_depth"] <= 2 and len(out.token_ids) == 2 * B
+        assert time.perf_counter() - t0 < 55
+    finally:
+        gate.set()
+    assert kv.flush(30)
+    eng.close()
+
+
+def test_cli_refuses_a_kv_directory_in_use(tiny_release, tmp_path):
+    """A second process on the same KV directory is told so once, at start, in one line."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from flashport.kv import DiskKVStore; "
+         f"s = DiskKVStore({str(tmp_path)!r}, 1 << 20, 'ns', fsync=False); print('ready', flush=True); "
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"ready"
+        run = subprocess.run([sys.executable, "-m", "flashport.cli", "generate", str(tiny_release), "Hi",
+                              "--max-new-tokens", "2", "--kv-dir", str(tmp_path)], capture_output=True, text=True,
+                             timeout=300)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"flashport: error: KV directory {tmp_path} is in use by another process (pid {holder.pid})"]
 
 
 def test_fast_mode_restore_matches_within_tolerance(tiny_release, tmp_path):
@@ -246,14 +378,21 @@ def test_accounting_matches_the_design_numbers():
     lay = kv_layout(v4)
     # 21 CSA layers (m=4: 512-dim entries + 128-dim indexer keys), 20 HCA layers (m=128), fp32
     assert lay.compressed_per_token == pytest.approx(4 * (21 / 4 * (512 + 128) + 20 / 128 * 512))
-    assert release_entry_bytes(v4) == 584  # DESIGN.md section 3
-    assert 3000 < lay.entries_per_token * 584 < 3300  # "about 3 KB per token"
+    assert release_entry_bytes(v4) == 448 + 7 + 2 * 64  # FP8 + a UE8M0 scale per 64 + BF16 RoPE: "about 584"
+    assert 3000 < lay.entries_per_token * 583 < 3300  # "about 3 KB per token"
     assert lay.entries_per_token == pytest.approx(21 / 4 + 20 / 128)
     assert 7.5 < 43 / lay.entries_per_token < 8.5  # SWA entries per token are ~8x the compressed ones
     with pytest.raises(MemoryError, match="1048576 tokens"):
         check_fits(v4, 1 << 20, available=1 << 30)
     out = kv_cli("all", context=1 << 20, memory_gb=64)
-    assert "v4-flash" in out and "flash-tiny" in out and "NO" in out
+    assert "v4-flash" in out and "flash-tiny" in out and "NO" in out and "KV numerics release" in out
+    # bytes per token in the numerics in use: release 583 B per 512-dim entry, 193 B per 128-dim indexer key
+    rel = kv_layout(v4, "release")
+    assert rel.compressed_per_token == pytest.approx(21 / 4 * (583 + 193) + 20 / 128 * 583)
+    assert f" {rel.compressed_per_token:.0f} " in out and f" {lay.compressed_per_token:.0f} " in out
+    assert f" {kv_layout(v4, 'bf16').compressed_per_token:.0f} " in kv_cli("v4-flash", dtype="bf16")
+    with pytest.raises(ValueError, match="kv dtype"):
+        kv_cli("v4-flash", dtype="fp8")
 
 
 def test_memory_tier_budget_and_memory_only_cache(tiny_release):

@@ -1,4 +1,4 @@
-"""Tests for flashport.kvstore: format checks, recovery, quota/LRU, I/O failures, crash safety."""
+"""Tests for flashport.kv.store: format checks, recovery, quota/LRU, I/O failures, crash safety."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashport import kvstore
-from flashport.kvstore import DiskKVStore, chain_hashes
+from flashport.kv import store as kvstore
+from flashport.kv.store import DiskKVStore, KVStoreBusy, chain_hashes
 
 NS = "deepseek-v4-flash@test"
 
@@ -151,12 +151,27 @@ def test_restart_keeps_entries_and_lru_order(tmp_path):
         assert list(s3._index)[-1][1] == b"k4"  # gets of the previous run were persisted in order
 
 
-def test_second_process_on_same_root_runs_degraded(tmp_path):
-    with DiskKVStore(tmp_path, 1 << 20, NS, fsync=False) as a:
-        b = DiskKVStore(tmp_path, 1 << 20, NS, fsync=False)
-        assert b.stats()["degraded"] and not b.put("x", {"x": torch.ones(1)}, sync=True) and b.get("x") is None
-        b.close()
+def test_second_process_on_same_root_is_refused_at_open(tmp_path):
+    """Two stores on one directory would delete each other's files in recovery: the second one is refused when it
+    opens, with one line naming the directory and the holder's pid (not a degraded store dropping puts)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from flashport.kv.store import DiskKVStore; "
+         f"s = DiskKVStore({str(tmp_path)!r}, 1 << 20, 'ns', fsync=False); print('ready', flush=True); "
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"ready"
+        with pytest.raises(KVStoreBusy) as err:
+            DiskKVStore(tmp_path, 1 << 20, NS, fsync=False)
+        assert str(err.value) == f"KV directory {tmp_path} is in use by another process (pid {holder.pid})"
+        assert isinstance(err.value, ValueError)  # the CLI prints it as `flashport: error: ...`
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    with DiskKVStore(tmp_path, 1 << 20, NS, fsync=False) as a:  # released with its process
         assert a.put("x", {"x": torch.ones(1)}, sync=True)
+        with pytest.raises(KVStoreBusy, match="in use by this process"):
+            DiskKVStore(tmp_path, 1 << 20, NS, fsync=False)
+        assert a.put("y", {"x": torch.ones(1)}, sync=True)  # the refused open left the owner alone
 
 
 # ----------------------------------------------------------------------------- namespace & corruption
@@ -195,7 +210,7 @@ def test_corrupted_file_is_dropped(store, where, caplog):
     else:
         raw[offset] ^= 0x40
     f.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="flashport.kvstore"):
+    with caplog.at_level(logging.WARNING, logger="flashport.kv.store"):
         assert store.get("k") is None
     s = store.stats()
     assert s["corrupt_dropped"] == 1 and s["misses"] == 1 and s["entries"] == 0 and s["used_bytes"] == 0
@@ -246,6 +261,9 @@ def test_quota_never_exceeded_and_lru_keeps_hot_entries(tmp_path, monkeypatch):
     size = probe.stats()["used_bytes"]
     probe.close()
     cap = size * 10 + size // 2
+    # entry-file LRU alone here (the index's share of the quota: test_quota_counts_the_index_and_its_wal)
+    monkeypatch.setattr(kvstore, "INDEX_SLACK", 0)
+    monkeypatch.setattr(DiskKVStore, "_index_bytes", lambda self: 0)
     s = DiskKVStore(tmp_path / "kv", cap, NS, fsync=False)
     real = s._write_file
 
@@ -274,9 +292,63 @@ def test_quota_never_exceeded_and_lru_keeps_hot_entries(tmp_path, monkeypatch):
         assert s.stats()["entries"] == 2 and s.contains("hot") and len(files(s.root)) == 2
 
 
-def test_concurrent_reads_while_writing_and_evicting(tmp_path):
+def test_quota_counts_the_index_and_its_wal(tmp_path):
+    """Entry files + index.sqlite + its WAL and shm stay under the capacity while many small entries churn (the
+    WAL alone grows to megabytes between SQLite's automatic checkpoints)."""
+    cap = 256 << 10
+    s = DiskKVStore(tmp_path, cap, NS, fsync=False)
+    entry = {"x": torch.zeros(200, dtype=torch.uint8)}
+    worst = 0
+    try:
+        for i in range(1500):
+            assert s.put(f"k{i:04d}", entry, sync=True)
+            if i % 50 == 0:
+                worst = max(worst, sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()))
+        st = s.stats()
+        assert st["evictions"] > 0 and st["entries"] > 100 and st["index_bytes"] > 0
+    finally:
+        s.close()
+    assert worst <= cap, f"{worst} bytes on disk for a capacity of {cap}"
+
+
+def test_disk_full_evicts_and_keeps_caching(tmp_path, monkeypatch):
+    """A disk that fills up below the quota (other files on it): the store evicts LRU entries and retries, so new
+    prefixes keep being cached instead of failing until a restart."""
+    s = DiskKVStore(tmp_path, 1 << 30, NS, fsync=False)
+    entry = {"x": torch.zeros(1000, dtype=torch.uint8)}
+    disk = 8 * 1200  # room for about eight entries
+    real = kvstore._write_all
+
+    def small_disk(fd, buf):
+        if sum(p.stat().st_size for p in (tmp_path / "data").rglob("*") if p.is_file()) + len(buf) > disk:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, buf)
+
+    monkeypatch.setattr(kvstore, "_write_all", small_disk)
+    try:
+        for i in range(40):
+            assert s.put(f"k{i:02d}", entry, sync=True), f"put {i} failed on a full disk"
+            assert s.put(f"a{i:02d}", entry)  # the async path too
+            assert s.flush(30) and s.contains(f"a{i:02d}")
+        st = s.stats()
+        assert st["disk_full_evictions"] > 0 and st["write_errors"] == 0 and s.contains("k39")
+        assert not s.contains("k00")  # the least recently used made room
+    finally:
+        s.close()
+
+
+def test_discard_removes_an_entry_its_reader_rejects(tmp_path):
+    with DiskKVStore(tmp_path, 1 << 20, NS, fsync=False) as s:
+        assert s.put("a", {"x": torch.ones(3)}, sync=True) and s.contains("a")
+        assert s.discard("a") and not s.contains("a") and not s.discard("a")
+        assert s.stats()["discarded"] == 1 and s.stats()["used_bytes"] == 0 and files(tmp_path) == []
+
+
+def test_concurrent_reads_while_writing_and_evicting(tmp_path, monkeypatch):
     keys = [f"c{i}" for i in range(120)]
     size = 600  # roughly one entry; a cap of ~15 entries forces constant eviction
+    monkeypatch.setattr(kvstore, "INDEX_SLACK", 0)  # a cap this small is all index otherwise
+    monkeypatch.setattr(DiskKVStore, "_index_bytes", lambda self: 0)
     s = DiskKVStore(tmp_path, 15 * size, NS, queue_size=8, fsync=False)
     bad, stop = [], threading.Event()
 
@@ -314,7 +386,7 @@ def test_enospc_is_counted_cleaned_up_and_invisible(tmp_path, monkeypatch, caplo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     try:
-        with caplog.at_level(logging.ERROR, logger="flashport.kvstore"):
+        with caplog.at_level(logging.ERROR, logger="flashport.kv.store"):
             monkeypatch.setattr(os, "write", full_disk)
             assert not s.put("a", *expected_entry(NS, "a"), sync=True)
             assert s.put("b", *expected_entry(NS, "b"))  # async: accepted, then fails in the writer

@@ -68,3 +68,83 @@ def test_batched_sequences_match_single(model):
     batched = model.forward_batch(seqs, states)
     for a, b in zip(singles, batched):
         assert (a - b).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV numerics (flashport.quant.kv_numerics) and replay
+# ---------------------------------------------------------------------------------------------------------------
+def test_release_kv_numerics_follow_the_release_quantizer():
+    """FP8 e4m3 in blocks of 64 non-RoPE values with a power-of-two (UE8M0) scale 2**ceil(log2(amax / 448)), BF16
+    for the RoPE dims; packing is exact and idempotent (what is stored is what the model used)."""
+    from flashport.quant.kv_numerics import kv_entry_bytes, pack_kv, round_kv, unpack_kv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 512, generator=g) * torch.logspace(-3, 3, 7)[:, None]
+    x[0, :64] = 0.0  # an all-zero block keeps a finite scale (amax floor 1e-4)
+    p = pack_kv(x, "release", 64)
+    assert p["q"].dtype == torch.float8_e4m3fn and p["q"].shape == (7, 448)
+    assert p["e"].dtype == torch.uint8 and p["e"].shape == (7, 7) and p["rope"].dtype == torch.bfloat16
+    assert sum(t.numel() * t.element_size() for t in p.values()) == 7 * kv_entry_bytes(512, 64, "release") == 7 * 583
+    blocks = x[:, :448].reshape(7, 7, 64)
+    want = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp_min(1e-4) / 448)).to(torch.int32) + 127
+    assert torch.equal(p["e"].to(torch.int32), want)
+    scale = 2.0 ** (want - 127).float()[..., None]
+    ref = ((blocks / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale).reshape(7, 448)
+    r = round_kv(x, "release", 64)
+    assert torch.equal(r[:, :448], ref) and torch.equal(r[:, 448:], x[:, 448:].to(torch.bfloat16).float())
+    assert torch.equal(r[0, :64], torch.zeros(64))
+    assert torch.equal(unpack_kv(pack_kv(r, "release", 64), "release", 64), r)  # idempotent
+    assert 0 < (r - x).abs().max() <= x.abs().max() / 16  # e4m3: 3 mantissa bits
+    for dt, nbytes in (("bf16", 2 * 512), ("fp32", 4 * 512)):
+        assert kv_entry_bytes(512, 64, dt) == nbytes
+        assert torch.equal(unpack_kv(pack_kv(x, dt, 64), dt, 64), round_kv(x, dt, 64))
+    assert round_kv(x, "fp32", 64) is x
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("numerics", ["release", "bf16"])
+def test_state_numerics_round_every_entry(model, numerics):
+    """A state made in release / bf16 numerics holds compressed entries and indexer keys already rounded to them
+    (packing them loses nothing), and its logits stay close to the fp32 state's."""
+    from flashport.quant.kv_numerics import round_kv
+
+    cfg = model.cfg
+    ids = torch.randint(2, cfg.vocab_size, (2 * cfg.kv_block_tokens + 5,), generator=torch.Generator().manual_seed(4))
+    st32, st = SeqState.empty(cfg), SeqState.empty(cfg, numerics)
+    ref, got = model(ids, st32), model(ids, st)
+    pools = [ps for ls in st.layers for ps in (ls.comp, ls.index) if ps is not None]
+    assert pools and all(ps.numerics == numerics and ps.entries.shape[0] > 0 for ps in pools)
+    assert all(torch.equal(round_kv(ps.entries, numerics, cfg.qk_rope_head_dim), ps.entries) for ps in pools)
+    pools32 = [ps for ls in st32.layers for ps in (ls.comp, ls.index) if ps is not None]
+    assert any(not torch.equal(a.entries, b.entries) for a, b in zip(pools, pools32))
+    kl = (ref.softmax(-1) * (ref.log_softmax(-1) - got.log_softmax(-1))).sum(-1)  # random weights: chaotic
+    assert not torch.equal(got, ref) and kl.mean() < 0.1 and (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    assert st.clone().layers[2].comp.numerics == numerics and "2.comp.numerics" not in st.tensors()
+
+
+@torch.no_grad()
+def test_replay_advances_the_compressors_without_appending(model):
+    """PoolState.replay (the prefix cache's window rebuild): with the entries of a span already in the state,
+    re-running the span rebuilds the same windows, partial windows and overlaps, appends no entry, and gives the
+    same logits as the first run."""
+    cfg = model.cfg
+    B = cfg.kv_block_tokens
+    ids = torch.randint(2, cfg.vocab_size, (3 * B,), generator=torch.Generator().manual_seed(5))
+    full = SeqState.empty(cfg)
+    model(ids[:B], full)
+    ref = model(ids[B:], full)
+    st = SeqState.empty(cfg)
+    model(ids[:B], st)
+    for ls_st, ls_full in zip(st.layers, full.layers):  # the span's entries come "from the cache"
+        for part in ("comp", "index"):
+            if getattr(ls_st, part) is not None:
+                getattr(ls_st, part).entries = getattr(ls_full, part).entries.clone()
+    pools = [ps for ls in st.layers for ps in (ls.comp, ls.index) if ps is not None]
+    for ps in pools:
+        ps.replay = True
+    got = model(ids[B:], st)
+    for ps in pools:
+        ps.replay = False
+    a, b = st.tensors(), full.tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (got - ref).abs().max() < 1e-4

@@ -1,13 +1,15 @@
 """Durable disk tier for KV blocks: a crash-safe, size-capped, opaque block store.
 
 Each entry (a dict of tensors plus a small JSON meta) is one file, written by a
-background thread so that ``put`` never stalls decode. A file becomes visible only
-after it is complete on disk and indexed; anything that fails a check on read is
-dropped and reported as a miss. See docs/kv-store.md for the format and the rules.
+background thread so that ``put`` never stalls decode (its queue is bounded: a full
+queue drops the put and counts it). A file becomes visible only after it is complete
+on disk and indexed; anything that fails a check on read is dropped and reported as a
+miss. The quota counts the entry files and the index with its WAL; a full disk evicts
+LRU entries and retries. See docs/kv-store.md for the format and the rules.
 
 Layout under ``root``::
 
-    LOCK                 flock'ed by the one process that owns the store
+    LOCK                 flock'ed by the one process that owns the store (holds its pid)
     index.sqlite         WAL-mode index: namespace, key, path, size, last_access, created
     data/00 .. data/ff   entry files ``<blake2b(namespace, key)>.kv`` (+ ``*.tmp`` while written)
 """
@@ -34,9 +36,9 @@ import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
-log = logging.getLogger("flashport.kvstore")
+log = logging.getLogger("flashport.kv.store")
 
-__all__ = ["DiskKVStore", "chain_hashes", "FormatError", "FORMAT_VERSION", "MAGIC", "HEADER"]
+__all__ = ["DiskKVStore", "KVStoreBusy", "chain_hashes", "FormatError", "FORMAT_VERSION", "MAGIC", "HEADER"]
 
 # ----------------------------------------------------------------------------- format
 
@@ -50,6 +52,28 @@ INDEX_SCHEMA = 1  # PRAGMA user_version of index.sqlite
 
 class FormatError(ValueError):
     """An entry file failed a check (truncated, bad magic/version/checksum, wrong key)."""
+
+
+class KVStoreBusy(ValueError):
+    """Another store holds the directory (the flock on its LOCK file), raised when the store opens: two processes
+    on one directory would delete each other's files in recovery. The message names the directory and the
+    holder's pid when known; the CLI prints it as ``flashport: error: KV directory D is in use by ...``."""
+
+
+def check_not_in_use(root: str | Path) -> None:
+    """Raise KVStoreBusy when another process holds the store at `root` (its LOCK flock): what opening the store
+    would refuse, checked before a model is loaded. A directory without a store passes."""
+    lock = Path(root) / "LOCK"
+    if not lock.is_file():
+        return
+    with open(lock, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read(32).decode("ascii", "replace").strip()
+            who = f"another process (pid {holder})" if holder.isdigit() else "another process"
+            raise KVStoreBusy(f"KV directory {root} is in use by {who}: one process per KV directory") from None
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _encode(namespace: bytes, key: bytes, tensors: dict, meta_json: bytes) -> list[bytes]:
@@ -180,8 +204,12 @@ class _Entry:
 
 _COUNTERS = (
     "hits", "misses", "bytes_written", "bytes_read", "puts_dropped", "write_errors",
-    "read_errors", "evictions", "corrupt_dropped", "read_seconds", "write_seconds",
+    "read_errors", "evictions", "corrupt_dropped", "discarded", "disk_full_evictions", "read_seconds",
+    "write_seconds",
 )
+INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
+INDEX_SLACK = 64 << 10  # what the two commits of a put (evict, insert) may add to the WAL after the quota check
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskKVStore:
@@ -200,8 +228,12 @@ class DiskKVStore:
 
     def __init__(self, root: str | Path, capacity_bytes: int, namespace: str,
                  queue_size: int = 64, fsync: bool = True):
+        """capacity_bytes: the quota for entry files plus index.sqlite and its WAL. Raises KVStoreBusy when
+        another store (process) holds ``root``; any other unusable root gives a degraded store."""
         self.root = Path(root)
         self.capacity = int(capacity_bytes)
+        # the WAL is checkpointed (truncated) when the index files pass this: it is counted in the quota
+        self._index_budget = max(self.capacity // 8, 64 << 10)
         self.namespace = namespace
         self._ns = namespace.encode("utf-8")
         if len(self._ns) > 0xFFFF:
@@ -247,8 +279,19 @@ class DiskKVStore:
             (self._data / f"{i:02x}").mkdir(exist_ok=True)
         self._lock_file = open(self.root / "LOCK", "a+b")
         # Recovery deletes files it does not know; two processes on one root would
-        # delete each other's work, so the second one runs degraded instead.
-        fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # delete each other's work, so the second one is refused, once, at open.
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read(32).decode("ascii", "replace").strip()
+            self._release_files()
+            who = (f"this process (pid {holder})" if holder == str(os.getpid()) else
+                   f"another process (pid {holder})" if holder.isdigit() else "another process")
+            raise KVStoreBusy(f"KV directory {self.root} is in use by {who}") from None
+        self._lock_file.truncate(0)  # append mode: the pid lands at offset 0
+        self._lock_file.write(f"{os.getpid()}\n".encode())
+        self._lock_file.flush()
         try:
             self._db = self._open_db()
         except sqlite3.DatabaseError as e:
@@ -258,6 +301,7 @@ class DiskKVStore:
                 _unlink_quiet(self.root / f"index.sqlite{suffix}")
             self._db = self._open_db()
         self._recover()
+        self._checkpoint_if_large()
         if self._fsync:
             _fsync_dir(self._data)
             _fsync_dir(self.root)
@@ -270,6 +314,7 @@ class DiskKVStore:
             # roll back, which recovery turns into orphan files (deleted) or missing-file
             # rows (dropped): never into a wrong entry.
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA journal_size_limit={self._index_budget // 2}")  # WAL size after a checkpoint
             if db.execute("PRAGMA user_version").fetchone()[0] not in (0, INDEX_SCHEMA):
                 db.execute("DROP TABLE IF EXISTS entries")
             db.execute(
@@ -313,8 +358,8 @@ class DiskKVStore:
             _unlink_quiet(self._data / rel)
         if stale or on_disk:
             log.info("kvstore: recovery dropped %d stale index rows and %d orphan files", len(stale), len(on_disk))
-        if self._used > self.capacity:  # the cap was lowered since the last run
-            self.evict_to(self.capacity)
+        if self._used > self._entry_limit():  # the cap was lowered since the last run
+            self.evict_to(self._entry_limit())
 
     # ------------------------------------------------------------------ public API
 
@@ -392,6 +437,18 @@ class DiskKVStore:
         with self._lock:
             return not self._closed and (self.namespace, _key_bytes(key)) in self._index
 
+    def discard(self, key: bytes | str) -> bool:
+        """Remove an entry that its reader found unusable (it passed its checksum but does not fit what the caller
+        expects, e.g. a wrong shape): it would otherwise fail on every lookup. Returns whether one was removed."""
+        ident = (self.namespace, _key_bytes(key))
+        with self._lock:
+            e = None if self._closed or self._degraded else self._index.get(ident)
+        if e is None or not self._drop(ident, e):
+            return False
+        self._count("discarded")
+        self._log_once("discard", logging.WARNING, f"evicted entry {e.path}: it does not match its reader")
+        return True
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every accepted put is processed (stored or failed). True if drained."""
         with self._drained:
@@ -410,7 +467,8 @@ class DiskKVStore:
     def stats(self) -> dict:
         with self._lock:
             s = dict(self._stats)
-            s.update(used_bytes=self._used, entries=len(self._index), capacity_bytes=self.capacity,
+            s.update(used_bytes=self._used, index_bytes=self._index_bytes(), entries=len(self._index),
+                     capacity_bytes=self.capacity,
                      queue_depth=self._q.qsize(), degraded=self._degraded is not None)
         return s
 
@@ -472,17 +530,26 @@ class DiskKVStore:
                 self._log_once("encode", logging.ERROR, f"cannot serialize entry: {e}")
                 return False
             size = sum(map(len, chunks))
-            if size > self.capacity:
+            self._checkpoint_if_large()
+            limit = self._entry_limit()
+            if size > limit:
                 self._count("puts_dropped")
                 self._log_once("too_large", logging.WARNING,
                                f"entry of {size} B exceeds the capacity of {self.capacity} B; refused")
                 return False
-            # Account before writing: make room (LRU) and reserve, so disk use stays under the cap
-            # even while the temp file exists.
-            self._delete_files(self._pop_lru(self.capacity, size))
+            # Account before writing: make room (LRU) and reserve, so disk use (entries, index and
+            # WAL) stays under the cap even while the temp file exists.
+            self._delete_files(self._pop_lru(limit, size))
             rel = _rel_path(self._ns, key)
             try:
-                self._write_file(self._data / rel, chunks)
+                try:
+                    self._write_file(self._data / rel, chunks)
+                except OSError as e:
+                    # The disk is full below our quota (other files filled it): free space by evicting
+                    # LRU entries and retry once, so a full disk never stops caching for good.
+                    if e.errno not in DISK_FULL_ERRNOS or not self._free_for_disk_full(size):
+                        raise
+                    self._write_file(self._data / rel, chunks)
             except OSError as e:
                 self._unreserve(size)
                 self._io_error("write", e)
@@ -540,6 +607,44 @@ class DiskKVStore:
             self._used += incoming
             self._stats["evictions"] += len(victims)
         return victims
+
+    def _index_bytes(self) -> int:
+        """Bytes of index.sqlite and its WAL / shared-memory files (part of the quota)."""
+        total = 0
+        for name in INDEX_FILES:
+            try:
+                total += os.stat(self.root / name).st_size
+            except OSError:
+                pass
+        return total
+
+    def _entry_limit(self) -> int:
+        """What the entry files may use: the capacity less the index files and one commit's slack."""
+        return self.capacity - self._index_bytes() - INDEX_SLACK
+
+    def _checkpoint_if_large(self) -> None:
+        """Fold the WAL into the index and truncate it once the index files pass their budget."""
+        if self._db is None or self._index_bytes() <= self._index_budget:
+            return
+        try:
+            with self._db_lock:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            self._io_error("index", e)
+
+    def _free_for_disk_full(self, size: int) -> bool:
+        """After ENOSPC: evict LRU entries worth at least twice the entry (and an eighth of the store, so the
+        next writes do not hit the wall at once). Returns whether anything was freed."""
+        with self._lock:
+            others = self._used - size  # the reservation of the entry in flight is not evictable
+            goal = max(2 * size, others // 8)
+        victims = self._pop_lru(self._used - goal, 0)
+        self._delete_files(victims)
+        if victims:
+            self._count("disk_full_evictions", len(victims))
+            self._log_once("disk_full", logging.WARNING,
+                           f"disk full at {self.root}: evicting least-recently-used entries to keep caching")
+        return bool(victims)
 
     def _unreserve(self, size: int) -> None:
         with self._lock:

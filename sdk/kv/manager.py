@@ -1,0 +1,466 @@
+"""The KV manager: tiers, keys, restore plans, storing blocks and fixed-state records, metrics.
+
+A sequence's KV (model.SeqState) has two parts (DESIGN.md section 3):
+
+- compressed entries (per CSA/HCA layer, plus the CSA indexer's keys): append-only, so block b of
+  `cfg.kv_block_tokens` source tokens is the fixed row range b*epb .. (b+1)*epb - 1 of every layer's entries
+  (epb = block / rate). Blocks are always stored, packed in the KV's numerics (flashport.quant.kv_numerics),
+  keyed by the chained hash of the token blocks up to and including b (store.chain_hashes) in a namespace that
+  names the model's weights (`model_identity`), the record format and the numerics;
+- a fixed-size part: the last W raw sliding-window entries of every layer, the compressors' partial windows and
+  the CSA overlap halves, stored as float32 fixed-state records as the `Strategy` says (flashport.kv.strategies).
+
+Tiers: decoded blocks live in byte-budgeted LRU memory tiers (a device tier when the model runs on an
+accelerator, then host memory) in front of the durable `DiskKVStore`, which is written through by its
+background writer (puts only enqueue into a bounded queue that drops, counted, when full: nothing touches the
+disk on the decode path). A lookup walks the tiers in order and promotes what it finds. Any store or validation
+error turns into a recompute: no request fails; an entry that does not match the model is evicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import SeqState
+from ..quant.kv_numerics import check_kv_dtype, pack_kv, unpack_kv
+from .layout import format_bytes, kv_layout
+from .store import DiskKVStore, chain_hashes
+from .strategies import Strategy
+from .tiers import MemoryTier, nbytes
+
+log = logging.getLogger("flashport.kv")
+
+KV_FORMAT = 2  # layout of block / fixed-state records (names, shapes, packing, meta); part of the namespace
+
+
+class KVRestoreError(RuntimeError):
+    """A cached block or record is missing or does not match the model: the request recomputes instead."""
+
+
+class SeqTracker:
+    """A sequence's token ids and the chain hashes of its complete blocks, extended as tokens are fed."""
+
+    def __init__(self, namespace: str, block: int, ids=()):
+        self.namespace, self.block = namespace, block
+        self.tokens: list[int] = []
+        self.hashes: list[bytes] = []
+        self.stored_blocks = 0  # blocks known to be in the cache (put or loaded)
+        self.extend(ids)
+
+    def extend(self, ids) -> None:
+        self.tokens.extend(int(i) for i in ids)
+        done, full = len(self.hashes) * self.block, len(self.tokens) // self.block * self.block
+        if full > done:
+            self.hashes += chain_hashes(self.tokens[done:full], self.block, self.namespace,
+                                        prev=self.hashes[-1] if self.hashes else None)
+
+
+@dataclass
+class RestorePlan:
+    path: str          # "miss", "checkpoint" (a fixed-state record) or "window" (recompute the windows)
+    hit_blocks: int    # longest prefix of cached compressed blocks
+    load_blocks: int   # compressed blocks to load
+    start: int         # first token the model runs
+    hit_tokens: int    # hit_blocks * block
+
+    @staticmethod
+    def miss() -> "RestorePlan":
+        return RestorePlan("miss", 0, 0, 0, 0)
+
+
+@dataclass
+class PrefillStats:
+    """What one prefill took from the cache. loaded: tokens whose KV came from a tier; recomputed: tokens inside
+    the cached prefix run again (window rebuild, or the stretch after the last fixed-state record); new: tokens
+    after the cached prefix."""
+
+    prompt_tokens: int
+    path: str = "miss"
+    hit_tokens: int = 0
+    loaded_tokens: int = 0
+    recomputed_tokens: int = 0
+    new_tokens: int = 0
+    bytes_read: int = 0
+    read_from: str = ""           # tiers that served the hit, e.g. "disk" or "host+disk"
+    restore_seconds: float = 0.0  # lookups and loads
+    seconds: float = 0.0          # the whole prefill (time to the first token's logits)
+    error: str = ""
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.recomputed_tokens + self.new_tokens
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "computed_tokens": self.computed_tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The manager
+# ---------------------------------------------------------------------------------------------------------------
+def model_identity(model, extra: str = "") -> str:
+    """A namespace naming the model: config + every weight's bytes (a different checkpoint never shares KV)."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str).encode())
+    tensors = dict(model.state_dict())
+    for name, mod in model.named_modules():
+        packed = getattr(mod, "packed", None)
+        if packed is not None and packed.fmt != "fp32":  # bundles: the packed weights are the weights
+            tensors.update({f"{name}.packed.{k}": v for k, v in packed.tensors.items()})
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"{model.cfg.name}-{h.hexdigest()}-kv{KV_FORMAT}{'-' + extra if extra else ''}"
+
+
+_METRICS = ("requests", "hits", "prompt_tokens", "hit_tokens", "loaded_tokens", "recomputed_tokens", "new_tokens",
+            "blocks_written", "records_written", "bytes_written_blocks", "bytes_written_records", "puts_dropped",
+            "bytes_read_memory", "bytes_read_disk", "restore_errors", "hit_seconds", "hit_prompt_tokens",
+            "miss_seconds", "miss_prompt_tokens")
+
+
+class KVManager:
+    """Prefix cache of one model: plans restores, loads and stores blocks and fixed-state records, keeps metrics.
+
+    root=None keeps the cache in memory only (no disk tier). The manager is shared by every sequence of an
+    engine; it is thread-safe (tiers and store lock internally, metrics under a lock).
+    """
+
+    def __init__(self, cfg: ModelConfig, root: str | Path | None, namespace: str, strategy: str = "periodic:4096",
+                 disk_capacity: int = 20 << 30, memory_capacity: int = 256 << 20, device: str = "cpu",
+                 device_capacity: int = 0, fsync: bool = True, dtype: str = "fp32"):
+        """namespace: names the model (`model_identity`); the manager appends the KV numerics `dtype` ("release":
+        FP8 e4m3 + BF16 RoPE dims, "bf16", "fp32"; flashport.quant.kv_numerics), so caches of different numerics
+        never mix. Sequences it stores must be made with `new_state()` (their entries rounded to `dtype`).
+        Raises KVStoreBusy when another process holds `root`."""
+        self.cfg, self.block = cfg, cfg.kv_block_tokens
+        self.dtype = check_kv_dtype(dtype)
+        self.namespace = f"{namespace}-{dtype}"
+        self.strategy = Strategy.parse(strategy, self.block)
+        self.layout = kv_layout(cfg, dtype)
+        self.tiers = [MemoryTier("host", memory_capacity)]
+        if torch.device(device).type != "cpu" and device_capacity:
+            self.tiers.insert(0, MemoryTier("device", device_capacity, device))
+        self.store = None
+        if root is not None:
+            # the queue holds references to block tensors: bound it to ~256 MB of blocks
+            qsize = max(64, min(4096, (256 << 20) // max(1, self.layout.block_bytes)))
+            self.store = DiskKVStore(root, disk_capacity, self.namespace, queue_size=qsize, fsync=fsync)
+        self._m = dict.fromkeys(_METRICS, 0)
+        self._lock = threading.Lock()
+        self._logged: set[str] = set()
+        self._shapes = self._block_shapes()
+
+    def new_state(self) -> SeqState:
+        """An empty sequence whose compressed entries are kept in this cache's numerics."""
+        return SeqState.empty(self.cfg, self.dtype)
+
+    # -- keys, shapes ----------------------------------------------------------------------------------------
+    @staticmethod
+    def record_key(block_hash: bytes) -> bytes:
+        """Key of the fixed-state record at the end of the block named by block_hash."""
+        return b"F" + block_hash
+
+    def _rates(self):
+        for i in range(self.cfg.num_hidden_layers):
+            kind = self.cfg.layer_kind(i)
+            if kind != "swa":
+                yield i, kind, self.cfg.csa_rate if kind == "csa" else self.cfg.hca_rate
+
+    def _block_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Packed part name -> (shape, dtype) of one block: `{layer}.comp.{part}` and `{layer}.index.{part}`."""
+        cfg, r, out = self.cfg, self.cfg.qk_rope_head_dim, {}
+        for i, kind, m in self._rates():
+            dims = {"comp": cfg.head_dim, **({"index": cfg.index_head_dim} if kind == "csa" else {})}
+            for name, dim in dims.items():
+                for part, t in pack_kv(torch.zeros(self.block // m, dim), self.dtype, r).items():
+                    out[f"{i}.{name}.{part}"] = (tuple(t.shape), t.dtype)
+        return out
+
+    def tracker(self, ids=()) -> SeqTracker:
+        return SeqTracker(self.namespace, self.block, ids)
+
+    # -- tiered get / put ------------------------------------------------------------------------------------
+    def _has(self, key: bytes) -> bool:
+        try:
+            return any(key in t for t in self.tiers) or (self.store is not None and self.store.contains(key))
+        except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+            self.report_error("contains", e)
+            return False
+
+    def _get(self, key: bytes) -> tuple[dict, dict, str] | None:
+        for i, tier in enumerate(self.tiers):
+            got = tier.get(key)
+            if got is not None:
+                for upper in self.tiers[:i]:
+                    upper.put(key, *got)
+                self._add("bytes_read_memory", nbytes(got[0]))
+                return got[0], got[1], tier.name
+        if self.store is None:
+            return None
+        try:
+            got = self.store.get(key)
+        except Exception as e:  # noqa: BLE001
+            self.report_error("get", e)
+            return None
+        if got is None:
+            return None
+        self._add("bytes_read_disk", nbytes(got[0]))
+        for tier in self.tiers:
+            tier.put(key, *got)
+        return got[0], got[1], "disk"
+
+    def _discard(self, key: bytes) -> None:
+        """Evict an entry that does not match the model from every tier (it would fail on every request)."""
+        for tier in self.tiers:
+            tier.discard(key)
+        if self.store is not None:
+            try:
+                self.store.discard(key)
+            except Exception as e:  # noqa: BLE001
+                self.report_error("discard", e)
+
+    def _put(self, key: bytes, tensors: dict, meta: dict, kind: str) -> None:
+        meta = {"v": KV_FORMAT, "kind": kind, "strategy": str(self.strategy), "dtype": self.dtype, **meta}
+        for tier in self.tiers:
+            tier.put(key, tensors, meta)
+        ok = True
+        if self.store is not None:
+            try:
+                ok = self.store.put(key, tensors, meta)
+            except Exception as e:  # noqa: BLE001
+                self.report_error("put", e)
+                ok = False
+        with self._lock:
+            if kind == "block":
+                self._m["blocks_written"] += 1
+                self._m["bytes_written_blocks"] += nbytes(tensors)
+            else:
+                self._m["records_written"] += 1
+                self._m["bytes_written_records"] += nbytes(tensors)
+            self._m["puts_dropped"] += not ok
+
+    def _add(self, name: str, n: int) -> None:
+        with self._lock:
+            self._m[name] += n
+
+    def report_error(self, where: str, e: Exception) -> None:
+        self._add("restore_errors", 1)
+        lvl = logging.WARNING if where not in self._logged else logging.DEBUG
+        self._logged.add(where)
+        log.log(lvl, "kv: %s failed (%s: %s); recomputing instead", where, type(e).__name__, e)
+
+    # -- planning and restoring ------------------------------------------------------------------------------
+    def plan(self, tracker: SeqTracker, n_tokens: int) -> RestorePlan:
+        """The cheapest usable restore for a prompt of n_tokens (no I/O: index lookups only). At least one token
+        is always left to run, for the last position's logits."""
+        B = self.block
+        usable = min((n_tokens - 1) // B, len(tracker.hashes))
+        h = 0
+        while h < usable and self._has(tracker.hashes[h]):
+            h += 1
+        if h == 0:
+            return RestorePlan.miss()
+        best = RestorePlan.miss()
+        if self.strategy.period:  # the latest record at or before the hit
+            for c in range(h, 0, -1):
+                if (c * B) % self.strategy.period == 0 and self._has(self.record_key(tracker.hashes[c - 1])):
+                    best = RestorePlan("checkpoint", h, c, c * B, h * B)
+                    break
+        window = self.cfg.sliding_window * self.cfg.num_hidden_layers
+        start = max(0, h * B - window) // B * B
+        if start > best.start:  # rebuilding the windows runs fewer tokens than going back to the record
+            best = RestorePlan("window", h, h, start, h * B)
+        if best.path == "miss":
+            best.hit_blocks, best.hit_tokens = h, h * B
+        return best
+
+    def restore(self, tracker: SeqTracker, plan: RestorePlan) -> tuple[SeqState, int, str]:
+        """Build the state the plan starts from -> (state at plan.start, bytes read, tiers read). For a
+        "window" plan the state holds every loaded entry and empty windows (prefill_cached replays the windows).
+        A block or record that does not match this model's layout is evicted, then KVRestoreError is raised."""
+        r, n_read, sources = self.cfg.qk_rope_head_dim, 0, set()
+        parts: dict[str, list[dict[str, torch.Tensor]]] = {}
+        # one file per block: read them concurrently so the disk sees several requests in flight (file reads
+        # and CRC32C release the GIL); the tiers and the store are thread-safe
+        with ThreadPoolExecutor(max_workers=max(1, min(8, plan.load_blocks))) as pool:
+            fetched = list(pool.map(lambda b: self._get(tracker.hashes[b]), range(plan.load_blocks)))
+        for b, got in enumerate(fetched):
+            if got is None:
+                raise KVRestoreError(f"block {b} is no longer cached")
+            tensors, meta, src = got
+            if meta.get("v") != KV_FORMAT or meta.get("kind") != "block" or meta.get("block") != b or \
+                    meta.get("dtype") != self.dtype or \
+                    {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} != self._shapes:
+                self._discard(tracker.hashes[b])
+                raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
+            per_name: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in tensors.items():  # "3.comp.q" -> per_name["3.comp"]["q"]
+                name, _, part = k.rpartition(".")
+                per_name.setdefault(name, {})[part] = v.cpu()
+            for name, packed in per_name.items():
+                parts.setdefault(name, []).append(packed)
+            n_read += nbytes(tensors)
+            sources.add(src)
+        state = self.new_state()
+        state.n_tokens = plan.start
+        for name, blocks in parts.items():
+            i, _, which = name.partition(".")
+            getattr(state.layers[int(i)], which).entries = torch.cat([unpack_kv(p, self.dtype, r) for p in blocks])
+        if plan.path == "checkpoint":
+            key = self.record_key(tracker.hashes[plan.load_blocks - 1])
+            got = self._get(key)
+            if got is None:
+                raise KVRestoreError(f"fixed-state record at token {plan.start} is no longer cached")
+            tensors, meta, src = got
+            try:
+                self._apply_record(state, tensors, meta)
+            except KVRestoreError:
+                self._discard(key)
+                raise
+            n_read += nbytes(tensors)
+            sources.add(src)
+        return state, n_read, "+".join(sorted(sources))
+
+    def _apply_record(self, state: SeqState, rec: dict, meta: dict) -> None:
+        cfg, t = self.cfg, state.n_tokens
+        if meta.get("v") != KV_FORMAT or meta.get("kind") != "record" or meta.get("tokens") != t or \
+                meta.get("dtype") != self.dtype:
+            raise KVRestoreError("fixed-state record does not match")
+        expect = {f"{i}.window": (min(t, cfg.sliding_window), cfg.head_dim) for i in range(cfg.num_hidden_layers)}
+        for i, kind, m in self._rates():
+            if kind == "csa" and t >= m:
+                for part, dim in (("comp", cfg.head_dim), ("index", cfg.index_head_dim)):
+                    expect[f"{i}.{part}.overlap_kv"] = expect[f"{i}.{part}.overlap_gate"] = (m, dim)
+        if {k: tuple(v.shape) for k, v in rec.items()} != expect or \
+                any(v.dtype != torch.float32 for v in rec.values()):
+            raise KVRestoreError("fixed-state record does not match this model's layout")
+        for i, ls in enumerate(state.layers):
+            ls.window = rec[f"{i}.window"].cpu()
+            for part in ("comp", "index"):
+                ps = getattr(ls, part)
+                if ps is not None and f"{i}.{part}.overlap_kv" in rec:
+                    ps.overlap_kv, ps.overlap_gate = rec[f"{i}.{part}.overlap_kv"].cpu(), \
+                        rec[f"{i}.{part}.overlap_gate"].cpu()
+
+    # -- storing ---------------------------------------------------------------------------------------------
+    def observe(self, tracker: SeqTracker, state: SeqState) -> None:
+        """Call after every forward step of a sequence whose state is exact: puts the blocks it completed and, at a
+        record boundary of the strategy, its fixed-state record. Only enqueues (the disk writer does the I/O)."""
+        B, n, r = self.block, state.n_tokens, self.cfg.qk_rope_head_dim
+        if not self._numerics_match(state):
+            return
+        nb = min(n // B, len(tracker.hashes))
+        for b in range(tracker.stored_blocks, nb):
+            key = tracker.hashes[b]
+            if not self._has(key):
+                rows = {}
+                for i, kind, m in self._rates():
+                    lo, hi = b * B // m, (b + 1) * B // m
+                    ls = state.layers[i]
+                    for name in ("comp", "index") if kind == "csa" else ("comp",):
+                        # packed anew (a copy: don't pin the growing tensor); the entries were rounded to
+                        # self.dtype as they were made, so unpacking gives back exactly these values
+                        packed = pack_kv(getattr(ls, name).entries[lo:hi], self.dtype, r)
+                        rows.update({f"{i}.{name}.{part}": v.clone() for part, v in packed.items()})
+                self._put(key, rows, {"block": b, "tokens": (b + 1) * B}, "block")
+        tracker.stored_blocks = max(tracker.stored_blocks, nb)
+        if n % B == 0 and nb == n // B and self.strategy.checkpoint_at(n):
+            key = self.record_key(tracker.hashes[nb - 1])
+            if not self._has(key):
+                self._put(key, self._record(state), {"tokens": n}, "record")
+
+    def _numerics_match(self, state: SeqState) -> bool:
+        """Only a sequence made in this cache's numerics may be stored: its bytes must be the bytes it used."""
+        ps = next((ls.comp for ls in state.layers if ls.comp is not None), None)
+        if ps is None or ps.numerics == self.dtype:
+            return True
+        if "numerics" not in self._logged:
+            self._logged.add("numerics")
+            log.warning("kv: a sequence in %s numerics is not stored in a %s cache (make it with kv.new_state())",
+                        ps.numerics, self.dtype)
+        return False
+
+    @staticmethod
+    def _record(state: SeqState) -> dict[str, torch.Tensor]:
+        rec = {}
+        for i, ls in enumerate(state.layers):
+            rec[f"{i}.window"] = ls.window.clone()
+            for part in ("comp", "index"):
+                ps = getattr(ls, part)
+                if ps is None:
+                    continue
+                assert ps.kv.shape[0] == 0, "records are taken at block boundaries only"
+                if ps.overlap_kv is not None:
+                    rec[f"{i}.{part}.overlap_kv"], rec[f"{i}.{part}.overlap_gate"] = ps.overlap_kv, ps.overlap_gate
+        return rec
+
+    # -- metrics ---------------------------------------------------------------------------------------------
+    def record_request(self, st: PrefillStats) -> None:
+        with self._lock:
+            m = self._m
+            m["requests"] += 1
+            m["prompt_tokens"] += st.prompt_tokens
+            m["hit_tokens"] += st.hit_tokens
+            m["loaded_tokens"] += st.loaded_tokens
+            m["recomputed_tokens"] += st.recomputed_tokens
+            m["new_tokens"] += st.new_tokens
+            if st.loaded_tokens:
+                m["hits"] += 1
+                m["hit_seconds"] += st.seconds
+                m["hit_prompt_tokens"] += st.prompt_tokens
+            else:
+                m["miss_seconds"] += st.seconds
+                m["miss_prompt_tokens"] += st.prompt_tokens
+        log.info("kv[%s]: %d prompt tokens, %s: loaded %d (%s, %s), recomputed %d, new %d, %.3f s%s", self.strategy,
+                 st.prompt_tokens, st.path, st.loaded_tokens, st.read_from or "-", format_bytes(st.bytes_read),
+                 st.recomputed_tokens, st.new_tokens, st.seconds, f" ({st.error})" if st.error else "")
+
+    def stats(self) -> dict:
+        """Hit rate, bytes written and read, tokens loaded / recomputed, TTFT of hits against recompute."""
+        with self._lock:
+            m = dict(self._m)
+        per_tok = m["miss_seconds"] / m["miss_prompt_tokens"] if m["miss_prompt_tokens"] else None
+        est = per_tok * m["hit_prompt_tokens"] if per_tok is not None else None
+        return {
+            "strategy": str(self.strategy), "namespace": self.namespace, "dtype": self.dtype,
+            "bytes_per_token": self.layout.compressed_per_token,
+            "requests": m["requests"], "hits": m["hits"],
+            "hit_rate": m["hits"] / m["requests"] if m["requests"] else 0.0,
+            "tokens": {k: m[f"{k}_tokens"] for k in ("prompt", "hit", "loaded", "recomputed", "new")},
+            "bytes_written": {"blocks": m["bytes_written_blocks"], "records": m["bytes_written_records"]},
+            "bytes_read": {"memory": m["bytes_read_memory"], "disk": m["bytes_read_disk"]},
+            "blocks_written": m["blocks_written"], "records_written": m["records_written"],
+            "puts_dropped": m["puts_dropped"], "restore_errors": m["restore_errors"],
+            "ttft": {"hit_avg_s": m["hit_seconds"] / m["hits"] if m["hits"] else None,
+                     "miss_avg_s": m["miss_seconds"] / (m["requests"] - m["hits"]) if m["requests"] > m["hits"]
+                     else None,
+                     "recompute_s_per_token": per_tok,
+                     # what the hits would have cost recomputed (at the misses' rate) over what they cost
+                     "hit_speedup": est / m["hit_seconds"] if est and m["hit_seconds"] else None},
+            "tiers": [t.stats() for t in self.tiers],
+            "disk": self.store.stats() if self.store is not None else None,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.store.flush(timeout) if self.store is not None else True
+
+    def drop_memory(self) -> None:
+        """Empty the memory tiers (the next hit is served from disk)."""
+        for t in self.tiers:
+            t.clear()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
