@@ -72,31 +72,74 @@ def release_to_hf(name: str) -> str:
     return name
 
 
-def hf_state_to_release(get, names: list[str], cfg: ModelConfig) -> dict:
-    """Map transformers' tensor names to release names. Returns release name -> (loader thunk).
+# transformers' save_pretrained (5.x, `save_original_format=True`, its default) writes the release's names back
+# under `model.`, except for the globals and one quirk of its reversed renaming (`\.norm\.` -> `.kv_norm.` turns the
+# attention's `kv_norm` into `norm`). Applied in order to a name with `model.` stripped.
+_SAVED_RENAMES = [
+    (r"^embed_tokens\.weight$", "embed.weight"), (r"^lm_head\.weight$", "head.weight"),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"), (r"^(layers\.\d+\.attn)\.norm\.weight$", r"\1.kv_norm.weight"),
+]
+_STACKED = re.compile(r"^(layers\.\d+)\.(?:ffn|mlp)\.experts\.(gate_up_proj|down_proj)$")
 
-    Routed experts are stored merged by transformers (`gate_up_proj` [E, 2I, D], `down_proj` [E, D, I]); each
-    release expert weight becomes a slice of them.
+
+def checkpoint_layout(names) -> str:
+    """Which writer's names a checkpoint holds, from the names alone:
+
+    'release'      the release's native names (`layers.0.attn.wq_a.weight`, `embed.weight`);
+    'transformers' transformers 5.x `save_pretrained` (release names under `model.`: `model.layers.0.attn.wq_a.weight`,
+                   `model.embed_tokens.weight`, `head.weight`, `model.layers.0.attn.norm.weight` for the kv norm);
+    'hf'           transformers' in-memory module names (`model.layers.0.self_attn.q_a_proj.weight`, experts stacked
+                   as `mlp.experts.gate_up_proj`): `save_pretrained(..., save_original_format=False)` and flashport's
+                   own `--format hf` writer.
     """
-    inverse = {release_to_hf(n): n for n in param_shapes(cfg)}
-    out: dict = {}
-    for hf in names:
-        m = re.match(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", hf)
+    names = list(names)
+    if any(".self_attn." in n or ".mlp." in n or ".attn_hc." in n or n == "lm_head.weight" for n in names):
+        return "hf"
+    return "transformers" if any(n.startswith("model.") for n in names) else "release"
+
+
+def saved_to_release(name: str) -> str:
+    """A name in transformers' `save_pretrained` layout -> the release's name (unknown names pass through)."""
+    name = name.removeprefix("model.")
+    for pat, rep in _SAVED_RENAMES:
+        name = re.sub(pat, rep, name)
+    return name
+
+
+def source_map(names: list[str], cfg: ModelConfig) -> tuple[str, dict[str, tuple[str, tuple | None]]]:
+    """(layout, release name -> (stored name, index into it or None)) for the tensors of a checkpoint.
+
+    Routed experts stored stacked (transformers' in-memory `gate_up_proj` [E, 2I, D] = w1 then w3 along dim 1,
+    `down_proj` [E, D, I]) become one slice per release expert weight. Scale companions (`.scale`) are mapped with
+    their weight, under the release name `<base>.scale`. Names that match nothing pass through (the shape check
+    reports them).
+    """
+    layout = checkpoint_layout(names)
+    inverse = {release_to_hf(n): n for n in param_shapes(cfg)} if layout == "hf" else {}
+    inter = cfg.moe_intermediate_size
+    out: dict[str, tuple[str, tuple | None]] = {}
+    for stored in names:
+        if stored.endswith("rotary_emb.inv_freq"):
+            continue
+        if layout == "hf":
+            rel = inverse.get(stored) or stored.removeprefix("model.")
+        elif layout == "transformers":
+            rel = saved_to_release(stored)
+        else:
+            rel = stored
+        m = _STACKED.match(rel)
         if m:
-            layer, kind = m.groups()
-            inter = cfg.moe_intermediate_size
+            prefix, kind = m.groups()
             for e in range(cfg.n_routed_experts):
-                base = f"layers.{layer}.ffn.experts.{e}"
+                base = f"{prefix}.ffn.experts.{e}"
                 if kind == "down_proj":
-                    out[f"{base}.w2.weight"] = (lambda hf=hf, e=e: get(hf)[e])
+                    out[f"{base}.w2.weight"] = (stored, (e,))
                 else:
-                    out[f"{base}.w1.weight"] = (lambda hf=hf, e=e: get(hf)[e, :inter])
-                    out[f"{base}.w3.weight"] = (lambda hf=hf, e=e: get(hf)[e, inter:])
-        elif hf in inverse:
-            out[inverse[hf]] = (lambda hf=hf: get(hf))
-        elif not hf.endswith("rotary_emb.inv_freq"):
-            out[hf] = (lambda hf=hf: get(hf))  # unknown: reported by the shape check
-    return out
+                    out[f"{base}.w1.weight"] = (stored, (e, slice(0, inter)))
+                    out[f"{base}.w3.weight"] = (stored, (e, slice(inter, None)))
+        else:
+            out[rel] = (stored, None)
+    return layout, out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -125,7 +168,11 @@ def check_safetensors_file(path: Path) -> None:
 
 
 class CheckpointReader:
-    """Lazy access to a checkpoint directory's tensors under release names, dequantized to fp32 on request."""
+    """Lazy access to a checkpoint directory's tensors under release names, dequantized to fp32 on request.
+
+    The layout (release, transformers' `save_pretrained`, transformers' in-memory names) is detected from the tensor
+    names (`checkpoint_layout`); `format` is that layout. Opening reads the config and the shard headers only.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -147,19 +194,19 @@ class CheckpointReader:
                 check_safetensors_file(f)
                 with safe_open(f, "pt") as h:
                     weight_map.update({k: f.name for k in h.keys()})
-        self.files: dict[str, Path] = {k: self.path / v for k, v in weight_map.items()}
-        for f in sorted(set(self.files.values())):
+        self.stored: dict[str, Path] = {k: self.path / v for k, v in weight_map.items()}  # stored name -> shard
+        for f in sorted(set(self.stored.values())):
             check_safetensors_file(f)
         self._handles: dict[Path, object] = {}
-        names = list(self.files)
-        self.format = "hf" if any(n.startswith("model.") or n == "lm_head.weight" for n in names) else "release"
-        if self.format == "hf":
-            self._thunks = hf_state_to_release(self._raw, names, self.cfg)
-        else:
-            self._thunks = {n: (lambda n=n: self._raw(n)) for n in names if not n.endswith(".scale")}
+        self.format, src = source_map(list(self.stored), self.cfg)
+        self._src = {n: v for n, v in src.items() if not n.endswith(".scale")}
+        self._scale = {n.removesuffix(".scale") + ".weight": v for n, v in src.items() if n.endswith(".scale")}
+        # release name -> the file that holds it (error messages, source identity)
+        self.files: dict[str, Path] = {n: self.stored[v[0]] for n, v in src.items()}
 
     def _raw(self, name: str) -> torch.Tensor:
-        f = self.files[name]
+        """A stored tensor by its stored name."""
+        f = self.stored[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, "pt")
         try:
@@ -167,21 +214,33 @@ class CheckpointReader:
         except Exception as e:  # safetensors raises its own types for unknown dtypes / bad offsets
             raise CheckpointError(f"tensor {name!r} in {f}: {e}") from None
 
+    def _read(self, entry: tuple[str, tuple | None]) -> torch.Tensor:
+        stored, index = entry
+        t = self._raw(stored)
+        return t if index is None else t[index].contiguous()
+
+    def where(self, name: str) -> str:
+        """'tensor NAME in FILE' for messages (the stored name when it differs from the release name)."""
+        entry = self._src.get(name) or self._scale.get(name.removesuffix(".scale") + ".weight")
+        if entry is None:
+            return f"tensor {name!r} in {self.path}"
+        shown = name if entry[0] == name or name.endswith(".scale") else f"{name} (stored as {entry[0]})"
+        return f"tensor {shown!r} in {self.stored[entry[0]]}"
+
     def names(self) -> list[str]:
-        return list(self._thunks)
+        return list(self._src)
 
     def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A tensor as stored (release names), with its `.scale` companion if it has one."""
-        if name not in self._thunks:
+        if name not in self._src:
             raise CheckpointError(f"tensor {name!r} not found in {self.path}")
-        scale_name = name.removesuffix(".weight") + ".scale"
-        scale = self._raw(scale_name) if scale_name in self.files else None
-        return self._thunks[name](), scale
+        scale = self._scale.get(name)
+        return self._read(self._src[name]), None if scale is None else self._read(scale)
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor dequantized to fp32 (int tensors stay int64)."""
         t, scale = self.raw(name)
-        where = f"tensor {name!r} in {self.files.get(name, self.path)}"
+        where = self.where(name)
         if scale is not None:
             if t.dtype == torch.float8_e4m3fn:
                 block = tuple((self.cfg.quantization_config or {}).get("weight_block_size", (128, 128)))
@@ -203,17 +262,18 @@ class CheckpointReader:
     def load_state_dict(self, shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
         """Every tensor the model needs, dequantized and shape-checked against the config."""
         shapes = shapes or param_shapes(self.cfg)
-        if not any(n.startswith("mtp.") for n in self._thunks):  # e.g. saved by transformers, which drops MTP
+        if not any(n.startswith("mtp.") for n in self._src):  # e.g. saved by transformers, which drops MTP
             shapes = {n: s for n, s in shapes.items() if not n.startswith("mtp.")}
-        missing = [n for n in shapes if n not in self._thunks]
+        missing = [n for n in shapes if n not in self._src]
         if missing:
-            raise CheckpointError(f"{self.path}: {len(missing)} tensors missing, first: {missing[0]!r}")
+            raise CheckpointError(f"{self.path} ({self.format} layout): {len(missing)} tensors missing, "
+                                  f"first: {missing[0]!r}")
         sd = {}
         for name, shape in shapes.items():
             t = self.get(name)
             if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"tensor {name!r} in {self.files.get(name, self.path)} has shape "
-                                      f"{tuple(t.shape)}, config.json implies {tuple(shape)}")
+                raise CheckpointError(f"{self.where(name)} has shape {tuple(t.shape)}, config.json implies "
+                                      f"{tuple(shape)}")
             sd[name] = t
         return sd
 
