@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import param_shapes
-from .quant.release import dequantize_fp8_block, dequantize_mxfp4, quantize_fp8_block, quantize_mxfp4
+from .quant.release import (dequantize_fp8_block, dequantize_mxfp4, fp8_problem, quantize_fp8_block, quantize_mxfp4,
+                            scale_problem)
 
 
 class CheckpointError(ValueError):
@@ -230,15 +231,67 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self._src)
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Release name -> the (dequantized) shape config.json implies; the MTP block only if the files carry it
+        (transformers drops it)."""
+        if "_shapes" not in self.__dict__:
+            shapes = param_shapes(self.cfg)
+            if not any(n.startswith("mtp.") for n in self._src):
+                shapes = {n: s for n, s in shapes.items() if not n.startswith("mtp.")}
+            self.__dict__["_shapes"] = shapes
+        return self.__dict__["_shapes"]
+
     def raw(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A tensor as stored (release names), with its `.scale` companion if it has one."""
+        """A tensor as stored (release names), with its `.scale` companion if it has one.
+
+        Checked when read (nothing is read up front), each problem a CheckpointError naming tensor and file: the
+        dtype and stored shape against config.json (FP8 [N, K] or packed FP4 [N, K/2] with their scale grids, float
+        elsewhere, integers only for `tid2eid`), scales finite and >= 0 (no UE8M0 0xFF), no FP8 NaN codes, and
+        `tid2eid` entries within [0, n_routed_experts)."""
         if name not in self._src:
             raise CheckpointError(f"tensor {name!r} not found in {self.path}")
-        scale = self._scale.get(name)
-        return self._read(self._src[name]), None if scale is None else self._read(scale)
+        scale_entry = self._scale.get(name)
+        t = self._read(self._src[name])
+        scale = None if scale_entry is None else self._read(scale_entry)
+        self._check(name, t, scale)
+        return t, scale
+
+    def _check(self, name: str, t: torch.Tensor, scale: torch.Tensor | None) -> None:
+        def fail(msg: str, which: str = name):
+            raise CheckpointError(f"{self.where(which)}: {msg}")
+
+        want = self.shapes.get(name)
+        if scale is not None:
+            scale_name = name.removesuffix(".weight") + ".scale"
+            if (why := scale_problem(scale)) is not None:
+                fail(why, scale_name)
+            if t.dtype == torch.float8_e4m3fn:
+                stored = want
+                if (why := fp8_problem(t)) is not None:
+                    fail(why)
+            elif t.dtype in (torch.int8, torch.uint8):
+                stored = None if want is None else (*want[:-1], want[-1] // 2)
+            else:
+                fail(f"dtype {t.dtype} with a .scale is not FP8 (F8_E4M3) or packed FP4 (I8)")
+            if stored is not None and tuple(t.shape) != tuple(stored):
+                fail(f"stored shape {tuple(t.shape)}, config.json implies {tuple(stored)} ({t.dtype})")
+            return
+        if name.endswith("tid2eid"):
+            if t.is_floating_point() or t.dtype == torch.bool:
+                fail(f"dtype {t.dtype}: a token -> expert table holds integers")
+            e = self.cfg.n_routed_experts
+            bad = (t < 0) | (t >= e)
+            if bool(bad.any()):
+                i = tuple(int(v) for v in bad.nonzero()[0].tolist())
+                fail(f"expert id {int(t[i])} at index {i} outside [0, n_routed_experts={e})")
+        elif t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            fail(f"unsupported dtype {t.dtype} (expected a float tensor: F32, BF16 or F16)")
+        if want is not None and tuple(t.shape) != tuple(want):
+            fail(f"has shape {tuple(t.shape)}, config.json implies {tuple(want)}")
 
     def get(self, name: str) -> torch.Tensor:
-        """A tensor dequantized to fp32 (int tensors stay int64)."""
+        """A tensor dequantized to fp32 (int tensors stay int64), checked as `raw` does and finite."""
         t, scale = self.raw(name)
         where = self.where(name)
         if scale is not None:
@@ -247,23 +300,24 @@ class CheckpointReader:
                 want = (math.ceil(t.shape[0] / block[0]), math.ceil(t.shape[1] / block[1]))
                 if tuple(scale.shape) != want:
                     raise CheckpointError(f"{where}: scale grid {tuple(scale.shape)} does not match {want}")
-                return dequantize_fp8_block(t, scale, block)
-            if t.dtype in (torch.int8, torch.uint8):
+                out = dequantize_fp8_block(t, scale, block)
+            else:
                 if tuple(scale.shape) != (t.shape[0], t.shape[1] * 2 // 32):
                     raise CheckpointError(f"{where}: MXFP4 scale shape {tuple(scale.shape)} does not fit {tuple(t.shape)}")
-                return dequantize_mxfp4(t, scale)
-            raise CheckpointError(f"{where}: dtype {t.dtype} with a .scale is not FP8 or packed FP4")
-        if t.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
+                out = dequantize_mxfp4(t, scale)
+        elif not t.is_floating_point():
             return t.long()
-        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise CheckpointError(f"{where}: unsupported dtype {t.dtype}")
-        return t.float()
+        else:
+            out = t.float()
+        if not bool(torch.isfinite(out).all()):
+            bad = ~torch.isfinite(out)
+            raise CheckpointError(f"{where}: {int(bad.sum())} non-finite value(s) (NaN/Inf), first at index "
+                                  f"{tuple(int(v) for v in bad.nonzero()[0].tolist())}")
+        return out
 
     def load_state_dict(self, shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor the model needs, dequantized and shape-checked against the config."""
-        shapes = shapes or param_shapes(self.cfg)
-        if not any(n.startswith("mtp.") for n in self._src):  # e.g. saved by transformers, which drops MTP
-            shapes = {n: s for n, s in shapes.items() if not n.startswith("mtp.")}
+        """Every tensor the model needs, dequantized and checked (see `raw`, `get`)."""
+        shapes = shapes or self.shapes
         missing = [n for n in shapes if n not in self._src]
         if missing:
             raise CheckpointError(f"{self.path} ({self.format} layout): {len(missing)} tensors missing, "
@@ -276,6 +330,53 @@ class CheckpointReader:
                                       f"{tuple(shape)}")
             sd[name] = t
         return sd
+
+
+def inspect_checkpoint(path: str | Path, verify: bool = False, progress: bool = False) -> str:
+    """Summary of a checkpoint directory (`flashport inspect PATH [--verify]`): layout, tensors and bytes by dtype.
+
+    Always checked (headers only): config.json, every shard's safetensors header and size, that every tensor the
+    config implies is present and no tensor is unknown. With verify, every tensor is read once, one at a time, with
+    every check of `CheckpointReader.raw` / `get` (dtypes and shapes against config.json, scales finite and >= 0,
+    no UE8M0 0xFF or FP8 NaN codes, tid2eid within range, every dequantized value finite). Raises CheckpointError
+    (or ConfigError) naming tensor and file at the first problem."""
+    from collections import Counter
+
+    from tqdm import tqdm
+
+    reader = CheckpointReader(path)
+    shapes = reader.shapes
+    missing = [n for n in shapes if n not in reader._src]
+    if missing:
+        raise CheckpointError(f"{reader.path} ({reader.format} layout): {len(missing)} tensors missing, "
+                              f"first: {missing[0]!r}")
+    unknown = [n for n in reader._src if n not in shapes] + [n.removesuffix(".weight") + ".scale"
+                                                             for n in reader._scale if n not in reader._src]
+    if unknown:
+        raise CheckpointError(f"{reader.where(unknown[0])}: not a tensor of this config ({len(unknown)} unknown)")
+    dtypes: Counter = Counter()
+    nbytes: Counter = Counter()
+    for f in sorted(set(reader.stored.values())):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                dtypes[sl.get_dtype()] += 1
+                nbytes[sl.get_dtype()] += math.prod(sl.get_shape()) * (
+                    {"F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 1))
+    if verify:
+        for name in tqdm(shapes, desc="verify", unit="tensor", disable=not progress):
+            reader.get(name)
+    rows = [f"checkpoint {reader.path} ({reader.format} layout, {len(set(reader.stored.values()))} shard(s))",
+            f"model: {reader.cfg.name} ({reader.cfg.num_hidden_layers} layers, hidden {reader.cfg.hidden_size}, "
+            f"{reader.cfg.n_routed_experts} experts top-{reader.cfg.num_experts_per_tok})", "",
+            f"{'dtype':<10} {'tensors':>8} {'MiB':>10}"]
+    rows += [f"{d:<10} {dtypes[d]:>8} {nbytes[d] / 2**20:>10.2f}" for d in sorted(dtypes)]
+    checks = "config.json, shard headers and sizes, every tensor present and known"
+    if verify:
+        checks += (f"; every tensor read ({len(shapes)}): dtypes and shapes against config.json, scales finite and "
+                   ">= 0 (no UE8M0 0xFF), no FP8 NaN codes, tid2eid within [0, n_routed_experts), values finite")
+    rows.append(f"\nchecks: {checks}: OK")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------

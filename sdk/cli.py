@@ -79,7 +79,7 @@ class Cli:
         return _run("flashport.export.planner:plan_cli", args, kwargs)
 
     def inspect(self, *args, **kwargs):
-        """Summarise a bundle: inspect BUNDLE [--verify]."""
+        """Summarise a bundle or checkpoint: inspect PATH [--verify] (a checkpoint: every tensor read and checked)."""
         return _run("flashport.export.bundle:inspect_cli", args, kwargs)
 
     def eval(self, *args, **kwargs):
