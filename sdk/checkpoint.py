@@ -382,30 +382,48 @@ def inspect_checkpoint(path: str | Path, verify: bool = False, progress: bool = 
 # --------------------------------------------------------------------------------------------------------------
 # Writing (make-checkpoint)
 # --------------------------------------------------------------------------------------------------------------
-def init_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic random weights with release names, scaled so the logits are far from uniform."""
+def iter_weights(cfg: ModelConfig, seed: int = 0):
+    """Deterministic random weights with release names, one fp32 tensor at a time (param_shapes order), scaled so
+    the logits are far from uniform. Streaming: a writer holds one tensor, never the model (`write_checkpoint`)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(shape, std):
         return torch.randn(shape, generator=g) * std
 
-    sd = {}
     for name, shape in param_shapes(cfg).items():
         if name.endswith("tid2eid"):  # k distinct experts per token id
-            sd[name] = torch.rand(shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, : shape[1]].contiguous()
+            t = torch.rand(shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, : shape[1]].contiguous()
         elif name.endswith("norm.weight"):
-            sd[name] = 1.0 + randn(shape, 0.1)
+            t = 1.0 + randn(shape, 0.1)
         elif name.endswith(("_scale",)):
-            sd[name] = 1.0 + randn(shape, 0.1)
+            t = 1.0 + randn(shape, 0.1)
         elif name.endswith(("_base", "attn_sink", "gate.bias", ".ape")):
-            sd[name] = randn(shape, 0.5)
+            t = randn(shape, 0.5)
         elif name == "embed.weight":
-            sd[name] = randn(shape, 1.0)
+            t = randn(shape, 1.0)
         elif name == "head.weight":
-            sd[name] = randn(shape, 3.0 / math.sqrt(shape[1]))
+            t = randn(shape, 3.0 / math.sqrt(shape[1]))
         else:  # linear weights [out, in]; hc_*_fn too
-            sd[name] = randn(shape, 1.0 / math.sqrt(shape[-1]))
-    return sd
+            t = randn(shape, 1.0 / math.sqrt(shape[-1]))
+        yield name, t
+
+
+def init_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """`iter_weights` as one dict (small models)."""
+    return dict(iter_weights(cfg, seed))
+
+
+def stored_nbytes(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> int:
+    """Bytes the release format stores for one tensor of this (dequantized) shape, scales included."""
+    kind, n = release_dtype(name), math.prod(shape)
+    qc = cfg.quantization_config or {}
+    if kind == "fp8" and qc:
+        bn, bk = qc.get("weight_block_size", (128, 128))
+        return n + math.ceil(shape[0] / bn) * math.ceil(shape[1] / bk) * (1 if qc.get("scale_fmt", "ue8m0") == "ue8m0"
+                                                                          else 4)
+    if kind == "fp4" and cfg.expert_dtype == "fp4":
+        return n // 2 + n // 32
+    return n * {"int": 8, "fp32": 4}.get(kind, 2)
 
 
 def quantize_release(name: str, t: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -440,38 +458,71 @@ def release_roundtrip(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str
     return out
 
 
-def write_checkpoint(out: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tensor], fmt: str = "release",
-                     shard_bytes: int = 8 << 20, tokenizer_json: str | Path | None = None) -> Path:
-    """Write `sd` (fp32, release names) as a sharded checkpoint: fmt 'release' (FP8 + MXFP4) or 'hf'
-    (transformers names, fp32, the release-rounded values so both formats hold the same model)."""
+def write_checkpoint(out: str | Path, cfg: ModelConfig, sd, fmt: str = "release", shard_bytes: int = 8 << 20,
+                     tokenizer_json: str | Path | None = None) -> Path:
+    """Write `sd` (fp32, release names: a dict, or an iterable of (name, tensor) pairs in `param_shapes` order) as a
+    sharded checkpoint: fmt 'release' (FP8 e4m3 + UE8M0 block scales, MXFP4 experts, bf16/fp32 elsewhere: the
+    release's dtypes) or 'hf' (transformers names, fp32, the release-rounded values so both formats hold the same
+    model; needs a dict).
+
+    The release format is written streaming: the shards are planned from the shapes, and each tensor is quantized
+    and dropped as it comes, so at most one fp32 tensor plus one shard of stored bytes is held (a V4-Flash-shaped
+    checkpoint never exists in fp32)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "release":
-        tensors: dict[str, torch.Tensor] = {}
-        for name, t in sd.items():
-            tensors.update(quantize_release(name, t, cfg))
-        config = cfg.to_dict()
-    elif fmt == "hf":
-        # transformers has no MTP block (it drops `mtp.*` on load), so its format carries none
-        rt = release_roundtrip({k: v for k, v in sd.items() if not k.startswith("mtp.")}, cfg)
-        tensors, experts = {}, {}
-        for name, t in rt.items():
-            m = _EXPERT.match(name)
-            if m:
-                experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
-            else:
-                tensors[release_to_hf(name)] = t.contiguous()
-        for (prefix, w), per in experts.items():
-            if w == "w2":
-                continue
-            stacked = lambda ww: torch.stack([experts[(prefix, ww)][e] for e in range(cfg.n_routed_experts)])  # noqa
-            hf_prefix = release_to_hf(prefix + ".x").removesuffix(".x")
-            tensors[hf_prefix + ".gate_up_proj"] = torch.cat([stacked("w1"), stacked("w3")], dim=1).contiguous()
-            tensors[hf_prefix + ".down_proj"] = stacked("w2").contiguous()
-        config = cfg.to_hf_dict()
-    else:
+        shapes = {n: tuple(t.shape) for n, t in sd.items()} if isinstance(sd, dict) else param_shapes(cfg)
+        items = sd.items() if isinstance(sd, dict) else sd
+        plan, size = [[]], 0  # shard -> names, in the order they come
+        for name, shape in shapes.items():
+            nbytes = stored_nbytes(name, shape, cfg)
+            if plan[-1] and size + nbytes > shard_bytes:
+                plan.append([])
+                size = 0
+            plan[-1].append(name)
+            size += nbytes
+        shard_of = {name: i for i, names in enumerate(plan) for name in names}
+        fname = [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+        weight_map, total, cur, done = {}, 0, {}, 0
+        for name, t in items:
+            if shard_of.get(name) != done or name not in shapes:
+                raise ValueError(f"write_checkpoint: tensor {name!r} out of order (shard plan follows the shapes)")
+            stored = quantize_release(name, t, cfg)
+            del t
+            cur.update(stored)
+            if name == plan[done][-1]:  # the shard is complete: write it and let its tensors go
+                save_file(cur, str(out / fname[done]), metadata={"format": "pt"})
+                weight_map.update({k: fname[done] for k in cur})
+                total += sum(v.numel() * v.element_size() for v in cur.values())
+                cur, done = {}, done + 1
+        if done != len(plan):
+            raise ValueError(f"write_checkpoint: {plan[done][0]!r} and later tensors were not given")
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if tokenizer_json is not None:
+            (out / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+        return out
+    if fmt != "hf":
         raise ValueError(f"unknown checkpoint format {fmt!r}; use 'release' or 'hf'")
-
+    # transformers has no MTP block (it drops `mtp.*` on load), so its format carries none
+    sd = dict(sd)
+    rt = release_roundtrip({k: v for k, v in sd.items() if not k.startswith("mtp.")}, cfg)
+    tensors, experts = {}, {}
+    for name, t in rt.items():
+        m = _EXPERT.match(name)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+        else:
+            tensors[release_to_hf(name)] = t.contiguous()
+    for (prefix, w), per in experts.items():
+        if w == "w2":
+            continue
+        stacked = lambda ww: torch.stack([experts[(prefix, ww)][e] for e in range(cfg.n_routed_experts)])  # noqa
+        hf_prefix = release_to_hf(prefix + ".x").removesuffix(".x")
+        tensors[hf_prefix + ".gate_up_proj"] = torch.cat([stacked("w1"), stacked("w3")], dim=1).contiguous()
+        tensors[hf_prefix + ".down_proj"] = stacked("w2").contiguous()
+    config = cfg.to_hf_dict()
     shards, cur, size = [], {}, 0
     for name in sorted(tensors):
         nbytes = tensors[name].numel() * tensors[name].element_size()
@@ -494,8 +545,19 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, sd: dict[str, torch.Tens
     return out
 
 
-def make_checkpoint(out: str | Path, preset: str = "flash-tiny", seed: int = 0, fmt: str = "release") -> Path:
+def make_checkpoint(out: str | Path, preset: str = "flash-tiny", seed: int = 0, fmt: str = "release",
+                    override: dict | str | None = None) -> Path:
+    """A deterministic random checkpoint of `preset`, with `override` (a dict or a JSON object string of config.json
+    fields, e.g. `{"num_hidden_layers": 3, "n_routed_experts": 16}`) applied as `ModelConfig.override` does.
+    The release format is written streaming, in shards of 8 MiB (1 GiB once the model passes 256 MiB stored)."""
     from .tokenizer import DEFAULT_PATH
 
     cfg = ModelConfig.preset(preset)
-    return write_checkpoint(out, cfg, init_weights(cfg, seed), fmt, tokenizer_json=DEFAULT_PATH)
+    if override:
+        cfg = cfg.override(override)
+    total = sum(stored_nbytes(n, s, cfg) for n, s in param_shapes(cfg).items())
+    shard = 8 << 20 if total < 256 << 20 else 1 << 30
+    weights = iter_weights(cfg, seed) if fmt == "release" else init_weights(cfg, seed)
+    # the shipped tokenizer has 8192 ids: only a model with at least as many ids can use it
+    tok = DEFAULT_PATH if cfg.vocab_size >= 8192 else None
+    return write_checkpoint(out, cfg, weights, fmt, shard_bytes=shard, tokenizer_json=tok)

@@ -50,13 +50,15 @@ class Cli:
         print()
         return None
 
-    def make_checkpoint(self, preset: str = "flash-tiny", out: str = "", seed: int = 0, format: str = "release"):
-        """Write a deterministic random checkpoint of PRESET to OUT (format: release | hf)."""
+    def make_checkpoint(self, preset: str = "flash-tiny", out: str = "", seed: int = 0, format: str = "release",
+                        override: str = ""):
+        """Write a deterministic random checkpoint of PRESET to OUT (format: release | hf); override: a JSON object
+        of config.json fields, e.g. '{"num_hidden_layers": 3, "n_routed_experts": 16}'."""
         from .checkpoint import make_checkpoint
 
         if not out:
             raise ValueError("--out DIR is required")
-        path = make_checkpoint(out, preset, seed, format)
+        path = make_checkpoint(out, preset, seed, format, override=override or None)
         print(f"wrote {format} checkpoint of {preset} (seed {seed}) to {path}")
 
     def config(self, preset_or_path: str = "v4-flash"):

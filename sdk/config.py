@@ -193,6 +193,31 @@ class ModelConfig:
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[name], name=name)
 
+    def override(self, changes: dict | str, source: str = "override") -> "ModelConfig":
+        """This config with some config.json fields replaced (a dict or a JSON object string), read with
+        transformers' semantics like a config.json (`from_dict`). A field given in one spelling replaces the
+        config's other spellings of it: `compress_ratios` the schedule (`layer_types`, `compress_rates`),
+        `num_hash_layers` `mlp_layer_types`, `qk_rope_head_dim` `partial_rotary_factor`, `rope_scaling`
+        `rope_parameters`, and the reverse."""
+        if isinstance(changes, str):
+            try:
+                changes = json.loads(changes)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(changes, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config.json fields, got {changes!r:.80}")
+        d = self.to_dict()
+        spellings = [({"compress_ratios"}, {"layer_types", "compress_rates", "csa_rate", "hca_rate",
+                                            "mtp_compress_ratio"}),
+                     ({"num_hash_layers"}, {"mlp_layer_types"}), ({"qk_rope_head_dim"}, {"partial_rotary_factor"}),
+                     ({"rope_scaling"}, {"rope_parameters"})]
+        for a, b in spellings:
+            for given, other in ((a, b), (b, a)):
+                if given & changes.keys():
+                    for k in other - changes.keys():
+                        d.pop(k, None)
+        return ModelConfig.from_dict({**d, **changes}, name=self.name, source=source)
+
     def param_count(self) -> dict[str, int]:
         """Parameters by group, from the shapes alone (works for `v4-flash` without weights)."""
         from .model import param_shapes
