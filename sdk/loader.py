@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import KeepExpert, bundle_config, install_placeholder, is_bundle, load_model
+import torch
+
+from .bundle import KeepExpert, bundle_config, install_placeholder, is_bundle, load_model, rebuild_buffers
 from .checkpoint import CheckpointError, CheckpointReader
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -68,8 +70,13 @@ def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_p
         return LoadedModel(model, tokenizer, path, "bundle", manifest)
     reader = CheckpointReader(path)
     tokenizer = load_tokenizer(path, reader.cfg.vocab_size)
-    model = Transformer(reader.cfg)
-    model.load_state_dict(reader.load_state_dict())
+    with torch.device("meta"):  # no initialised copy: the checkpoint's tensors become the parameters
+        model = Transformer(reader.cfg)
+    model.load_state_dict(reader.load_state_dict(), assign=True)
+    rebuild_buffers(model)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise CheckpointError(f"{path}: {name} was not loaded")
     if keep_expert is not None:
         drop_experts(model, keep_expert)
     return LoadedModel(model.eval(), tokenizer, path, reader.format)
