@@ -13,7 +13,7 @@ import torch
 import flashport
 from flashport.checkpoint import CheckpointReader, checkpoint_layout, init_weights, write_checkpoint
 from flashport.config import ModelConfig
-from flashport.model import SeqState
+from greedy import hf_greedy, ours_greedy
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, logging as hf_logging  # noqa: E402
@@ -66,24 +66,6 @@ def random_hf_model(cfg: DeepseekV4Config, seed: int) -> DeepseekV4ForCausalLM:
 
 def prompt(vocab, n=PROMPT, seed=0):
     return torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_greedy(hf, ids, n):
-    out, toks = hf(input_ids=ids[None], use_cache=True), []
-    for _ in range(n):
-        tok = out.logits[0, -1].argmax()
-        toks.append(int(tok))
-        out = hf(input_ids=tok.view(1, 1), cache=out.cache, use_cache=True)
-    return toks
-
-
-def ours_greedy(model, ids, n):
-    state = SeqState.empty(model.cfg)
-    logits, toks = model(ids, state)[-1], []
-    for _ in range(n):
-        toks.append(int(logits.argmax()))
-        logits = model(torch.tensor([toks[-1]]), state)[-1]
-    return toks
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
