@@ -233,6 +233,8 @@ class OnnxModel:
             binding.bind_output(n, "cpu")
         self.sess.run_with_iobinding(binding)
         outs = dict(zip(names, (torch.from_numpy(v.numpy()) for v in binding.get_outputs())))
+        if float(outs["selection_ties"]) > 0:  # ONNX TopK broke a tie unlike the reference: redo the step there
+            return self._reference_step(ids, st, all_logits)
         # PoolState.replay (a prefix-cache window rebuild, flashport.kv): the loaded entries already hold this
         # span's windows. The graph's new entries sit past every query's causal limit (index >= loaded count),
         # so attention is unchanged; they are only not appended.
@@ -243,6 +245,17 @@ class OnnxModel:
                 self._state_out(ls, f["key"], outs[f["output"]], frozen)
         st.n_tokens += T
         return outs["logits"]
+
+    def _reference_step(self, ids: torch.Tensor, st, all_logits: bool) -> torch.Tensor:
+        """The step on the source model with the torch reference ops (rare: only when a top-k selection had an
+        exact tie at its boundary, whose outcome ONNX TopK cannot reproduce; see reference.topk_indices). The
+        state is flashport's SeqState either way, so the next step continues on the graph."""
+        if isinstance(getattr(self.source.ops, "backend", None), OnnxRuntimeBackend):  # its per-op calls cannot run
+            from .dispatch import Ops
+            from .torch_backend import TorchBackend
+
+            self.source.set_ops(Ops(TorchBackend()))
+        return self.source.forward_batch([ids], [st], all_logits)[0]
 
     @staticmethod
     def _bind(binding, name: str, t: torch.Tensor, keep: list):

@@ -48,7 +48,7 @@ from ..quant.formats import CHANNEL_FORMATS, INT4_FORMATS, get_format, to_matmul
 MANIFEST = "onnx_manifest.json"
 GRAPH = "model.onnx"
 DATA = "model.onnx.data"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the `selection_ties` output (see StepExporter.tie_flag)
 # per-output-channel formats: the stored codes, Cast and scaled per row in the graph: exact (folded once)
 DQ_FORMATS = CHANNEL_FORMATS
 NATIVE_FORMATS = ("fp32", "bf16") + INT4_FORMATS + DQ_FORMATS  # what the graph runs on the stored weights
@@ -157,6 +157,7 @@ class Graph:
 class StepExporter:
     def __init__(self, model: Transformer, g: Graph, accuracy_level: int = 0, dequantize_unsupported: bool = False):
         self.model, self.cfg, self.g = model, model.cfg, g
+        self.ties: list[str] = []  # per selection: 1.0 when some row had a tie at its top-k boundary
         self.accuracy_level, self.dequantize_unsupported = accuracy_level, dequantize_unsupported
         self.formats: Counter = Counter()
         self._rope_cache: dict = {}
@@ -338,6 +339,18 @@ class StepExporter:
         g.op("Identity", self.rope(new, cos, sin, d, rank=2), out=outs[prefix + ".entries_new"])
         return g.op("Concat", ins[prefix + ".entries"], outs[prefix + ".entries_new"], axis=0)
 
+    def tie_flag(self, scores: str, top_values: str, k: str) -> None:
+        """Record whether any row of scores [T, n] has a finite tie at the k-th place (top_values: TopK's sorted
+        values [T, k]): more than k entries score at least the k-th value. Such a selection may differ from the
+        reference's; the graph's `selection_ties` output makes the runtime redo the step with the reference."""
+        g = self.g
+        kth = g.op("ReduceMin", top_values, g.const([1]), keepdims=1)  # [T, 1]
+        count = g.op("ReduceSum", g.op("Cast", g.op("GreaterOrEqual", scores, kth), to=TensorProto.INT64),
+                     g.const([1]), keepdims=1)  # [T, 1]
+        finite = g.op("Not", g.op("IsInf", kth))
+        tied = g.op("And", g.op("Greater", count, k), finite)
+        self.ties.append(g.op("ReduceMax", g.op("Cast", tied, to=TensorProto.FLOAT), keepdims=0))
+
     def indexer(self, idx, x, qr, pos, cos, sin, name, ins, outs) -> str:
         """-> [T, n] bias: 0 for the top-k visible compressed entries, -inf elsewhere."""
         g = self.g
@@ -350,12 +363,14 @@ class StepExporter:
         sc = g.op("Mul", g.op("Relu", g.op("MatMul", q, g.op("Transpose", keys, perm=[1, 0]))), g.f(idx.dim ** -0.5))
         sc = g.op("ReduceSum", g.op("Mul", sc, g.op("Unsqueeze", wts, g.const([2]))), g.const([1]), keepdims=0)
         sc = g.op("Where", vis, sc, g.f(-math.inf))  # [T, n]
-        # one extra never-visible column keeps TopK's k >= 1 when there is no entry yet; TopK breaks ties towards
-        # the lower index, as the reference's stable sort does
+        # one extra never-visible column keeps TopK's k >= 1 when there is no entry yet. ONNX TopK breaks ties
+        # towards the lower index, not as the reference (torch.topk on the CPU, reference.topk_indices): a tie at
+        # the k-th place is flagged and the runtime redoes that step with the reference (see tie_flag)
         T = g.dim(x, 0)
         pad = g.op("Concat", sc, g.op("Expand", g.f([[-math.inf]]), g.op("Concat", T, g.const([1]), axis=0)), axis=1)
         k = g.op("Min", g.const([idx.topk]), g.op("Add", n, g.const([1])))
-        _, top = g.op("TopK", pad, k, axis=-1, largest=1, sorted=1, n_out=2)
+        vals, top = g.op("TopK", pad, k, axis=-1, largest=1, sorted=1, n_out=2)
+        self.tie_flag(sc, vals, k)
         hit = g.op("ScatterElements", g.op("ConstantOfShape", g.op("Shape", pad),
                                            value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])),
                    top, g.op("ConstantOfShape", g.op("Shape", top),
@@ -434,8 +449,9 @@ class StepExporter:
                                  f"{k} distinct experts per token")
             idx = g.op("Gather", g.weight(name + ".gate.tid2eid", tid.long()), ids, axis=0)  # [T, k]
         else:
-            _, idx = g.op("TopK", g.op("Add", scores, g.weight(name + ".gate.bias", gate.bias.float())),
-                          g.const([k]), axis=-1, largest=1, sorted=1, n_out=2)
+            biased = g.op("Add", scores, g.weight(name + ".gate.bias", gate.bias.float()))
+            vals, idx = g.op("TopK", biased, g.const([k]), axis=-1, largest=1, sorted=1, n_out=2)
+            self.tie_flag(biased, vals, g.const([k]))
         w = g.op("GatherElements", scores, idx, axis=1)
         w = g.op("Mul", g.op("Div", w, g.op("Add", g.op("ReduceSum", w, g.const([-1]), keepdims=1), g.f(1e-20))),
                  g.f(cfg.routed_scaling_factor))
@@ -558,6 +574,8 @@ class StepExporter:
         xh = self.rms(xh, model.norm.weight, model.norm.eps, "norm.weight")
         g.op("Identity", self.lin(xh, model.head, "head.weight"), out="logits")
         g.io("logits", F, ["R", cfg.vocab_size], False)
+        g.op("Max", *(self.ties or [g.f(0.0)]), g.f(0.0), out="selection_ties")  # > 0: a tie at some top-k boundary
+        g.io("selection_ties", F, [], False)
         return layout
 
     def _state_width(self, i: int, part: str, fld: str) -> int:

@@ -44,15 +44,38 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
     return torch.einsum("ths,sd->thd", probs, keys)
 
 
+def topk_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices [..., k] of the k largest entries of each row of scores [..., n] (k <= n), in no promised order.
+
+    The tie rule of every selection the model makes (the indexer's top-k, the router's top-k): exactly the entries
+    `torch.topk(row, k)` picks on the CPU, the call transformers' DeepseekV4 reference makes. Among equal scores at
+    the k-th place, which win is decided by torch's CPU kernel (a partial sort or nth_element over (value, index)
+    pairs, chosen by n and k), not by index order, and it depends on the whole row; callers therefore pass the
+    same row as the reference (the indexer: every compressed entry that exists when the query runs, the ones it
+    cannot see yet at -inf). torch.topk on another device breaks ties its own way: there the rows with a finite
+    tie at the k-th place are selected again on the CPU (exact ties are rare unless heads are few, so this is cheap).
+    """
+    idx = scores.topk(k, dim=-1).indices
+    if scores.device.type != "cpu" and k < scores.shape[-1]:
+        top = scores.topk(k + 1, dim=-1).values  # descending
+        tied = (top[..., k - 1] == top[..., k]) & torch.isfinite(top[..., k - 1])
+        if bool(tied.any()):
+            rows = tied.nonzero(as_tuple=True)
+            idx[rows] = scores[rows].cpu().topk(k, dim=-1).indices.to(idx.device)
+    return idx
+
+
 def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: int) -> Tensor:
     """Lightning indexer: score = sum_h weights[t,h] * ReLU(q[t,h] . keys[n]) / sqrt(Di); keep the top-k visible.
 
-    q [T, Hi, Di], keys [n, Di], weights [T, Hi], visible [T, n] bool -> chosen [T, n] bool.
-    Ties (every head's ReLU at 0) go to the earlier entry whatever the chunking: a stable sort.
+    q [T, Hi, Di], keys [n, Di] (every compressed entry so far), weights [T, Hi], visible [T, n] bool
+    -> chosen [T, n] bool. Ties (every head's ReLU at 0, common with few heads) are broken by `topk_indices` over
+    the row of all n entries, invisible ones at -inf: as transformers' reference does, so a query's choice among
+    tied entries can depend on how many entries exist when it runs (its prefill chunk), there as here.
     """
     scores = F.relu(torch.einsum("thd,nd->thn", q, keys)) * q.shape[-1] ** -0.5
     scores = (scores * weights[..., None]).sum(1).masked_fill(~visible, float("-inf"))  # [T, n]
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, : min(k, keys.shape[0])]
+    top = topk_indices(scores, min(k, keys.shape[0]))
     return torch.zeros_like(visible).scatter_(1, top, True) & visible
 
 

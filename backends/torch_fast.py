@@ -11,7 +11,7 @@ Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   rms_norm, hc_pre, hc_post, attention, linear, grouped_linear, moe
                  TOLERANCE-BOUND: fp32 with another summation order (and libm's exp); 1e-5 relative
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
-                 differently; exact ties still go to the earlier entry (as the reference's stable sort); with
+                 differently; exact ties follow the reference's rule (reference.topk_indices); with
                  n <= k (all visible entries chosen) it is exact
 Off the CPU (cuda, npu...) or without the C++ extension every op runs a torch path (the reference, or the
 vectorised torch code below), so the backend works everywhere.
@@ -83,8 +83,7 @@ SCORE_ELEMENTS = 1 << 22  # the indexer's [rows, Hi, n] head scores are built at
 
 def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: int) -> Tensor:
     """The scores as one matmul [T*Hi, Di] x [Di, n] plus one bmm for the head weights (instead of the reference's
-    einsum); the selection by the k-th score (torch.topk, O(n)) instead of a full sort, with the reference's tie
-    rule: among scores equal to the k-th, the earliest entries win (its stable sort)."""
+    einsum); the selection with the reference's tie rule (reference.topk_indices over the same [T, n] rows)."""
     T, Hi, Di = q.shape
     n = keys.shape[0]
     if n <= k:  # everything visible is chosen: no scoring needed
@@ -96,10 +95,7 @@ def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: i
     scores = torch.cat([torch.bmm(w[r:r + step], (q[r:r + step].reshape(-1, Di) @ keys.T).relu_().view(-1, Hi, n))
                         for r in range(0, T, step)])[:, 0]  # [T, n]
     scores = scores.masked_fill(~visible, float("-inf"))
-    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # [T, 1] the k-th largest score
-    above, tied = scores > kth, scores == kth
-    room = k - above.sum(-1, keepdim=True)  # how many of the tied entries make the top-k
-    return (above | (tied & (tied.cumsum(-1) <= room))) & visible
+    return torch.zeros_like(visible).scatter_(1, reference.topk_indices(scores, k), True) & visible
 
 
 def hc_pre(streams: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, eps: float,

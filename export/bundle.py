@@ -392,8 +392,13 @@ def export_cli(src: str, out: str, recipe: str = "int4-experts", devices: str = 
 # -------------------------------------------------------------------------------------------------------------
 def inspect_cli(bundle: str, verify: bool = False) -> str:
     """Summarise BUNDLE: model, source, recipe, bytes per format and per partition, placement; with --verify also
-    every file's sha256 (raises on the first mismatch)."""
+    every file's sha256 (raises on the first mismatch). A checkpoint directory instead gets
+    `flashport.checkpoint.inspect_checkpoint` (with --verify: every tensor read and checked)."""
     path = Path(bundle)
+    if not (path / MANIFEST).exists() and (path / "config.json").exists():  # a checkpoint, not a bundle
+        from ..checkpoint import inspect_checkpoint
+
+        return inspect_checkpoint(path, verify, progress=verify)
     m = read_manifest(path)
     check_files(path, m, verify, progress=verify)
     cfg = m["config"]

@@ -220,3 +220,35 @@ def dequantize_mxfp4(packed: Tensor, scale: Tensor) -> Tensor:
     if s.shape != v.shape:
         raise ValueError(f"MXFP4 scale {tuple(scale.shape)} does not match packed {tuple(packed.shape)} (1x32 blocks)")
     return v * s
+
+
+# ---------------------------------------------------------------- checks of stored data (readers call these)
+def _first(mask: Tensor) -> str:
+    return str(tuple(int(i) for i in mask.nonzero()[0].tolist()))
+
+
+def scale_problem(scale: Tensor) -> str | None:
+    """Why a stored block-scale tensor cannot be used, or None. UE8M0 (float8_e8m0fnu or uint8 exponent bytes):
+    byte 0xFF is NaN. Float scales: finite and >= 0 (0 is what `quantize_fp8_block` writes for an all-zero block)."""
+    if scale.dtype in (E8M0, torch.uint8):
+        bad = scale.view(torch.uint8) == 255
+        if bool(bad.any()):
+            return f"{int(bad.sum())} UE8M0 scale byte(s) 0xFF (NaN), first at index {_first(bad)}"
+        return None
+    if scale.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        s = scale.float()
+        bad = ~torch.isfinite(s) | (s < 0)
+        if bool(bad.any()):
+            return (f"{int(bad.sum())} scale(s) not finite or negative, first {float(s[bad][0])} at index "
+                    f"{_first(bad)}")
+        return None
+    return f"dtype {scale.dtype} is not a scale type (F8_E8M0, U8 or a float type)"
+
+
+def fp8_problem(q: Tensor) -> str | None:
+    """Why stored float8_e4m3fn codes cannot be used, or None: e4m3fn has no Inf, and S.1111.111 (0x7F, 0xFF) is
+    NaN."""
+    bad = (q.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(bad.any()):
+        return f"{int(bad.sum())} FP8 e4m3 NaN code(s), first at index {_first(bad)}"
+    return None

@@ -344,6 +344,44 @@ def _parse_calls(s: str, pos: int, errors: list[str]) -> tuple[list[dict], int]:
         pos = j + len("</｜DSML｜invoke>")
 
 
+# Control sequences a reply can be cut inside of. The renderer puts a blank line before the tool-call opener.
+CONTROL_SEQUENCES = (BOS, EOS, USER, ASSISTANT, LATEST_REMINDER, THINK, END_THINK, *TASK_TOKENS.values(),
+                     "\n\n" + _OPEN, _OPEN, "</｜DSML｜tool_calls>", "<｜DSML｜invoke", "</｜DSML｜invoke>",
+                     "<｜DSML｜parameter", "</｜DSML｜parameter>")
+_NO_TOOLS = tuple(c for c in CONTROL_SEQUENCES if DSML not in c)  # without tools, DSML markup is plain text
+
+
+def partial_markup(text: str, tool_calls: bool = True) -> int:
+    """Length of the tail of `text` that is the unfinished beginning of a control sequence (CONTROL_SEQUENCES;
+    without tool_calls, DSML markup is ordinary text): what a reply that ends there (max_tokens, a stop string, a
+    cancel, EOS) must not show as content or reasoning. A single '<' and the blank line before the tool-call opener
+    alone are ordinary text: the tail must hold two characters of markup (one after the blank line)."""
+    best = 0
+    for seq in CONTROL_SEQUENCES if tool_calls else _NO_TOOLS:
+        lead = len(seq) - len(seq.lstrip("\n"))
+        shortest = lead + 1 if lead else 2
+        for k in range(min(len(seq) - 1, len(text)), shortest - 1, -1):
+            if text.endswith(seq[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def split_releasable(text: str, final: bool, stops: tuple[str, ...] = (), tool_calls: bool = True) -> tuple[str, str]:
+    """Streaming: (release, hold) of decoded text. While the reply goes on (final=False), the longest tail that may
+    still become a stop string, the tool-call opener or other control markup is held back. When it ends
+    (final=True: length, stop, cancel, EOS) nothing is held, and a tail that is unfinished control markup
+    (`partial_markup`) is dropped: a cut reply never shows partial markup, streamed or not."""
+    if final:
+        return text[:len(text) - partial_markup(text, tool_calls)], ""
+    pats = (*stops, *(("\n\n" + _OPEN, _OPEN) if tool_calls else ()))
+    hold = max((k for pat in pats for k in range(1, min(len(pat), len(text) + 1)) if text.endswith(pat[:k])),
+               default=0)
+    # markup right before a possible stop string is held with it: if the stop string completes, the reply ends there
+    hold = max(hold + partial_markup(text[:len(text) - hold], tool_calls), partial_markup(text, tool_calls))
+    return text[:len(text) - hold], text[len(text) - hold:]
+
+
 def parse_assistant(text: str, thinking: bool | None = None) -> dict:
     """Raw model output -> {content, reasoning_content, tool_calls, errors}. Never raises.
 
@@ -367,8 +405,14 @@ def parse_assistant(text: str, thinking: bool | None = None) -> dict:
         elif thinking:
             reasoning, body = body, ""
             errors.append("reasoning not closed by </think>")
+    if reasoning is not None and END_THINK not in text and (cut := partial_markup(reasoning)):
+        errors.append(f"reply ends inside control markup: {reasoning[-cut:]!r} dropped")
+        reasoning = reasoning[:-cut]
     start = body.find(_OPEN)
     content = body if start < 0 else body[:start].removesuffix("\n\n")
+    if start < 0 and (cut := partial_markup(content)):
+        errors.append(f"reply ends inside control markup: {content[-cut:]!r} dropped")
+        content = content[:-cut]
     while start >= 0:
         found, pos = _parse_calls(body, start + len(_OPEN), errors)
         calls += found
@@ -384,4 +428,5 @@ def parse_assistant(text: str, thinking: bool | None = None) -> dict:
 
 
 __all__ = ["Control", "C", "Segment", "MODES", "REASONING_EFFORT_MAX", "render", "render_tools",
-           "render_tool_calls", "to_text", "encode_chat", "common_prefix_len", "parse_assistant"]
+           "render_tool_calls", "to_text", "encode_chat", "common_prefix_len", "parse_assistant",
+           "CONTROL_SEQUENCES", "partial_markup", "split_releasable"]

@@ -196,7 +196,7 @@ class Cli:
                   shutdown_timeout=shutdown_timeout, ep=ep, **given)
 
     def make_checkpoint(self, preset: str = "flash-tiny", out: str | None = None, seed: int = 0,
-                        format: str = "release", force: bool = False):
+                        format: str = "release", force: bool = False, override: str | None = None):
         """Write a deterministic random checkpoint of PRESET to OUT.
 
         Args:
@@ -206,6 +206,8 @@ class Cli:
             seed: random seed of the weights (>= 0).
             format: release (the DeepSeek release layout) | hf (transformers' layout).
             force: write into OUT even if it is not empty.
+            override: a JSON object of config.json fields, read with transformers' meaning, e.g.
+                '{"num_hidden_layers": 3, "n_routed_experts": 16}' (the real V4-Flash shapes at a reduced depth).
         """
         from .checkpoint import make_checkpoint
         from .config import ModelConfig
@@ -214,9 +216,11 @@ class Cli:
             raise UsageError("make-checkpoint needs --out DIR")
         at_least("--seed", seed, 0)
         one_of("--format", format, ("release", "hf"))
-        ModelConfig.preset(preset)  # an unknown preset is refused before the directory is made
+        cfg = ModelConfig.preset(preset)  # an unknown preset or override is refused before the directory is made
+        if override is not None:
+            cfg.override(override, "--override")
         empty_out_dir("--out", out, force)
-        path = make_checkpoint(out, preset, seed, format)
+        path = make_checkpoint(out, preset, seed, format, override=override)
         return f"wrote {format} checkpoint of {preset} (seed {seed}) to {path}"
 
     def config(self, preset_or_path: str = "v4-flash", json: bool = False):
@@ -317,17 +321,20 @@ class Cli:
         return plan_cli(model, devices, recipe, stats, context, sequences, mode, kv_dtype, redundant, chunk,
                         json_out)
 
-    def inspect(self, bundle: str, verify: bool = False):
-        """Summarise BUNDLE: model, source, recipe, bytes per format and per partition, placement.
+    def inspect(self, path: str, verify: bool = False):
+        """Summarise PATH: a bundle (model, source, recipe, bytes per format and per partition, placement) or a
+        checkpoint directory.
 
         Args:
-            bundle: a bundle directory (flashport export).
-            verify: also check every file's sha256 (fails on the first mismatch).
+            path: a bundle directory (flashport export) or a checkpoint directory.
+            verify: a bundle: also check every file's sha256; a checkpoint: read and check every tensor (finite
+                scales and values, index tables in range, dtypes and shapes against config.json). Fails on the
+                first problem, naming the tensor and file.
         """
-        existing_dir("BUNDLE", bundle)
+        existing_dir("PATH", path)
         from .export.bundle import inspect_cli
 
-        return inspect_cli(bundle, verify)
+        return inspect_cli(path, verify)
 
     def verify(self, bundle: str, public_key: str):
         """Check BUNDLE's ed25519 signature and every file's sha256 against the signer's public key.

@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import KeepExpert, install_placeholder, is_bundle, load_model
+import torch
+
+from .bundle import KeepExpert, bundle_config, install_placeholder, is_bundle, load_model, rebuild_buffers
 from .checkpoint import CheckpointError, CheckpointReader
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -62,16 +64,22 @@ def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_p
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (give a checkpoint or bundle directory)")
     if is_bundle(path):
+        tokenizer = load_tokenizer(path, bundle_config(path).vocab_size)  # cheap checks before the weights
         model, manifest = load_model(path, verify=verify, progress=progress, keep_expert=keep_expert,
                                      prefer_partition=prefer_partition)
-        return LoadedModel(model, load_tokenizer(path, model.cfg.vocab_size), path, "bundle", manifest)
+        return LoadedModel(model, tokenizer, path, "bundle", manifest)
     reader = CheckpointReader(path)
-    model = Transformer(reader.cfg)
-    model.load_state_dict(reader.load_state_dict())
+    tokenizer = load_tokenizer(path, reader.cfg.vocab_size)
+    with torch.device("meta"):  # no initialised copy: the checkpoint's tensors become the parameters
+        model = Transformer(reader.cfg)
+    model.load_state_dict(reader.load_state_dict(), assign=True)
+    rebuild_buffers(model)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_meta:
+            raise CheckpointError(f"{path}: {name} was not loaded")
     if keep_expert is not None:
         drop_experts(model, keep_expert)
-    return LoadedModel(model.eval(), load_tokenizer(path, reader.cfg.vocab_size), path, reader.format)
-
+    return LoadedModel(model.eval(), tokenizer, path, reader.format)
 
 def drop_experts(model: Transformer, keep_expert: KeepExpert) -> None:
     """Turn the routed experts keep_expert rejects into placeholders, freeing their weights."""

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .backends.contract import QuantWeight
 from .backends.dispatch import REFERENCE, Ops
+from .backends.reference import topk_indices
 from .config import ModelConfig
 from .quant.kv_numerics import round_kv
 
@@ -378,7 +379,7 @@ class Gate(Module):
         if self.hashed:
             idx = self.tid2eid[token_ids]
         else:
-            idx = (scores + self.bias).topk(self.cfg.num_experts_per_tok, dim=-1).indices  # [T, k]
+            idx = topk_indices(scores + self.bias, self.cfg.num_experts_per_tok)  # [T, k], the reference's tie rule
         w = scores.gather(1, idx)
         return w / (w.sum(-1, keepdim=True) + 1e-20) * self.cfg.routed_scaling_factor, idx
 

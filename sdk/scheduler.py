@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chat import parse_assistant
+from .chat import parse_assistant, split_releasable
 from .engine import sample
 from .model import LayerState, SeqState
 from .tokenizer import END_THINK, THINK, StreamDecoder
@@ -97,7 +97,7 @@ class ReplyStream:
         self.think_id, self.end_think_id = tokenizer.token_id(THINK), tokenizer.token_id(END_THINK)
         self.phase = "reasoning" if thinking else "content"
         self.thinking = thinking
-        self.reasoning = self.content = self.tools = self._pending = ""
+        self.reasoning = self.content = self.tools = self._pending = self._rpending = ""
         self.stop = tuple(s for s in stop if s)
         self.opener = TOOL_CALLS_OPEN if tool_calls else None  # without tools, DSML markup is plain content
         self.stopped = False  # a stop string was found: the sequence should end
@@ -109,8 +109,8 @@ class ReplyStream:
                 return []
             if tok == self.end_think_id:
                 self.phase = "content"
-                return self._add("reasoning", self.dec.finish())
-            return self._add("reasoning", self.dec.push(tok))
+                return self._reason(self.dec.finish(), final=True)
+            return self._reason(self.dec.push(tok))
         piece = self.dec.push(tok)
         if self.phase == "tools":
             self.tools += piece
@@ -120,11 +120,15 @@ class ReplyStream:
     def finish(self) -> list[tuple[str, str]]:
         tail = self.dec.finish()
         if self.phase == "reasoning":
-            return self._add("reasoning", tail)
+            return self._reason(tail, final=True)
         if self.phase == "tools":
             self.tools += tail
             return []
         return self._release(tail, final=True)
+
+    def _reason(self, piece: str, final: bool = False) -> list[tuple[str, str]]:
+        text, self._rpending = split_releasable(self._rpending + piece, final, (), self.opener is not None)
+        return self._add("reasoning", text)
 
     def _add(self, kind: str, text: str) -> list[tuple[str, str]]:
         if not text:
@@ -140,15 +144,12 @@ class ReplyStream:
         opener = text.find(self.opener) if self.opener else -1
         if cut >= 0 and (opener < 0 or cut < opener):
             self.stopped = True
-            return self._add("content", text[:cut])
+            return self._add("content", split_releasable(text[:cut], True, (), self.opener is not None)[0])
         if opener >= 0:
             self.phase, self.tools = "tools", text[opener:]
             return self._add("content", text[:opener].removesuffix("\n\n"))
-        hold = 0 if final else max((k for pat in (*self.stop, *(["\n\n" + self.opener, self.opener] if self.opener else []))
-                                    for k in range(1, min(len(pat), len(text) + 1))
-                                    if text.endswith(pat[:k])), default=0)
-        self._pending = text[len(text) - hold:]
-        return self._add("content", text[:len(text) - hold])
+        text, self._pending = split_releasable(text, final, self.stop, self.opener is not None)
+        return self._add("content", text)
 
     def result(self) -> tuple[list[dict], list[str]]:
         """(tool calls, errors) of the whole reply."""

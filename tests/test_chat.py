@@ -253,3 +253,88 @@ def test_bad_role_is_reported():
         render([{"role": "function", "content": "x"}])
     with pytest.raises(ValueError, match="role"):
         render([{"content": "x"}])
+
+
+# ---- a reply cut inside control markup shows none of it -----------------------------------------------------------
+from flashport.chat import CONTROL_SEQUENCES, partial_markup, split_releasable  # noqa: E402
+
+
+def _ids(*parts):
+    """Scripted model output: str parts tokenized, C(...) parts by id."""
+    out = []
+    for p in parts:
+        out += [TOK.token_id(p.token)] if isinstance(p, C) else TOK.encode(p)
+    return out
+
+
+OPENER = ["\n\n<", DSML, "tool", "_calls", ">"]  # how the model spells the tool-call opener, token by token
+CUTS = {  # name -> (generated parts, thinking, content, reasoning)
+    **{f"opener[:{i}]": (["Sure.", *OPENER[:i]], False, "Sure.", None) for i in range(1, len(OPENER))},
+    "think_close_as_text": (["hmm, ", "</", "thi"], True, "", "hmm, "),
+    "control_as_text": (["ok <", "｜", "User"], False, "ok ", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_parse_assistant_drops_a_cut_control_sequence(name):
+    parts, thinking, content, reasoning = CUTS[name]
+    parsed = parse_assistant(TOK.decode(_ids(*parts)), thinking=thinking or None)
+    assert parsed["content"] == content and parsed["reasoning_content"] == reasoning, parsed
+    assert any("control markup" in e for e in parsed["errors"])
+
+
+@pytest.mark.parametrize("end", ["length", "stop_string", "eos", "cancel"])
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_scheduler_reply_cut_inside_markup(name, end, tiny_release):
+    """Streamed (the pieces on_text sees) and not (seq.text), whatever ends the reply: no partial markup."""
+    from flashport.scheduler import Scheduler, Sequence
+
+    engine = _engine(tiny_release)
+    parts, thinking, content, reasoning = CUTS[name]
+    if thinking and end == "stop_string":
+        pytest.skip("stop strings apply to content only")
+    script = _ids(*parts)
+    pieces = []
+    seq = Sequence([0] + TOK.encode("hi"), max_tokens=len(script) + (end != "length") * 5, tokenizer=TOK,
+                   thinking=thinking, stop=("STOP",) if end == "stop_string" else (),
+                   on_text=lambda kind, text: pieces.append((kind, text)))
+    seq.script = script + {"length": [], "stop_string": TOK.encode("STOP"), "eos": [TOK.eos_id],
+                           "cancel": TOK.encode(" x")}[end]
+    sched = Scheduler(engine)
+    sched.submit(seq)
+    steps = 0
+    while not seq.done.is_set():
+        sched.step()
+        steps += 1
+        if end == "cancel" and len(seq.output) >= len(script):
+            seq.cancelled = True
+    streamed = {k: "".join(t for kind, t in pieces if kind == k) for k in ("content", "reasoning")}
+    assert seq.text.content == streamed["content"] == content
+    assert (seq.text.reasoning or None) == (streamed["reasoning"] or None) == reasoning
+    for text in (seq.text.content, seq.text.reasoning):
+        assert DSML.token not in text and not partial_markup(text)
+
+
+_ENGINES = {}
+
+
+def _engine(path):
+    from flashport.engine import Engine
+
+    if path not in _ENGINES:
+        _ENGINES[path] = Engine.load(path)
+    return _ENGINES[path]
+
+
+def test_partial_markup_rules():
+    assert partial_markup("Sure.\n\n<｜DSML｜tool") == len("\n\n<｜DSML｜tool")
+    assert partial_markup("Sure.\n\n") == 0 and partial_markup("a <") == 0  # ordinary text
+    assert partial_markup("a </thi") == 5 and partial_markup("x<｜end") == 5
+    assert partial_markup("see <｜DSML｜tool", tool_calls=False) == 0  # without tools DSML text is content
+    for seq in CONTROL_SEQUENCES:  # every proper prefix of at least two markup characters is caught
+        for k in range(len(seq) - len(seq.lstrip("\n")) + 2, len(seq)):
+            assert partial_markup("text " + seq[:k]) == k, (seq, k)
+    # while the reply goes on, a possible start of markup is held, not dropped
+    assert split_releasable("Sure.\n\n<", final=False) == ("Sure.", "\n\n<")
+    assert split_releasable("Sure.\n\n<", final=True) == ("Sure.", "")
+    assert split_releasable("Sure.\n\n", final=True) == ("Sure.\n\n", "")

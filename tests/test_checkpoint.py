@@ -86,7 +86,7 @@ def _rewrite_tensor(ck, name, fn):
 def test_shape_disagrees_with_config(tiny_release, tmp_path):
     ck = copy(tiny_release, tmp_path)
     shard = _rewrite_tensor(ck, "layers.1.attn_norm.weight", lambda t: t[:-1].clone())
-    with pytest.raises(CheckpointError, match=f"'layers.1.attn_norm.weight' in .*{shard.name} has shape"):
+    with pytest.raises(CheckpointError, match=f"'layers.1.attn_norm.weight' in .*{shard.name}: has shape"):
         CheckpointReader(ck).load_state_dict()
 
 
@@ -125,3 +125,108 @@ def test_unknown_preset_and_bad_config(tmp_path):
         ModelConfig.from_file(tmp_path)
     with pytest.raises(ConfigError, match="compress_ratios holds"):
         ModelConfig(num_hidden_layers=3, compress_ratios=[0, 4, 7])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Broken weight data never loads silently: checked when first read, named by tensor and file
+# ---------------------------------------------------------------------------------------------------------------
+def _poke_byte(ck, name, index, value=0xFF):
+    """Set one stored byte of `name` (its raw bytes, whatever the dtype)."""
+    def fn(t):
+        t = t.clone()
+        t.view(torch.uint8)[index] = value
+        return t
+    return _rewrite_tensor(ck, name, fn)
+
+
+@pytest.fixture
+def broken_scale(tiny_release, tmp_path):
+    """The issue's case: one MXFP4 scale byte of an expert set to 0xFF (NaN in UE8M0)."""
+    ck = copy(tiny_release, tmp_path)
+    shard = _poke_byte(ck, "layers.3.ffn.experts.0.w1.scale", (5, 1))
+    return ck, shard
+
+
+def test_nan_scale_refused_on_load(broken_scale):
+    import flashport
+
+    ck, shard = broken_scale
+    with pytest.raises(CheckpointError) as e:
+        flashport.Engine.load(ck, backend="torch")
+    msg = str(e.value)
+    assert "'layers.3.ffn.experts.0.w1.scale'" in msg and shard.name in msg and "0xFF" in msg and "\n" not in msg
+
+
+def test_checks_are_lazy(broken_scale):
+    """Opening and reading other tensors does not read (or check) the broken one: the release is 160 GB."""
+    ck, _ = broken_scale
+    r = CheckpointReader(ck)
+    assert r.get("embed.weight").shape[0] == r.cfg.vocab_size
+    r.get("layers.3.ffn.experts.1.w1.weight")
+    with pytest.raises(CheckpointError, match="layers.3.ffn.experts.0.w1.scale"):
+        r.raw("layers.3.ffn.experts.0.w1.weight")  # the bit-exact path (export passthrough) is checked too
+
+
+def test_generate_exits_2_with_one_line(broken_scale, capsys):
+    from flashport.cli import main
+
+    ck, shard = broken_scale
+    assert main(["generate", str(ck), "--prompt", "hi", "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("flashport: error: ")
+    assert "layers.3.ffn.experts.0.w1.scale" in err and shard.name in err
+
+
+def test_inspect_verify_checks_a_checkpoint(tiny_release, broken_scale, capsys):
+    from flashport.cli import main
+
+    assert main(["inspect", str(tiny_release), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "release layout" in out and "F8_E8M0" in out and "every tensor read" in out and ": OK" in out
+    ck, _ = broken_scale
+    assert main(["inspect", str(ck)]) == 0  # headers only: the data is not read
+    capsys.readouterr()
+    assert main(["inspect", str(ck), "--verify"]) == 2
+    assert "layers.3.ffn.experts.0.w1.scale" in capsys.readouterr().err
+
+
+BROKEN = {  # tensor -> (how to break it, what the error says)
+    "fp8_scale_nan": ("layers.0.attn.wq_a.scale", lambda t: _set(t, 0xFF), "layers.0.attn.wq_a.scale", "0xFF"),
+    "fp8_nan_code": ("layers.0.attn.wkv.weight", lambda t: _set(t, 0x7F), "layers.0.attn.wkv.weight", "NaN code"),
+    "bf16_inf": ("layers.2.attn.compressor.wkv.weight", lambda t: _fill(t, float("inf")),
+                 "layers.2.attn.compressor.wkv.weight", "non-finite"),
+    "fp32_nan": ("layers.1.attn.attn_sink", lambda t: _fill(t, float("nan")), "layers.1.attn.attn_sink", "non-finite"),
+    "tid2eid_range": ("layers.0.ffn.gate.tid2eid", lambda t: _fill(t, 8), "layers.0.ffn.gate.tid2eid",
+                      "outside [0, n_routed_experts=8)"),
+    "tid2eid_negative": ("layers.1.ffn.gate.tid2eid", lambda t: _fill(t, -1), "layers.1.ffn.gate.tid2eid", "outside"),
+    "tid2eid_float": ("layers.1.ffn.gate.tid2eid", lambda t: t.float(), "layers.1.ffn.gate.tid2eid", "integers"),
+    "norm_as_int": ("layers.2.ffn_norm.weight", lambda t: t.to(torch.int32), "layers.2.ffn_norm.weight",
+                    "unsupported dtype"),
+    "packed_fp4_shape": ("layers.4.ffn.experts.2.w2.weight", lambda t: t[:-1].clone(), "layers.4.ffn.experts.2.w2",
+                         "stored shape"),
+    "fp8_as_bf16": ("layers.0.attn.wq_b.weight", lambda t: t.to(torch.bfloat16), "layers.0.attn.wq_b.weight",
+                    "with a .scale is not FP8"),
+}
+
+
+def _set(t, byte):
+    t = t.clone()
+    t.view(torch.uint8).view(-1)[0] = byte
+    return t
+
+
+def _fill(t, value):
+    t = t.clone()
+    t.view(-1)[-1] = value
+    return t
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_data_is_refused(case, tiny_release, tmp_path):
+    tensor, fn, named, says = BROKEN[case]
+    ck = copy(tiny_release, tmp_path)
+    shard = _rewrite_tensor(ck, tensor, fn)
+    with pytest.raises(CheckpointError) as e:
+        CheckpointReader(ck).load_state_dict()
+    msg = str(e.value)
+    assert named in msg and shard.name in msg and says in msg, msg

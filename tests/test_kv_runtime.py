@@ -58,7 +58,7 @@ def written(det, prompts, tmp_path_factory):
     strategy only reads what it would have written itself: periodic:96 the records at multiples of 96, none
     no records)."""
     root = tmp_path_factory.mktemp("kv-written")
-    det.enable_kv(KVOptions(root, "full", fsync=False))
+    det.enable_kv(KVOptions(root, "full", dtype="fp32", fsync=False))
     _, _, miss = det.prefill_cached(prompts[0])
     assert miss.path == "miss" and miss.loaded_tokens == 0
     assert det.kv.stats()["records_written"] == 12
@@ -83,7 +83,7 @@ def _decode(engine, state, logits, steps=2):
 def test_restore_is_bit_identical(det, prompts, uninterrupted, written, strategy, path, loaded, recomputed):
     """A hit that ends mid-block, served from disk by a freshly opened store (a restart), continues with the same
     state and logits, bit for bit, prefill and decode, as the uninterrupted run."""
-    det.enable_kv(KVOptions(written, strategy, fsync=False))
+    det.enable_kv(KVOptions(written, strategy, dtype="fp32", fsync=False))
     state, logits, hit = det.prefill_cached(prompts[1])
     assert (hit.path, hit.loaded_tokens, hit.recomputed_tokens) == (path, loaded, recomputed)
     assert hit.new_tokens == len(prompts[1]) - 11 * 32 and hit.read_from == "disk" and hit.bytes_read > 0
@@ -153,7 +153,7 @@ def test_caches_of_different_kv_dtypes_never_mix(det, prompts, tmp_path):
 def test_entry_with_wrong_shape_is_evicted_not_recomputed_forever(tiny_release, tmp_path):
     """A block that passes its CRC but does not fit the model (a writer bug, a hand-edited store) is evicted on the
     first request that meets it; the recompute stores a good block and the next request hits."""
-    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="none")
+    eng = Engine.load(tiny_release, kv=KVOptions(tmp_path, "none"))
     B = eng.cfg.kv_block_tokens
     ids = list(range(9, 9 + 8 * B + 3))
     eng.prefill_cached(ids)
@@ -184,7 +184,7 @@ def test_a_full_write_queue_drops_and_counts_instead_of_blocking(tiny_release, t
     import queue
     import threading
 
-    eng = Engine.load(tiny_release, kv_dir=tmp_path, kv_strategy="full")
+    eng = Engine.load(tiny_release, kv=KVOptions(tmp_path, "full"))
     kv, B = eng.kv, eng.cfg.kv_block_tokens
     gate, started = threading.Event(), threading.Event()
     real = kv.store._write_file

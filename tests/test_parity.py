@@ -11,6 +11,7 @@ import torch
 
 from flashport.checkpoint import CheckpointReader
 from flashport.model import SeqState, Transformer
+from greedy import hf_greedy, ours_greedy
 
 transformers = pytest.importorskip("transformers")
 PROMPT_LEN = 640
@@ -31,24 +32,6 @@ def load_pair(path):
 
 def prompt(cfg, n=PROMPT_LEN, seed=0):
     return torch.randint(2, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_greedy(hf, ids, n):
-    out, toks = hf(input_ids=ids[None], use_cache=True), []
-    for _ in range(n):
-        tok = out.logits[0, -1].argmax()
-        toks.append(int(tok))
-        out = hf(input_ids=tok.view(1, 1), cache=out.cache, use_cache=True)
-    return toks
-
-
-def ours_greedy(model, ids, n):
-    state = SeqState.empty(model.cfg)
-    logits, toks = model(ids, state)[-1], []
-    for _ in range(n):
-        toks.append(int(logits.argmax()))
-        logits = model(torch.tensor([toks[-1]]), state)[-1]
-    return toks
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_release", "tiny_hf", "alt_release"])

@@ -72,7 +72,7 @@ def check_not_in_use(root: str | Path) -> None:
         except BlockingIOError:
             holder = f.read(32).decode("ascii", "replace").strip()
             who = f"another process (pid {holder})" if holder.isdigit() else "another process"
-            raise KVStoreBusy(f"KV directory {root} is in use by {who}: one process per KV directory") from None
+            raise KVStoreBusy(f"KV directory {root} is in use by {who}") from None
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
