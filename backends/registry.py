@@ -20,6 +20,7 @@ Plugins are third-party code, so the registry keeps them at arm's length:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -435,6 +436,7 @@ def _instantiate(info: BackendInfo, options: dict) -> Backend:
         factory = load_factory(info.factory)
     else:
         factory = info.factory
+    options = coerce_options(info.name, factory, options)
     try:
         backend = factory(**options)
     except SystemExit as e:
@@ -451,6 +453,43 @@ def _instantiate(info: BackendInfo, options: dict) -> Backend:
         raise BackendError(f"backend {info.name!r} ({info.source}): capabilities() raised "
                            f"{e.__class__.__name__}: {e}") from e
     return backend
+
+
+def coerce_options(name: str, factory, options: dict) -> dict:
+    """Backend options as the factory takes them: a string (from `--backend-option KEY=VALUE`) becomes the type of
+    the parameter's default (int, float, bool; "none" -> None), and a key the factory does not take is refused,
+    naming the ones it does (a factory with **kwargs takes any key). Raises BackendError."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin or C factory: nothing to read
+        return dict(options)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        named = {}
+    else:
+        named = {k: p for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        unknown = sorted(set(options) - set(named))
+        if unknown:
+            raise BackendError(f"backend {name!r} takes no option {unknown[0]!r}; its options: "
+                               f"{', '.join(named) or '(none)'}")
+    out = {}
+    for key, value in options.items():
+        p = named.get(key)
+        default = None if p is None or p.default is inspect.Parameter.empty else p.default
+        if isinstance(value, str) and default is not None and not isinstance(default, str):
+            try:
+                if isinstance(default, bool):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError(value)
+                    value = value.lower() in ("true", "1", "yes")
+                elif isinstance(default, (int, float)):
+                    value = type(default)(value)
+            except ValueError:
+                raise BackendError(f"backend {name!r} option {key}={value!r}: expected "
+                                   f"{type(default).__name__}") from None
+        elif isinstance(value, str) and value.lower() == "none" and p is not None and p.default is None:
+            value = None
+        out[key] = value
+    return out
 
 
 def device_infos(probed: dict) -> list[DeviceInfo]:

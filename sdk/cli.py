@@ -38,7 +38,9 @@ ENGINE_ARGS = """backend: auto | torch | triton | onnxruntime | a plugin's name.
             offload_tier: where offloaded experts live: host (memory, default) | disk (the bundle's shards).
             ep: expert parallelism over this many ranks (torchrun; 1: one process).
             pg_backend: process-group backend with --ep: gloo (default) | nccl | hccl | ...
-            timeout: seconds a collective waits for a peer with --ep (default 30)."""
+            timeout: seconds a collective waits for a peer with --ep (default 30).
+            public_key: a signer's public key FILE: the bundle must carry a valid signature by it (flashport export
+                --sign), and every file's sha256 is checked (default: $FLASHPORT_PUBLIC_KEY)."""
 
 
 def _engine_doc(fn):
@@ -60,7 +62,7 @@ class Cli:
                  backend_option: list[str] | None = None, device: str | None = None, deterministic: bool = False,
                  kv_dir: str | None = None, kv_strategy: str | None = None, kv_dtype: str | None = None,
                  max_device_memory: str | None = None, offload_tier: str | None = None, ep: int = 1,
-                 pg_backend: str | None = None, timeout: float | None = None):
+                 pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None):
         """Generate text from PATH (a checkpoint or bundle directory) after PROMPT.
 
         Args:
@@ -82,7 +84,7 @@ class Cli:
 
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
-                              pg_backend, timeout)
+                              pg_backend, timeout, public_key)
         command = ["generate", path, *flags_of(Cli.generate, locals())]  # what each rank runs under --ep
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -109,7 +111,7 @@ class Cli:
              backend_option: list[str] | None = None, device: str | None = None, deterministic: bool = False,
              kv_dir: str | None = None, kv_strategy: str | None = None, kv_dtype: str | None = None,
              max_device_memory: str | None = None, offload_tier: str | None = None, ep: int = 1,
-             pg_backend: str | None = None, timeout: float | None = None):
+             pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None):
         """Chat with PATH in the terminal (line editing and history; Ctrl-C stops a reply; /help for commands).
 
         Args:
@@ -133,21 +135,22 @@ class Cli:
                              "through a client")
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
-                              pg_backend, timeout)
+                              pg_backend, timeout, public_key)
         print(f"flashport: loading {path} ...", file=sys.stderr, flush=True)
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         run_command(path, opts, lambda engine: chat(engine, mode, system, sampling), ["chat", path])
 
     @_engine_doc
     def serve(self, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-              api_key_file: str | None = None, max_queue: int = 64, max_batch: int = 32, max_body: int = 1 << 20, max_context: int = 0,
+              api_key_file: str | None = None, max_queue: int = 64, max_batch: int = 32, max_body: int = 0,
+              max_context: int = 0,
               max_tokens: int = 256, model_name: str = "", prefix_pool: int = 16, log_level: str = "info",
               shutdown_timeout: float = 30.0,
               backend: str = "auto", execution_provider: str | None = None, plugin_ep_library: str | None = None,
               backend_option: list[str] | None = None, device: str | None = None, deterministic: bool = False,
               kv_dir: str | None = None, kv_strategy: str | None = None, kv_dtype: str | None = None,
               max_device_memory: str | None = None, offload_tier: str | None = None, ep: int = 1,
-              pg_backend: str | None = None, timeout: float | None = None):
+              pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None):
         """Serve PATH with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
 
         Args:
@@ -160,8 +163,8 @@ class Cli:
             api_key_file: a file whose first line is the API key.
             max_queue: waiting requests before 429 (>= 1).
             max_batch: sequences decoded together (>= 1).
-            max_body: request bytes before 413 (>= 1).
-            max_context: prompt + completion token limit (0: the model's).
+            max_body: request bytes before 413 (0: 16 per context token, at least 1 MiB).
+            max_context: prompt + completion token limit (0: what half the available memory holds as KV).
             max_tokens: completion length of a request that does not say (>= 1).
             model_name: the model id clients send (default: the directory's name).
             prefix_pool: recent conversations kept for KV reuse across requests (0: off).
@@ -172,28 +175,25 @@ class Cli:
         at_least("--port", port, 0)
         if port > 65535:
             raise UsageError(f"--port must be at most 65535, not {port}")
-        for flag, v, lo in (("--max-queue", max_queue, 1), ("--max-batch", max_batch, 1), ("--max-body", max_body, 1),
+        for flag, v, lo in (("--max-queue", max_queue, 1), ("--max-batch", max_batch, 1), ("--max-body", max_body, 0),
                             ("--max-context", max_context, 0), ("--max-tokens", max_tokens, 1),
                             ("--prefix-pool", prefix_pool, 0), ("--shutdown-timeout", shutdown_timeout, 0)):
             at_least(flag, v, lo)
         one_of("--log-level", log_level, ("critical", "error", "warning", "info", "debug", "trace"))
         if api_key_file is not None and not Path(api_key_file).is_file():
             raise UsageError(f"--api-key-file: {api_key_file} does not exist")
-        engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
-                       kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep, pg_backend, timeout)
+        opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
+                              deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
+                              pg_backend, timeout, public_key)
         _needs_module("uvicorn", "serve")
+        from .options import flags_of
         from .server import serve_cli
 
-        # serve_cli builds the same options (flashport.options.engine_options) and runs the server on the engine
-        given = {k: v for k, v in dict(
-            api_key=api_key, api_key_file=api_key_file, execution_provider=execution_provider,
-            plugin_ep_library=plugin_ep_library, backend_option=backend_option, device=device, kv_dir=kv_dir,
-            kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory,
-            offload_tier=offload_tier, pg_backend=pg_backend, timeout=timeout).items() if v is not None}
-        serve_cli(path, host=host, port=port, max_queue=max_queue, max_batch=max_batch, max_body=max_body,
-                  max_context=max_context, max_tokens=max_tokens, backend=backend, deterministic=deterministic,
-                  model_name=model_name, prefix_pool=prefix_pool, log_level=log_level,
-                  shutdown_timeout=shutdown_timeout, ep=ep, **given)
+        command = ["serve", path, *flags_of(Cli.serve, locals(), skip=("api_key", "api_key_file"))]
+        serve_cli(path, opts, command, host=host, port=port, api_key=api_key, api_key_file=api_key_file,
+                  max_queue=max_queue, max_batch=max_batch, max_body=max_body, max_context=max_context,
+                  max_tokens=max_tokens, model_name=model_name, prefix_pool=prefix_pool, log_level=log_level,
+                  shutdown_timeout=shutdown_timeout)
 
     def make_checkpoint(self, preset: str = "flash-tiny", out: str | None = None, seed: int = 0,
                         format: str = "release", force: bool = False, override: str | None = None):
@@ -477,7 +477,7 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
                    device: str | None = None, deterministic: bool = False, kv_dir: str | None = None,
                    kv_strategy: str | None = None, kv_dtype: str | None = None, max_device_memory: str | None = None,
                    offload_tier: str | None = None, ep: int = 1, pg_backend: str | None = None,
-                   timeout: float | None = None):
+                   timeout: float | None = None, public_key: str | None = None):
     """The EngineOptions of the engine flags of generate, chat and serve (flashport.options.engine_options, which
     serve_cli uses too), after the checks only the command line needs: PATH exists, the KV directory is not held
     by another process, and flags that only mean something beside another (--pg-backend without --ep) are
@@ -492,11 +492,13 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         raise UsageError("--kv-dtype applies with --kv-dir DIR")
     if plugin_ep_library is not None and execution_provider is None:
         raise UsageError("--plugin-ep-library needs --execution-provider NAME (the name the plugin registers)")
+    if public_key is not None and not Path(public_key).is_file():
+        raise UsageError(f"--public-key: {public_key} is not a key file")
     given = {k: v for k, v in dict(
         backend=backend, execution_provider=execution_provider, plugin_ep_library=plugin_ep_library,
         backend_option=backend_option, device=device, deterministic=deterministic, kv_dir=kv_dir,
         kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory, offload_tier=offload_tier,
-        ep=ep, pg_backend=pg_backend, timeout=timeout).items() if v is not None}
+        ep=ep, pg_backend=pg_backend, timeout=timeout, public_key=public_key).items() if v is not None}
     return options.engine_options(**given)
 
 

@@ -95,11 +95,12 @@ class Engine:
     def load(cls, path: str | Path, *, backend: str = "auto", backend_options: dict | None = None,
              device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
              offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
-             prefill_chunk: int = 1024, verify: bool | None = None, progress: bool = False) -> "Engine":
+             public_key: str | Path | None = None, prefill_chunk: int = 1024, verify: bool | None = None,
+             progress: bool = False) -> "Engine":
         """The documented SDK call: the same as `flashport.load_engine` (see there)."""
         return load_engine(path, backend=backend, backend_options=backend_options, device=device,
                            deterministic=deterministic, kv=kv, offload=offload, parallel=parallel,
-                           prefill_chunk=prefill_chunk, verify=verify, progress=progress)
+                           public_key=public_key, prefill_chunk=prefill_chunk, verify=verify, progress=progress)
 
     def enable_kv(self, kv: KVOptions | str | Path | None = None) -> KVManager:
         """Attach a prefix cache (KVOptions, or a directory for the defaults; None or a KVOptions without a dir:
@@ -274,7 +275,8 @@ class Engine:
 def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dict | None = None,
                 device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
                 offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
-                prefill_chunk: int = 1024, verify: bool | None = None, progress: bool = False) -> Engine:
+                public_key: str | Path | None = None, prefill_chunk: int = 1024, verify: bool | None = None,
+                progress: bool = False) -> Engine:
     """Open a bundle, a release checkpoint or transformers' save_pretrained output and build an Engine.
 
     path: the model directory (its format is detected from the files: flashport.loader).
@@ -286,6 +288,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
     offload: expert offload (OffloadOptions); parallel: expert parallelism (ParallelOptions, ep > 1 under
       torchrun: this process loads only its rank's experts; rank 0 drives, the others call
       `engine.ep_runner.follow()`).
+    public_key: a signer's public key file (default $FLASHPORT_PUBLIC_KEY): the bundle must carry a valid
+      signature by it (docs/export.md, trust model). verify: check every file's sha256 (default FLASHPORT_VERIFY).
     Combinations that cannot work are refused before anything is loaded (`check_combination`). Raises
     OptionError, BackendError, CheckpointError / BundleError (files), OffloadError, EPError.
     """
@@ -294,7 +298,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
     path = Path(path)
     if isinstance(kv, (str, Path)):
         kv = KVOptions(kv)
-    opts = EngineOptions(backend, dict(backend_options or {}), device, bool(deterministic), kv, offload, parallel)
+    opts = EngineOptions(backend, dict(backend_options or {}), device, bool(deterministic), kv, offload, parallel,
+                         public_key)
     be = preflight(path, opts)
     whole_step = runs_whole_steps(be)
     ep = holders = keep = partition = None
@@ -305,7 +310,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
         keep, holders, partition = rank_plan(path, ep)
     elif offload is not None:
         keep = offload_keep_expert(is_bundle(path))
-    loaded = open_model(path, keep_expert=keep, prefer_partition=partition, verify=verify, progress=progress)
+    loaded = open_model(path, keep_expert=keep, prefer_partition=partition, verify=verify, progress=progress,
+                        public_key=public_key)
     model = loaded.model
     model.set_ops(Ops(be))
     cache = apply_offload(model, path, loaded.manifest, offload) if offload is not None else None
@@ -370,8 +376,7 @@ def preflight(path: str | Path, opts: EngineOptions, launching: bool = False):
 
 def runs_whole_steps(backend) -> bool:
     """Whether a backend runs whole decoder steps (the contract's `whole_step` capability) rather than single ops."""
-    flag = getattr(backend.capabilities(), "whole_step", None)
-    return bool(flag) if flag is not None else hasattr(backend, "bind_model")  # contract 1.0: no flag yet
+    return bool(backend.capabilities().whole_step)
 
 
 def check_combination(opts: EngineOptions, whole_step: bool | None = None, launching: bool = False) -> None:

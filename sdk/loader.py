@@ -19,6 +19,7 @@ import torch
 from .bundle import KeepExpert, bundle_config, install_placeholder, is_bundle, load_model, rebuild_buffers
 from .checkpoint import CheckpointError, CheckpointReader
 from .model import Transformer
+from .signing import required_public_key
 from .tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -50,13 +51,16 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer | None:
 
 
 def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_partition: str | None = None,
-               verify: bool | None = None, progress: bool = False) -> LoadedModel:
+               verify: bool | None = None, progress: bool = False,
+               public_key: str | Path | None = None) -> LoadedModel:
     """Open the model at `path` (a bundle or a checkpoint directory) on the CPU, in eval mode, with fp32 or packed
     weights as stored.
 
     keep_expert(prefix, e): load only the routed experts it accepts; the others become placeholders (format and
     shape, no data) for expert parallelism and offload to fill. prefer_partition: a bundle partition to read
     replicated experts from. verify: also check every file's sha256 (bundles; default FLASHPORT_VERIFY=1).
+    public_key (default $FLASHPORT_PUBLIC_KEY): the bundle must carry a valid signature by this key file; a
+    checkpoint directory cannot carry one and is then refused.
     Raises FileNotFoundError for a missing path, CheckpointError / BundleError for files that cannot be used."""
     path = Path(path)
     if not path.exists():
@@ -66,8 +70,11 @@ def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_p
     if is_bundle(path):
         tokenizer = load_tokenizer(path, bundle_config(path).vocab_size)  # cheap checks before the weights
         model, manifest = load_model(path, verify=verify, progress=progress, keep_expert=keep_expert,
-                                     prefer_partition=prefer_partition)
+                                     prefer_partition=prefer_partition, public_key=public_key)
         return LoadedModel(model, tokenizer, path, "bundle", manifest)
+    if required_public_key(public_key) is not None:
+        raise CheckpointError(f"{path}: a signature is required (public key given), but only a bundle can carry "
+                              "one: export a signed bundle (flashport export --sign)")
     reader = CheckpointReader(path)
     tokenizer = load_tokenizer(path, reader.cfg.vocab_size)
     with torch.device("meta"):  # no initialised copy: the checkpoint's tensors become the parameters

@@ -146,6 +146,7 @@ class EngineOptions:
     kv: KVOptions | None = None
     offload: OffloadOptions | None = None
     parallel: ParallelOptions | None = None
+    public_key: str | Path | None = None  # a signer's public key file: bundles must carry a valid signature
 
     def kwargs(self) -> dict:
         """These options as keyword arguments of `flashport.load_engine`."""
@@ -156,7 +157,8 @@ def engine_options(backend: str = "auto", execution_provider: str = "", plugin_e
                    backend_option: list[str] | tuple[str, ...] | str | None = None, device: str = "",
                    deterministic: bool = False, kv_dir: str = "", kv_strategy: str = "periodic:4096",
                    kv_dtype: str = "release", max_device_memory: str = "", offload_tier: str = "host",
-                   ep: int = 1, pg_backend: str = "gloo", timeout: float = 30.0) -> EngineOptions:
+                   ep: int = 1, pg_backend: str = "gloo", timeout: float = 30.0,
+                   public_key: str = "") -> EngineOptions:
     """The EngineOptions that the engine flags of `flashport generate|chat|serve` and the benches describe
     (empty strings mean "not given"). Raises OptionError for a value that cannot work or a flag that needs
     another one (e.g. --execution-provider with a backend other than onnxruntime)."""
@@ -182,7 +184,8 @@ def engine_options(backend: str = "auto", execution_provider: str = "", plugin_e
     offload = OffloadOptions(max_device_memory, offload_tier) if max_device_memory else None
     off = isinstance(ep, int) and not isinstance(ep, bool) and ep <= 1  # 0 or 1: one process
     parallel = None if off else ParallelOptions(ep, pg_backend, timeout)
-    return EngineOptions(backend, options, device or None, bool(deterministic), kv, offload, parallel)
+    return EngineOptions(backend, options, device or None, bool(deterministic), kv, offload, parallel,
+                         public_key or None)
 
 
 def flags_of(fn, values: dict, skip: tuple[str, ...] = ()) -> list[str]:

@@ -553,6 +553,11 @@ def create_app(engine: Engine, **options):
         if not srv.scheduler.alive:  # a load balancer must take this replica out
             return JSONResponse({**body, "status": "error", "reason": f"engine thread died: {srv.scheduler.failure}"},
                                 status_code=503)
+        ops = getattr(srv.engine.model, "ops", None)
+        degraded = list(getattr(ops, "degraded", None) or [])
+        if degraded:  # still serving, on the reference for these ops: correct, slower
+            body.update(status="degraded", degraded_ops=degraded,
+                        backend=getattr(getattr(ops, "backend", None), "name", None))
         return body
 
     @app.get("/metrics")
@@ -799,38 +804,32 @@ async def _wait_unstreamed(srv, seq, request):
     return None
 
 
-def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, api_key_file: str = "",
-              max_queue: int = 64, max_batch: int = 32, max_body: int = 0, max_context: int = 0,
-              max_tokens: int = 256, backend: str = "auto", execution_provider: str = "", plugin_ep_library: str = "",
-              backend_option: str | tuple = "", device: str = "", deterministic: bool = False,
-              model_name: str = "", kv_dir: str = "", kv_strategy: str = "periodic:4096", prefix_pool: int = 16,
-              log_level: str = "info", shutdown_timeout: float = 30.0, ep: int = 0, pg_backend: str = "gloo",
-              timeout: float = 30.0, max_device_memory: str = "", offload_tier: str = "host", kv_dtype: str = "release"):
-    """Serve PATH (a checkpoint or bundle directory) with an OpenAI-compatible API.
+def serve_cli(path: str, opts, command: list[str], host: str = "127.0.0.1", port: int = 8000,
+              api_key: str | None = None, api_key_file: str | None = None, max_queue: int = 64, max_batch: int = 32,
+              max_body: int = 0, max_context: int = 0, max_tokens: int = 256, model_name: str = "",
+              prefix_pool: int = 16, log_level: str = "info", shutdown_timeout: float = 30.0) -> None:
+    """Serve PATH with an OpenAI-compatible API on the engine that `opts` (flashport.options.EngineOptions, from
+    `flashport serve`'s engine flags) describe; `command` is what each rank runs under expert parallelism.
 
-    host: 127.0.0.1 by default (this machine only); api_key: required as `Authorization: Bearer KEY` on /v1/*
-    (default: the first line of api_key_file, else $FLASHPORT_API_KEY, else none; prefer the file or the
-    variable: a command line is visible to every user of the machine); max_queue: waiting requests before 429;
-    max_batch: sequences decoded together; max_body: request bytes before 413 (0: 16 per context token, at least
-    1 MiB); max_context: prompt + completion token limit (0: what half the available memory holds as KV, see
-    server.default_max_context); max_tokens: default completion length (capped to the context a prompt leaves);
-    model_name: the id clients send (default: the directory's name); kv_dir: disk KV cache directory; prefix_pool:
-    recent conversations kept for KV reuse across requests (0: off); shutdown_timeout: seconds to finish running
-    requests on Ctrl-C. The engine flags (backend, execution provider, KV, ep, offload) are those of
-    `flashport generate`; with ep > 1 rank 0 serves and the other ranks serve their experts.
+    api_key: required as `Authorization: Bearer KEY` on /v1/* (default: the first line of api_key_file, else
+    $FLASHPORT_API_KEY, else none); it reaches expert-parallel ranks through the environment, never a command
+    line. max_queue: waiting requests before 429; max_batch: sequences decoded together; max_body: request bytes
+    before 413 (0: 16 per context token, at least 1 MiB); max_context: prompt + completion token limit (0: what
+    half the available memory holds as KV, see default_max_context); max_tokens: default completion length
+    (capped to the context a prompt leaves); model_name: the id clients send (default: the directory's name);
+    prefix_pool: recent conversations kept for KV reuse across requests (0: off); shutdown_timeout: seconds to
+    finish running requests on Ctrl-C. Raises OptionError for an unreadable key file.
     """
     from .engine import run_command
-    from .options import OptionError, engine_options, flags_of
+    from .options import OptionError
 
-    opts = engine_options(backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
-                          kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep, pg_backend, timeout)
     if api_key_file:
         try:
             api_key = Path(api_key_file).read_text().splitlines()[0].strip() or None
         except (OSError, IndexError, UnicodeDecodeError) as e:
-            raise OptionError(f"--api-key-file {api_key_file}: cannot read a key from it ({e.__class__.__name__})") from None
+            raise OptionError(f"--api-key-file {api_key_file}: cannot read a key from it "
+                              f"({e.__class__.__name__})") from None
     api_key = api_key or os.environ.get("FLASHPORT_API_KEY") or None
-    command = ["serve", path, *flags_of(serve_cli, locals(), skip=("api_key", "api_key_file"))]
 
     def serve(engine):
         if engine.ep_runner is not None:
@@ -839,7 +838,7 @@ def serve_cli(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str
                    max_queue=max_queue, max_batch=max_batch, max_body=max_body, max_context=max_context,
                    default_max_tokens=max_tokens, prefix_pool=prefix_pool)
 
-    return run_command(path, opts, serve, command, {"FLASHPORT_API_KEY": api_key} if api_key else None)
+    run_command(path, opts, serve, command, {"FLASHPORT_API_KEY": api_key} if api_key else None)
 
 
 def run_server(engine: Engine, host: str, port: int, api_key: str | None, log_level: str = "info",
