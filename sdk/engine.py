@@ -364,6 +364,9 @@ def preflight(path: str | Path, opts: EngineOptions, launching: bool = False):
         raise FileNotFoundError(f"{path}: does not exist")
     if opts.kv is not None and opts.kv.dir is not None and "RANK" not in os.environ:  # ranks: rank 0 opens it
         check_not_in_use(opts.kv.dir)
+    if opts.offload is not None and opts.offload.tier == "disk" and not is_bundle(path):
+        raise OptionError(f"offload tier disk with {path}: the disk tier reads experts from a bundle's shards; "
+                          "export one first (flashport export) or use the host tier")
     backend, kwargs = opts.backend, dict(opts.backend_options)
     if opts.device:
         kwargs["device"] = opts.device
