@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .distributed import EPGroup, EPRunner, launch_torchrun, rank_plan
 from .kv import KVManager, PrefillStats, check_fits, check_not_in_use, chunk_spans, model_identity, prefill_cached
 from .loader import open_model
-from .model import SeqState, Transformer
+from .model import Linear, SeqState, Transformer
 from .offload import apply_offload, offload_keep_expert
 from .options import EngineOptions, KVOptions, OffloadOptions, OptionError, ParallelOptions
 from .tokenizer import Tokenizer
@@ -318,6 +318,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
     runner = EPRunner(model, ep, holders) if ep is not None else None
     if whole_step:
         model = be.bind_model(model, path)
+    else:
+        upload_weights(model, progress)
     engine = Engine(model, loaded.tokenizer, path, prefill_chunk=prefill_chunk, deterministic=deterministic or None)
     engine.offload, engine.ep_runner = cache, runner
     if kv is not None and (ep is None or ep.rank == 0):  # followers never prefill: only the driver caches
@@ -339,6 +341,17 @@ def run_command(path: str | Path, opts: EngineOptions, fn: Callable[[Engine], T]
             raise SystemExit(rc)
         return None
     return drive(load_engine(path, **opts.kwargs()), fn)
+
+
+def upload_weights(model: Transformer, progress: bool = False) -> None:
+    """Put every resident weight into the backend's layout now (Ops.handle), so that loading is not paid inside
+    the first request's prefill. Placeholders (experts held by other ranks or offloaded) are skipped: the cache
+    uploads those it materialises."""
+    ops = model.ops
+    lins = [m for m in model.modules() if isinstance(m, Linear)
+            and (m.packed.tensors if m.packed is not None else m.weight.numel())]
+    for lin in tqdm(lins, desc="upload", unit="weight", disable=not progress):
+        ops.handle(lin)
 
 
 def drive(engine: Engine, fn: Callable[[Engine], T]) -> T | None:
