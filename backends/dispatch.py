@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from torch import nn
+
 from . import reference
 from .contract import OPS, Backend, QuantWeight
 
@@ -17,6 +19,7 @@ class Ops:
         self.caps = backend.capabilities() if backend is not None else None
         self.fallbacks: dict[tuple[str, str | None], str] = {}
         self._route: dict[tuple[str, str | None], bool] = {}
+        self._experts: dict[int, _ExpertHandles] = {}  # id(ModuleList of experts) -> its handle view
 
     def native(self, op: str, fmt: str | None = None) -> bool:
         """True when `op` (with weights in `fmt`) runs on the backend, False when it falls back."""
@@ -59,8 +62,12 @@ class Ops:
         return self._call("grouped_linear", lin.qweight.fmt, x, self.handle(lin))
 
     def moe(self, x, weights, idx, experts, limit):
-        fmt = experts[0].w1.qweight.fmt
-        return self._call("moe", fmt, x, weights, idx, _ExpertHandles(self, experts), limit)
+        view = self._experts.get(id(experts))
+        if view is None or view.experts is not experts:
+            view = _ExpertHandles(self, experts)
+            if type(experts) is nn.ModuleList:  # a model's experts live as long as the model: keep the view
+                self._experts[id(experts)] = view  # (it holds the list, so that id is not reused)
+        return self._call("moe", view.linears(0)[0].qweight.fmt, x, weights, idx, view, limit)
 
     # -- weightless ops ----------------------------------------------------------------------------------------
     def attention(self, q, keys, bias, sink, scale):
@@ -93,13 +100,25 @@ class _ExpertHandles:
 
     def __init__(self, ops: Ops, experts):
         self.ops, self.experts = ops, experts
+        # each expert's Linears, resolved on first use (an offloaded container materialises experts on access):
+        # nn.Module attribute look-ups cost ~1 us each, 4 per routed expert per decode step. Ops keeps this view
+        # for a model's nn.ModuleList, so replacing an expert's Linear after its first step is not seen.
+        self._lins: list = [None] * len(experts)
 
     def __len__(self):
         return len(self.experts)
 
+    def linears(self, e: int):
+        lins = self._lins[e]
+        if lins is None:
+            ex = self.experts[e]
+            lins = self._lins[e] = (ex.w1, ex.w3, ex.w2)
+        return lins
+
     def __getitem__(self, e: int):
-        ex = self.experts[e]
-        return tuple(self.ops.handle(w, "moe") for w in (ex.w1, ex.w3, ex.w2))
+        handle = self.ops.handle
+        w1, w3, w2 = self.linears(e)
+        return handle(w1, "moe"), handle(w3, "moe"), handle(w2, "moe")
 
 
 REFERENCE = Ops(None)

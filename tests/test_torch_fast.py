@@ -62,15 +62,30 @@ def test_hc_pre_post(T):
     close(torch_fast.hc_post(block_out, streams, ref[1], ref[2]), reference.hc_post(block_out, streams, ref[1], ref[2]))
 
 
-@pytest.mark.parametrize("T,S", [(1, 40), (6, 70)])
-def test_attention(T, S):
+@pytest.mark.parametrize("T,S", [(1, 40), (6, 70), (1, 200), (20, 90)])
+@pytest.mark.parametrize("impl", ["attention", "sdpa_attention"])
+def test_attention(T, S, impl):
+    """Decode rows (T <= 8) run the C++ kernel (`attention`) or SDPA (`sdpa_attention`, without the kernels),
+    prefill the blocked reference: each within 1e-5 of the reference."""
+    if impl == "sdpa_attention" and T > cpu_quant.GEMV_MAX_ROWS:
+        pytest.skip("the SDPA form serves decode rows only")
     H, Dh = 4, 32
     q, keys, sink = randn(T, H, Dh), randn(S, Dh), randn(H)
     bias = torch.zeros(T, S).masked_fill_(torch.rand(T, S, generator=G) < 0.3, float("-inf"))
     bias[0] = float("-inf")  # a query that sees nothing but the sink: output 0
-    out = torch_fast.attention(q, keys, bias, sink, Dh ** -0.5)
+    out = getattr(torch_fast, impl)(q, keys, bias, sink, Dh ** -0.5)
     close(out, reference.attention(q, keys, bias, sink, Dh ** -0.5))
     assert out[0].abs().max() == 0
+
+
+@needs_ext
+def test_decode_attention_runs_the_kernel(monkeypatch):
+    """A decode step's attention is one C++ call (not SDPA): the kernel's own result, within 1e-5 of the reference
+    at the real decode shape (no mask: bias 0, the sink in the denominator)."""
+    monkeypatch.setattr(torch_fast, "sdpa_attention", None)  # would raise if the decode path fell back to it
+    q, keys, sink = randn(1, 8, 128), randn(130, 128), randn(8)
+    bias = torch.zeros(1, 130)
+    close(torch_fast.attention(q, keys, bias, sink, 128 ** -0.5), reference.attention(q, keys, bias, sink, 128 ** -0.5))
 
 
 def test_indexer_topk_selection():

@@ -310,6 +310,9 @@ Tensor grouped_linear(const Tensor& x_, const QW& q) {
 // Routed-expert step, the reference's math: experts in ascending id order, each over all of its tokens,
 // out += weight * w2(silu(min(w1 x, limit)) * clamp(w3 x, -limit, limit)).
 // ids: the distinct expert ids of idx (ascending); w1/w3/w2[i] belong to ids[i].
+// An expert with at most MAX_ROWS tokens (every expert of a decode step) runs the GEMV kernel on plain buffers
+// reused across experts: no tensor is allocated per expert (each costs about a microsecond, as much as a small
+// expert's GEMV); more tokens go through linear() (the GEMM path). Same arithmetic either way.
 Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit_) {
   Tensor x = x_.contiguous(), weights = weights_.contiguous().to(at::kFloat), idx = idx_.contiguous().to(at::kLong);
@@ -318,28 +321,56 @@ Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const s
   Tensor out = at::zeros({T, D}, at::kFloat);
   const int64_t* ip = idx.data_ptr<int64_t>();
   const float* wp = weights.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<int64_t> rows;
+  std::vector<float> gate_w, xbuf, gbuf, ubuf, ybuf;
   for (size_t e = 0; e < ids.size(); e++) {
-    std::vector<int64_t> rows;
-    std::vector<float> gate_w;
+    rows.clear();
+    gate_w.clear();
     for (int64_t t = 0; t < T; t++)
       for (int64_t s = 0; s < k; s++)
         if (ip[t * k + s] == ids[e]) { rows.push_back(t); gate_w.push_back(wp[t * k + s]); }
     if (rows.empty()) continue;
-    const int64_t n = rows.size();
-    Tensor rows_t = at::from_blob(rows.data(), {n}, at::kLong).clone();
-    Tensor xe = x.index_select(0, rows_t);  // [n, D]
-    Tensor g = linear(xe, w1[e]), u = linear(xe, w3[e]);  // [n, I]
-    float* gp = g.data_ptr<float>();
-    const float* up = u.data_ptr<float>();
-    const int64_t I = g.size(1);
-    for (int64_t i = 0; i < n * I; i++) {
-      const float a = std::min(gp[i], limit);
-      const float b = std::min(std::max(up[i], -limit), limit);
-      gp[i] = a / (1.f + std::exp(-a)) * b;
+    const int64_t n = rows.size(), I = w1[e].N;
+    const float *gp, *up, *yp;
+    Tensor g, u, ye;  // the GEMM path's outputs
+    float* gmut;
+    if (n <= MAX_ROWS && w1[e].fmt != FMT_F32 && w3[e].fmt != FMT_F32 && w2[e].fmt != FMT_F32) {
+      const float* xe = xp + rows[0] * D;
+      if (n > 1) {  // gather the expert's rows (a single row is read in place)
+        xbuf.resize(n * D);
+        for (int64_t r = 0; r < n; r++) std::memcpy(xbuf.data() + r * D, xp + rows[r] * D, D * sizeof(float));
+        xe = xbuf.data();
+      }
+      gbuf.resize(n * I);
+      ubuf.resize(n * I);
+      ybuf.resize(n * D);
+      gemv(w1[e], xe, n, D, gbuf.data(), I, 0);
+      gemv(w3[e], xe, n, D, ubuf.data(), I, 0);
+      gmut = gbuf.data();
+      up = ubuf.data();
+    } else {
+      Tensor rows_t = at::from_blob(rows.data(), {n}, at::kLong).clone();
+      Tensor xe = x.index_select(0, rows_t);  // [n, D]
+      g = linear(xe, w1[e]);
+      u = linear(xe, w3[e]);  // [n, I]
+      gmut = g.data_ptr<float>();
+      up = u.data_ptr<float>();
     }
-    Tensor ye = linear(g, w2[e]);  // [n, D]
-    const float* yp = ye.data_ptr<float>();
-    float* op = out.data_ptr<float>();
+    for (int64_t i = 0; i < n * I; i++) {
+      const float a = std::min(gmut[i], limit);
+      const float b = std::min(std::max(up[i], -limit), limit);
+      gmut[i] = a / (1.f + std::exp(-a)) * b;
+    }
+    gp = gmut;
+    if (g.defined()) {
+      ye = linear(g, w2[e]);  // [n, D]
+      yp = ye.data_ptr<float>();
+    } else {
+      gemv(w2[e], gp, n, I, ybuf.data(), D, 0);
+      yp = ybuf.data();
+    }
     for (int64_t r = 0; r < n; r++) {
       const float c = gate_w[r];
       float* dst = op + rows[r] * D;
