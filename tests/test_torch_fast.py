@@ -243,12 +243,26 @@ def test_torch_fallback_without_extension(monkeypatch):
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def mini_release(tmp_path_factory):
+    from flashport.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("mini-release"), "flash-mini", seed=0, fmt="release")
+
+
 @needs_ext
-def test_generation_matches_reference(tiny_release):
+@pytest.mark.parametrize("ckpt,prompt_len", [
+    ("tiny_release", 150),
+    # 300 tokens: more compressed entries than index_topk (the indexer's selection runs), a complete HCA entry
+    pytest.param("mini_release", 300, marks=pytest.mark.slow),
+])
+def test_generation_matches_reference(ckpt, prompt_len, request):
+    """Greedy tokens of the fast path (C++ attention, MoE, GEMV...) equal the reference ops' on flash-tiny and
+    flash-mini, and the logits stay within 1e-3."""
     from flashport.engine import Engine
 
-    eng = Engine.load(tiny_release, backend="torch")
-    prompt = torch.randint(2, 4000, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    eng = Engine.load(request.getfixturevalue(ckpt), backend="torch")
+    prompt = torch.randint(2, 4000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     ref_logits = eng.logits(prompt)
     ref = eng.generate(prompt, max_new_tokens=24).token_ids
     eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
@@ -262,6 +276,44 @@ def test_generation_matches_reference(tiny_release):
     assert ops.handle(lin).fmt == cpu_quant.FMT_FP8  # release FP8 weights kept as FP8, losslessly
     expert = eng.model.layers[0].ffn.experts[0].w1
     assert ops.handle(expert).fmt == cpu_quant.FMT_FP8  # MXFP4 experts fit the FP8 block grid too
+
+
+def test_bench_decode_rows_and_roofline(tiny_release, monkeypatch):
+    """`bench decode` prints flashport vs transformers per row with the ratio and the decode roofline fraction;
+    with peer=False transformers is not run at all and its cells print '-'."""
+    from flashport.bench import decode
+
+    def no_peer(*a):
+        raise AssertionError("transformers ran with peer=False")
+
+    monkeypatch.setattr(decode, "_transformers", no_peer)
+    out = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2, peer=False)
+    pre, dec = (line.split() for line in out.splitlines()[-2:])
+    assert pre[:2] == ["16", "prefill"] and dec[:2] == ["16", "decode"]
+    assert pre[4:6] == ["-", "-"] and dec[4:6] == ["-", "-"] and dec[-1].endswith("%") and pre[-1] == "-"
+    monkeypatch.setattr(decode, "_transformers", lambda *a: (100.0, 10.0))
+    dec = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2).splitlines()[-1].split()
+    assert float(dec[4]) == 10.0 and dec[5] == f"{float(dec[3]) / 10.0:.2f}x"
+
+
+def test_decode_bytes_per_token_counts_the_uploaded_layout(tiny_release):
+    """Weights read per decode token: FP8 Linears at 1 byte per weight (+ scales) in the fast path, fp32 on the
+    reference; the routed experts at num_experts_per_tok / n_routed_experts of their bytes."""
+    from flashport.bench.decode import decode_bytes_per_token
+    from flashport.engine import Engine
+
+    model = Engine.load(tiny_release, backend="torch").model
+    cfg = model.cfg
+    ref = decode_bytes_per_token(model, Ops())
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("mtp")}
+    share = cfg.num_experts_per_tok / cfg.n_routed_experts
+    expect = sum((share if ".experts." in n else 1) * p.numel() * 4 for n, p in params.items() if n != "embed.weight")
+    assert ref == int(expect + cfg.hidden_size * 4)
+    if cpu_quant.ext() is not None:
+        fast = decode_bytes_per_token(model, Ops(torch_fast.FastTorchBackend()))
+        wq_a = model.layers[0].attn.wq_a.weight
+        assert ref - fast > 0.7 * 3 * wq_a.numel()  # at least wq_a saved its 3 of 4 bytes per weight
+        assert fast < ref / 2
 
 
 def test_deterministic_mode_is_torch_backends():
