@@ -184,6 +184,25 @@ def test_linear_formats(fmt, T):
     assert ((y - ref).abs() <= linear_bound(x, dense)).all()
 
 
+@needs_ext
+@pytest.mark.parametrize("N,K", [(301, 200), (130, 128), (64, 520)])
+def test_fp8_decode_rows_bit_identical_to_the_row_kernel(N, K):
+    """One decode row runs the 4-rows-at-a-time FP8 kernel (K <= 512), several rows the one-row kernel: each output
+    is formed in the same order, so decode results are bit-identical to a batched row's (N not a multiple of 4,
+    row blocks of 128 crossed, a K tail inside a scale block; also the grouped projection)."""
+    fp8 = get_format("fp8-e4m3-block128-ue8m0")
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(3))
+    cw = cpu_quant.upload(QuantWeight("fp8-e4m3-block128-ue8m0", (N, K), fp8.pack(w)))
+    assert cw.fmt == cpu_quant.FMT_FP8
+    x = randn(2, K)
+    assert torch.equal(cpu_quant.linear(x[:1], cw), cpu_quant.linear(x, cw)[:1])
+    assert ((cpu_quant.linear(x[:1], cw) - x[:1] @ cw.dequantize().T).abs()
+            <= linear_bound(x[:1], cw.dequantize())).all()
+    if N % 2 == 0:  # two groups of N / 2 rows
+        xg = randn(2, 2, K)
+        assert torch.equal(cpu_quant.grouped_linear(xg[:1], cw), cpu_quant.grouped_linear(xg, cw)[:1])
+
+
 def test_upload_keeps_compact_exact_storage():
     exact = torch.randn(16, 64).bfloat16().float()  # like every dequantized release weight (FP8 / MXFP4)
     assert cpu_quant.upload(QuantWeight("fp32", (16, 64), {"weight": exact})).fmt == cpu_quant.FMT_BF16
