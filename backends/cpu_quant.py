@@ -200,10 +200,11 @@ def moe(x: Tensor, weights: Tensor, idx: Tensor, experts, limit: float) -> Tenso
     # the distinct experts, ascending like the reference (a decode step's few ids: cheaper in Python than unique)
     ids = sorted(set(idx.reshape(-1).tolist())) if idx.numel() <= 64 else idx.unique().tolist()
     handles = [experts[e] for e in ids]
-    if ext() is None or any(h.native is None for hs in handles for h in hs):
+    w1, w3, w2 = ([h[j].native for h in handles] for j in range(3))
+    mod = ext()
+    if mod is None or None in w1 or None in w3 or None in w2:
         from . import reference
 
         dense = {e: tuple(h.dequantize() for h in hs) for e, hs in zip(ids, handles)}
         return reference.moe(x, weights, idx, dense, limit)
-    return ext().moe(x.float(), weights, idx, ids, [h[0].native for h in handles], [h[1].native for h in handles],
-                     [h[2].native for h in handles], float(limit))
+    return mod.moe(x.float(), weights, idx, ids, w1, w3, w2, float(limit))

@@ -40,7 +40,10 @@ class Ops:
         """The backend's copy of a Linear's weight (for `op`, default the Linear's own), uploaded on first use;
         or the fp32 tensor when that op falls back to the reference."""
         qw: QuantWeight = lin.qweight
-        if self.native(op or lin.op, qw.fmt):
+        native = self._route.get((op or lin.op, qw.fmt))  # the decided route, without a call (~200 per step)
+        if native is None:
+            native = self.native(op or lin.op, qw.fmt)
+        if native:
             key = id(self.backend)
             if lin.handles.get(key) is None:
                 lin.handles[key] = self.backend.upload(qw)
@@ -52,8 +55,10 @@ class Ops:
         return lin.handles["ref"]
 
     def _call(self, op, fmt, *args):
-        impl = getattr(self.backend, op) if self.native(op, fmt) else getattr(reference, op)
-        return impl(*args)
+        native = self._route.get((op, fmt))
+        if native is None:
+            native = self.native(op, fmt)
+        return (getattr(self.backend, op) if native else getattr(reference, op))(*args)
 
     def linear(self, x, lin):
         return self._call("linear", lin.qweight.fmt, x, self.handle(lin))
