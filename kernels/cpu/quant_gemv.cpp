@@ -139,12 +139,12 @@ static inline void row_i4(const uint8_t* B, const float* sc, const uint8_t* zp, 
 }
 
 // fp8 e4m3 -> fp16 bits (sign << 8, exponent and mantissa << 7: the same number times 2^-8, subnormals included)
-// -> fp32 by the F16C conversion, which is exact; the 2^8 joins the block scale.
+// -> fp32 by the F16C conversion, which is exact; the 2^8 joins the block scale. The GEMVs are bound by this
+// conversion, so it takes 3 integer ops: t = code << 7 puts exponent and mantissa in place and the sign at bit 14;
+// t + (t & 0x4000) carries that bit into bit 15 and clears bit 14 (the same bits as (s << 8) | (em << 7)).
 static inline __m512 load_e4m3_x256(const uint8_t* w) {
-  const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-  const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x80)), 8),
-                                    _mm256_slli_epi16(_mm256_and_si256(v, _mm256_set1_epi16(0x7F)), 7));
-  return _mm512_cvtph_ps(h);
+  const __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))), 7);
+  return _mm512_cvtph_ps(_mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000))));
 }
 
 template <int T>
