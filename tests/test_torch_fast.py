@@ -201,6 +201,20 @@ def test_fp8_decode_rows_bit_identical_to_the_row_kernel(N, K):
         assert torch.equal(cpu_quant.grouped_linear(xg[:1], cw), cpu_quant.grouped_linear(xg, cw)[:1])
 
 
+@needs_ext
+def test_fp8_every_code_dequantizes_bit_exactly():
+    """Every finite e4m3 code (subnormals, both signs, zero and -0) through the kernels' vector conversion equals
+    quant.release's dequantization bit for bit, at several power-of-two block scales."""
+    from flashport.quant.release import dequantize_fp8_block
+
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)  # 0x7F, 0xFF: NaN
+    codes = finite.repeat(256 * 2 // len(finite) + 1)[:512].view(1, 512).repeat(130, 1)  # [130, 512]
+    scale = torch.tensor([[2.0 ** -3, 1.0, 2.0 ** 4, 2.0 ** -9]] * 2)  # [ceil(130/128), 512/128]
+    cw = cpu_quant.CpuWeight(cpu_quant.FMT_FP8, (130, 512), codes.contiguous(), scale)
+    ref = dequantize_fp8_block(codes.view(torch.float8_e4m3fn), scale)
+    assert torch.equal(cw.dequantize().view(torch.int32), ref.view(torch.int32))
+
+
 def test_upload_keeps_compact_exact_storage():
     exact = torch.randn(16, 64).bfloat16().float()  # like every dequantized release weight (FP8 / MXFP4)
     assert cpu_quant.upload(QuantWeight("fp32", (16, 64), {"weight": exact})).fmt == cpu_quant.FMT_BF16
