@@ -4,6 +4,7 @@ weight's format), else to the torch reference. A fallback is logged once per (op
 from __future__ import annotations
 
 import logging
+import weakref
 
 from torch import nn
 
@@ -19,7 +20,8 @@ class Ops:
         self.caps = backend.capabilities() if backend is not None else None
         self.fallbacks: dict[tuple[str, str | None], str] = {}
         self._route: dict[tuple[str, str | None], bool] = {}
-        self._experts: dict[int, _ExpertHandles] = {}  # id(ModuleList of experts) -> its handle view
+        # a model's ModuleList of experts -> its handle view; weak, so the global REFERENCE keeps no model alive
+        self._experts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def native(self, op: str, fmt: str | None = None) -> bool:
         """True when `op` (with weights in `fmt`) runs on the backend, False when it falls back."""
@@ -67,11 +69,12 @@ class Ops:
         return self._call("grouped_linear", lin.qweight.fmt, x, self.handle(lin))
 
     def moe(self, x, weights, idx, experts, limit):
-        view = self._experts.get(id(experts))
-        if view is None or view.experts is not experts:
-            view = _ExpertHandles(self, experts)
-            if type(experts) is nn.ModuleList:  # a model's experts live as long as the model: keep the view
-                self._experts[id(experts)] = view  # (it holds the list, so that id is not reused)
+        cached = type(experts) is nn.ModuleList  # a model's experts (not a per-call list, not an offload cache)
+        view = self._experts.get(experts) if cached else None
+        if view is None:
+            view = _ExpertHandles(self, experts, weak=cached)
+            if cached:
+                self._experts[experts] = view
         return self._call("moe", view.linears(0)[0].qweight.fmt, x, weights, idx, view, limit)
 
     # -- weightless ops ----------------------------------------------------------------------------------------
@@ -103,12 +106,18 @@ class Ops:
 class _ExpertHandles:
     """experts[e] -> (w1, w3, w2) handles, resolved only for the experts a step actually routes to."""
 
-    def __init__(self, ops: Ops, experts):
-        self.ops, self.experts = ops, experts
+    def __init__(self, ops: Ops, experts, weak: bool = False):
+        self.ops = ops
+        # weak: held by Ops._experts, whose key is `experts` itself (a strong reference would keep it alive)
+        self._experts = weakref.ref(experts) if weak else (lambda: experts)
         # each expert's Linears, resolved on first use (an offloaded container materialises experts on access):
         # nn.Module attribute look-ups cost ~1 us each, 4 per routed expert per decode step. Ops keeps this view
         # for a model's nn.ModuleList, so replacing an expert's Linear after its first step is not seen.
         self._lins: list = [None] * len(experts)
+
+    @property
+    def experts(self):
+        return self._experts()
 
     def __len__(self):
         return len(self.experts)

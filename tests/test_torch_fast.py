@@ -273,6 +273,31 @@ def test_torch_fallback_without_extension(monkeypatch):
                                reference.moe(x[:1], weights, idx, dense, 10.0))
 
 
+def test_dispatch_expert_views_cached_per_model_without_keeping_it_alive():
+    """Ops resolves a model's experts once (a view per nn.ModuleList), and holds that view weakly: a dropped
+    model's experts are freed even by a long-lived Ops (the global REFERENCE). Results equal the reference."""
+    import gc
+    import weakref
+
+    from flashport.backends.dispatch import REFERENCE
+    from flashport.model import Expert
+
+    experts = torch.nn.ModuleList(Expert(16, 8) for _ in range(3))
+    for p in experts.parameters():
+        p.data.normal_(generator=G)
+    x, idx, w = randn(2, 16), torch.tensor([[0, 2], [1, 2]]), torch.rand(2, 2, generator=G)
+    dense = [tuple(getattr(ex, n).weight for n in ("w1", "w3", "w2")) for ex in experts]
+    for ops in (REFERENCE, Ops(torch_fast.FastTorchBackend())):
+        out = ops.moe(x, w, idx, experts, 10.0)
+        assert ops._experts[experts] is not None  # cached: the next step reuses the resolved Linears
+        torch.testing.assert_close(ops.moe(x, w, idx, experts, 10.0), out)
+        torch.testing.assert_close(out, reference.moe(x, w, idx, dense, 10.0), atol=1e-5, rtol=1e-5)
+    ref = weakref.ref(experts)
+    del experts, dense
+    gc.collect()
+    assert ref() is None
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def mini_release(tmp_path_factory):
