@@ -8,6 +8,9 @@ weight format) run on the reference instead, the error is logged once, and the o
 from __future__ import annotations
 
 import logging
+import weakref
+
+from torch import nn
 
 from . import reference
 from .contract import OPS, Backend, BackendError, QuantWeight
@@ -23,6 +26,8 @@ class Ops:
         self.fallbacks: dict[tuple[str, str | None], str] = {}
         self.errors: dict[tuple[str, str | None], str] = {}  # (op, format) -> the error that degraded it
         self._route: dict[tuple[str, str | None], bool] = {}
+        # a model's ModuleList of experts -> its handle view; weak, so the global REFERENCE keeps no model alive
+        self._experts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def degraded(self) -> list[str]:
@@ -51,7 +56,10 @@ class Ops:
         """The backend's copy of a Linear's weight (for `op`, default the Linear's own), uploaded on first use;
         or the fp32 tensor when that op falls back to the reference."""
         qw: QuantWeight = lin.qweight
-        if self.native(op or lin.op, qw.fmt):
+        native = self._route.get((op or lin.op, qw.fmt))  # the decided route, without a call (~200 per step)
+        if native is None:
+            native = self.native(op or lin.op, qw.fmt)
+        if native:
             key = id(self.backend)
             if lin.handles.get(key) is None:
                 lin.handles[key] = self.backend.upload(qw)
@@ -66,7 +74,10 @@ class Ops:
         """Run op on the backend when it is native there, else on the reference. When the backend raises, the op
         is degraded and this call reruns on the reference with `rebuild()`'s arguments (reference weights in
         place of the backend's handles)."""
-        if not self.native(op, fmt):
+        native = self._route.get((op, fmt))  # the cached route first: this runs ~200 times per decode step
+        if native is None:
+            native = self.native(op, fmt)
+        if not native:
             return getattr(reference, op)(*args)
         try:
             return getattr(self.backend, op)(*args)
@@ -91,9 +102,13 @@ class Ops:
                           rebuild=lambda: (x, self.handle(lin)))
 
     def moe(self, x, weights, idx, experts, limit):
-        fmt = experts[0].w1.qweight.fmt
-        # the handles resolve per expert on use: after a degrade they resolve to the reference's weights
-        return self._call("moe", fmt, x, weights, idx, _ExpertHandles(self, experts), limit)
+        cached = type(experts) is nn.ModuleList  # a model's experts (not a per-call list, not an offload cache)
+        view = self._experts.get(experts) if cached else None
+        if view is None:
+            view = _ExpertHandles(self, experts, weak=cached)
+            if cached:
+                self._experts[experts] = view
+        return self._call("moe", view.linears(0)[0].qweight.fmt, x, weights, idx, view, limit)
 
     # -- weightless ops ----------------------------------------------------------------------------------------
     def attention(self, q, keys, bias, sink, scale):
@@ -124,15 +139,33 @@ class Ops:
 class _ExpertHandles:
     """experts[e] -> (w1, w3, w2) handles, resolved only for the experts a step actually routes to."""
 
-    def __init__(self, ops: Ops, experts):
-        self.ops, self.experts = ops, experts
+    def __init__(self, ops: Ops, experts, weak: bool = False):
+        self.ops = ops
+        # weak: held by Ops._experts, whose key is `experts` itself (a strong reference would keep it alive)
+        self._experts = weakref.ref(experts) if weak else (lambda: experts)
+        # each expert's Linears, resolved on first use (an offloaded container materialises experts on access):
+        # nn.Module attribute look-ups cost ~1 us each, 4 per routed expert per decode step. Ops keeps this view
+        # for a model's nn.ModuleList, so replacing an expert's Linear after its first step is not seen.
+        self._lins: list = [None] * len(experts)
+
+    @property
+    def experts(self):
+        return self._experts()
 
     def __len__(self):
         return len(self.experts)
 
+    def linears(self, e: int):
+        lins = self._lins[e]
+        if lins is None:
+            ex = self.experts[e]
+            lins = self._lins[e] = (ex.w1, ex.w3, ex.w2)
+        return lins
+
     def __getitem__(self, e: int):
-        ex = self.experts[e]
-        return tuple(self.ops.handle(w, "moe") for w in (ex.w1, ex.w3, ex.w2))
+        handle = self.ops.handle
+        w1, w3, w2 = self.linears(e)
+        return handle(w1, "moe"), handle(w3, "moe"), handle(w2, "moe")
 
 
 REFERENCE = Ops(None)

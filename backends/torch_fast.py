@@ -8,7 +8,7 @@ few large torch ops), and the weight ops run on cpu_quant's compact weights (bf1
 Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   rope           BIT-EXACT (same elementwise fp32 ops, no FMA contraction)
   compress_pool, hc_head            the reference itself (rarely called in decode)
-  rms_norm, hc_pre, hc_post, attention, linear, grouped_linear, moe
+  rms_norm, hc_pre, hc_post, attention (C++ for T <= 8, else blocked torch), linear, grouped_linear, moe
                  TOLERANCE-BOUND: fp32 with another summation order (and libm's exp); 1e-5 relative
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
                  differently; exact ties follow the reference's rule (reference.topk_indices); with
@@ -56,8 +56,9 @@ PREFILL_BLOCK = 64  # query rows per block of the prefill attention
 
 
 def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
-    """Decode (T <= GEMV_MAX_ROWS): the reference's sink attention as one fused SDPA call; the sink is an extra key
-    of zeros (it adds nothing to the output) whose logit is the head's sink (through the mask).
+    """Decode (T <= GEMV_MAX_ROWS): one C++ call (the reference's math per query row and head, no tensor but the
+    output allocated; tolerance-bound), or without it one fused SDPA call where the sink is an extra key of zeros
+    (it adds nothing to the output) whose logit is the head's sink (through the mask).
 
     Prefill: the reference's math per block of PREFILL_BLOCK queries over only the keys that block can see (a
     column whose bias is -inf for every query of the block contributes exactly 0): V4's masks are sparse (a
@@ -71,6 +72,16 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
             cols = seen[rows].any(0).nonzero()[:, 0]  # [S'] the keys some query of the block sees
             out.append(reference.attention(q[rows], keys[cols], bias[rows, cols], sink, scale))
         return torch.cat(out)
+    mod = _fast(q, keys, bias, sink)
+    if mod is not None:
+        return mod.attention(q, keys, bias, sink, scale)
+    return sdpa_attention(q, keys, bias, sink, scale)
+
+
+def sdpa_attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
+    """The reference's attention as one torch SDPA call (the decode path without the C++ kernels;
+    tolerance-bound): q [T, H, Dh], keys [S, Dh], bias [T, S], sink [H] -> [T, H, Dh]."""
+    T, H, Dh = q.shape
     keys_ext = torch.cat([keys, keys.new_zeros(1, Dh)])  # [S+1, Dh]
     mask = torch.cat([bias[None].expand(H, -1, -1), sink.view(H, 1, 1).expand(-1, T, 1)], dim=-1)  # [H, T, S+1]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys_ext[None, None], keys_ext[None, None],

@@ -3,7 +3,10 @@
     flashport bench decode [PATH] [--preset flash-mini] [--prompt-lens 512,2048] [--decode-tokens 32]
 
 Three columns measured side by side: flashport on the plain torch reference ops ("ref", the math every backend
-is checked against), flashport on the fast CPU ops (backends/torch_fast.py, "fast"), and transformers ("hf").
+is checked against), flashport on the fast CPU ops (backends/torch_fast.py, "flashport"), and transformers; then
+flashport / transformers and, for decode, the roofline fraction: the bytes of weights one decode token reads in
+the fast path's layout (`decode_bytes_per_token`) times tokens/s, over the read bandwidth measured in the same run
+(bench/ops.py's `read_bandwidth`). `peer=False` skips transformers (its cells print "-").
 """
 
 from __future__ import annotations
@@ -14,7 +17,31 @@ from pathlib import Path
 import torch
 
 
-def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int, fast: bool) -> tuple[float, float]:
+def decode_bytes_per_token(model, ops) -> int:
+    """Bytes of weights one decode token reads with `ops`: every Linear in its uploaded layout (`nbytes`, e.g. FP8 +
+    scales; the fp32 tensor when it runs on the reference), routed experts counted num_experts_per_tok / n_routed
+    per MoE layer (the average expert), every other parameter (norms, mHC mixes, router) as stored, one embedding
+    row; the MTP block (not run by plain decode) is left out."""
+    from flashport.model import Linear
+
+    cfg, total = model.cfg, 0
+    for name, mod in model.named_modules():
+        if name.startswith("mtp"):
+            continue
+        share = cfg.num_experts_per_tok / cfg.n_routed_experts if ".experts." in name else 1.0
+        for pname, p in mod.named_parameters(recurse=False):
+            if isinstance(mod, Linear) and pname == "weight":
+                h = ops.handle(mod)
+                nbytes = h.nbytes if hasattr(h, "nbytes") else h.numel() * h.element_size()
+            elif name == "embed":
+                nbytes = p.shape[1] * p.element_size()  # one row
+            else:
+                nbytes = p.numel() * p.element_size()
+            total += share * nbytes
+    return int(total)
+
+
+def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int, fast: bool) -> tuple[float, float, int]:
     from flashport.backends.dispatch import REFERENCE, Ops
     from flashport.backends.torch_fast import FastTorchBackend
     from flashport.engine import Engine
@@ -26,6 +53,7 @@ def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int, fast: bool) ->
     for mod in eng.model.modules():  # upload every weight now: loading is not part of prefill
         if isinstance(mod, Linear):
             ops.handle(mod)
+    nbytes = decode_bytes_per_token(eng.model, ops)
     eng.prefill([2] * 8, eng.new_state(), progress=False)  # warm-up: uploads weights, first-call allocations
     eng.prefill_chunk = len(ids)
     state = eng.new_state()
@@ -37,7 +65,7 @@ def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int, fast: bool) ->
         logits = eng.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0]
         tok = int(logits.argmax())
     t2 = time.perf_counter()
-    return len(ids) / (t1 - t0), decode_tokens / (t2 - t1)
+    return len(ids) / (t1 - t0), decode_tokens / (t2 - t1), nbytes
 
 
 def _transformers(path: Path, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
@@ -61,7 +89,12 @@ def _transformers(path: Path, ids: torch.Tensor, decode_tokens: int) -> tuple[fl
 
 def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), decode_tokens: int = 32,
         threads: int = 0, peer: bool = True, seed: int = 0) -> str:
+    """One row per (prompt length, phase): tokens/s of the reference ops, flashport's fast ops and transformers,
+    flashport / transformers, flashport / reference, and for decode the fraction of the memory roofline
+    (bytes of weights per token x tokens/s / measured read bandwidth). Wall time, one run
+    per cell (repeat the command for medians; docs/performance.md gives the load average with every figure)."""
     from flashport.bench import checkpoint_or_preset
+    from flashport.bench.ops import read_bandwidth
 
     if threads:
         torch.set_num_threads(threads)
@@ -70,20 +103,23 @@ def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), dec
     with checkpoint_or_preset(path, preset, seed) as path:
         for n in prompt_lens:
             ids = torch.randint(2, 4000, (n,), generator=g)
-            ref = _flashport(path, ids, decode_tokens, fast=False)
-            fast = _flashport(path, ids, decode_tokens, fast=True)
-            hf = _transformers(path, ids, decode_tokens) if peer else (float("nan"),) * 2
+            *ref, ref_bytes = _flashport(path, ids, decode_tokens, fast=False)
+            *fast, fast_bytes = _flashport(path, ids, decode_tokens, fast=True)
+            hf = _transformers(path, ids, decode_tokens) if peer else None
             rows.append((n, ref, fast, hf))
-    head = f"{'ref':>8} {'fast':>8} {'hf':>8} {'fast/hf':>8} {'fast/ref':>8}"
+    bw = read_bandwidth(256 << 20)
     lines = [f"bench decode: {path} ({torch.get_num_threads()} threads, {decode_tokens} decode steps)",
-             f"{'prompt':>7} | {'prefill tok/s':^44} | {'decode tok/s':^44}",
-             f"{'':>7} | {head} | {head}"]
-    for n, *cols in rows:
-        cells = []
-        for phase in (0, 1):
-            r, f, h = (c[phase] for c in cols)
-            cells.append(f"{r:>8.1f} {f:>8.1f} {h:>8.1f} {f / h:>7.2f}x {f / r:>7.2f}x")
-        lines.append(f"{n:>7} | {cells[0]} | {cells[1]}")
+             f"weights read per decode token: flashport {fast_bytes / 1e6:.1f} MB, reference {ref_bytes / 1e6:.1f} MB; "
+             f"measured read bandwidth {bw / 1e9:.1f} GB/s: roofline {bw / fast_bytes:.0f} tok/s",
+             f"{'prompt':>7} {'phase':<8} {'ref':>9} {'flashport':>10} {'transformers':>13} "
+             f"{'fp/tf':>7} {'fp/ref':>7} {'roofline':>9}"]
+    for n, ref, fast, hf in rows:
+        for phase, name in ((0, "prefill"), (1, "decode")):
+            tf = f"{hf[phase]:>13.1f}" if hf else f"{'-':>13}"
+            ratio = f"{fast[phase] / hf[phase]:>6.2f}x" if hf else f"{'-':>7}"
+            roof = f"{fast[phase] * fast_bytes / bw:>9.1%}" if phase else f"{'-':>9}"
+            lines.append(f"{n:>7} {name:<8} {ref[phase]:>9.1f} {fast[phase]:>10.1f} {tf} {ratio} "
+                         f"{fast[phase] / ref[phase]:>6.2f}x {roof}")
     return "\n".join(lines)
 
 

@@ -62,15 +62,28 @@ def test_hc_pre_post(T):
     close(torch_fast.hc_post(block_out, streams, ref[1], ref[2]), reference.hc_post(block_out, streams, ref[1], ref[2]))
 
 
-@pytest.mark.parametrize("T,S", [(1, 40), (6, 70)])
-def test_attention(T, S):
+@pytest.mark.parametrize("impl,T,S", [(impl, T, S) for impl in ("attention", "sdpa_attention")
+                                       for T, S in ((1, 40), (6, 70), (1, 200))] + [("attention", 20, 90)])
+def test_attention(impl, T, S):
+    """Decode rows (T <= 8) run the C++ kernel (`attention`) or SDPA (`sdpa_attention`, without the kernels),
+    prefill (T = 20) the blocked reference: each within 1e-5 of the reference."""
     H, Dh = 4, 32
     q, keys, sink = randn(T, H, Dh), randn(S, Dh), randn(H)
     bias = torch.zeros(T, S).masked_fill_(torch.rand(T, S, generator=G) < 0.3, float("-inf"))
     bias[0] = float("-inf")  # a query that sees nothing but the sink: output 0
-    out = torch_fast.attention(q, keys, bias, sink, Dh ** -0.5)
+    out = getattr(torch_fast, impl)(q, keys, bias, sink, Dh ** -0.5)
     close(out, reference.attention(q, keys, bias, sink, Dh ** -0.5))
     assert out[0].abs().max() == 0
+
+
+@needs_ext
+def test_decode_attention_runs_the_kernel(monkeypatch):
+    """A decode step's attention is one C++ call (not SDPA): the kernel's own result, within 1e-5 of the reference
+    at the real decode shape (no mask: bias 0, the sink in the denominator)."""
+    monkeypatch.setattr(torch_fast, "sdpa_attention", None)  # would raise if the decode path fell back to it
+    q, keys, sink = randn(1, 8, 128), randn(130, 128), randn(8)
+    bias = torch.zeros(1, 130)
+    close(torch_fast.attention(q, keys, bias, sink, 128 ** -0.5), reference.attention(q, keys, bias, sink, 128 ** -0.5))
 
 
 def test_indexer_topk_selection():
@@ -169,6 +182,39 @@ def test_linear_formats(fmt, T):
     assert ((y - ref).abs() <= linear_bound(x, dense)).all()
 
 
+@needs_ext
+@pytest.mark.parametrize("N,K", [(301, 200), (130, 128), (64, 520)])
+def test_fp8_decode_rows_bit_identical_to_the_row_kernel(N, K):
+    """One decode row runs the 4-rows-at-a-time FP8 kernel (K <= 512), several rows the one-row kernel: each output
+    is formed in the same order, so decode results are bit-identical to a batched row's (N not a multiple of 4,
+    row blocks of 128 crossed, a K tail inside a scale block; also the grouped projection)."""
+    fp8 = get_format("fp8-e4m3-block128-ue8m0")
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(3))
+    cw = cpu_quant.upload(QuantWeight("fp8-e4m3-block128-ue8m0", (N, K), fp8.pack(w)))
+    assert cw.fmt == cpu_quant.FMT_FP8
+    x = randn(2, K)
+    assert torch.equal(cpu_quant.linear(x[:1], cw), cpu_quant.linear(x, cw)[:1])
+    assert ((cpu_quant.linear(x[:1], cw) - x[:1] @ cw.dequantize().T).abs()
+            <= linear_bound(x[:1], cw.dequantize())).all()
+    if N % 2 == 0:  # two groups of N / 2 rows
+        xg = randn(2, 2, K)
+        assert torch.equal(cpu_quant.grouped_linear(xg[:1], cw), cpu_quant.grouped_linear(xg, cw)[:1])
+
+
+@needs_ext
+def test_fp8_every_code_dequantizes_bit_exactly():
+    """Every finite e4m3 code (subnormals, both signs, zero and -0) through the kernels' vector conversion equals
+    quant.release's dequantization bit for bit, at several power-of-two block scales."""
+    from flashport.quant.release import dequantize_fp8_block
+
+    finite = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)  # 0x7F, 0xFF: NaN
+    codes = finite.repeat(256 * 2 // len(finite) + 1)[:512].view(1, 512).repeat(130, 1)  # [130, 512]
+    scale = torch.tensor([[2.0 ** -3, 1.0, 2.0 ** 4, 2.0 ** -9]] * 2)  # [ceil(130/128), 512/128]
+    cw = cpu_quant.CpuWeight(cpu_quant.FMT_FP8, (130, 512), codes.contiguous(), scale)
+    ref = dequantize_fp8_block(codes.view(torch.float8_e4m3fn), scale)
+    assert torch.equal(cw.dequantize().view(torch.int32), ref.view(torch.int32))
+
+
 def test_upload_keeps_compact_exact_storage():
     exact = torch.randn(16, 64).bfloat16().float()  # like every dequantized release weight (FP8 / MXFP4)
     assert cpu_quant.upload(QuantWeight("fp32", (16, 64), {"weight": exact})).fmt == cpu_quant.FMT_BF16
@@ -227,13 +273,52 @@ def test_torch_fallback_without_extension(monkeypatch):
                                reference.moe(x[:1], weights, idx, dense, 10.0))
 
 
+def test_dispatch_expert_views_cached_per_model_without_keeping_it_alive():
+    """Ops resolves a model's experts once (a view per nn.ModuleList), and holds that view weakly: a dropped
+    model's experts are freed even by a long-lived Ops (the global REFERENCE). Results equal the reference."""
+    import gc
+    import weakref
+
+    from flashport.backends.dispatch import REFERENCE
+    from flashport.model import Expert
+
+    experts = torch.nn.ModuleList(Expert(16, 8) for _ in range(3))
+    for p in experts.parameters():
+        p.data.normal_(generator=G)
+    x, idx, w = randn(2, 16), torch.tensor([[0, 2], [1, 2]]), torch.rand(2, 2, generator=G)
+    dense = [tuple(getattr(ex, n).weight for n in ("w1", "w3", "w2")) for ex in experts]
+    for ops in (REFERENCE, Ops(torch_fast.FastTorchBackend())):
+        out = ops.moe(x, w, idx, experts, 10.0)
+        assert ops._experts[experts] is not None  # cached: the next step reuses the resolved Linears
+        torch.testing.assert_close(ops.moe(x, w, idx, experts, 10.0), out)
+        torch.testing.assert_close(out, reference.moe(x, w, idx, dense, 10.0), atol=1e-5, rtol=1e-5)
+    ref = weakref.ref(experts)
+    del experts, dense
+    gc.collect()
+    assert ref() is None
+
+
 # ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def mini_release(tmp_path_factory):
+    from flashport.checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("mini-release"), "flash-mini", seed=0, fmt="release")
+
+
 @needs_ext
-def test_generation_matches_reference(tiny_release):
+@pytest.mark.parametrize("ckpt,prompt_len", [
+    ("tiny_release", 150),
+    # 300 tokens: more compressed entries than index_topk (the indexer's selection runs), a complete HCA entry
+    pytest.param("mini_release", 300, marks=pytest.mark.slow),
+])
+def test_generation_matches_reference(ckpt, prompt_len, request):
+    """Greedy tokens of the fast path (C++ attention, MoE, GEMV...) equal the reference ops' on flash-tiny and
+    flash-mini, and the logits stay within 1e-3."""
     from flashport.engine import Engine
 
-    eng = Engine.load(tiny_release, backend="torch")
-    prompt = torch.randint(2, 4000, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    eng = Engine.load(request.getfixturevalue(ckpt), backend="torch")
+    prompt = torch.randint(2, 4000, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     ref_logits = eng.logits(prompt)
     ref = eng.generate(prompt, max_new_tokens=24).token_ids
     eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
@@ -247,6 +332,44 @@ def test_generation_matches_reference(tiny_release):
     assert ops.handle(lin).fmt == cpu_quant.FMT_FP8  # release FP8 weights kept as FP8, losslessly
     expert = eng.model.layers[0].ffn.experts[0].w1
     assert ops.handle(expert).fmt == cpu_quant.FMT_FP8  # MXFP4 experts fit the FP8 block grid too
+
+
+def test_bench_decode_rows_and_roofline(tiny_release, monkeypatch):
+    """`bench decode` prints flashport vs transformers per row with the ratio and the decode roofline fraction;
+    with peer=False transformers is not run at all and its cells print '-'."""
+    from flashport.bench import decode
+
+    def no_peer(*a):
+        raise AssertionError("transformers ran with peer=False")
+
+    monkeypatch.setattr(decode, "_transformers", no_peer)
+    out = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2, peer=False)
+    pre, dec = (line.split() for line in out.splitlines()[-2:])
+    assert pre[:2] == ["16", "prefill"] and dec[:2] == ["16", "decode"]
+    assert pre[4:6] == ["-", "-"] and dec[4:6] == ["-", "-"] and dec[-1].endswith("%") and pre[-1] == "-"
+    monkeypatch.setattr(decode, "_transformers", lambda *a: (100.0, 10.0))
+    dec = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2).splitlines()[-1].split()
+    assert float(dec[4]) == 10.0 and dec[5] == f"{float(dec[3]) / 10.0:.2f}x"
+
+
+def test_decode_bytes_per_token_counts_the_uploaded_layout(tiny_release):
+    """Weights read per decode token: FP8 Linears at 1 byte per weight (+ scales) in the fast path, fp32 on the
+    reference; the routed experts at num_experts_per_tok / n_routed_experts of their bytes."""
+    from flashport.bench.decode import decode_bytes_per_token
+    from flashport.engine import Engine
+
+    model = Engine.load(tiny_release, backend="torch").model
+    cfg = model.cfg
+    ref = decode_bytes_per_token(model, Ops())
+    params = {n: p for n, p in model.named_parameters() if not n.startswith("mtp")}
+    share = cfg.num_experts_per_tok / cfg.n_routed_experts
+    expect = sum((share if ".experts." in n else 1) * p.numel() * 4 for n, p in params.items() if n != "embed.weight")
+    assert ref == int(expect + cfg.hidden_size * 4)
+    if cpu_quant.ext() is not None:
+        fast = decode_bytes_per_token(model, Ops(torch_fast.FastTorchBackend()))
+        wq_a = model.layers[0].attn.wq_a.weight
+        assert ref - fast > 0.7 * 3 * wq_a.numel()  # at least wq_a saved its 3 of 4 bytes per weight
+        assert fast < ref / 2
 
 
 def test_deterministic_mode_is_torch_backends():

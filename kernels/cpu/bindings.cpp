@@ -23,4 +23,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &flashport::rope);
   m.def("hc_pre", &flashport::hc_pre);
   m.def("hc_post", &flashport::hc_post);
+  m.def("attention", &flashport::attention);
 }

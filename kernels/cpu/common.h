@@ -14,6 +14,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -64,11 +65,12 @@ Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit);
 
-// fused_ops.cpp: RMSNorm, RoPE and the mHC mixes (torch references: backends/reference.py)
+// fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
 Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);
 Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse);
 std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
                            int64_t iters, double eps, double norm_eps);
 Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
+Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
 
 }  // namespace flashport

@@ -164,4 +164,47 @@ Tensor hc_post(const Tensor& out_, const Tensor& streams_, const Tensor& post_, 
   return res;
 }
 
+// Sink attention for a few queries (decode): q [T, H, Dh], keys [S, Dh] (K = V), bias [T, S], sink [H] -> [T, H, Dh].
+// The reference's math per (t, h): logits = q . keys * scale + bias, softmax over [logits, sink], the probabilities
+// of the keys times the keys; one pass over the keys per query row with the logits in a buffer, no tensors
+// allocated but the output. TOLERANCE-BOUND (another summation order, libm's exp).
+Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_, double scale_) {
+  Tensor q = q_.contiguous(), keys = keys_.contiguous(), bias = bias_.contiguous(), sink = sink_.contiguous();
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), S = keys.size(0);
+  TORCH_CHECK(keys.size(1) == Dh && bias.size(0) == T && bias.size(1) == S && sink.numel() == H,
+              "attention: q [T, H, Dh], keys [S, Dh], bias [T, S], sink [H]");
+  Tensor out = at::empty({T, H, Dh}, at::kFloat);
+  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *bp = bias.data_ptr<float>(),
+              *sp = sink.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = float(scale_);
+  at::parallel_for(0, T * H, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(2 * S * Dh, 1)),
+                   [&](int64_t a0, int64_t a1) {
+    std::vector<float> p(S);
+    for (int64_t a = a0; a < a1; a++) {
+      const int64_t t = a / H, h = a % H;
+      const float* qa = qp + a * Dh;
+      const float* b = bp + t * S;
+      float m = sp[h];
+      for (int64_t s = 0; s < S; s++) {
+        p[s] = dot(qa, kp + s * Dh, Dh) * scale + b[s];
+        m = std::max(m, p[s]);
+      }
+      float denom = std::exp(sp[h] - m);
+      for (int64_t s = 0; s < S; s++) denom += (p[s] = std::exp(p[s] - m));
+      const float inv = 1.f / denom;
+      float* o = op + a * Dh;
+      std::fill(o, o + Dh, 0.f);
+      for (int64_t s = 0; s < S; s++) {
+        const float w = p[s] * inv;
+        if (w == 0.f) continue;  // a hidden key (bias -inf) adds exactly nothing
+        const float* k = kp + s * Dh;
+        #pragma omp simd
+        for (int64_t d = 0; d < Dh; d++) o[d] += w * k[d];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace flashport
