@@ -45,23 +45,30 @@ def _crypto():
     return serialization, ed25519
 
 
+def _read_key(path: Path, loaders, key_type, what: str):
+    """The key in file `path` that one of `loaders` (bytes -> key) reads and that is a `key_type`; else one
+    SignatureError naming the file. A loader's own message may quote the key's bytes: it is never shown."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SignatureError(f"{path}: cannot read the {what} file ({e.strerror})") from None
+    for load in loaders:
+        try:
+            key = load(data)
+        except Exception:  # noqa: BLE001 - not this encoding
+            continue
+        if isinstance(key, key_type):
+            return key
+    raise SignatureError(f"{path}: not an {what} (PEM or OpenSSH)")
+
+
 def load_private_key(path: str | Path):
     """An ed25519 private key from a PEM (PKCS#8) or OpenSSH file; warns if others can read it."""
     serialization, ed25519 = _crypto()
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SignatureError(f"{path}: cannot read the private key file ({e.strerror})") from None
-    key = None
-    for load in (serialization.load_pem_private_key, serialization.load_ssh_private_key):
-        try:
-            key = load(data, password=None)
-            break
-        except Exception:  # noqa: BLE001 - not this encoding; the message may quote the key's bytes: never shown
-            continue
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise SignatureError(f"{path}: not an unencrypted ed25519 private key (PEM or OpenSSH)")
+    key = _read_key(path, [lambda b: serialization.load_pem_private_key(b, password=None),
+                           lambda b: serialization.load_ssh_private_key(b, password=None)],
+                    ed25519.Ed25519PrivateKey, "unencrypted ed25519 private key")
     if os.name == "posix" and path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         import logging
 
@@ -72,21 +79,8 @@ def load_private_key(path: str | Path):
 def load_public_key(path: str | Path):
     """An ed25519 public key from a PEM (SubjectPublicKeyInfo) or OpenSSH ('ssh-ed25519 ...') file."""
     serialization, ed25519 = _crypto()
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SignatureError(f"{path}: cannot read the public key file ({e.strerror})") from None
-    key = None
-    for load in (serialization.load_pem_public_key, serialization.load_ssh_public_key):
-        try:
-            key = load(data)
-            break
-        except Exception:  # noqa: BLE001 - not this encoding (UnsupportedAlgorithm quotes the file's bytes)
-            continue
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise SignatureError(f"{path}: not an ed25519 public key (PEM or OpenSSH)")
-    return key
+    return _read_key(Path(path), [serialization.load_pem_public_key, serialization.load_ssh_public_key],
+                     ed25519.Ed25519PublicKey, "ed25519 public key")
 
 
 def key_id(public_key) -> str:
