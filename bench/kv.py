@@ -25,9 +25,10 @@ import torch
 from flashport.options import KVOptions
 
 
-def _drop_cache(root: Path) -> None:
-    """Ask the kernel to forget the page cache of every file under root (reads then come from the disk)."""
-    for p in root.rglob("*"):
+def drop_cache(root: Path) -> None:
+    """Ask the kernel to forget the page cache of root, a file or every file under a directory (reads then come
+    from the disk): fsync (dirty pages are not dropped), then posix_fadvise(DONTNEED)."""
+    for p in [root] if root.is_file() else root.rglob("*"):
         if p.is_file():
             try:
                 fd = os.open(p, os.O_RDONLY)
@@ -49,7 +50,7 @@ def disk_read_bandwidth(root: Path, size: int = 256 << 20) -> float:
             f.write(block)
         f.flush()
         os.fsync(f.fileno())
-    _drop_cache(root)
+    drop_cache(root)
     t0 = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while f.read(8 << 20):
@@ -98,7 +99,7 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
             eng.kv.flush()
             written = eng.kv.stats()["disk"]["bytes_written"]
             eng.close()
-            _drop_cache(root)
+            drop_cache(root)
             eng.enable_kv(KVOptions(root, strat))  # a restart: fresh store, fresh memory tier
             _, _, hit = eng.prefill_cached(ids)
             eng.close()
