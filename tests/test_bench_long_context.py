@@ -22,9 +22,9 @@ def test_long_context_bench_reports_a_disk_hit_in_a_fresh_process(tmp_path):
     # `full` keeps a record at every block: the restart restores 15 blocks from disk and runs the last one
     assert any(line.startswith("restart, page cache dropped: checkpoint, loaded 480 tokens from disk, recomputed 0,"
                                " new 32") for line in lines), out.stdout
-    # measured before the restart (whose LRU updates grow the index's WAL a little)
+    # the segments plus the index and its WAL, measured before the restart (the WAL's size varies)
     segments = sum(p.stat().st_size for p in (kv / "segments").iterdir())
-    assert segments < fig["kv_disk_bytes"] <= sum(p.stat().st_size for p in kv.rglob("*") if p.is_file())
+    assert segments < fig["kv_disk_bytes"] < segments + (4 << 20)
     assert fig["restore_bytes_per_s"] > 0 and fig["disk_read_bytes_per_s"] > 0
     assert "prefill" in out.stderr  # the progress bar
 
