@@ -37,7 +37,14 @@ KEYS = ("prefill_tok_s", "peak_rss_bytes", "kv_disk_bytes", "ttft_hit_s", "ttft_
 
 
 def _rss_peak() -> int:
-    """Peak resident set size of this process, bytes (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process, bytes: VmHWM of /proc/self/status (per address space, so a fresh
+    process does not inherit its parent's peak the way ru_maxrss may across fork + exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
