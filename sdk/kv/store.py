@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import crc32c
+import numpy
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
@@ -116,7 +117,7 @@ def _check_record(rec: memoryview, namespace: bytes, key: bytes) -> tuple[memory
         raise FormatError("key mismatch")
     b = a + nl + kl + tl
     try:
-        meta = json.loads(bytes(rec[b:b + ml]))
+        meta = json.loads(str(rec[b:b + ml], "utf-8"))
     except ValueError as e:  # the checksum passed, so this is a writer bug; still never served
         raise FormatError(f"undecodable meta: {e}") from e
     if not isinstance(meta, dict):
@@ -560,7 +561,9 @@ class DiskKVStore:
                 fds[seg] = os.open(self._dir / _seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
                 fds[seg] = err
-        bufs = [bytearray(ext[2]) if not isinstance(fds[ext[0]], BaseException) else None for ext in extents]
+        # uninitialised buffers (numpy.empty): the reads fill them, a zero-fill first would cost a pass over memory
+        bufs = [numpy.empty(ext[2], dtype=numpy.uint8) if not isinstance(fds[ext[0]], BaseException) else None
+                for ext in extents]
         pieces = [(x, a, min(a + READ_PIECE, ext[2])) for x, ext in enumerate(extents) if bufs[x] is not None
                   for a in range(0, ext[2], READ_PIECE)]
         failed: dict[int, BaseException] = {x: fds[ext[0]] for x, ext in enumerate(extents) if bufs[x] is None}
@@ -572,10 +575,21 @@ class DiskKVStore:
             except (OSError, FormatError) as err:
                 failed.setdefault(x, err)
 
+        bad: list = []  # (i, entry, FormatError)
+
+        def verify(job):  # records of read extents; CRC32C releases the GIL on large buffers
+            for x, i, e in job:
+                base = extents[x][1]
+                try:
+                    out[i] = _check_record(memoryview(bufs[x])[e.offset - base:e.offset - base + e.size],
+                                           self._ns, idents[i][1])
+                except FormatError as ferr:
+                    bad.append((i, e, ferr))
+
+        pool = ThreadPoolExecutor(max_workers=READ_THREADS) if len(pieces) > 1 else None
         try:
-            if len(pieces) > 1:
-                with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces))) as pool:
-                    list(pool.map(read, pieces))
+            if pool is not None:
+                list(pool.map(read, pieces))
             elif pieces:
                 read(pieces[0])
         finally:
@@ -583,24 +597,35 @@ class DiskKVStore:
                 if isinstance(fd, int):
                     os.close(fd)
         hits = nbytes = 0
+        jobs, job, job_bytes = [], [], 0
         for x, (seg, base, _, items) in enumerate(extents):
             err = failed.get(x)
             for i, e in items:
-                ident = idents[i]
-                if err is not None and not isinstance(err, FormatError):
+                if err is None:
+                    job.append((x, i, e))
+                    job_bytes += e.size
+                    if job_bytes >= READ_PIECE:
+                        jobs.append(job)
+                        job, job_bytes = [], 0
+                elif isinstance(err, FormatError):
+                    bad.append((i, e, err))
+                else:
                     if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
                         self._io_error("read", err)
-                    self._drop(ident, e)  # no-op when a concurrent eviction already removed it
-                    continue
-                try:
-                    if err is not None:
-                        raise err
-                    out[i] = _check_record(memoryview(bufs[x])[e.offset - base:e.offset - base + e.size],
-                                           self._ns, ident[1])
-                    hits += 1
-                    nbytes += e.size
-                except FormatError as ferr:
-                    self._corrupt(ident, ferr, e)
+                    self._drop(idents[i], e)  # no-op when a concurrent eviction already removed it
+        jobs.append(job)
+        if pool is not None:
+            with pool:
+                list(pool.map(verify, jobs))
+        else:
+            for job in jobs:
+                verify(job)
+        for i, e, ferr in bad:
+            self._corrupt(idents[i], ferr, e)
+        for i, e in found:
+            if out[i] is not None:
+                hits += 1
+                nbytes += e.size
         dt = time.perf_counter() - t0
         with self._lock:
             self._stats["hits"] += hits
