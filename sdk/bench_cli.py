@@ -103,6 +103,8 @@ class Bench:
         KVOptions(strategy=strategy)  # OptionError names a bad strategy
         if kv_dir:
             parent_dir("--kv-dir", kv_dir)
+            if Path(kv_dir).exists() and not Path(kv_dir).is_dir():
+                raise UsageError(f"--kv-dir: {kv_dir} is not a directory")
             if (Path(kv_dir) / "index.sqlite").exists():
                 raise UsageError(f"--kv-dir: {kv_dir} holds a KV store already; the benchmark needs a cold one")
         from flashport.bench.long_context import run
