@@ -76,6 +76,42 @@ class Bench:
         return run(path=path, preset=preset, sizes=sizes, strategies=strategies, decode_tokens=decode_tokens,
                    long_preset=long_preset, long_sizes=long_sizes, dir=dir, threads=threads, seed=seed)
 
+    def long_context(self, preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "",
+                     strategy: str = "periodic:4096", decode_tokens: int = 8, threads: int = 0, seed: int = 0,
+                     path: str = "", json: bool = False):
+        """One long prompt through the disk KV cache across a restart: prefill tok/s, peak RSS, KV bytes on disk,
+        TTFT of a hit (fresh process, page cache dropped) and of a recompute, restore and disk read bytes/s,
+        decode ms/token at 8K and at CONTEXT.
+
+        Args:
+            preset: the preset of the fresh checkpoint.
+            context: prompt tokens (>= 2).
+            kv_dir: the KV directory (default: a temporary one); it must not hold a KV store already.
+            strategy: KV strategy: full | none | periodic:P.
+            decode_tokens: decode steps timed at each context (>= 1).
+            threads: torch intra-op threads (0: torch's default).
+            seed: seed of the weights and the prompt.
+            path: a checkpoint directory (default: a fresh checkpoint of PRESET).
+            json: also print the figures as one JSON object on the last line.
+        """
+        from pathlib import Path
+
+        from flashport.options import KVOptions
+
+        _common(path, preset, threads, seed, decode_tokens=decode_tokens)
+        at_least("--context", context, 2)
+        KVOptions(strategy=strategy)  # OptionError names a bad strategy
+        if kv_dir:
+            parent_dir("--kv-dir", kv_dir)
+            if Path(kv_dir).exists() and not Path(kv_dir).is_dir():
+                raise UsageError(f"--kv-dir: {kv_dir} is not a directory")
+            if (Path(kv_dir) / "index.sqlite").exists():
+                raise UsageError(f"--kv-dir: {kv_dir} holds a KV store already; the benchmark needs a cold one")
+        from flashport.bench.long_context import run
+
+        return run(preset=preset, context=context, kv_dir=kv_dir, strategy=strategy, decode_tokens=decode_tokens,
+                   threads=threads, seed=seed, path=path, json_out=json)
+
     def ops(self, backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32",
             threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",
             seed: int = 0, execution_provider: str | None = None, plugin_ep_library: str | None = None,

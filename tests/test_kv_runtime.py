@@ -42,8 +42,8 @@ def prompts(det):
 @pytest.fixture(scope="module")
 def uninterrupted(det, prompts):
     """The second prompt prefilled from scratch (its state), plus two greedy decode steps: the bits a restore
-    must match."""
-    state = det.new_state()
+    must match. Made in the numerics of the `written` cache (KVOptions' default dtype)."""
+    state = SeqState.empty(det.cfg, KVOptions().dtype)
     logits = [det.prefill(prompts[1], state)]
     prefilled = state.clone()
     for _ in range(2):
@@ -187,14 +187,14 @@ def test_a_full_write_queue_drops_and_counts_instead_of_blocking(tiny_release, t
     eng = Engine.load(tiny_release, kv=KVOptions(tmp_path, "full"))
     kv, B = eng.kv, eng.cfg.kv_block_tokens
     gate, started = threading.Event(), threading.Event()
-    real = kv.store._write_file
+    real = kv.store._append
 
     def stuck(*a):
         started.set()
         assert gate.wait(60)
         real(*a)
 
-    monkeypatch.setattr(kv.store, "_write_file", stuck)
+    monkeypatch.setattr(kv.store, "_append", stuck)
     monkeypatch.setattr(kv.store, "_q", queue.Queue(maxsize=2))
     try:
         assert kv.store.put(b"first", {"x": torch.ones(1)})  # the writer takes it from the small queue, then sticks
@@ -227,7 +227,8 @@ def test_cli_refuses_a_kv_directory_in_use(tiny_release, tmp_path):
         holder.stdin.close()
         holder.wait(30)
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        f"flashport: error: KV directory {tmp_path} is in use by another process (pid {holder.pid})"]
+        f"flashport: error: KV directory {tmp_path} is in use by another process (pid {holder.pid}): one process per"
+        " KV directory"]
 
 
 def test_fast_mode_restore_matches_within_tolerance(tiny_release, tmp_path):
@@ -253,13 +254,15 @@ def test_store_errors_fall_back_to_recompute(tiny_release, tmp_path, monkeypatch
     kv.flush()
     kv.drop_memory()
     monkeypatch.setattr(kv.store, "get", lambda key: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(kv.store, "read_many", lambda keys: (_ for _ in ()).throw(OSError(5, "EIO")))
     _, logits, st = eng.prefill_cached(ids)
     assert st.path == "miss" and "no longer cached" in st.error and (logits - ref).abs().max() < 1e-4
     monkeypatch.undo()
     # bytes that rot on disk: the store drops the entries on read, the request recomputes
-    for victim in (tmp_path / "data").rglob("*.kv"):
+    for victim in (tmp_path / "segments").glob("*.seg"):
         raw = bytearray(victim.read_bytes())
         raw[-3] ^= 0xFF
+        raw[len(raw) // 2] ^= 0xFF
         victim.write_bytes(bytes(raw))
     kv.drop_memory()
     _, logits, st = eng.prefill_cached(ids)

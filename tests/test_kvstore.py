@@ -43,7 +43,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 def files(root: Path) -> list[Path]:
-    return sorted(p for p in (root / "data").rglob("*") if p.is_file())
+    return sorted(p for p in (root / "segments").rglob("*") if p.is_file())
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_file_header_layout(store):
     (f,) = files(store.root)
     raw = f.read_bytes()
     magic, ver, flags, nl, kl, tl, ml, _crc = kvstore.HEADER.unpack_from(raw)
-    assert (magic, ver, flags) == (b"FPKVBLK\x00", 1, 0)
+    assert (magic, ver, flags) == (b"FPKVBLK\x00", 2, 0)
     assert raw[32 : 32 + nl] == NS.encode() and raw[32 + nl : 32 + nl + kl] == b"key"
     assert json.loads(raw[32 + nl + kl + tl :]) == {"a": 1} and len(raw) == 32 + nl + kl + tl + ml
 
@@ -99,20 +99,87 @@ def test_chain_hashes():
     assert len(set(h)) == 7 and chain_hashes(toks, 128, NS) == h  # deterministic, distinct
 
 
+def test_read_many_is_one_sequential_read_per_run(tmp_path, monkeypatch):
+    """Entries written together lie together: reading 300 of them (in any order) is one positional read per
+    segment, gaps of discarded entries included; each record is still verified on its own (a corrupt one is
+    dropped, the others served) and the payloads are the stored bytes."""
+    keys = [f"b{i:03d}" for i in range(300)]
+    with DiskKVStore(tmp_path / "one", 1 << 26, NS, queue_size=512, fsync=False) as s:
+        for k in keys:
+            assert s.put(k, *expected_entry(NS, k))
+        assert s.flush(30) and s.stats()["segments"] == 1
+        assert s.discard("b100") and s.discard("b101")
+        e = s._index[(NS, b"b200")]
+        (seg,) = files(s.root)
+        with open(seg, "r+b") as f:  # rot one byte inside b200's payload
+            f.seek(e.offset + e.size // 2)
+            byte = f.read(1)
+            f.seek(e.offset + e.size // 2)
+            f.write(bytes([byte[0] ^ 0x55]))
+        reads = []
+        real = kvstore._read_into
+        monkeypatch.setattr(kvstore, "_read_into", lambda fd, buf, off: (reads.append(len(buf)), real(fd, buf, off)))
+        order = keys[::-1]
+        got = s.read_many(order)
+        assert len(reads) == 1 and reads[0] == sum(p.stat().st_size for p in files(s.root))
+        for k, g in zip(order, got):
+            if k in ("b100", "b101", "b200"):
+                assert g is None
+                continue
+            t, m = expected_entry(NS, k)
+            assert g[1] == m and same(kvstore._decode_body(g[0]), t)
+            lay = kvstore.body_layout(g[0])
+            assert bytes(g[0][lay["kv"][2]:lay["kv"][3]]) == t["kv"].view(torch.uint8).numpy().tobytes()
+        st = s.stats()
+        assert st["corrupt_dropped"] == 1 and not s.contains("b200") and st["hits"] == 297
+        assert [x is None for x in s.get_many(["b000", "b200", "zzz"])] == [False, True, True]
+    # a small segment size: the same entries over many segments, one read per segment
+    monkeypatch.undo()
+    with DiskKVStore(tmp_path / "many", 1 << 26, NS, queue_size=512, fsync=False, segment_bytes=20_000) as s:
+        for k in keys:
+            assert s.put(k, *expected_entry(NS, k))
+        assert s.flush(30)
+        reads = []
+        real = kvstore._read_into
+        monkeypatch.setattr(kvstore, "_read_into", lambda fd, buf, off: (reads.append(len(buf)), real(fd, buf, off)))
+        assert all(g is not None for g in s.read_many(keys))
+        assert len(reads) == s.stats()["segments"] > 3
+
+
+def test_eviction_drops_whole_least_recently_used_segments(tmp_path):
+    """Over the quota, the segment whose most recent access is oldest goes, all of it; a read keeps a segment."""
+    entry = {"x": torch.zeros(1000, dtype=torch.uint8)}
+    with DiskKVStore(tmp_path / "probe", 1 << 20, NS, fsync=False) as probe:
+        probe.put("k00", entry, sync=True)
+        size = probe.stats()["used_bytes"]
+    with DiskKVStore(tmp_path, 1 << 20, NS, fsync=False, segment_bytes=5 * size) as s:
+        for i in range(20):  # four segments of five entries
+            assert s.put(f"k{i:02d}", entry, sync=True)
+        assert s.stats()["segments"] == 4
+        assert s.get("k01") is not None  # the first segment is now the most recently used
+        used = s.stats()["used_bytes"]
+        freed = s.evict_to(used - 1)
+        st = s.stats()
+        assert st["segments"] == 3 and st["evictions"] == 5 and st["segments_evicted"] == 1
+        assert freed == used - st["used_bytes"] == 5 * size
+        assert sum(p.stat().st_size for p in files(tmp_path)) == st["used_bytes"]
+        assert [s.contains(f"k{i:02d}") for i in (0, 4, 5, 9, 10)] == [True, True, False, False, True]
+
+
 # ----------------------------------------------------------------------------- async writer
 
 
 def test_put_never_blocks_on_a_slow_writer(tmp_path, monkeypatch):
     s = DiskKVStore(tmp_path, 1 << 24, NS, queue_size=2, fsync=False)
     started, gate = threading.Event(), threading.Event()
-    real = s._write_file
+    real = s._append
 
     def slow_write(*a):
         started.set()
         assert gate.wait(30)
         real(*a)
 
-    monkeypatch.setattr(s, "_write_file", slow_write)
+    monkeypatch.setattr(s, "_append", slow_write)
     try:
         assert s.put("a", *expected_entry(NS, "a"))
         assert started.wait(30)  # the writer is now stuck inside the write of "a"
@@ -185,14 +252,12 @@ def test_foreign_namespace_is_never_served(tmp_path):
         assert not b.contains("shared-key") and b.get("shared-key") is None
         b.put("shared-key", *expected_entry("model-B", "shared-key"), sync=True)
         assert same(b.get("shared-key")[0], expected_entry("model-B", "shared-key")[0])
-    # Misplace A's file where B's entry lives and point B's row at it (a bug / tampering):
-    # the header namespace check must catch it.
-    a_rel, b_rel = (kvstore._rel_path(ns.encode(), b"shared-key") for ns in ("model-A", "model-B"))
-    os.replace(root / "data" / a_rel, root / "data" / b_rel)
+    # Point B's row at A's record (a bug / tampering): the record's namespace check must catch it.
     db = sqlite3.connect(root / "index.sqlite")
     with db:
+        seg, off, size = db.execute("SELECT segment, offset, size FROM entries WHERE namespace='model-A'").fetchone()
         db.execute("DELETE FROM entries WHERE namespace='model-A'")
-        db.execute("UPDATE entries SET size=? WHERE namespace='model-B'", ((root / "data" / b_rel).stat().st_size,))
+        db.execute("UPDATE entries SET segment=?, offset=?, size=? WHERE namespace='model-B'", (seg, off, size))
     db.close()
     with DiskKVStore(root, 1 << 24, "model-B", fsync=False) as b:
         assert b.contains("shared-key") and b.get("shared-key") is None
@@ -218,25 +283,61 @@ def test_corrupted_file_is_dropped(store, where, caplog):
     assert store.put("k", *expected_entry(NS, "k"), sync=True) and store.get("k") is not None
 
 
-def test_recovery_rules(tmp_path):
+def test_recovery_rules(tmp_path, caplog):
+    """At open: rows whose record is not wholly in its segment, or whose segment is gone, are dropped; bytes past
+    the last indexed record (a batch that crashed before its index insert) are cut; segments no row names and
+    files that are not segments are deleted."""
     root = tmp_path / "kv"
     with DiskKVStore(root, 1 << 24, NS, fsync=False) as s:
-        for k in ("keep", "gone", "resized"):
+        for k in ("keep", "cut"):
             s.put(k, *expected_entry(NS, k), sync=True)
-        paths = {k: root / "data" / s._index[(NS, k.encode())].path for k in ("keep", "gone", "resized")}
-    paths["gone"].unlink()
-    with open(paths["resized"], "ab") as f:
-        f.write(b"x")
-    orphan = root / "data" / "ab" / "deadbeef.kv"
-    orphan.write_bytes(b"no index row")
-    tmp = root / "data" / "cd" / "x.kv.123.4.tmp"
-    tmp.write_bytes(b"half written")
-    with DiskKVStore(root, 1 << 24, NS, fsync=False) as s:
-        assert s.stats()["entries"] == 1 and s.contains("keep") and s.get("keep") is not None
-        assert files(root) == [paths["keep"]]
+        keep_size = s._index[(NS, b"keep")].size
+    with DiskKVStore(root, 1 << 24, NS, fsync=False) as s:  # a new process appends to a new segment
+        s.put("gone", *expected_entry(NS, "gone"), sync=True)
+    first, second = files(root)
+    os.truncate(first, first.stat().st_size - 1)  # "cut" loses its last byte: its row must go, its bytes too
+    second.unlink()  # "gone" loses its segment
+    orphan = root / "segments" / f"{0xff:016x}.seg"
+    orphan.write_bytes(b"no index row names this segment")
+    (root / "segments" / "x.tmp").write_bytes(b"not a segment")
+    with caplog.at_level(logging.INFO, logger="flashport.kv.store"):
+        s = DiskKVStore(root, 1 << 24, NS, fsync=False)
+    try:
+        assert s.stats()["entries"] == 1 and s.contains("keep") and same(s.get("keep")[0], expected_entry(NS, "keep")[0])
+        assert files(root) == [first] and first.stat().st_size == keep_size == s.stats()["used_bytes"]
         db = sqlite3.connect(root / "index.sqlite")
         assert db.execute("SELECT key FROM entries").fetchall() == [(b"keep",)]
         db.close()
+        assert "2 stale index rows and 1 orphan segments, truncated 1" in caplog.text
+        assert s.put("new", *expected_entry(NS, "new"), sync=True)  # segment numbers are never reused
+        assert f"{0x100:016x}.seg" in [p.name for p in files(root)]
+    finally:
+        s.close()
+
+
+def test_old_format_directory_starts_empty(tmp_path, caplog):
+    """A directory of the one-file-per-entry store (index user_version 1, files under data/) is never misread:
+    the store starts empty in its own format, says so in one line, and removes the old files."""
+    root = tmp_path / "kv"
+    (root / "data" / "ab").mkdir(parents=True)
+    (root / "data" / "ab" / "ab12.kv").write_bytes(b"FPKVBLK\x00\x01\x00" + bytes(100))
+    db = sqlite3.connect(root / "index.sqlite")
+    db.execute("CREATE TABLE entries (namespace TEXT, key BLOB, path TEXT, size INTEGER, last_access REAL,"
+               " created REAL, PRIMARY KEY(namespace, key))")
+    db.execute("INSERT INTO entries VALUES (?, ?, 'ab/ab12.kv', 116, 0, 0)", (NS, b"k"))
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    with caplog.at_level(logging.WARNING, logger="flashport.kv.store"):
+        s = DiskKVStore(root, 1 << 24, NS, fsync=False)
+    try:
+        assert [r.getMessage() for r in caplog.records] == [
+            f"kvstore: {root} holds a KV store of format 1; starting empty in format 2"]
+        assert s.stats()["entries"] == 0 and not s.contains("k") and s.get("k") is None
+        assert not (root / "data").exists()
+        assert s.put("k", *expected_entry(NS, "k"), sync=True) and s.get("k") is not None
+    finally:
+        s.close()
 
 
 def test_corrupt_index_starts_empty(tmp_path):
@@ -265,13 +366,13 @@ def test_quota_never_exceeded_and_lru_keeps_hot_entries(tmp_path, monkeypatch):
     monkeypatch.setattr(kvstore, "INDEX_SLACK", 0)
     monkeypatch.setattr(DiskKVStore, "_index_bytes", lambda self: 0)
     s = DiskKVStore(tmp_path / "kv", cap, NS, fsync=False)
-    real = s._write_file
+    real = s._append
 
-    def checked_write(final, chunks):  # at the moment a file is written, old files + new one fit
+    def checked_write(fd, chunks):  # at the moment a record is written, the segments + the new record fit
         assert sum(p.stat().st_size for p in files(s.root)) + sum(map(len, chunks)) <= cap
-        real(final, chunks)
+        real(fd, chunks)
 
-    monkeypatch.setattr(s, "_write_file", checked_write)
+    monkeypatch.setattr(s, "_append", checked_write)
     try:
         assert s.put("hot", entry, sync=True)
         for i in range(60):
@@ -314,13 +415,14 @@ def test_quota_counts_the_index_and_its_wal(tmp_path):
 def test_disk_full_evicts_and_keeps_caching(tmp_path, monkeypatch):
     """A disk that fills up below the quota (other files on it): the store evicts LRU entries and retries, so new
     prefixes keep being cached instead of failing until a restart."""
-    s = DiskKVStore(tmp_path, 1 << 30, NS, fsync=False)
+    # segments of two entries: eviction drops whole segments, and the disk holds about four of them
+    s = DiskKVStore(tmp_path, 1 << 30, NS, fsync=False, segment_bytes=2500)
     entry = {"x": torch.zeros(1000, dtype=torch.uint8)}
     disk = 8 * 1200  # room for about eight entries
     real = kvstore._write_all
 
     def small_disk(fd, buf):
-        if sum(p.stat().st_size for p in (tmp_path / "data").rglob("*") if p.is_file()) + len(buf) > disk:
+        if sum(p.stat().st_size for p in files(tmp_path)) + len(buf) > disk:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, buf)
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from ..config import ModelConfig
 from ..model import SeqState
 from ..quant.kv_numerics import check_kv_dtype, pack_kv, unpack_kv
 from .layout import format_bytes, kv_layout
-from .store import DiskKVStore, chain_hashes
+from .store import DiskKVStore, FormatError, body_layout, chain_hashes
 from .strategies import Strategy
 from .tiers import MemoryTier, nbytes
 
@@ -198,13 +197,9 @@ class KVManager:
             return False
 
     def _get(self, key: bytes) -> tuple[dict, dict, str] | None:
-        for i, tier in enumerate(self.tiers):
-            got = tier.get(key)
-            if got is not None:
-                for upper in self.tiers[:i]:
-                    upper.put(key, *got)
-                self._add("bytes_read_memory", nbytes(got[0]))
-                return got[0], got[1], tier.name
+        got = self._get_memory(key)
+        if got is not None:
+            return got
         if self.store is None:
             return None
         try:
@@ -288,34 +283,17 @@ class KVManager:
         """Build the state the plan starts from -> (state at plan.start, bytes read, tiers read). For a
         "window" plan the state holds every loaded entry and empty windows (prefill_cached replays the windows).
         A block or record that does not match this model's layout is evicted, then KVRestoreError is raised."""
-        r, n_read, sources = self.cfg.qk_rope_head_dim, 0, set()
-        parts: dict[str, list[dict[str, torch.Tensor]]] = {}
-        # one file per block: read them concurrently so the disk sees several requests in flight (file reads
-        # and CRC32C release the GIL); the tiers and the store are thread-safe
-        with ThreadPoolExecutor(max_workers=max(1, min(8, plan.load_blocks))) as pool:
-            fetched = list(pool.map(lambda b: self._get(tracker.hashes[b]), range(plan.load_blocks)))
-        for b, got in enumerate(fetched):
-            if got is None:
-                raise KVRestoreError(f"block {b} is no longer cached")
-            tensors, meta, src = got
-            if meta.get("v") != KV_FORMAT or meta.get("kind") != "block" or meta.get("block") != b or \
-                    meta.get("dtype") != self.dtype or \
-                    {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()} != self._shapes:
-                self._discard(tracker.hashes[b])
-                raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
-            per_name: dict[str, dict[str, torch.Tensor]] = {}
-            for k, v in tensors.items():  # "3.comp.q" -> per_name["3.comp"]["q"]
-                name, _, part = k.rpartition(".")
-                per_name.setdefault(name, {})[part] = v.cpu()
-            for name, packed in per_name.items():
-                parts.setdefault(name, []).append(packed)
-            n_read += nbytes(tensors)
-            sources.add(src)
+        r = self.cfg.qk_rope_head_dim
+        packed, n_read, sources = self._load_blocks(tracker, plan.load_blocks)
+        per_name: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in packed.items():  # "3.comp.q" -> per_name["3.comp"]["q"]
+            name, _, part = k.rpartition(".")
+            per_name.setdefault(name, {})[part] = v
         state = self.new_state()
         state.n_tokens = plan.start
-        for name, blocks in parts.items():
+        for name, parts in per_name.items():
             i, _, which = name.partition(".")
-            getattr(state.layers[int(i)], which).entries = torch.cat([unpack_kv(p, self.dtype, r) for p in blocks])
+            getattr(state.layers[int(i)], which).entries = unpack_kv(parts, self.dtype, r)
         if plan.path == "checkpoint":
             key = self.record_key(tracker.hashes[plan.load_blocks - 1])
             got = self._get(key)
@@ -330,6 +308,89 @@ class KVManager:
             n_read += nbytes(tensors)
             sources.add(src)
         return state, n_read, "+".join(sorted(sources))
+
+    def _load_blocks(self, tracker: SeqTracker, n: int) -> tuple[dict[str, torch.Tensor], int, set[str]]:
+        """The packed parts of blocks 0..n-1, concatenated per part name in block order ("3.comp.q" -> [n * rows,
+        ...]), the bytes read and the tiers that served them. Blocks in a memory tier come from there; the rest are
+        read from disk in one `DiskKVStore.read_many` (a few large sequential reads) and gathered part by part
+        from the read buffers (`body_layout`), without a tensor per block. Disk blocks are not promoted into the
+        memory tiers: the restored state holds them. A block that is gone raises KVRestoreError; one that does not
+        match this model's layout is evicted, then KVRestoreError is raised."""
+        if n == 0:
+            return {}, 0, set()
+        keys = tracker.hashes[:n]
+        mem: list = [None] * n  # (tensors, tier name) of blocks found in a memory tier
+        for b, key in enumerate(keys):
+            got = self._get_memory(key)
+            if got is not None:
+                if not self._block_ok(b, got[1], {k: (tuple(v.shape), v.dtype) for k, v in got[0].items()}):
+                    self._discard(key)
+                    raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
+                mem[b] = (got[0], got[2])
+        missing = [b for b in range(n) if mem[b] is None]
+        disk: dict[int, tuple] = {}  # block -> (payload buffer, its layout)
+        if missing:
+            raw = [None] * len(missing)
+            if self.store is not None:
+                try:
+                    raw = self.store.read_many([keys[b] for b in missing])
+                except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+                    self.report_error("get", e)
+            checked: list = []  # layouts already compared with the model's (every block of a model has one)
+            for b, got in zip(missing, raw):
+                if got is None:
+                    raise KVRestoreError(f"block {b} is no longer cached")
+                body, meta = got
+                try:
+                    layout = body_layout(body)
+                except FormatError:
+                    layout = None
+                known = layout is not None and any(layout is c for c in checked)
+                if layout is None or not self._block_ok(b, meta, None if known else
+                                                        {k: (v[1], v[0]) for k, v in layout.items()}):
+                    self._discard(keys[b])
+                    raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
+                if not known:
+                    checked.append(layout)
+                disk[b] = (body, layout)
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in self._shapes}
+        n_read, sources, b = 0, set(), 0
+        while b < n:
+            if mem[b] is not None:
+                for name in out:
+                    out[name].append(mem[b][0][name].cpu())
+                n_read += nbytes(mem[b][0])
+                sources.add(mem[b][1])
+                b += 1
+                continue
+            e = b
+            while e < n and mem[e] is None:
+                e += 1
+            for name, (shape, dtype) in self._shapes.items():  # one gather per part over the run of disk blocks
+                buf = bytearray().join(body[layout[name][2]:layout[name][3]]
+                                       for body, layout in (disk[j] for j in range(b, e)))
+                n_read += len(buf)
+                self._add("bytes_read_disk", len(buf))
+                out[name].append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(-1, *shape[1:]))
+            sources.add("disk")
+            b = e
+        return {name: v[0] if len(v) == 1 else torch.cat(v) for name, v in out.items()}, n_read, sources
+
+    def _block_ok(self, b: int, meta: dict, shapes: dict | None) -> bool:
+        """Whether block b's meta (and, unless None, its part shapes and dtypes) are this model's."""
+        return meta.get("v") == KV_FORMAT and meta.get("kind") == "block" and meta.get("block") == b and \
+            meta.get("dtype") == self.dtype and (shapes is None or shapes == self._shapes)
+
+    def _get_memory(self, key: bytes) -> tuple[dict, dict, str] | None:
+        """A memory tier's copy of key (promoted into the tiers above it) -> (tensors, meta, tier name)."""
+        for i, tier in enumerate(self.tiers):
+            got = tier.get(key)
+            if got is not None:
+                for upper in self.tiers[:i]:
+                    upper.put(key, *got)
+                self._add("bytes_read_memory", nbytes(got[0]))
+                return got[0], got[1], tier.name
+        return None
 
     def _apply_record(self, state: SeqState, rec: dict, meta: dict) -> None:
         cfg, t = self.cfg, state.n_tokens

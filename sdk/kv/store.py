@@ -1,17 +1,18 @@
 """Durable disk tier for KV blocks: a crash-safe, size-capped, opaque block store.
 
-Each entry (a dict of tensors plus a small JSON meta) is one file, written by a
-background thread so that ``put`` never stalls decode (its queue is bounded: a full
-queue drops the put and counts it). A file becomes visible only after it is complete
-on disk and indexed; anything that fails a check on read is dropped and reported as a
-miss. The quota counts the entry files and the index with its WAL; a full disk evicts
-LRU entries and retries. See docs/kv-store.md for the format and the rules.
+Entries (a dict of tensors plus a small JSON meta) are appended to segment files by a background thread, in
+batches (one fsync and one index transaction per batch), so that ``put`` never stalls decode (its queue is
+bounded: a full queue drops the put and counts it). Entries written together (the blocks of one prompt) lie
+next to each other, so a restore (``read_many`` / ``get_many``) is a few large sequential reads, issued in
+parallel. An entry becomes visible only after its bytes are durable and indexed; anything that fails a check on
+read is dropped and reported as a miss. The quota counts the segment files and the index with its WAL;
+eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
 
 Layout under ``root``::
 
-    LOCK                 flock'ed by the one process that owns the store (holds its pid)
-    index.sqlite         WAL-mode index: namespace, key, path, size, last_access, created
-    data/00 .. data/ff   entry files ``<blake2b(namespace, key)>.kv`` (+ ``*.tmp`` while written)
+    LOCK                   flock'ed by the one process that owns the store (holds its pid)
+    index.sqlite           WAL-mode index: namespace, key -> segment, offset, size; last_access, created
+    segments/<n>.seg       append-only segment files of entry records, n = 16 hex digits, never reused
 """
 
 from __future__ import annotations
@@ -23,35 +24,43 @@ import json
 import logging
 import os
 import queue
+import shutil
 import sqlite3
 import struct
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import crc32c
+import numpy
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 log = logging.getLogger("flashport.kv.store")
 
-__all__ = ["DiskKVStore", "KVStoreBusy", "chain_hashes", "FormatError", "FORMAT_VERSION", "MAGIC", "HEADER"]
+__all__ = ["DiskKVStore", "KVStoreBusy", "chain_hashes", "FormatError", "FORMAT_VERSION", "MAGIC", "HEADER",
+           "body_layout"]
 
 # ----------------------------------------------------------------------------- format
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one file per entry (data/xx/<h>.kv); 2: records appended to segment files
 MAGIC = b"FPKVBLK\x00"
 # magic, version, flags, namespace_len, key_len, tensors_len, meta_len, crc32c
 HEADER = struct.Struct("<8sHHHHQII")  # 32 bytes, little-endian
 _CRC_OFFSET = HEADER.size - 4
-INDEX_SCHEMA = 1  # PRAGMA user_version of index.sqlite
+INDEX_SCHEMA = 2  # PRAGMA user_version of index.sqlite (1: the one-file-per-entry store)
+SEGMENT_MAX = 256 << 20  # a segment is sealed past this (or past capacity / 16, whichever is smaller)
+EXTENT_GAP = 256 << 10   # entries of one read closer than this are fetched in one read (the gap is read too)
+READ_PIECE = 4 << 20     # large extents are read in pieces of this size, in parallel
+READ_THREADS = 8
 
 
 class FormatError(ValueError):
-    """An entry file failed a check (truncated, bad magic/version/checksum, wrong key)."""
+    """A record failed a check (truncated, bad magic/version/checksum, wrong key)."""
 
 
 class KVStoreBusy(ValueError):
@@ -77,7 +86,7 @@ def check_not_in_use(root: str | Path) -> None:
 
 
 def _encode(namespace: bytes, key: bytes, tensors: dict, meta_json: bytes) -> list[bytes]:
-    """Serialize one entry into file chunks (no concatenation: avoids copying the payload)."""
+    """Serialize one record into chunks (no concatenation: avoids copying the payload)."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     body = _st_save(cpu)
     head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(namespace), len(key), len(body), len(meta_json), 0)
@@ -87,48 +96,96 @@ def _encode(namespace: bytes, key: bytes, tensors: dict, meta_json: bytes) -> li
     return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key, body, meta_json]
 
 
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise FormatError("truncated file")
-    return data
-
-
-def _decode_file(path: Path, namespace: bytes, key: bytes, expected_size: int):
-    """Read and verify one entry file; returns (tensors, meta) or raises FormatError/OSError."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = _read_exact(f, HEADER.size)
-        magic, version, _flags, nl, kl, tl, ml, crc = HEADER.unpack(head)
-        if magic != MAGIC:
-            raise FormatError("bad magic")
-        if version != FORMAT_VERSION:
-            raise FormatError(f"unsupported format version {version}")
-        # Length check before any big read: a corrupt length field must not allocate GBs.
-        if size != expected_size or size != HEADER.size + nl + kl + tl + ml:
-            raise FormatError("size mismatch")
-        ns, k, body, meta = (_read_exact(f, n) for n in (nl, kl, tl, ml))
-    c = 0
-    for part in (head[:_CRC_OFFSET], ns, k, body, meta):
-        c = crc32c.crc32c(part, c)
-    if c != crc:
+def _check_record(rec: memoryview, namespace: bytes, key: bytes) -> tuple[memoryview, dict]:
+    """Verify one record read from its segment (exactly its indexed length) -> (tensor payload, meta).
+    Raises FormatError on any mismatch."""
+    if len(rec) < HEADER.size:
+        raise FormatError("truncated record")
+    magic, version, _flags, nl, kl, tl, ml, crc = HEADER.unpack_from(rec)
+    if magic != MAGIC:
+        raise FormatError("bad magic")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"unsupported format version {version}")
+    if len(rec) != HEADER.size + nl + kl + tl + ml:
+        raise FormatError("size mismatch")
+    if crc32c.crc32c(rec[HEADER.size:], crc32c.crc32c(rec[:_CRC_OFFSET])) != crc:
         raise FormatError("checksum mismatch")
-    if ns != namespace:  # paths embed the namespace hash, so this means a misplaced file
+    a = HEADER.size
+    if rec[a:a + nl] != namespace:
         raise FormatError("namespace mismatch")
-    if k != key:
+    if rec[a + nl:a + nl + kl] != key:
         raise FormatError("key mismatch")
+    b = a + nl + kl + tl
     try:
-        tensors, meta_obj = _st_load(body), json.loads(meta)
-    except Exception as e:  # checksum passed, so this is a writer bug, still never served
-        raise FormatError(f"undecodable payload: {e}") from e
-    if not isinstance(meta_obj, dict):
+        meta = json.loads(str(rec[b:b + ml], "utf-8"))
+    except ValueError as e:  # the checksum passed, so this is a writer bug; still never served
+        raise FormatError(f"undecodable meta: {e}") from e
+    if not isinstance(meta, dict):
         raise FormatError("meta is not an object")
-    return tensors, meta_obj
+    return rec[a + nl + kl:b], meta
 
 
-def _rel_path(namespace: bytes, key: bytes) -> str:
-    h = hashlib.blake2b(struct.pack("<I", len(namespace)) + namespace + key, digest_size=20).hexdigest()
-    return f"{h[:2]}/{h}.kv"
+def _decode_body(body) -> dict[str, torch.Tensor]:
+    try:
+        return _st_load(bytes(body))
+    except Exception as e:  # noqa: BLE001 - checksum passed, so a writer bug: never served
+        raise FormatError(f"undecodable payload: {e}") from e
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_layouts: dict[bytes, dict] = {}
+_layouts_lock = threading.Lock()
+
+
+def body_layout(body) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """Where each tensor of an entry's payload (a safetensors buffer, as `read_many` returns it) lies:
+    name -> (dtype, shape, start, end), byte offsets into `body`. The safetensors header is parsed once per
+    distinct header (every block of a model has the same one), so a caller can gather the bytes of thousands of
+    entries without making a tensor per entry. Raises FormatError on a malformed header.
+    Format: https://github.com/huggingface/safetensors (8-byte LE header length, JSON header, data)."""
+    if len(body) < 8:
+        raise FormatError("payload too short")
+    (hl,) = struct.unpack_from("<Q", body)
+    if 8 + hl > len(body):
+        raise FormatError("payload header overruns the payload")
+    head = bytes(body[8:8 + hl])
+    got = _layouts.get(head)
+    if got is None:
+        got = _parse_layout(head, 8 + hl)
+    if len(body) != got[0]:
+        raise FormatError("payload length does not match its header")
+    return got[1]
+
+
+def _parse_layout(head: bytes, base: int) -> tuple[int, dict]:
+    try:
+        spec = json.loads(head)
+        out, end = {}, base
+        for name, d in spec.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = _ST_DTYPES[d["dtype"]], tuple(int(s) for s in d["shape"])
+            lo, hi = (int(x) for x in d["data_offsets"])
+            n = 1
+            for s in shape:
+                n *= s
+            if not 0 <= lo <= hi or hi - lo != n * dtype.itemsize:
+                raise ValueError(f"bad offsets of {name}")
+            out[name] = (dtype, shape, base + lo, base + hi)
+            end = max(end, base + hi)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"undecodable payload header: {e}") from e
+    with _layouts_lock:
+        if len(_layouts) > 1024:  # a bound, not a cache policy: layouts are few
+            _layouts.clear()
+        _layouts[head] = (end, out)
+    return end, out
+
+
+def _seg_name(seg: int) -> str:
+    return f"{seg:016x}.seg"
 
 
 def _key_bytes(key: bytes | str) -> bytes:
@@ -174,6 +231,15 @@ def _write_all(fd: int, buf: bytes) -> None:
         mv = mv[n:]
 
 
+def _read_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill buf from fd at offset (positional reads, safe from several threads); FormatError if the file ends."""
+    while buf:
+        n = os.preadv(fd, [buf], offset)
+        if n <= 0:
+            raise FormatError("truncated segment")
+        buf, offset = buf[n:], offset + n
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -196,30 +262,40 @@ def _unlink_quiet(path: Path) -> None:
 
 @dataclass
 class _Entry:
-    path: str  # relative to root/data
-    size: int
+    seg: int      # segment number
+    offset: int   # byte offset of the record in its segment
+    size: int     # record bytes
     last_access: float
     created: float
+
+
+@dataclass
+class _Segment:
+    size: int = 0                                   # bytes in the file (live records, dead records)
+    live: set = field(default_factory=set)          # idents of the indexed records in it
+    last_access: float = 0.0                        # the most recent access of any of them
+    fd: int | None = None                           # open for appending (the active segment only)
 
 
 _COUNTERS = (
     "hits", "misses", "bytes_written", "bytes_read", "puts_dropped", "write_errors",
     "read_errors", "evictions", "corrupt_dropped", "discarded", "disk_full_evictions", "read_seconds",
-    "write_seconds",
+    "write_seconds", "segments_evicted",
 )
 INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
-INDEX_SLACK = 64 << 10  # what the two commits of a put (evict, insert) may add to the WAL after the quota check
+INDEX_SLACK = 64 << 10  # what the two commits of a batch (evict, insert) may add to the WAL after the quota check
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+BATCH_MAX_BYTES = 64 << 20  # one writer batch (one fsync, one index transaction) takes at most this many bytes
 
 
 class DiskKVStore:
     """Opaque, durable, size-capped key -> (tensors, meta) store; see module docstring.
 
-    Thread model: ``get``/``contains``/``put`` may be called from any thread (the engine);
-    file writes happen on one background thread (or inline for ``put(sync=True)``).
-    Locks: ``_lock`` guards the in-memory index and counters and is only held for dict
-    operations, so a read never waits for an fsync; ``_write_lock`` serializes everything
-    that creates or deletes entry files; ``_db_lock`` guards the SQLite connection.
+    Thread model: ``get``/``read_many``/``contains``/``put`` may be called from any thread (the engine);
+    segment writes happen on one background thread (or inline for ``put(sync=True)``).
+    Locks: ``_lock`` guards the in-memory index, the segments and counters and is only held for dict
+    operations, so a read never waits for an fsync; ``_write_lock`` serializes everything that appends to,
+    creates or deletes segment files; ``_db_lock`` guards the SQLite connection.
     """
 
     #: consecutive write failures after which puts are refused for ``error_backoff_s``
@@ -227,33 +303,41 @@ class DiskKVStore:
     error_backoff_s = 30.0
 
     def __init__(self, root: str | Path, capacity_bytes: int, namespace: str,
-                 queue_size: int = 64, fsync: bool = True):
-        """capacity_bytes: the quota for entry files plus index.sqlite and its WAL. Raises KVStoreBusy when
-        another store (process) holds ``root``; any other unusable root gives a degraded store."""
+                 queue_size: int = 64, fsync: bool = True, segment_bytes: int | None = None):
+        """capacity_bytes: the quota for segment files plus index.sqlite and its WAL. segment_bytes: a segment is
+        sealed past this size (default: capacity / 16, at most SEGMENT_MAX; eviction drops whole segments, so a
+        segment must be a small share of the quota). Raises KVStoreBusy when another store (process) holds
+        ``root``; any other unusable root gives a degraded store."""
         self.root = Path(root)
         self.capacity = int(capacity_bytes)
         # the WAL is checkpointed (truncated) when the index files pass this: it is counted in the quota
         self._index_budget = max(self.capacity // 8, 64 << 10)
+        # small segments under a small quota: eviction drops whole segments, so one must be a small share of it
+        self.segment_max = max(1, segment_bytes or min(SEGMENT_MAX, self.capacity // 16))
         self.namespace = namespace
         self._ns = namespace.encode("utf-8")
         if len(self._ns) > 0xFFFF:
             raise ValueError("namespace too long")
         self._fsync = fsync
-        self._data = self.root / "data"
+        self._dir = self.root / "segments"
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._db_lock = threading.Lock()
         self._drained = threading.Condition()
         self._index: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()  # LRU first
+        self._segs: OrderedDict[int, _Segment] = OrderedDict()  # LRU first (by their most recent access)
+        self._active: int | None = None  # the segment being appended to
+        self._sealed: set[int] = set()  # segments no longer appended to whose fd closes after their batch's sync
+        self._new_segment = False  # a segment file was created since the last directory fsync
+        self._next_seg = 1
         self._touched: dict[tuple[str, bytes], float] = {}  # last_access not yet in SQLite
         self._queued: set[bytes] = set()
         self._pending = 0  # puts accepted but not yet processed
-        self._used = 0  # bytes of indexed files + the reservation of the write in flight
+        self._used = 0  # bytes of the segment files + the reservation of the batch in flight
         self._stats = dict.fromkeys(_COUNTERS, 0)
         self._logged: set[str] = set()
         self._errors_in_row = 0
         self._refuse_until = 0.0
-        self._tmp_seq = 0
         self._closed = self._closing = False
         self._degraded: str | None = None
         self._db: sqlite3.Connection | None = None
@@ -274,9 +358,7 @@ class DiskKVStore:
     # ------------------------------------------------------------------ open / recover
 
     def _open(self) -> None:
-        self._data.mkdir(parents=True, exist_ok=True)
-        for i in range(256):
-            (self._data / f"{i:02x}").mkdir(exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
         self._lock_file = open(self.root / "LOCK", "a+b")
         # Recovery deletes files it does not know; two processes on one root would
         # delete each other's work, so the second one is refused, once, at open.
@@ -295,15 +377,16 @@ class DiskKVStore:
         try:
             self._db = self._open_db()
         except sqlite3.DatabaseError as e:
-            # A corrupt index: start over. Its files become orphans and are deleted below.
+            # A corrupt index: start over. Its segments become orphans and are deleted below.
             log.warning("kvstore: index unreadable (%s); starting with an empty store", e)
             for suffix in ("", "-wal", "-shm"):
                 _unlink_quiet(self.root / f"index.sqlite{suffix}")
             self._db = self._open_db()
+        self._dir.mkdir(exist_ok=True)
         self._recover()
         self._checkpoint_if_large()
         if self._fsync:
-            _fsync_dir(self._data)
+            _fsync_dir(self._dir)
             _fsync_dir(self.root)
 
     def _open_db(self) -> sqlite3.Connection:
@@ -311,16 +394,21 @@ class DiskKVStore:
         try:
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL survives process crashes; after power loss the last commits may
-            # roll back, which recovery turns into orphan files (deleted) or missing-file
-            # rows (dropped): never into a wrong entry.
+            # roll back, which recovery turns into unindexed tails (truncated) or rows past
+            # their segment's end (dropped): never into a wrong entry.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA journal_size_limit={self._index_budget // 2}")  # WAL size after a checkpoint
-            if db.execute("PRAGMA user_version").fetchone()[0] not in (0, INDEX_SCHEMA):
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, INDEX_SCHEMA):
+                # another format (1: one file per entry under data/): a cache may forget, never misread
+                log.warning("kvstore: %s holds a KV store of format %d; starting empty in format %d",
+                            self.root, version, INDEX_SCHEMA)
                 db.execute("DROP TABLE IF EXISTS entries")
+                shutil.rmtree(self.root / "data", ignore_errors=True)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS entries (namespace TEXT NOT NULL, key BLOB NOT NULL,"
-                " path TEXT NOT NULL, size INTEGER NOT NULL, last_access REAL NOT NULL,"
-                " created REAL NOT NULL, PRIMARY KEY (namespace, key))"
+                " segment INTEGER NOT NULL, offset INTEGER NOT NULL, size INTEGER NOT NULL,"
+                " last_access REAL NOT NULL, created REAL NOT NULL, PRIMARY KEY (namespace, key))"
             )
             db.execute(f"PRAGMA user_version={INDEX_SCHEMA}")
             return db
@@ -329,35 +417,50 @@ class DiskKVStore:
             raise
 
     def _recover(self) -> None:
-        """Make index and files agree: the index only names complete, renamed files."""
-        on_disk: dict[str, int] = {}
-        for sub in sorted(self._data.iterdir()):
-            if not sub.is_dir():
+        """Make index and segments agree: rows name only complete records, segments hold only indexed bytes at
+        their end, and no segment without rows remains."""
+        on_disk: dict[int, int] = {}
+        for f in self._dir.iterdir():
+            try:
+                seg = int(f.name.removesuffix(".seg"), 16) if f.name.endswith(".seg") else None
+            except ValueError:
+                seg = None
+            if seg is None or not f.is_file():
+                _unlink_quiet(f)  # not ours (or a leftover of a newer writer): a cache may forget
                 continue
-            for f in sub.iterdir():
-                if f.name.endswith(".tmp"):  # a write that never reached its rename
-                    _unlink_quiet(f)
-                else:
-                    on_disk[f"{sub.name}/{f.name}"] = f.stat().st_size
-        rows = self._db.execute(
-            "SELECT namespace, key, path, size, last_access, created FROM entries ORDER BY last_access"
-        ).fetchall()
-        stale = []
-        for ns, key, rel, size, last_access, created in rows:
-            actual = on_disk.pop(rel, None)
-            if actual != size:
-                stale.append((ns, key))
-                if actual is not None:
-                    _unlink_quiet(self._data / rel)
+            on_disk[seg] = f.stat().st_size
+        rows = self._db.execute("SELECT namespace, key, segment, offset, size, last_access, created FROM entries"
+                                " ORDER BY last_access").fetchall()
+        stale, ends = [], {}
+        for ns, key, seg, off, size, last_access, created in rows:
+            if seg not in on_disk or off < 0 or size <= 0 or off + size > on_disk[seg]:
+                stale.append((ns, key))  # its bytes never reached the disk, or the segment is gone
                 continue
-            self._index[(ns, bytes(key))] = _Entry(rel, size, last_access, created)
-            self._used += size
+            ident = (ns, bytes(key))
+            self._index[ident] = _Entry(seg, off, size, last_access, created)
+            s = self._segs.setdefault(seg, _Segment())
+            s.live.add(ident)
+            s.last_access = max(s.last_access, last_access)
+            ends[seg] = max(ends.get(seg, 0), off + size)
         if stale:
             self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", stale)
-        for rel in on_disk:  # files the index does not name: crash between rename and insert
-            _unlink_quiet(self._data / rel)
-        if stale or on_disk:
-            log.info("kvstore: recovery dropped %d stale index rows and %d orphan files", len(stale), len(on_disk))
+        orphans = truncated = 0
+        for seg, size in on_disk.items():
+            path = self._dir / _seg_name(seg)
+            if seg not in self._segs:  # no row names it: a crash between a batch's append and its insert
+                _unlink_quiet(path)
+                orphans += 1
+                continue
+            if size > ends[seg]:  # an unindexed tail: the last batch crashed before its index insert
+                os.truncate(path, ends[seg])
+                truncated += 1
+            self._segs[seg].size = ends[seg]
+            self._used += ends[seg]
+        self._segs = OrderedDict(sorted(self._segs.items(), key=lambda kv: kv[1].last_access))
+        self._next_seg = max(on_disk, default=0) + 1
+        if stale or orphans or truncated:
+            log.info("kvstore: recovery dropped %d stale index rows and %d orphan segments, truncated %d segments",
+                     len(stale), orphans, truncated)
         if self._used > self._entry_limit():  # the cap was lowered since the last run
             self.evict_to(self._entry_limit())
 
@@ -379,7 +482,7 @@ class DiskKVStore:
             self._count("puts_dropped")
             return False
         if sync:
-            return self._store(k, dict(tensors), meta_json)
+            return self._store_batch([(k, dict(tensors), meta_json)]) == 1
         with self._lock:
             if (self.namespace, k) in self._index or k in self._queued:
                 return True
@@ -399,39 +502,140 @@ class DiskKVStore:
 
     def get(self, key: bytes | str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """Return (tensors, meta) or None. Any failed check drops the entry and returns None."""
-        ident = (self.namespace, _key_bytes(key))
-        with self._lock:
-            e = None if self._closed or self._degraded else self._index.get(ident)
-            if e is None:
-                self._stats["misses"] += 1
-                return None
-        t0 = time.perf_counter()
+        got = self.read_many([key])[0]
+        if got is None:
+            return None
         try:
-            tensors, meta = _decode_file(self._data / e.path, self._ns, ident[1], e.size)
-        except FileNotFoundError:
-            self._drop(ident, e)  # no-op when a concurrent eviction already removed it
-            self._count("misses")
-            return None
+            return _decode_body(got[0]), got[1]
         except FormatError as err:
-            if self._drop(ident, e):
-                self._count("corrupt_dropped")
-                self._log_once(f"corrupt:{str(err).split(' ')[0]}", logging.WARNING,
-                               f"dropped corrupt entry {e.path}: {err}")
-            self._count("misses")
+            self._corrupt((self.namespace, _key_bytes(key)), err)
             return None
-        except OSError as err:
-            self._io_error("read", err)
-            self._drop(ident, e)
-            self._count("misses")
-            return None
+
+    def get_many(self, keys: list) -> list[tuple[dict[str, torch.Tensor], dict] | None]:
+        """`get` for many keys with the reads of `read_many`."""
+        out = []
+        for key, got in zip(keys, self.read_many(keys)):
+            try:
+                out.append(None if got is None else (_decode_body(got[0]), got[1]))
+            except FormatError as err:
+                self._corrupt((self.namespace, _key_bytes(key)), err)
+                out.append(None)
+        return out
+
+    def read_many(self, keys: list) -> list[tuple[memoryview, dict] | None]:
+        """Read and verify many entries at once -> per key (tensor payload, meta) or None.
+
+        The payload is the entry's safetensors buffer (a view into the read buffer; `body_layout` says where each
+        tensor lies, `get` decodes it). The entries' records are grouped by segment and sorted by offset; records
+        closer than EXTENT_GAP become one extent, and extents are read in pieces of READ_PIECE bytes by
+        READ_THREADS threads (positional reads release the GIL): a restore of consecutive blocks is one large
+        sequential read. Each record is verified (length, magic, version, CRC32C, namespace, key) as `get` does;
+        one that fails is dropped (a miss), the others are served."""
+        idents = [(self.namespace, _key_bytes(k)) for k in keys]
+        out: list = [None] * len(keys)
+        with self._lock:
+            live = None if self._closed or self._degraded else self._index
+            found = [(i, live.get(ident)) for i, ident in enumerate(idents)] if live is not None else []
+            found = [(i, e) for i, e in found if e is not None]
+            self._stats["misses"] += len(keys) - len(found)
+        if not found:
+            return out
+        t0 = time.perf_counter()
+        by_seg: dict[int, list] = {}
+        for i, e in found:
+            by_seg.setdefault(e.seg, []).append((i, e))
+        extents = []  # (segment, offset, length, [(i, entry), ...])
+        for seg, items in by_seg.items():
+            items.sort(key=lambda x: x[1].offset)
+            cur = None
+            for i, e in items:
+                if cur is not None and e.offset - (cur[1] + cur[2]) <= EXTENT_GAP and e.offset >= cur[1] + cur[2]:
+                    cur[2] = e.offset + e.size - cur[1]
+                    cur[3].append((i, e))
+                else:
+                    cur = [seg, e.offset, e.size, [(i, e)]]
+                    extents.append(cur)
+        fds: dict[int, int | BaseException] = {}
+        for seg in by_seg:
+            try:
+                fds[seg] = os.open(self._dir / _seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as err:
+                fds[seg] = err
+        # uninitialised buffers (numpy.empty): the reads fill them, a zero-fill first would cost a pass over memory
+        bufs = [numpy.empty(ext[2], dtype=numpy.uint8) if not isinstance(fds[ext[0]], BaseException) else None
+                for ext in extents]
+        pieces = [(x, a, min(a + READ_PIECE, ext[2])) for x, ext in enumerate(extents) if bufs[x] is not None
+                  for a in range(0, ext[2], READ_PIECE)]
+        failed: dict[int, BaseException] = {x: fds[ext[0]] for x, ext in enumerate(extents) if bufs[x] is None}
+
+        def read(piece):
+            x, a, b = piece
+            try:
+                _read_into(fds[extents[x][0]], memoryview(bufs[x])[a:b], extents[x][1] + a)
+            except (OSError, FormatError) as err:
+                failed.setdefault(x, err)
+
+        bad: list = []  # (i, entry, FormatError)
+
+        def verify(job):  # records of read extents; CRC32C releases the GIL on large buffers
+            for x, i, e in job:
+                base = extents[x][1]
+                try:
+                    out[i] = _check_record(memoryview(bufs[x])[e.offset - base:e.offset - base + e.size],
+                                           self._ns, idents[i][1])
+                except FormatError as ferr:
+                    bad.append((i, e, ferr))
+
+        pool = ThreadPoolExecutor(max_workers=READ_THREADS) if len(pieces) > 1 else None
+        try:
+            if pool is not None:
+                list(pool.map(read, pieces))
+            elif pieces:
+                read(pieces[0])
+        finally:
+            for fd in fds.values():
+                if isinstance(fd, int):
+                    os.close(fd)
+        hits = nbytes = 0
+        jobs, job, job_bytes = [], [], 0
+        for x, (seg, base, _, items) in enumerate(extents):
+            err = failed.get(x)
+            for i, e in items:
+                if err is None:
+                    job.append((x, i, e))
+                    job_bytes += e.size
+                    if job_bytes >= READ_PIECE:
+                        jobs.append(job)
+                        job, job_bytes = [], 0
+                elif isinstance(err, FormatError):
+                    bad.append((i, e, err))
+                else:
+                    if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
+                        self._io_error("read", err)
+                    self._drop(idents[i], e)  # no-op when a concurrent eviction already removed it
+        jobs.append(job)
+        if pool is not None:
+            with pool:
+                list(pool.map(verify, jobs))
+        else:
+            for job in jobs:
+                verify(job)
+        for i, e, ferr in bad:
+            self._corrupt(idents[i], ferr, e)
+        for i, e in found:
+            if out[i] is not None:
+                hits += 1
+                nbytes += e.size
         dt = time.perf_counter() - t0
         with self._lock:
-            self._stats["hits"] += 1
-            self._stats["bytes_read"] += e.size
+            self._stats["hits"] += hits
+            self._stats["misses"] += len(found) - hits
+            self._stats["bytes_read"] += nbytes
             self._stats["read_seconds"] += dt
-            if self._index.get(ident) is e:
-                self._touch_locked(ident, e)
-        return tensors, meta
+            for i, e in found:
+                if out[i] is not None and self._index.get(idents[i]) is e:
+                    self._touch_locked(idents[i], e)
+        return out
 
     def contains(self, key: bytes | str) -> bool:
         with self._lock:
@@ -446,7 +650,8 @@ class DiskKVStore:
         if e is None or not self._drop(ident, e):
             return False
         self._count("discarded")
-        self._log_once("discard", logging.WARNING, f"evicted entry {e.path}: it does not match its reader")
+        self._log_once("discard", logging.WARNING,
+                       f"evicted entry at {_seg_name(e.seg)}+{e.offset}: it does not match its reader")
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -458,17 +663,17 @@ class DiskKVStore:
         return ok
 
     def evict_to(self, target_bytes: int) -> int:
-        """Evict least-recently-used entries until at most ``target_bytes`` are used. Returns bytes freed."""
+        """Evict least-recently-used segments until at most ``target_bytes`` are used. Returns bytes freed."""
         with self._write_lock:
             victims = self._pop_lru(target_bytes, 0)
-            self._delete_files(victims)
-        return sum(e.size for _, e in victims)
+            self._delete_segments(victims)
+        return sum(s.size for _, s in victims)
 
     def stats(self) -> dict:
         with self._lock:
             s = dict(self._stats)
             s.update(used_bytes=self._used, index_bytes=self._index_bytes(), entries=len(self._index),
-                     capacity_bytes=self.capacity,
+                     segments=len(self._segs), capacity_bytes=self.capacity,
                      queue_depth=self._q.qsize(), degraded=self._degraded is not None)
         return s
 
@@ -482,8 +687,9 @@ class DiskKVStore:
             self._q.put(None)
             self._thread.join()
         self._persist_touches()
-        with self._lock:
+        with self._write_lock, self._lock:
             self._closed = True
+            self._seal_active()
         self._release_files()
 
     def __enter__(self):
@@ -503,110 +709,257 @@ class DiskKVStore:
                 continue
             if item is None:
                 return
+            # group commit: whatever else is queued goes into the same batch (one fsync, one transaction)
+            batch, stop = [item], False
+            while len(batch) < 4096 and not stop:
+                try:
+                    nxt = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                else:
+                    batch.append(nxt)
             try:
-                self._store(*item)
-            except Exception:  # the thread must survive anything; the entry just is not stored
-                self._count("write_errors")
+                self._store_batch(batch)
+            except Exception:  # the thread must survive anything; the entries just are not stored
+                self._count("write_errors", len(batch))
                 log.exception("kvstore: unexpected writer error")
             finally:
                 with self._lock:
-                    self._queued.discard(item[0])
-                self._done_one()
+                    for it in batch:
+                        self._queued.discard(it[0])
+                for _ in batch:
+                    self._done_one()
+            if stop:
+                return
 
-    def _store(self, key: bytes, tensors: dict, meta_json: bytes) -> bool:
-        ident = (self.namespace, key)
+    def _store_batch(self, items: list[tuple[bytes, dict, bytes]]) -> int:
+        """Append entries to the active segment(s), fsync, then index them in one transaction. Returns how many
+        are stored (already stored keys count)."""
         with self._write_lock:
-            with self._lock:
-                if self._closed:
-                    return False
-                if ident in self._index:
-                    self._touch_locked(ident, self._index[ident])
-                    return True
             t0 = time.perf_counter()
-            try:
-                chunks = _encode(self._ns, key, tensors, meta_json)
-            except Exception as e:  # e.g. a dtype safetensors cannot store
-                self._count("write_errors")
-                self._log_once("encode", logging.ERROR, f"cannot serialize entry: {e}")
-                return False
-            size = sum(map(len, chunks))
+            done, todo, seen = 0, [], set()
+            for key, tensors, meta_json in items:
+                ident = (self.namespace, key)
+                with self._lock:
+                    if self._closed:
+                        return done
+                    if ident in self._index:
+                        self._touch_locked(ident, self._index[ident])
+                        done += 1
+                        continue
+                if key in seen:
+                    done += 1
+                    continue
+                seen.add(key)
+                try:
+                    todo.append((key, _encode(self._ns, key, tensors, meta_json)))
+                except Exception as e:  # noqa: BLE001 - e.g. a dtype safetensors cannot store
+                    self._count("write_errors")
+                    self._log_once("encode", logging.ERROR, f"cannot serialize entry: {e}")
+            if not todo:
+                return done
             self._checkpoint_if_large()
             limit = self._entry_limit()
-            if size > limit:
-                self._count("puts_dropped")
-                self._log_once("too_large", logging.WARNING,
-                               f"entry of {size} B exceeds the capacity of {self.capacity} B; refused")
-                return False
-            # Account before writing: make room (LRU) and reserve, so disk use (entries, index and
-            # WAL) stays under the cap even while the temp file exists.
-            self._delete_files(self._pop_lru(limit, size))
-            rel = _rel_path(self._ns, key)
-            try:
+            sized = []
+            for key, chunks in todo:
+                size = sum(map(len, chunks))
+                if size > limit:
+                    self._count("puts_dropped")
+                    self._log_once("too_large", logging.WARNING,
+                                   f"entry of {size} B exceeds the capacity of {self.capacity} B; refused")
+                else:
+                    sized.append((key, chunks, size))
+            # Account before writing: make room (whole LRU segments) and reserve, so disk use (segments, index
+            # and WAL) stays under the cap while the batch is appended. What does not fit is written next time.
+            total, accepted = 0, []
+            for item in sized:
+                if total + item[2] <= limit:
+                    total += item[2]
+                    accepted.append(item)
+                else:
+                    self._count("puts_dropped")
+            self._delete_segments(self._pop_lru(limit, total))
+            written, touched = [], set()  # (key, seg, offset, size)
+            for key, chunks, size in accepted:
                 try:
-                    self._write_file(self._data / rel, chunks)
+                    seg, off = self._append_record(chunks, size, touched)
                 except OSError as e:
-                    # The disk is full below our quota (other files filled it): free space by evicting
-                    # LRU entries and retry once, so a full disk never stops caching for good.
-                    if e.errno not in DISK_FULL_ERRNOS or not self._free_for_disk_full(size):
-                        raise
-                    self._write_file(self._data / rel, chunks)
-            except OSError as e:
-                self._unreserve(size)
+                    self._unreserve(size)
+                    self._io_error("write", e)
+                    continue
+                written.append((key, seg, off, size))
+            try:
+                for seg in touched:
+                    if self._fsync:
+                        self._sync_segment(seg)
+            except OSError as e:  # durability unknown: index nothing of this batch (recovery truncates it)
                 self._io_error("write", e)
-                return False
+                self._seal_active()
+                return done
+            finally:
+                self._after_batch()
+            if not written:
+                return done
             now = time.time()
             try:
                 with self._db_lock:
-                    self._db.execute("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?)",
-                                     (self.namespace, key, rel, size, now, now))
+                    self._db.execute("BEGIN")
+                    try:
+                        self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?)",
+                                             [(self.namespace, k, s, o, n, now, now) for k, s, o, n in written])
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
             except sqlite3.Error as e:
-                _unlink_quiet(self._data / rel)  # not indexed -> must not exist
-                self._unreserve(size)
-                self._io_error("index", e)
-                return False
-            with self._lock:  # visible only now: complete, renamed, durable and indexed
-                self._index[ident] = _Entry(rel, size, now, now)
-                self._stats["bytes_written"] += size
+                self._io_error("index", e)  # the appended bytes stay dead in their segment (counted in the quota)
+                return done
+            with self._lock:  # visible only now: complete, durable and indexed
+                for k, s, o, n in written:
+                    ident = (self.namespace, k)
+                    self._index[ident] = _Entry(s, o, n, now, now)
+                    seg = self._segs[s]
+                    seg.live.add(ident)
+                    seg.last_access = now
+                    self._segs.move_to_end(s)
+                    self._stats["bytes_written"] += n
                 self._stats["write_seconds"] += time.perf_counter() - t0
             self._errors_in_row = 0
-            return True
+            return done + len(written)
 
-    def _write_file(self, final: Path, chunks: list[bytes]) -> None:
-        """temp file in the same dir -> write -> fsync -> rename -> fsync dir; no leftovers on error."""
-        self._tmp_seq += 1
-        tmp = final.with_name(f"{final.name}.{os.getpid()}.{self._tmp_seq}.tmp")
-        renamed = False
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    def _append_record(self, chunks: list[bytes], size: int, touched: set) -> tuple[int, int]:
+        """Append one record to the active segment (a new one when it is full); on a full disk evict and retry
+        once. Returns (segment, offset). On error the segment is cut back to where the record began."""
+        for attempt in (0, 1):
+            seg = self._writable_segment(size)
+            s = self._segs[seg]
+            off = s.size
             try:
-                for c in chunks:
-                    _write_all(fd, c)
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
+                self._append(s.fd, chunks)
+            except OSError as e:
+                try:
+                    os.ftruncate(s.fd, off)
+                except OSError:
+                    pass  # an unindexed tail: dead bytes, cut at the next start
+                # segments holding records of this batch stay (their rows are not written yet)
+                if attempt or e.errno not in DISK_FULL_ERRNOS or not self._free_for_disk_full(size, touched):
+                    raise
+                continue
+            with self._lock:
+                s.size += size  # the reservation becomes segment bytes: _used is unchanged
+            touched.add(seg)
+            return seg, off
+        raise AssertionError("unreachable")
+
+    def _append(self, fd: int, chunks: list[bytes]) -> None:
+        for c in chunks:
+            _write_all(fd, c)
+
+    def _writable_segment(self, size: int) -> int:
+        """The active segment, or a new one when it would pass segment_max (a record never spans segments)."""
+        if self._active is not None:
+            s = self._segs.get(self._active)
+            if s is not None and (s.size == 0 or s.size + size <= self.segment_max):
+                return self._active
+            self._seal_active()
+        seg = self._next_seg
+        fd = os.open(self._dir / _seg_name(seg), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._next_seg += 1
+        with self._lock:
+            self._segs[seg] = _Segment(fd=fd, last_access=time.time())
+        self._active = seg
+        self._new_segment = True
+        return seg
+
+    def _sync_segment(self, seg: int) -> None:
+        s = self._segs.get(seg)
+        if s is None:
+            return
+        fd = s.fd if s.fd is not None else os.open(self._dir / _seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fdatasync(fd)
+        finally:
+            if fd != s.fd:
                 os.close(fd)
-            os.replace(tmp, final)
-            renamed = True
-            if self._fsync:
-                _fsync_dir(final.parent)
-        except BaseException:
-            _unlink_quiet(final if renamed else tmp)
-            raise
+        if self._new_segment:  # a new file: its directory entry must be durable too
+            _fsync_dir(self._dir)
+            self._new_segment = False
+
+    def _seal_active(self) -> None:
+        """Stop appending to the active segment (its fd is closed once its batch is synced)."""
+        seg, self._active = self._active, None
+        if seg is not None:
+            self._sealed.add(seg)
+
+    def _after_batch(self) -> None:
+        """Close the fds of sealed segments; remove an active segment a failed append left empty."""
+        for seg in self._sealed:
+            s = self._segs.get(seg)
+            if s is not None and s.fd is not None:
+                os.close(s.fd)
+                s.fd = None
+        self._sealed.clear()
+        s = self._segs.get(self._active) if self._active is not None else None
+        if s is not None and s.size == 0 and not s.live:
+            self._remove_segment(self._active)
 
     # ------------------------------------------------------------------ helpers
 
-    def _pop_lru(self, limit: int, incoming: int) -> list[tuple[tuple[str, bytes], _Entry]]:
-        """Remove LRU entries from the in-memory index until used + incoming <= limit; reserve incoming."""
+    def _pop_lru(self, limit: int, incoming: int, keep: set = frozenset()) -> list[tuple[int, _Segment]]:
+        """Take whole least-recently-used segments out of the in-memory index until used + incoming <= limit
+        (segments in `keep` stay); reserve incoming. The caller deletes the victims (_delete_segments)."""
         victims = []
         with self._lock:
-            while self._used + incoming > limit and self._index:
-                ident, e = self._index.popitem(last=False)
-                self._touched.pop(ident, None)
-                self._used -= e.size
-                victims.append((ident, e))
+            for seg in list(self._segs):
+                if self._used + incoming <= limit:
+                    break
+                if seg in keep:
+                    continue
+                s = self._segs.pop(seg)
+                for ident in s.live:
+                    self._index.pop(ident, None)
+                    self._touched.pop(ident, None)
+                self._used -= s.size
+                self._stats["evictions"] += len(s.live)
+                self._stats["segments_evicted"] += 1
+                victims.append((seg, s))
             self._used += incoming
-            self._stats["evictions"] += len(victims)
         return victims
+
+    def _delete_segments(self, victims) -> None:
+        """Rows first, then the file: a crash in between leaves a segment no row names, which recovery deletes."""
+        if not victims:
+            return
+        rows = [ident for _, s in victims for ident in s.live]
+        try:
+            with self._db_lock:
+                self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", rows)
+        except sqlite3.Error as e:
+            self._io_error("index", e)  # rows of missing segments are dropped at the next start
+        for seg, s in victims:
+            if seg == self._active:
+                self._active = None
+            self._sealed.discard(seg)
+            if s.fd is not None:
+                os.close(s.fd)
+                s.fd = None
+            _unlink_quiet(self._dir / _seg_name(seg))
+
+    def _remove_segment(self, seg: int) -> None:
+        """Delete a segment that holds no indexed record (under _write_lock)."""
+        with self._lock:
+            s = self._segs.pop(seg, None)
+            if s is None:
+                return
+            self._used -= s.size
+        if seg == self._active:
+            self._active = None
+        self._sealed.discard(seg)
+        if s.fd is not None:
+            os.close(s.fd)
+        _unlink_quiet(self._dir / _seg_name(seg))
 
     def _index_bytes(self) -> int:
         """Bytes of index.sqlite and its WAL / shared-memory files (part of the quota)."""
@@ -619,7 +972,7 @@ class DiskKVStore:
         return total
 
     def _entry_limit(self) -> int:
-        """What the entry files may use: the capacity less the index files and one commit's slack."""
+        """What the segment files may use: the capacity less the index files and one commit's slack."""
         return self.capacity - self._index_bytes() - INDEX_SLACK
 
     def _checkpoint_if_large(self) -> None:
@@ -632,52 +985,61 @@ class DiskKVStore:
         except sqlite3.Error as e:
             self._io_error("index", e)
 
-    def _free_for_disk_full(self, size: int) -> bool:
-        """After ENOSPC: evict LRU entries worth at least twice the entry (and an eighth of the store, so the
-        next writes do not hit the wall at once). Returns whether anything was freed."""
+    def _free_for_disk_full(self, size: int, keep: set) -> bool:
+        """After ENOSPC: evict LRU segments worth at least twice the entry (and an eighth of the store, so the
+        next writes do not hit the wall at once); segments of the batch in flight (`keep`) stay. Returns whether
+        anything was freed."""
         with self._lock:
-            others = self._used - size  # the reservation of the entry in flight is not evictable
-            goal = max(2 * size, others // 8)
-        victims = self._pop_lru(self._used - goal, 0)
-        self._delete_files(victims)
+            goal = max(2 * size, self._used // 8)
+        victims = self._pop_lru(self._used - goal, 0, keep)
+        self._delete_segments(victims)
         if victims:
-            self._count("disk_full_evictions", len(victims))
+            self._count("disk_full_evictions", sum(len(s.live) for _, s in victims))
             self._log_once("disk_full", logging.WARNING,
-                           f"disk full at {self.root}: evicting least-recently-used entries to keep caching")
+                           f"disk full at {self.root}: evicting least-recently-used segments to keep caching")
         return bool(victims)
 
     def _unreserve(self, size: int) -> None:
         with self._lock:
             self._used -= size
 
-    def _delete_files(self, victims) -> None:
-        """Row first, then file: a crash in between leaves an orphan file, which recovery deletes."""
-        if not victims:
-            return
-        try:
-            with self._db_lock:
-                self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", [i for i, _ in victims])
-        except sqlite3.Error as e:
-            self._io_error("index", e)  # rows of missing files are dropped at the next start
-        for _, e in victims:
-            _unlink_quiet(self._data / e.path)
-
     def _drop(self, ident, entry: _Entry) -> bool:
-        """Remove an entry that failed on read, unless it was already replaced/evicted."""
+        """Unindex an entry that failed on read, unless it was already replaced/evicted. Its bytes stay dead in
+        its segment until the segment goes (deleted at once when it holds nothing else)."""
         with self._write_lock:
             with self._lock:
                 if self._index.get(ident) is not entry:
                     return False
                 del self._index[ident]
                 self._touched.pop(ident, None)
-                self._used -= entry.size
-            self._delete_files([(ident, entry)])
+                s = self._segs.get(entry.seg)
+                if s is not None:
+                    s.live.discard(ident)
+            try:
+                with self._db_lock:
+                    self._db.execute("DELETE FROM entries WHERE namespace=? AND key=?", ident)
+            except sqlite3.Error as e:
+                self._io_error("index", e)
+            if s is not None and not s.live:
+                self._remove_segment(entry.seg)
         return True
+
+    def _corrupt(self, ident, err: FormatError, entry: _Entry | None = None) -> None:
+        with self._lock:
+            e = entry or self._index.get(ident)
+        if e is not None and self._drop(ident, e):
+            self._count("corrupt_dropped")
+            self._log_once(f"corrupt:{str(err).split(' ')[0]}", logging.WARNING,
+                           f"dropped corrupt entry at {_seg_name(e.seg)}+{e.offset}: {err}")
 
     def _touch_locked(self, ident, e: _Entry) -> None:
         e.last_access = time.time()
         self._index.move_to_end(ident)
         self._touched[ident] = e.last_access
+        s = self._segs.get(e.seg)
+        if s is not None:
+            s.last_access = e.last_access
+            self._segs.move_to_end(e.seg)
 
     def _persist_touches(self) -> None:
         with self._lock:
@@ -724,6 +1086,10 @@ class DiskKVStore:
                                f"{self.max_errors_in_row} write errors in a row; refusing puts for {self.error_backoff_s}s")
 
     def _release_files(self) -> None:
+        for s in self._segs.values():
+            if s.fd is not None:
+                os.close(s.fd)
+                s.fd = None
         if self._db is not None:
             try:
                 with self._db_lock:
