@@ -148,7 +148,7 @@ def plans(context: int = 131072, sequences: int = 4, recipe: str = "int4-experts
         except PlanError as e:
             out.append(f"refused: {e}")
             if mode != "edge":  # what the same hardware does as one edge node (accelerator + host + disk)
-                out.append(f"--mode edge on the same devices:\n"
+                out.append("--mode edge on the same devices:\n"
                            + plan(cfg, devices, recipe, None, context, sequences, "edge").table())
         out.append("")
     return "\n".join(out)

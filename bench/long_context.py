@@ -19,7 +19,6 @@ lookups, reads, checks, gathering and unpacking the entries into the state (Pref
 from __future__ import annotations
 
 import json
-import os
 import resource
 import shutil
 import subprocess
