@@ -83,6 +83,7 @@ class Cli:
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout)
+        needs_tokenizer(path, "generate")
         command = ["generate", path, *flags_of(Cli.generate, locals())]  # what each rank runs under --ep
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -134,6 +135,7 @@ class Cli:
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout)
+        needs_tokenizer(path, "chat")
         print(f"flashport: loading {path} ...", file=sys.stderr, flush=True)
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         run_command(path, opts, lambda engine: chat(engine, mode, system, sampling), ["chat", path])
@@ -181,6 +183,7 @@ class Cli:
             raise UsageError(f"--api-key-file: {api_key_file} does not exist")
         engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device, deterministic,
                        kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep, pg_backend, timeout)
+        needs_tokenizer(path, "serve")  # the OpenAI API returns text, so a server needs the tokenizer
         _needs_module("uvicorn", "serve")
         from .server import serve_cli
 
@@ -468,6 +471,17 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory, offload_tier=offload_tier,
         ep=ep, pg_backend=pg_backend, timeout=timeout).items() if v is not None}
     return options.engine_options(**given)
+
+
+def needs_tokenizer(path: str, command: str) -> None:
+    """Refuse, before any weight is read, a text command on a model directory without tokenizer.json (such a
+    model takes token ids only: `flashport.Engine.load(path).generate([ids])`). Raises UsageError."""
+    from .loader import TOKENIZER_FILE, has_tokenizer
+
+    if not has_tokenizer(path):
+        raise UsageError(f"{path} has no {TOKENIZER_FILE}, so `flashport {command}` cannot take text (put the "
+                         f"model's {TOKENIZER_FILE} beside its weights; token ids work through the SDK: "
+                         "flashport.Engine.load(PATH).generate([ids]))")
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
