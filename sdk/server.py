@@ -44,7 +44,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import MODES, encode_chat
-from .engine import Engine
+from .engine import SEED_RANGE, Engine
 from .kv import available_memory, kv_layout
 from .scheduler import EngineDead, QueueFull, Scheduler, SchedulerClosed, Sequence
 from .session import PrefixPool, turn_boundaries
@@ -53,7 +53,6 @@ from .tokenizer import TASK_TOKENS
 log = logging.getLogger("flashport.server")
 
 MAX_JSON_DEPTH = 64  # JSON nesting a request may use (tool parameter schemas are the deepest real ones, ~10)
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 BYTES_PER_TOKEN = 16  # request-body bytes allowed per context token when the body limit is derived
 KV_MEMORY_FRACTION = 0.5  # of the memory available at start (weights loaded) that the KV may take by default
 
