@@ -41,6 +41,10 @@ ENGINE_ARGS = """backend: auto | torch | triton | onnxruntime | a plugin's name.
             timeout: seconds a collective waits for a peer with --ep (default 30)."""
 
 
+# what `generate --json` reports of the KV cache (flashport.kv's PrefillStats): where the prompt came from
+KV_JSON_FIELDS = ("path", "hit_tokens", "loaded_tokens", "recomputed_tokens", "new_tokens", "read_from")
+
+
 def _engine_doc(fn):
     fn.__doc__ = fn.__doc__.replace("{engine_args}", ENGINE_ARGS)
     return fn
@@ -70,7 +74,8 @@ class Cli:
             temperature: sampling temperature (0: greedy).
             top_p: nucleus sampling mass in (0, 1].
             seed: sampling seed (same seed, same tokens).
-            json: print one JSON object (token ids, text, finish reason, tokens/s) instead of the text.
+            json: print one JSON object (token ids, text, finish reason, tokens/s; with --kv-dir also what the
+                KV cache reused) instead of the text.
             stream: print the text as it is generated.
             {engine_args}
         """
@@ -91,9 +96,12 @@ class Cli:
             if json or not stream:
                 out = engine.generate(prompt, **sampling)
                 if json:
+                    kv = out.timings.get("kv") if engine.kv is not None else None
                     print(_dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
                                  "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
-                                 "decode_tok_s": round(out.decode_tok_s, 2)}), flush=True)
+                                 "decode_tok_s": round(out.decode_tok_s, 2),
+                                 **({"kv": {k: kv[k] for k in KV_JSON_FIELDS if k in kv}} if kv else {})}),
+                          flush=True)
                 else:
                     print(out.text, flush=True)
                 return
