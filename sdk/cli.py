@@ -96,7 +96,7 @@ class Cli:
             if json or not stream:
                 out = engine.generate(prompt, **sampling)
                 if json:
-                    kv = out.timings.get("kv") if engine.kv is not None else None
+                    kv = out.timings.get("kv") if kv_dir is not None else None
                     print(_dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
                                  "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
                                  "decode_tok_s": round(out.decode_tok_s, 2),
