@@ -512,7 +512,7 @@ def write_checkpoint(out: str | Path, cfg: ModelConfig, sd, fmt: str = "release"
             del t
             cur.update(stored)
             if name == plan[done][-1]:  # the shard is complete: write it and let its tensors go
-                save_file(cur, str(out / fname[done]), metadata={"format": "pt"})
+                save_tensors(cur, out / fname[done], metadata={"format": "pt"})
                 weight_map.update({k: fname[done] for k in cur})
                 total += sum(v.numel() * v.element_size() for v in cur.values())
                 cur, done = {}, done + 1
