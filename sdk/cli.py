@@ -358,6 +358,7 @@ class Cli:
             existing_dir("--reference", reference)
         at_least("--max-tokens", max_tokens, 2)
         text_file("--text", text)
+        needs_tokenizer(path, "eval")  # the text is tokenized with PATH's tokenizer
         from .export.evaluate import eval_cli
 
         return eval_cli(path, text, reference, max_tokens, json)

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import flashport.engine
+import flashport.loader
 from flashport import load_engine
 from flashport.cli import main
 from flashport.engine import RequestError
@@ -21,13 +22,15 @@ def no_tokenizer(tiny_release, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("argv", [["generate", "{d}", "--prompt", "hi"], ["chat", "{d}"], ["serve", "{d}", "--port", "0"]],
-                         ids=["generate", "chat", "serve"])
+@pytest.mark.parametrize("argv", [["generate", "{d}", "--prompt", "hi"], ["chat", "{d}"], ["serve", "{d}", "--port", "0"],
+                                  ["eval", "{d}", "--text", "some text to score"]],
+                         ids=["generate", "chat", "serve", "eval"])
 def test_text_commands_refuse_before_loading(no_tokenizer, argv, capsys, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("the weights were read before the refusal")
 
     monkeypatch.setattr(flashport.engine, "open_model", no_load)
+    monkeypatch.setattr(flashport.loader, "open_model", no_load)
     rc = main([a.format(d=no_tokenizer) for a in argv])
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
