@@ -58,6 +58,10 @@ class OnnxRuntimeBackend(Backend):
         self.onnx_dir = Path(onnx_dir) if onnx_dir else None
         self.threads, self.accuracy_level, self.optimization = threads, accuracy_level, optimization
         self.ep_devices = None
+        if ep == "CPUExecutionProvider" and device and device.partition(":")[0] != "cpu":
+            # the CPU EP would silently run a model meant for `device` on the CPU
+            raise BackendError(f"device {device}: execution provider CPUExecutionProvider runs on the CPU; choose "
+                               "the device's execution provider (--execution-provider NAME) or --device cpu")
         if device and ":" in device and "device_id" not in self.ep_options and ep != "CPUExecutionProvider":
             self.ep_options["device_id"] = device.rpartition(":")[2]
         self.device = device or ("cpu" if ep == "CPUExecutionProvider" else ep)

@@ -106,7 +106,8 @@ class Graph:
                 arr = t.numpy()
                 dtype = helper.np_dtype_to_tensor_dtype(arr.dtype)
         else:
-            arr, dtype = np.ascontiguousarray(t), helper.np_dtype_to_tensor_dtype(t.dtype)
+            # np.asarray keeps a 0-d scalar 0-d (np.ascontiguousarray would make it [1] and break declared shapes)
+            arr, dtype = np.asarray(t, order="C"), helper.np_dtype_to_tensor_dtype(t.dtype)
         raw = arr.tobytes()
         tp = TensorProto(name=name, data_type=dtype, dims=list(arr.shape))
         if len(raw) < INLINE_BYTES:

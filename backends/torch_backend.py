@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .contract import OPS, WEIGHT_FORMATS, Backend, Capabilities, DeviceInfo, QuantWeight
+from .contract import OPS, WEIGHT_FORMATS, Backend, BackendError, Capabilities, DeviceInfo, QuantWeight
 
 
 def device_memory(dev: torch.device) -> tuple[int, int]:
@@ -123,13 +123,31 @@ DETERMINISTIC_OPS = {
 assert DETERMINISTIC_OPS.keys() == OPS.keys()
 
 
+def check_device(device: torch.device) -> None:
+    """Refuse, when the backend is created (before any weight is read), a device this torch cannot use: a type
+    without its extension, none of that type present (e.g. cuda:0 on a CPU-only build), or an index past the
+    count. Raises BackendError naming the device and what is there."""
+    kind = device.type
+    if kind == "cpu":
+        return
+    mod = getattr(torch, kind, None)
+    if mod is None:
+        raise BackendError(f"torch has no device type {kind!r} (is its extension installed?)")
+    available, count = getattr(mod, "is_available", None), getattr(mod, "device_count", None)
+    if available is not None and not available():
+        built = "" if kind != "cuda" or torch.backends.cuda.is_built() else " (this torch is built without CUDA)"
+        raise BackendError(f"device {device}: no {kind} device is available to torch {torch.__version__}{built}; "
+                           "use --device cpu or another backend")
+    if count is not None and device.index is not None and device.index >= count():
+        raise BackendError(f"device {device}: torch sees {count()} {kind} device(s) ({kind}:0..{kind}:{count() - 1})")
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, device: str = "cpu", deterministic: bool = False):
         self.torch_device = torch.device(device)
-        if self.torch_device.type not in ("cpu", "cuda") and not hasattr(torch, self.torch_device.type):
-            raise RuntimeError(f"torch has no device type {self.torch_device.type!r} (is its extension installed?)")
+        check_device(self.torch_device)
         self.deterministic = deterministic
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)

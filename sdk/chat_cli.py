@@ -3,7 +3,7 @@
 Thinking is shown dimmed (or under a "thinking:" label when the output is not a terminal), apart from the answer.
 Line editing and history come from the stdlib's readline. Ctrl-C during a reply stops that reply (what was
 generated stays in the conversation) and returns to the prompt; Ctrl-D or /quit leaves.
-Commands: /mode chat|thinking|thinking-max, /clear, /title, /stats, /help, /quit.
+Commands: /mode MODE (each of flashport.chat.MODES), /clear, /title, /stats, /help, /quit.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import threading
 from .chat import MODES
 from .session import Session
 
-HELP = ("commands: /mode chat|thinking|thinking-max  /clear (forget the conversation)  /title (Quick Instruction)  "
+HELP = (f"commands: /mode {'|'.join(MODES)}  /clear (forget the conversation)  /title (Quick Instruction)  "
         "/stats (KV reuse per turn)  /help  /quit")
 UNCLOSED_THINKING = ("(the reply ended inside its thinking, before </think>: raise --max-new-tokens, or /mode chat "
                      "for replies without thinking)")

@@ -43,6 +43,10 @@ ENGINE_ARGS = """backend: auto | torch | triton | onnxruntime | a plugin's name.
                 --sign), and every file's sha256 is checked (default: $FLASHPORT_PUBLIC_KEY)."""
 
 
+# what `generate --json` reports of the KV cache (flashport.kv's PrefillStats): where the prompt came from
+KV_JSON_FIELDS = ("path", "hit_tokens", "loaded_tokens", "recomputed_tokens", "new_tokens", "read_from")
+
+
 def _engine_doc(fn):
     fn.__doc__ = fn.__doc__.replace("{engine_args}", ENGINE_ARGS)
     return fn
@@ -72,7 +76,8 @@ class Cli:
             temperature: sampling temperature (0: greedy).
             top_p: nucleus sampling mass in (0, 1].
             seed: sampling seed (same seed, same tokens).
-            json: print one JSON object (token ids, text, finish reason, tokens/s) instead of the text.
+            json: print one JSON object (token ids, text, finish reason, tokens/s; with --kv-dir also what the
+                KV cache reused) instead of the text.
             stream: print the text as it is generated.
             {engine_args}
         """
@@ -85,6 +90,7 @@ class Cli:
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout, public_key)
+        needs_tokenizer(path, "generate")
         command = ["generate", path, *flags_of(Cli.generate, locals())]  # what each rank runs under --ep
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -92,9 +98,12 @@ class Cli:
             if json or not stream:
                 out = engine.generate(prompt, **sampling)
                 if json:
+                    kv = out.timings.get("kv") if kv_dir is not None else None
                     print(_dump({"token_ids": out.token_ids, "text": out.text, "prompt_tokens": out.prompt_tokens,
                                  "finish_reason": out.finish_reason, "prefill_tok_s": round(out.prefill_tok_s, 2),
-                                 "decode_tok_s": round(out.decode_tok_s, 2)}), flush=True)
+                                 "decode_tok_s": round(out.decode_tok_s, 2),
+                                 **({"kv": {k: kv[k] for k in KV_JSON_FIELDS if k in kv}} if kv else {})}),
+                          flush=True)
                 else:
                     print(out.text, flush=True)
                 return
@@ -136,6 +145,7 @@ class Cli:
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout, public_key)
+        needs_tokenizer(path, "chat")
         print(f"flashport: loading {path} ...", file=sys.stderr, flush=True)
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         run_command(path, opts, lambda engine: chat(engine, mode, system, sampling), ["chat", path])
@@ -185,6 +195,7 @@ class Cli:
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
                               pg_backend, timeout, public_key)
+        needs_tokenizer(path, "serve")  # the OpenAI API returns text, so a server needs the tokenizer
         _needs_module("uvicorn", "serve")
         from .options import flags_of
         from .server import serve_cli
@@ -377,6 +388,7 @@ class Cli:
             existing_dir("--reference", reference)
         at_least("--max-tokens", max_tokens, 2)
         text_file("--text", text)
+        needs_tokenizer(path, "eval")  # the text is tokenized with PATH's tokenizer
         from .export.evaluate import eval_cli
 
         return eval_cli(path, text, reference, max_tokens, json)
@@ -500,6 +512,17 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory, offload_tier=offload_tier,
         ep=ep, pg_backend=pg_backend, timeout=timeout, public_key=public_key).items() if v is not None}
     return options.engine_options(**given)
+
+
+def needs_tokenizer(path: str, command: str) -> None:
+    """Refuse, before any weight is read, a text command on a model directory without tokenizer.json (such a
+    model takes token ids only: `flashport.Engine.load(path).generate([ids])`). Raises UsageError."""
+    from .loader import TOKENIZER_FILE, has_tokenizer
+
+    if not has_tokenizer(path):
+        raise UsageError(f"{path} has no {TOKENIZER_FILE}, so `flashport {command}` cannot take text (put the "
+                         f"model's {TOKENIZER_FILE} beside its weights; token ids work through the SDK: "
+                         "flashport.Engine.load(PATH).generate([ids]))")
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:

@@ -198,7 +198,10 @@ def parse_args(fn, argv: list[str], prog: str) -> dict:
         if not free:
             raise UsageError(f"unexpected argument {v!r} ({prog} --help lists the arguments)")
         name = free.pop(0)
-        put(name, name.upper(), v)
+        # a positional that lands on a flag (e.g. `--json maybe`: `maybe` fills the next free parameter) is
+        # named as that flag, so the error says where the word went
+        required = params[name].default is params[name].empty
+        put(name, name.upper() if required else f"{_flag(name)} (from the positional argument {v!r})", v)
     missing = [n for n, p in params.items() if n not in out and p.default is p.empty]
     if missing:
         raise UsageError(f"{prog} needs {' and '.join(n.upper() for n in missing)} ({prog} --help)")

@@ -9,6 +9,7 @@ either format opens the same way.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 from dataclasses import dataclass, field
@@ -202,7 +203,8 @@ class ModelConfig:
         transformers' semantics like a config.json (`from_dict`). A field given in one spelling replaces the
         config's other spellings of it: `compress_ratios` the schedule (`layer_types`, `compress_rates`),
         `num_hash_layers` `mlp_layer_types`, `qk_rope_head_dim` `partial_rotary_factor`, `rope_scaling`
-        `rope_parameters`, and the reverse."""
+        `rope_parameters`, and the reverse. Raises ConfigError for a field neither transformers nor flashport
+        reads (naming the closest known one)."""
         if isinstance(changes, str):
             try:
                 changes = json.loads(changes)
@@ -211,6 +213,14 @@ class ModelConfig:
         if not isinstance(changes, dict):
             raise ConfigError(f"{source}: expected a JSON object of config.json fields, got {changes!r:.80}")
         d = self.to_dict()
+        # a config.json may carry fields nobody reads (transformers keeps them); an override is typed by a person,
+        # so a field that neither transformers nor flashport reads is a typo, not a no-op
+        known = sorted(set(d) | set(HF_FIELDS) | set(_LEGACY))
+        for k in changes:
+            if k not in known:
+                close = difflib.get_close_matches(str(k), known, n=1)
+                raise ConfigError(f"{source}: unknown config.json field {k!r}"
+                                  + (f"; did you mean {close[0]!r}?" if close else ""))
         spellings = [({"compress_ratios"}, {"layer_types", "compress_rates", "csa_rate", "hca_rate",
                                             "mtp_compress_ratio"}),
                      ({"num_hash_layers"}, {"mlp_layer_types"}), ({"qk_rope_head_dim"}, {"partial_rotary_factor"}),

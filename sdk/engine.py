@@ -14,6 +14,8 @@ batch-invariant ops and block-aligned prefill chunks: a restored sequence contin
 from __future__ import annotations
 
 import logging
+import math
+import operator
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +42,24 @@ T = TypeVar("T")
 
 class RequestError(ValueError):
     """A request the engine refuses (empty prompt, context too long, bad sampling parameters)."""
+
+
+SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> None:
+    """Refuse sampling parameters the sampler cannot honour (RequestError naming the parameter): max_new_tokens
+    >= 0; temperature finite and >= 0; top_p in (0, 1]; seed None or an integer in SEED_RANGE. NaN fails every
+    comparison, so each bound is written to reject it."""
+    if not max_new_tokens >= 0:
+        raise RequestError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise RequestError(f"temperature must be finite and >= 0, not {temperature}")
+    if not 0 < top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1], not {top_p}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise RequestError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], not {seed!r}")
 
 
 @dataclass
@@ -136,6 +156,11 @@ class Engine:
     def _check_ids(self, ids: list[int], state: SeqState | None = None):
         if not ids:
             raise RequestError("empty prompt")
+        for i in ids:  # ints, numpy ints and integer 0-d tensors; a float would reach the embedding as an index
+            try:
+                operator.index(i)
+            except TypeError:
+                raise RequestError(f"token ids must be integers, got {i!r}") from None
         bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
         if bad:
             raise RequestError(f"token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -213,9 +238,10 @@ class Engine:
         """Generate from a text prompt (BOS is prepended) or a list of token ids.
 
         Returns a `Generation` (token ids, text, timings), or with stream=True an iterator of text pieces.
+        Raises RequestError, before any work, for parameters outside `check_sampling`'s ranges, ids that are not
+        integers in [0, vocab), an empty or too long prompt, and text without a tokenizer.
         """
-        if max_new_tokens < 0 or not 0 < top_p <= 1.0 or temperature < 0:
-            raise RequestError("need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1")
+        check_sampling(max_new_tokens, temperature, top_p, seed)
         ids = self.encode(prompt)
         self._check_ids(ids + [0] * max_new_tokens)
         steps = self._steps(ids, max_new_tokens, temperature, top_p, seed, stop_ids)

@@ -37,6 +37,12 @@ class LoadedModel:
     manifest: dict | None = None
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether the model directory at `path` holds a tokenizer.json, i.e. takes text and not only token ids.
+    A cheap file check, made before any weight is read by every entrance that needs text (generate, chat, serve)."""
+    return (Path(path) / TOKENIZER_FILE).is_file()
+
+
 def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer | None:
     """The tokenizer.json beside a model, or None when there is none (the engine then takes token ids only:
     a stand-in tokenizer would silently produce ids the model was not trained on). Raises CheckpointError when

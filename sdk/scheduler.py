@@ -397,14 +397,14 @@ class Scheduler:
         if seq.max_tokens <= 0:
             return self._finish(seq, "length")
         if seq.script is not None:
-            tok = seq.script.pop(0) if seq.script else self.engine.tokenizer.eos_id
+            tok = seq.script.pop(0) if seq.script else self.engine.cfg.eos_token_id
         else:
             check_logits(seq.logits)
             tok = sample(seq.logits, seq.temperature, seq.top_p, seq.gen)
         seq.output.append(tok)
         if len(seq.output) == 1:
             seq.t_first = time.perf_counter()
-        if tok == self.engine.tokenizer.eos_id or tok in seq.stop_ids:
+        if tok == self.engine.cfg.eos_token_id or tok in seq.stop_ids:
             return self._finish(seq, "stop")
         if seq.text is not None:
             self._emit(seq, seq.text.push(tok))

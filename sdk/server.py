@@ -44,7 +44,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import MODES, encode_chat
-from .engine import Engine
+from .engine import SEED_RANGE, Engine
 from .kv import available_memory, kv_layout
 from .scheduler import EngineDead, QueueFull, Scheduler, SchedulerClosed, Sequence
 from .session import PrefixPool, turn_boundaries
@@ -53,7 +53,6 @@ from .tokenizer import TASK_TOKENS
 log = logging.getLogger("flashport.server")
 
 MAX_JSON_DEPTH = 64  # JSON nesting a request may use (tool parameter schemas are the deepest real ones, ~10)
-SEED_RANGE = (-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed accepts
 BYTES_PER_TOKEN = 16  # request-body bytes allowed per context token when the body limit is derived
 KV_MEMORY_FRACTION = 0.5  # of the memory available at start (weights loaded) that the KV may take by default
 
@@ -326,13 +325,15 @@ class Server:
     max_body: request bytes; 0 derives it from the context, `BYTES_PER_TOKEN` x max_context, at least 1 MiB.
     tokenize_timeout: seconds a request's tokenization may take (on `tokenize_threads` worker threads) before 400.
     default_max_tokens: completion length when a request gives none, capped to the context left.
+    Raises RequestError for an engine without a tokenizer (the API's replies are text).
     """
 
     def __init__(self, engine: Engine, model_name: str | None = None, api_key: str | None = None,
                  max_queue: int = 64, max_batch: int = 32, max_body: int = 0, max_context: int = 0,
                  default_max_tokens: int = 256, prefix_pool: int = 16, tokenize_timeout: float = 10.0,
                  tokenize_threads: int = 2):
-        self.engine, self.tok = engine, engine.tokenizer
+        # the API takes and returns text: refuse a token-ids-only model here, not on every request
+        self.engine, self.tok = engine, engine.require_tokenizer()
         self.model_name = model_name or (engine.path.name if engine.path else engine.cfg.name)
         self.api_key = api_key
         limit = engine.cfg.max_position_embeddings

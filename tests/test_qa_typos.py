@@ -1,0 +1,37 @@
+"""Typos a person makes on the command line are named, not silently ignored or blamed on the wrong argument:
+an unknown field in `make-checkpoint --override` (with the closest known field), and a stray word after a boolean
+flag (`--json maybe`), which fills the next free parameter and must be reported as that flag."""
+
+import pytest
+
+from flashport.cli import main
+from flashport.config import ConfigError, ModelConfig
+
+
+def _err(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("flashport: error: ") and "\n" not in err, (rc, err)
+    return err
+
+
+def test_override_refuses_an_unknown_field_naming_the_closest(tmp_path, capsys):
+    out = tmp_path / "ck"
+    err = _err(capsys, ["make-checkpoint", "--out", str(out), "--override", '{"num_hidden_layer": 3}'])
+    assert "'num_hidden_layer'" in err and "num_hidden_layers" in err
+    assert not out.exists()  # refused before the directory was made
+
+
+def test_override_takes_every_spelling_it_knows():
+    cfg = ModelConfig.preset("flash-tiny")
+    assert cfg.override({"num_hidden_layers": 3}).num_hidden_layers == 3
+    for legacy in ({"compress_ratios": [0, 4, 128, 4]}, {"qk_rope_head_dim": 16}, {"rope_scaling": None},
+                   {"initializer_range": 0.02}, {"quantization_config": None}):
+        assert cfg.override({**legacy, "num_hidden_layers": 3}).num_hidden_layers == 3
+    with pytest.raises(ConfigError, match="unknown config.json field 'bogus'"):
+        cfg.override({"bogus": 1})
+
+
+def test_a_stray_word_is_named_as_the_flag_it_filled(tiny_release, capsys):
+    err = _err(capsys, ["generate", str(tiny_release), "--prompt", "hi", "--json", "maybe"])
+    assert "'maybe'" in err and "--max-new-tokens" in err and "positional" in err
