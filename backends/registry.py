@@ -417,14 +417,17 @@ def _auto(options: dict) -> Backend:
                           RuntimeWarning, stacklevel=3)
             continue
         cands.append(info)
+    why = []
     for info in sorted(cands, key=lambda i: -i.priority):
         if not info.available:
+            why.append(f"{info.name}: {info.reason}")
             continue
         try:
             return _instantiate(info, options)
         except BackendError as e:
-            warnings.warn(f"{e}; skipped", RuntimeWarning, stacklevel=3)
-    raise BackendError("no backend could be initialised")  # unreachable while torch works
+            why.append(str(e))
+    raise BackendError("no backend could be initialised with "
+                       f"{', '.join(f'{k}={v!r}' for k, v in options.items()) or 'no options'}: " + "; ".join(why))
 
 
 def _instantiate(info: BackendInfo, options: dict) -> Backend:
