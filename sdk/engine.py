@@ -26,6 +26,7 @@ from typing import TypeVar
 import torch
 from tqdm import tqdm
 
+from .backends import Ops, create
 from .bundle import is_bundle
 from .config import ModelConfig
 from .distributed import EPGroup, EPRunner, launch_torchrun, rank_plan
@@ -319,8 +320,6 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
     Combinations that cannot work are refused before anything is loaded (`check_combination`). Raises
     OptionError, BackendError, CheckpointError / BundleError (files), OffloadError, EPError.
     """
-    from .backends import Ops
-
     path = Path(path)
     if isinstance(kv, (str, Path)):
         kv = KVOptions(kv)
@@ -396,8 +395,6 @@ def drive(engine: Engine, fn: Callable[[Engine], T]) -> T | None:
 def preflight(path: str | Path, opts: EngineOptions, launching: bool = False):
     """Everything that can be checked before a model is read: the options' combination, the path, and the backend
     (created here: its options, execution provider, device) -> the backend. Raises like `load_engine`."""
-    from .backends import create
-
     check_combination(opts, launching=launching)
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: does not exist")
