@@ -127,7 +127,14 @@ class EPGroup:
         return int(t.item())
 
     def close(self) -> None:
+        """Leave the group. A healthy group first meets at a barrier, so no rank tears its connections down while
+        a peer still uses them (a rank that exits under a peer's live collective threads can abort)."""
         if dist.is_initialized():
+            if not self.broken:
+                try:
+                    dist.barrier(group=self.ctrl)
+                except Exception:  # noqa: BLE001 - a peer already gone: nothing left to wait for
+                    pass
             dist.destroy_process_group()
 
 

@@ -214,7 +214,10 @@ def test_dead_engine_thread_is_reported_and_shutdown_is_prompt(engine):
 # ---- abandoned or unbounded work ---------------------------------------------------------------------------------
 def test_non_streamed_request_is_cancelled_when_the_client_leaves(live):
     cancelled = live.metric("cancelled_total")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 3000}
+    # greedy: this prompt's reply runs 1,538 tokens before its end (several seconds); a sampled one could draw EOS
+    # within the 1.5 s and finish before the client leaves
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 3000,
+            "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.chat_url, json=body, timeout=1.5)  # hangs up after 1.5 s while tokens keep coming
     deadline = time.monotonic() + 8
