@@ -31,6 +31,17 @@ def tiny_release(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny-release"), "flash-tiny", seed=0, fmt="release")
 
 
+@pytest.fixture
+def no_tokenizer(tiny_release, tmp_path):
+    """flash-tiny in the release layout without its tokenizer.json (token ids only)."""
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(tiny_release, d)
+    (d / "tokenizer.json").unlink()
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny-hf"), "flash-tiny", seed=0, fmt="hf")

@@ -14,14 +14,6 @@ from flashport.loader import open_model
 from flashport.options import OptionError, engine_options, flags_of
 
 
-@pytest.fixture
-def no_tokenizer(tiny_release, tmp_path):
-    d = tmp_path / "ck"
-    shutil.copytree(tiny_release, d)
-    (d / "tokenizer.json").unlink()
-    return d
-
-
 def test_token_ids_work_without_a_tokenizer(no_tokenizer, tiny_release):
     ref = load_engine(tiny_release, backend="torch")
     eng = load_engine(no_tokenizer, backend="torch")

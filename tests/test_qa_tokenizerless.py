@@ -2,7 +2,6 @@
 Every entrance that needs text refuses it with one line before any weight is read; every entrance that takes ids
 works: the scheduler (which the server and sessions drive) must not reach for the tokenizer to find EOS."""
 
-import shutil
 
 import pytest
 
@@ -12,14 +11,6 @@ from flashport import load_engine
 from flashport.cli import main
 from flashport.engine import RequestError
 from flashport.scheduler import Scheduler, Sequence
-
-
-@pytest.fixture
-def no_tokenizer(tiny_release, tmp_path):
-    d = tmp_path / "ck"
-    shutil.copytree(tiny_release, d)
-    (d / "tokenizer.json").unlink()
-    return d
 
 
 @pytest.mark.parametrize("argv", [["generate", "{d}", "--prompt", "hi"], ["chat", "{d}"], ["serve", "{d}", "--port", "0"],
