@@ -653,7 +653,7 @@ def export_cli(bundle_or_checkpoint: str, out: str, opset: int = 21, accuracy_le
     """
     from ..loader import open_model
 
-    model = open_model(bundle_or_checkpoint).model
+    model = open_model(bundle_or_checkpoint, keep_packed=False).model  # the graph takes fp32 or its own formats
     m = export_model(model, out, opset=opset, accuracy_level=accuracy_level,
                      dequantize_unsupported=dequantize_unsupported, progress=True, check=check)
     fmts = ", ".join(f"{k} x{v}" for k, v in sorted(m["weight_formats"].items()))

@@ -113,20 +113,8 @@ def _unit_of(name: str) -> str:
 # -------------------------------------------------------------------------------------------------------------
 def _passthrough(reader: CheckpointReader, name: str, fmt: str) -> dict[str, torch.Tensor] | None:
     """The release's stored tensors for `name` when they already are `fmt` (bit-exact copy), else None."""
-    if reader.format != "release" or fmt not in FORMATS:
-        return None
-    t, scale = reader.raw(name)
-    if t.dim() != 2:
-        return None
-    N, K = t.shape[0], t.shape[1] * (2 if fmt == "mxfp4" else 1)
-    got = {"weight": t} | ({"scale": scale} if scale is not None else {})
-    if fmt == "mxfp4":
-        got["shape"] = torch.tensor([N, K], dtype=torch.int64)
-    specs = FORMATS[fmt].packed_shapes(N, K)
-    if set(specs) != set(got) or any(tuple(got[k].shape) != s.shape or got[k].dtype != s.dtype
-                                     for k, s in specs.items()):
-        return None
-    return {k: v.contiguous() for k, v in got.items()}
+    got = reader.packed(name, (fmt,)) if fmt in FORMATS else None
+    return None if got is None else got[1]
 
 
 def pack_tensor(reader: CheckpointReader, name: str, fmt: str, hessian: torch.Tensor | None = None

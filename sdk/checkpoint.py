@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import param_shapes
+from .quant.formats import FORMATS
 from .quant.release import (dequantize_fp8_block, dequantize_mxfp4, fp8_problem, quantize_fp8_block, quantize_mxfp4,
                             scale_problem)
 
@@ -352,6 +353,26 @@ class CheckpointReader:
             fail(f"unsupported dtype {t.dtype} (expected a float tensor: F32, BF16 or F16)")
         if want is not None and tuple(t.shape) != tuple(want):
             fail(f"has shape {tuple(t.shape)}, config.json implies {tuple(want)}")
+
+    def packed(self, name: str, formats: tuple[str, ...] = ("fp8-e4m3-block128-ue8m0", "fp8-e4m3-block128",
+                                                               "mxfp4", "bf16")) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """A release-layout weight as stored, in the first of `formats` (flashport.quant.formats) whose packed
+        tensors it is bit for bit -> (format, tensors), else None (another layout, or not stored quantized).
+        Checked as `raw` does; the stored codes and scales dequantize to exactly what `get` returns."""
+        if self.format != "release" or name not in self._src:
+            return None
+        t, scale = self.raw(name)
+        if t.dim() != 2:
+            return None
+        for fmt in formats:
+            N, K = t.shape[0], t.shape[1] * (2 if fmt == "mxfp4" else 1)
+            got = {"weight": t} | ({"scale": scale} if scale is not None else {}) | \
+                ({"shape": torch.tensor([N, K])} if fmt == "mxfp4" else {})
+            specs = FORMATS[fmt].packed_shapes(N, K)
+            if set(specs) == set(got) and all(tuple(got[k].shape) == tuple(sp.shape) and got[k].dtype == sp.dtype
+                                              for k, sp in specs.items()):
+                return fmt, {k: v.contiguous() for k, v in got.items()}
+        return None
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor dequantized to fp32 (int tensors stay int64), checked as `raw` does and finite."""

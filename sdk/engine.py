@@ -335,8 +335,9 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
         keep, holders, partition = rank_plan(path, ep)
     elif offload is not None:
         keep = offload_keep_expert(is_bundle(path))
+    # a whole-step backend exports the model into its own graph formats: it gets fp32 weights from checkpoints
     loaded = open_model(path, keep_expert=keep, prefer_partition=partition, verify=verify, progress=progress,
-                        public_key=public_key)
+                        public_key=public_key, keep_packed=not whole_step)
     model = loaded.model
     model.set_ops(Ops(be))
     cache = apply_offload(model, path, loaded.manifest, offload) if offload is not None else None

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .bundle import KeepExpert, bundle_config, install_placeholder, is_bundle, load_model, rebuild_buffers
+from .bundle import (KeepExpert, bundle_config, install_placeholder, install_tensor, is_bundle, load_model,
+                     rebuild_buffers)
 from .checkpoint import CheckpointError, CheckpointReader
-from .model import Transformer
+from .model import Linear, Transformer
 from .signing import required_public_key
 from .tokenizer import Tokenizer
 
@@ -57,8 +58,8 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer | None:
 
 
 def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_partition: str | None = None,
-               verify: bool | None = None, progress: bool = False,
-               public_key: str | Path | None = None) -> LoadedModel:
+               verify: bool | None = None, progress: bool = False, public_key: str | Path | None = None,
+               keep_packed: bool = True) -> LoadedModel:
     """Open the model at `path` (a bundle or a checkpoint directory) on the CPU, in eval mode, with fp32 or packed
     weights as stored.
 
@@ -66,7 +67,8 @@ def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_p
     shape, no data) for expert parallelism and offload to fill. prefer_partition: a bundle partition to read
     replicated experts from. verify: also check every file's sha256 (bundles; default FLASHPORT_VERIFY=1).
     public_key (default $FLASHPORT_PUBLIC_KEY): the bundle must carry a valid signature by this key file; a
-    checkpoint directory cannot carry one and is then refused.
+    checkpoint directory cannot carry one and is then refused. keep_packed: release-quantized Linear weights stay
+    in their stored format (see `checkpoint_model`; False for a backend that needs fp32 or its own formats).
     Raises FileNotFoundError for a missing path, CheckpointError / BundleError for files that cannot be used."""
     path = Path(path)
     if not path.exists():
@@ -83,22 +85,44 @@ def open_model(path: str | Path, keep_expert: KeepExpert | None = None, prefer_p
                               "one: export a signed bundle (flashport export --sign)")
     reader = CheckpointReader(path)
     tokenizer = load_tokenizer(path, reader.cfg.vocab_size)
-    with torch.device("meta"):  # no initialised copy: the checkpoint's tensors become the parameters
+    model = checkpoint_model(reader, keep_expert, keep_packed)
+    return LoadedModel(model.eval(), tokenizer, path, reader.format)
+
+
+def checkpoint_model(reader: CheckpointReader, keep_expert: KeepExpert | None = None,
+                     keep_packed: bool = True) -> Transformer:
+    """The model of a checkpoint, one tensor at a time (no initialised copy: the checkpoint's tensors become the
+    parameters). keep_packed: a Linear weight the release stores quantized (FP8 block-128, MXFP4) or in bf16 keeps
+    those bytes (`Linear.packed`, as a bundle's weights do; they dequantize to exactly what `reader.get` gives);
+    else every tensor is fp32. Experts keep_expert rejects become placeholders and are never read."""
+    stored_names = set(reader.names())
+    missing = [n for n in reader.shapes if n not in stored_names]
+    if missing:
+        raise CheckpointError(f"{reader.path} ({reader.format} layout): {len(missing)} tensors missing, "
+                              f"first: {missing[0]!r}")
+    with torch.device("meta"):
         model = Transformer(reader.cfg)
-    model.load_state_dict(reader.load_state_dict(), assign=True)
+    if not any(n.startswith("mtp.") for n in reader.shapes):
+        model.mtp = torch.nn.ModuleList()
+    for name, shape in reader.shapes.items():
+        mod_name, _, leaf = name.rpartition(".")
+        is_linear = isinstance(model.get_submodule(mod_name), Linear) and leaf == "weight"
+        if is_linear and keep_expert is not None and ".ffn.experts." in name:
+            prefix, rest = name.split(".ffn.experts.")
+            if not keep_expert(prefix, int(rest.split(".")[0])):
+                install_placeholder(model, name, "fp32", tuple(shape))
+                continue
+        stored = reader.packed(name) if is_linear and keep_packed else None
+        if stored is not None:
+            install_tensor(model, name, stored[0], tuple(shape), stored[1])
+            continue
+        t = reader.get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{reader.where(name)} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(shape)}")
+        install_tensor(model, name, "int64" if t.dtype == torch.int64 else "fp32", tuple(shape), {"weight": t})
     rebuild_buffers(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if t.is_meta:
-            raise CheckpointError(f"{path}: {name} was not loaded")
-    if keep_expert is not None:
-        drop_experts(model, keep_expert)
-    return LoadedModel(model.eval(), tokenizer, path, reader.format)
-
-def drop_experts(model: Transformer, keep_expert: KeepExpert) -> None:
-    """Turn the routed experts keep_expert rejects into placeholders, freeing their weights."""
-    for name, p in list(model.named_parameters()):
-        if ".ffn.experts." in name and name.endswith(".weight"):
-            prefix, rest = name.split(".ffn.experts.")
-            if not keep_expert(prefix, int(rest.split(".")[0])):
-                install_placeholder(model, name, "fp32", tuple(p.shape))
-
+            raise CheckpointError(f"{reader.path}: {name} was not loaded")
+    return model

@@ -57,8 +57,19 @@ def test_open_model_detects_the_format(tiny_release, tiny_hf, tmp_path):
 def test_keep_expert_leaves_placeholders(tiny_release):
     loaded = open_model(tiny_release, keep_expert=lambda prefix, e: e == 0)
     moe = loaded.model.layers[0].ffn
-    assert moe.experts[0].w1.weight.numel() > 0
+    assert moe.experts[0].w1.packed.tensors  # read, and kept in the release's MXFP4 bytes
     assert moe.experts[1].w1.weight.numel() == 0 and moe.experts[1].w1.packed.tensors == {}
+
+
+def test_release_weights_stay_packed_and_dequantize_exactly(tiny_release):
+    """A release checkpoint's FP8 / MXFP4 Linears keep their stored bytes (no fp32 copy), which dequantize to
+    exactly the fp32 weights of the unpacked path; a whole-step backend gets the fp32 path."""
+    packed, dense = open_model(tiny_release).model, open_model(tiny_release, keep_packed=False).model
+    for name in ("layers.0.attn.wq_a", "layers.3.ffn.experts.0.w1", "layers.2.ffn.shared_experts.w2"):
+        lin, ref = packed.get_submodule(name), dense.get_submodule(name)
+        assert lin.packed is not None and lin.weight.numel() == 0 and ref.packed is None
+        assert lin.packed.fmt in ("fp8-e4m3-block128-ue8m0", "fp8-e4m3-block128", "mxfp4")
+        assert torch.equal(lin.packed.dequantize(), ref.weight)
 
 
 def test_engine_options_from_flags():
