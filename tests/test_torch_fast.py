@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import math
+
 import pytest
 import torch
 
@@ -358,17 +360,24 @@ def test_decode_bytes_per_token_counts_the_uploaded_layout(tiny_release):
     from flashport.bench.decode import decode_bytes_per_token
     from flashport.engine import Engine
 
+    from flashport.model import Linear
+
     model = Engine.load(tiny_release, backend="torch").model
     cfg = model.cfg
     ref = decode_bytes_per_token(model, Ops())
-    params = {n: p for n, p in model.named_parameters() if not n.startswith("mtp")}
     share = cfg.num_experts_per_tok / cfg.n_routed_experts
-    expect = sum((share if ".experts." in n else 1) * p.numel() * 4 for n, p in params.items() if n != "embed.weight")
+    expect = 0.0
+    for name, mod in model.named_modules():
+        if name.startswith("mtp") or name == "embed":
+            continue
+        for pname, p in mod.named_parameters(recurse=False):  # a Linear counts its logical [N, K] in fp32
+            n = math.prod(mod.qweight.shape) if isinstance(mod, Linear) and pname == "weight" else p.numel()
+            expect += (share if ".experts." in name else 1) * n * 4
     assert ref == int(expect + cfg.hidden_size * 4)
     if cpu_quant.ext() is not None:
         fast = decode_bytes_per_token(model, Ops(torch_fast.FastTorchBackend()))
-        wq_a = model.layers[0].attn.wq_a.weight
-        assert ref - fast > 0.7 * 3 * wq_a.numel()  # at least wq_a saved its 3 of 4 bytes per weight
+        wq_a = math.prod(model.layers[0].attn.wq_a.qweight.shape)
+        assert ref - fast > 0.7 * 3 * wq_a  # at least wq_a saved its 3 of 4 bytes per weight
         assert fast < ref / 2
 
 
