@@ -399,21 +399,26 @@ class CheckpointReader:
                                   f"{tuple(int(v) for v in bad.nonzero()[0].tolist())}")
         return out
 
-    def load_state_dict(self, shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor the model needs, dequantized and checked (see `raw`, `get`)."""
-        shapes = shapes or self.shapes
-        missing = [n for n in shapes if n not in self._src]
+    def check_complete(self, shapes: dict[str, tuple] | None = None) -> None:
+        """Raise CheckpointError when a tensor the model needs (`shapes`, default: the config's) is not stored."""
+        missing = [n for n in (shapes or self.shapes) if n not in self._src]
         if missing:
             raise CheckpointError(f"{self.path} ({self.format} layout): {len(missing)} tensors missing, "
                                   f"first: {missing[0]!r}")
-        sd = {}
-        for name, shape in shapes.items():
-            t = self.get(name)
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{self.where(name)} has shape {tuple(t.shape)}, config.json implies "
-                                      f"{tuple(shape)}")
-            sd[name] = t
-        return sd
+
+    def get_shaped(self, name: str, shape: tuple) -> torch.Tensor:
+        """`get`, with the dequantized shape checked against `shape` (what config.json implies)."""
+        t = self.get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.where(name)} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(shape)}")
+        return t
+
+    def load_state_dict(self, shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor the model needs, dequantized and checked (see `raw`, `get`)."""
+        shapes = shapes or self.shapes
+        self.check_complete(shapes)
+        return {name: self.get_shaped(name, shape) for name, shape in shapes.items()}
 
 
 def inspect_checkpoint(path: str | Path, verify: bool = False, progress: bool = False) -> str:

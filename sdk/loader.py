@@ -95,11 +95,7 @@ def checkpoint_model(reader: CheckpointReader, keep_expert: KeepExpert | None = 
     parameters). keep_packed: a Linear weight the release stores quantized (FP8 block-128, MXFP4) or in bf16 keeps
     those bytes (`Linear.packed`, as a bundle's weights do; they dequantize to exactly what `reader.get` gives);
     else every tensor is fp32. Experts keep_expert rejects become placeholders and are never read."""
-    stored_names = set(reader.names())
-    missing = [n for n in reader.shapes if n not in stored_names]
-    if missing:
-        raise CheckpointError(f"{reader.path} ({reader.format} layout): {len(missing)} tensors missing, "
-                              f"first: {missing[0]!r}")
+    reader.check_complete()
     with torch.device("meta"):
         model = Transformer(reader.cfg)
     if not any(n.startswith("mtp.") for n in reader.shapes):
@@ -116,10 +112,7 @@ def checkpoint_model(reader: CheckpointReader, keep_expert: KeepExpert | None = 
         if stored is not None:
             install_tensor(model, name, stored[0], tuple(shape), stored[1])
             continue
-        t = reader.get(name)
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{reader.where(name)} has shape {tuple(t.shape)}, config.json implies "
-                                  f"{tuple(shape)}")
+        t = reader.get_shaped(name, shape)
         install_tensor(model, name, "int64" if t.dtype == torch.int64 else "fp32", tuple(shape), {"weight": t})
     rebuild_buffers(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):

@@ -54,6 +54,18 @@ def greedy(live, content="hi", n=3) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
+def inject_sampler_fault(monkeypatch):
+    """The scheduler's sampler raises for sequences sampled at temperature 0.123 and works for the rest."""
+    real = scheduler_mod.sample
+
+    def faulty(logits, temperature, top_p, gen):
+        if temperature == 0.123:
+            raise RuntimeError("injected sampler fault")
+        return real(logits, temperature, top_p, gen)
+
+    monkeypatch.setattr(scheduler_mod, "sample", faulty)
+
+
 def assert_openai_4xx(r: httpx.Response, status: int = 400):
     assert r.status_code == status, r.text[:300]
     err = r.json()["error"]
@@ -99,14 +111,7 @@ def test_exception_in_sampling_fails_only_that_sequence(engine, monkeypatch):
     """Two sequences in one batched step, the sampler raises for one of them: the other's output is the same as
     alone (the step goes on for the rest of the batch)."""
     alone = Scheduler(engine).run(Sequence([0, 60, 61], max_tokens=4)).output
-    real = scheduler_mod.sample
-
-    def faulty(logits, temperature, top_p, gen):
-        if temperature == 0.123:
-            raise RuntimeError("injected sampler fault")
-        return real(logits, temperature, top_p, gen)
-
-    monkeypatch.setattr(scheduler_mod, "sample", faulty)
+    inject_sampler_fault(monkeypatch)
     sched = Scheduler(engine)
     bad = sched.submit(Sequence([0, 70, 71], max_tokens=4, temperature=0.123))
     good = sched.submit(Sequence([0, 60, 61], max_tokens=4))
@@ -120,14 +125,7 @@ def test_exception_in_sampling_fails_one_request(live, monkeypatch):
     """A sampler that raises for one request: that request gets a 500 error object, a concurrent one completes,
     and the server answers correctly afterwards."""
     before = greedy(live)
-    real = scheduler_mod.sample
-
-    def faulty(logits, temperature, top_p, gen):
-        if temperature == 0.123:
-            raise RuntimeError("injected sampler fault")
-        return real(logits, temperature, top_p, gen)
-
-    monkeypatch.setattr(scheduler_mod, "sample", faulty)
+    inject_sampler_fault(monkeypatch)
     out = {}
 
     def other():
