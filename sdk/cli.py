@@ -12,6 +12,7 @@ import difflib
 import json as jsonlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -586,6 +587,17 @@ def commands(obj) -> dict[str, object]:
     return out
 
 
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
+COMMAND_LINE = re.compile(r"^( +)([a-z][a-z0-9]*(?:_[a-z0-9]+)+)$", re.M)
+
+
+def hyphenate(help_text: str) -> str:
+    """fire's help with the spellings users type: `--max-new-tokens`, `export-onnx` (fire prints Python's names;
+    both spellings are accepted, cli_args turns hyphens into underscores)."""
+    help_text = FLAG.sub(lambda m: m.group(0).replace("_", "-"), help_text)
+    return COMMAND_LINE.sub(lambda m: m.group(1) + m.group(2).replace("_", "-"), help_text)
+
+
 def _help(words: list[str]) -> int:
     """python-fire's help for `flashport WORDS`: commands and groups, or a command's flags with their types,
     defaults and meanings (from the signature and the docstring's Args section)."""
@@ -603,7 +615,7 @@ def _help(words: list[str]) -> int:
             code = e.code or 0
     text = "".join(line for line in buf.getvalue().splitlines(keepends=True)
                    if not line.startswith("INFO: Showing help"))
-    sys.stdout.write(text.lstrip("\n"))
+    sys.stdout.write(hyphenate(text).lstrip("\n"))
     return code
 
 
