@@ -221,6 +221,16 @@ class ModelConfig:
                 close = difflib.get_close_matches(str(k), known, n=1)
                 raise ConfigError(f"{source}: unknown config.json field {k!r}"
                                   + (f"; did you mean {close[0]!r}?" if close else ""))
+        # flashport's own names for the two rates (to_dict writes them; config.json has only compress_rates):
+        # fold them into compress_rates so that they take effect (parse_config reads compress_rates)
+        own_rates = {"csa_rate": _CSA, "hca_rate": _HCA}
+        if own_rates.keys() & changes.keys():
+            changes = dict(changes)
+            rates = dict(changes.get("compress_rates") or d.get("compress_rates") or {})
+            for k, kind in own_rates.items():
+                if k in changes:
+                    rates[kind] = changes.pop(k)
+            changes["compress_rates"] = rates
         spellings = [({"compress_ratios"}, {"layer_types", "compress_rates", "csa_rate", "hca_rate",
                                             "mtp_compress_ratio"}),
                      ({"num_hash_layers"}, {"mlp_layer_types"}), ({"qk_rope_head_dim"}, {"partial_rotary_factor"}),

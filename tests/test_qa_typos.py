@@ -32,6 +32,25 @@ def test_override_takes_every_spelling_it_knows():
         cfg.override({"bogus": 1})
 
 
+def test_every_field_an_override_accepts_takes_effect():
+    """An override field that is accepted changes the config (or is refused): `hca_rate` once passed the unknown-
+    field check (flashport's own name) and was then ignored, so a checkpoint with the old rate was written."""
+    cfg = ModelConfig.preset("flash-mini")
+    before = cfg.to_dict()
+    ignored_as_in_transformers = {"num_key_value_heads"}  # transformers reads it and ignores it (from_dict)
+    for key, value in before.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key in ignored_as_in_transformers:
+            continue
+        changed = value * 2 if value else 1
+        try:
+            after = cfg.override({key: changed}).to_dict()
+        except ConfigError:
+            continue
+        assert after != before, f"override {{{key!r}: {changed}}} was accepted and ignored"
+    assert cfg.override({"hca_rate": 128}).compress_ratios == [0, 0, 4, 128, 4, 128, 4, 128]
+    assert cfg.override({"csa_rate": 8, "hca_rate": 128}).compress_ratios == [0, 0, 8, 128, 8, 128, 8, 128]
+
+
 def test_a_stray_word_is_named_as_the_flag_it_filled(tiny_release, capsys):
     err = _err(capsys, ["generate", str(tiny_release), "--prompt", "hi", "--json", "maybe"])
     assert "'maybe'" in err and "--max-new-tokens" in err and "positional" in err
