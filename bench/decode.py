@@ -120,6 +120,9 @@ def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), dec
             roof = f"{fast[phase] * fast_bytes / bw:>9.1%}" if phase else f"{'-':>9}"
             lines.append(f"{n:>7} {name:<8} {ref[phase]:>9.1f} {fast[phase]:>10.1f} {tf} {ratio} "
                          f"{fast[phase] / ref[phase]:>6.2f}x {roof}")
+    # the last line, for scripts (../shared/tools/peer-llamacpp reads fields 1 and 2 between the bars)
+    n, _, fast, _ = rows[-1]
+    lines.append(f"flashport {n}-token prompt | prefill {fast[0]:.1f} tok/s | decode {fast[1]:.1f} tok/s")
     return "\n".join(lines)
 
 

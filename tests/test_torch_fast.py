@@ -346,11 +346,14 @@ def test_bench_decode_rows_and_roofline(tiny_release, monkeypatch):
 
     monkeypatch.setattr(decode, "_transformers", no_peer)
     out = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2, peer=False)
-    pre, dec = (line.split() for line in out.splitlines()[-2:])
+    pre, dec = (line.split() for line in out.splitlines()[-3:-1])
     assert pre[:2] == ["16", "prefill"] and dec[:2] == ["16", "decode"]
     assert pre[4:6] == ["-", "-"] and dec[4:6] == ["-", "-"] and dec[-1].endswith("%") and pre[-1] == "-"
+    # the last line as the peer tool (../shared/tools/peer-llamacpp/run) reads it: fields 1 and 2 between bars
+    bars = out.splitlines()[-1].split("|")
+    assert (float(bars[1].split()[1]), float(bars[2].split()[1])) == (float(pre[3]), float(dec[3]))
     monkeypatch.setattr(decode, "_transformers", lambda *a: (100.0, 10.0))
-    dec = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2).splitlines()[-1].split()
+    dec = decode.run(path=str(tiny_release), prompt_lens=(16,), decode_tokens=2).splitlines()[-2].split()
     assert float(dec[4]) == 10.0 and dec[5] == f"{float(dec[3]) / 10.0:.2f}x"
 
 
