@@ -434,7 +434,7 @@ class CheckpointReader:
         return {name: self.get_shaped(name, shape) for name, shape in shapes.items()}
 
 
-FINITE_BLOCK = 1 << 24  # elements checked at a time by check_finite_blocks
+FINITE_BLOCK = 1 << 20  # elements checked at a time by check_finite_blocks (small: the temporaries stay small)
 
 
 def check_finite_blocks(t: torch.Tensor, where: str) -> None:
