@@ -82,3 +82,18 @@ def test_peak_rss_of_load_and_generate_near_the_checkpoint(tmp_path):
     growth = int(run.stdout.split()[-1])
     assert growth <= 1.3 * nbytes, f"peak RSS grew {growth / 1e6:.0f} MB for a {nbytes / 1e6:.0f} MB checkpoint"
     assert json.loads((ck / "config.json").read_text())["vocab_size"] == 524288
+
+
+def test_bench_memory_prints_peak_held_and_bandwidth(tiny_release):
+    """`flashport bench memory PATH` prints the checkpoint's bytes, what model + backend hold (about 1x), the peak
+    RSS per stage and its ratio, and decode's bytes per token against the bandwidth measured in the same run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "flashport.cli", "bench", "memory", str(tiny_release),
+                          "--prompt-len", "4", "--decode-tokens", "1"], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    held = next(line for line in out.splitlines() if "held by model + backend" in line)
+    assert float(held.rsplit("(", 1)[1].split("x")[0]) <= 1.1, held
+    assert "prefill 4" in out and "decode 1" in out and "x the checkpoint" in out
+    assert "weights read per decode token" in out and "of the measured read bandwidth" in out
