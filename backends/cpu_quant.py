@@ -23,8 +23,9 @@ byte per weight) and bf16 weights (2 bytes). An fp32 weight becomes the most com
 fp32 that holds its values exactly (`from_dense`). No weight value changes.
 
 Exactness: dequantization is BIT-EXACT with quant.formats (the same single fp32 rounding of (q - zp) * scale
-and q * scale; bf16 -> fp32 is exact; MXFP4's e2m1 value times its power-of-two scale is exact). The dot products accumulate in fp32 in a different order than torch's
-matmul: TOLERANCE-BOUND, |y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6 (tests/test_torch_fast.py).
+and q * scale; bf16 -> fp32 is exact; MXFP4's e2m1 value times its power-of-two scale is exact). The dot products
+accumulate in fp32 in a different order than torch's matmul: TOLERANCE-BOUND,
+|y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6 (tests/test_torch_fast.py).
 Rows > GEMV_MAX_ROWS (prefill) dequantize the weight to fp32 and call torch's matmul (same tolerance).
 """
 

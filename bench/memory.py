@@ -1,6 +1,6 @@
 """Memory of a model loaded to generate, against its checkpoint; and decode against the memory roofline, one run.
 
-    flashport bench memory [PATH] [--preset flash-mini] [--prompt-len 16] [--decode-tokens 8] [--threads 0]
+    flashport bench memory [PATH] [--preset flash-mini] [--prompt-len 16] [--decode-tokens 8] [--prefill-chunk 1024]
 
 What `flashport generate` does, in this process, stage by stage: load the engine (`load_engine`: read the
 checkpoint, upload every weight into the backend's layout), prefill a prompt, decode greedily. After each stage it
@@ -80,8 +80,9 @@ def held_bytes(model) -> int:
 
 
 def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode_tokens: int = 8,
-        threads: int = 0, seed: int = 0) -> str:
-    """The table described in the module docstring, as text."""
+        prefill_chunk: int = 1024, threads: int = 0, seed: int = 0) -> str:
+    """The table described in the module docstring, as text. prefill_chunk: tokens per prefill step (the engine's
+    `prefill_chunk`; the prefill's activations and per-call dequantized weights grow with it)."""
     from flashport.bench import checkpoint_or_preset
     from flashport.bench.decode import decode_bytes_per_token
     from flashport.bench.ops import read_bandwidth
@@ -99,7 +100,7 @@ def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode
         ck_bytes = checkpoint_bytes(ck)
         stage("start")
         t0 = time.perf_counter()
-        eng = load_engine(ck)
+        eng = load_engine(ck, prefill_chunk=prefill_chunk)
         stage("load", time.perf_counter() - t0)
         held = held_bytes(eng.model)
         per_token = decode_bytes_per_token(eng.model, eng.model.ops)
@@ -120,7 +121,8 @@ def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode
         del eng, state, logits
     bw = read_bandwidth(512 << 20)
     gb = lambda b: f"{b / 1e9:.3f} GB"  # noqa: E731
-    lines = [f"bench memory: {ck} ({name}), {torch.get_num_threads()} threads, load average "
+    lines = [f"bench memory: {ck} ({name}), {torch.get_num_threads()} threads, prefill chunk {prefill_chunk}, "
+             "load average "
              + " ".join(f"{v:.2f}" for v in os.getloadavg()),
              f"checkpoint {gb(ck_bytes)}; held by model + backend after load {gb(held)} ({held / ck_bytes:.3f}x)",
              f"{'stage':<12} {'seconds':>8} {'VmRSS':>10} {'peak':>10} {'peak/ckpt':>9}"]
