@@ -15,14 +15,17 @@ MatMulNBits layout, sym or asym), a fused MoE over the routed experts, and the f
 used by torch_fast.
 If the build fails (no compiler, no ninja), everything falls back to vectorised torch code, with one warning.
 
-Compact exact storage: `upload` keeps int8/int4 weights packed (the kernel dequantizes in registers), and any
-other weight whose values are all bf16 numbers (every weight of a release checkpoint: FP8 e4m3 with UE8M0
-block scales and MXFP4 experts are bf16-exact) as bf16, which halves the bytes read against fp32 and changes
-no weight value. Other weights stay fp32.
+Compact exact storage: `upload` keeps int8/int4 weights packed (the kernel dequantizes in registers), and a
+release checkpoint's weights in the bytes it stores them in, read in place (no copy: the uploaded weight is a view
+of the model's packed tensors, which are themselves views of the checkpoint's memory-mapped files): FP8 e4m3 with
+128x128 block scales (1 byte per weight), MXFP4 experts (e2m1 nibbles with one UE8M0 byte per 1x32 block: 0.53
+byte per weight) and bf16 weights (2 bytes). An fp32 weight becomes the most compact of FP8 block-128, bf16 and
+fp32 that holds its values exactly (`from_dense`). No weight value changes.
 
 Exactness: dequantization is BIT-EXACT with quant.formats (the same single fp32 rounding of (q - zp) * scale
-and q * scale; bf16 -> fp32 is exact). The dot products accumulate in fp32 in a different order than torch's
-matmul: TOLERANCE-BOUND, |y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6 (tests/test_torch_fast.py).
+and q * scale; bf16 -> fp32 is exact; MXFP4's e2m1 value times its power-of-two scale is exact). The dot products
+accumulate in fp32 in a different order than torch's matmul: TOLERANCE-BOUND,
+|y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6 (tests/test_torch_fast.py).
 Rows > GEMV_MAX_ROWS (prefill) dequantize the weight to fp32 and call torch's matmul (same tolerance).
 """
 
@@ -45,7 +48,7 @@ from ..quant.formats import (
     dequantize_int4,
     get_format,
 )
-from ..quant.release import FP8_BLOCK, dequantize_fp8_block, scale_to_float
+from ..quant.release import FP8_BLOCK, MXFP4_BLOCK, dequantize_fp8_block, dequantize_mxfp4, scale_to_float
 from . import cpu_build
 from .contract import QuantWeight
 
@@ -53,7 +56,7 @@ log = logging.getLogger("flashport.backends")
 
 GEMV_MAX_ROWS = 8  # up to this many activation rows, weights stream once through the GEMV kernel
 
-FMT_F32, FMT_BF16, FMT_I8, FMT_I4, FMT_FP8 = 0, 1, 2, 3, 4
+FMT_F32, FMT_BF16, FMT_I8, FMT_I4, FMT_FP8, FMT_MXFP4 = 0, 1, 2, 3, 4, 5
 
 # The kernels' sources (kernels/cpu/ beside this package's backends/, in a checkout and in an installed wheel)
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels" / "cpu"
@@ -64,8 +67,8 @@ KERNEL_SOURCES = ("quant_gemv.cpp", "fused_ops.cpp", "bindings.cpp")
 KERNEL_CONSTANTS = {
     "FLASHPORT_MAX_ROWS": GEMV_MAX_ROWS,
     "FLASHPORT_FMT_F32": FMT_F32, "FLASHPORT_FMT_BF16": FMT_BF16, "FLASHPORT_FMT_I8": FMT_I8,
-    "FLASHPORT_FMT_I4": FMT_I4, "FLASHPORT_FMT_FP8": FMT_FP8,
-    "FLASHPORT_FP8_BLOCK": FP8_BLOCK,
+    "FLASHPORT_FMT_I4": FMT_I4, "FLASHPORT_FMT_FP8": FMT_FP8, "FLASHPORT_FMT_MXFP4": FMT_MXFP4,
+    "FLASHPORT_FP8_BLOCK": FP8_BLOCK, "FLASHPORT_MXFP4_BLOCK": MXFP4_BLOCK,
     "FLASHPORT_INT4_ZERO_POINT": INT4_ZERO_POINT,
     "FLASHPORT_INT4_MAX_GROUP": max(FORMATS[f].group for f in INT4_FORMATS),
 }
@@ -108,8 +111,9 @@ def _cpu_flags() -> str:
 # Weights in their compact CPU layout
 # ---------------------------------------------------------------------------------------------------------------
 class CpuWeight:
-    """A weight uploaded for the fast CPU path: int8 / int4 stay packed, bf16-exact weights become bf16, the rest
-    fp32. `native` is the C++ view (None without the extension)."""
+    """A weight uploaded for the fast CPU path (the layouts of kernels/cpu/common.h's QW): int8 / int4 / FP8 / MXFP4
+    / bf16 stay as packed, fp32 weights take the most compact exact layout. `native` is the C++ view (None without
+    the extension)."""
 
     def __init__(self, fmt: int, shape: tuple[int, int], w: Tensor, scale: Tensor | None = None,
                  zp: Tensor | None = None, group: int = 0):
@@ -130,12 +134,17 @@ class CpuWeight:
                        None if zp is None else zp.contiguous(), fmt.group)
         if kind == "fp8" and fmt.group == FP8_BLOCK:  # 128x128 blocks (the kernel's block)
             return cls._fp8(qw.shape, qw.tensors["weight"], qw.tensors["scale"])
+        if kind == "mxfp4":  # the stored nibbles and UE8M0 bytes themselves (views: no copy)
+            return cls(FMT_MXFP4, qw.shape, _bytes(qw.tensors["weight"]), _bytes(qw.tensors["scale"]),
+                       group=MXFP4_BLOCK)
+        if kind == "bf16":  # the stored bf16 tensor itself
+            return cls(FMT_BF16, qw.shape, qw.tensors["weight"].contiguous())
         w = qw.dequantize().float().contiguous()
         return cls.from_dense(w)
 
     @classmethod
     def _fp8(cls, shape, codes: Tensor, scale: Tensor) -> "CpuWeight":
-        return cls(FMT_FP8, shape, codes.contiguous().view(torch.uint8), scale_to_float(scale).float().contiguous())
+        return cls(FMT_FP8, shape, _bytes(codes), scale_to_float(scale).float().contiguous())
 
     @classmethod
     def from_dense(cls, w: Tensor) -> "CpuWeight":
@@ -171,7 +180,14 @@ class CpuWeight:
             return dequantize_channel(self.w, self.scale)
         if self.fmt == FMT_FP8:
             return dequantize_fp8_block(self.w.view(torch.float8_e4m3fn), self.scale)
+        if self.fmt == FMT_MXFP4:
+            return dequantize_mxfp4(self.w, self.scale)[:, :self.shape[1]]
         return dequantize_int4(self.w, self.scale, self.zp, self.shape[1])
+
+
+def _bytes(t: Tensor) -> Tensor:
+    """A 1-byte-per-element tensor as uint8, the same memory when it is contiguous (a view, not a copy)."""
+    return t.contiguous().view(torch.uint8)
 
 
 def upload(w: QuantWeight) -> CpuWeight:

@@ -20,6 +20,7 @@ Plugins are third-party code, so the registry keeps them at arm's length:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -59,14 +60,17 @@ def _torch_probe() -> tuple[bool, str, int]:
 def _triton_probe() -> tuple[bool, str, int]:
     import torch
 
+    cuda, interpret = torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET") == "1"
+    if not cuda and not interpret:  # unusable whatever it imports: do not import triton (~100 MB resident) to say so
+        if importlib.util.find_spec("triton") is None:
+            return False, "ModuleNotFoundError: No module named 'triton'", 0
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)", 0
     why = importable(BUILTINS["triton"][0])
     if why:
         return False, why, 0
-    if torch.cuda.is_available():
+    if cuda:
         return True, "", 30
-    if os.environ.get("TRITON_INTERPRET") == "1":  # usable, but never picked by "auto": the interpreter is slow
-        return True, "interpreter (TRITON_INTERPRET=1), no CUDA device", 1
-    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)", 0
+    return True, "interpreter (TRITON_INTERPRET=1), no CUDA device", 1  # usable, never picked by "auto": slow
 
 
 def _onnx_probe() -> tuple[bool, str, int]:

@@ -48,6 +48,27 @@ class Bench:
         return run_contexts(path=path, preset=preset, contexts=ctx, decode_tokens=decode_tokens, threads=threads,
                             seed=seed)
 
+    def memory(self, path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode_tokens: int = 8,
+               prefill_chunk: int = 1024, threads: int = 0, seed: int = 0):
+        """Peak RSS of loading and generating against the checkpoint's bytes, the bytes the model and backend
+        hold, and decode's weights read per token against the read bandwidth measured in the same run.
+
+        Args:
+            path: a checkpoint directory (default: a fresh checkpoint of PRESET).
+            preset: the preset of the fresh checkpoint.
+            prompt_len: prompt length in tokens (prefill).
+            decode_tokens: decode steps timed (>= 1).
+            prefill_chunk: tokens per prefill step (>= 1).
+            threads: torch intra-op threads (0: torch's default).
+            seed: seed of the weights and the prompt.
+        """
+        _common(path, preset, threads, seed, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                prefill_chunk=prefill_chunk)
+        from flashport.bench.memory import run
+
+        return run(path=path, preset=preset, prompt_len=prompt_len, decode_tokens=decode_tokens,
+                   prefill_chunk=prefill_chunk, threads=threads, seed=seed)
+
     def kv(self, path: str = "", preset: str = "flash-mini", sizes: str = "8192,32768",
            strategies: str = "full,periodic:4096,none", decode_tokens: int = 16, long_preset: str = "flash-tiny",
            long_sizes: str = "4096,16384", dir: str = "", threads: int = 0, seed: int = 0):

@@ -358,7 +358,8 @@ class CheckpointReader:
                                                                "mxfp4", "bf16")) -> tuple[str, dict[str, torch.Tensor]] | None:
         """A release-layout weight as stored, in the first of `formats` (flashport.quant.formats) whose packed
         tensors it is bit for bit -> (format, tensors), else None (another layout, or not stored quantized).
-        Checked as `raw` does; the stored codes and scales dequantize to exactly what `get` returns."""
+        Checked as `raw` does (float weights also finite); the stored codes and scales dequantize to exactly what
+        `get` returns. The tensors are views of the memory-mapped files (no copy)."""
         if self.format != "release" or name not in self._src:
             return None
         t, scale = self.raw(name)
@@ -371,8 +372,20 @@ class CheckpointReader:
             specs = FORMATS[fmt].packed_shapes(N, K)
             if set(specs) == set(got) and all(tuple(got[k].shape) == tuple(sp.shape) and got[k].dtype == sp.dtype
                                               for k, sp in specs.items()):
+                if scale is None:  # a float weight (bf16): its values are what the math uses
+                    check_finite_blocks(t, self.where(name))
                 return fmt, {k: v.contiguous() for k, v in got.items()}
         return None
+
+    def stored_float(self, name: str) -> torch.Tensor | None:
+        """A float tensor kept as stored (bf16, fp16 or fp32; a view of the memory-mapped file, not a copy), checked
+        as `raw` does and finite (in row blocks: no full-size temporary), or None when it is stored quantized or as
+        integers. For tensors the model reads only a few rows of (the embedding)."""
+        t, scale = self.raw(name)
+        if scale is not None or not t.is_floating_point():
+            return None
+        check_finite_blocks(t, self.where(name))
+        return t
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor dequantized to fp32 (int tensors stay int64), checked as `raw` does and finite."""
@@ -419,6 +432,21 @@ class CheckpointReader:
         shapes = shapes or self.shapes
         self.check_complete(shapes)
         return {name: self.get_shaped(name, shape) for name, shape in shapes.items()}
+
+
+FINITE_BLOCK = 1 << 20  # elements checked at a time by check_finite_blocks (small: the temporaries stay small)
+
+
+def check_finite_blocks(t: torch.Tensor, where: str) -> None:
+    """Raise CheckpointError naming `where` when the float tensor `t` holds NaN or Inf. Checked FINITE_BLOCK
+    elements at a time, so a GB-sized tensor needs no GB-sized temporary."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), FINITE_BLOCK):
+        bad = ~torch.isfinite(flat[i:i + FINITE_BLOCK])
+        if bool(bad.any()):
+            j = i + int(bad.nonzero()[0, 0])
+            index = tuple(int(v) for v in torch.unravel_index(torch.tensor(j), t.shape))
+            raise CheckpointError(f"{where}: {int(bad.sum())}+ non-finite value(s) (NaN/Inf), first at index {index}")
 
 
 def inspect_checkpoint(path: str | Path, verify: bool = False, progress: bool = False) -> str:

@@ -93,7 +93,9 @@ def checkpoint_model(reader: CheckpointReader, keep_expert: KeepExpert | None = 
                      keep_packed: bool = True) -> Transformer:
     """The model of a checkpoint, one tensor at a time (no initialised copy: the checkpoint's tensors become the
     parameters). keep_packed: a Linear weight the release stores quantized (FP8 block-128, MXFP4) or in bf16 keeps
-    those bytes (`Linear.packed`, as a bundle's weights do; they dequantize to exactly what `reader.get` gives);
+    those bytes (`Linear.packed`, as a bundle's weights do; they dequantize to exactly what `reader.get` gives), and
+    so does the embedding table (bf16 in the release; `model.Embedding` converts the rows it gathers): views of
+    the memory-mapped files, never copied, so a backend that reads them in place holds each weight once;
     else every tensor is fp32. Experts keep_expert rejects become placeholders and are never read."""
     reader.check_complete()
     with torch.device("meta"):
@@ -112,6 +114,12 @@ def checkpoint_model(reader: CheckpointReader, keep_expert: KeepExpert | None = 
         if stored is not None:
             install_tensor(model, name, stored[0], tuple(shape), stored[1])
             continue
+        if keep_packed and isinstance(model.get_submodule(mod_name), torch.nn.Embedding):
+            # a lookup table: only gathered rows are converted (model.Embedding), so it stays as stored
+            t = reader.stored_float(name)
+            if t is not None and tuple(t.shape) == tuple(shape):
+                model.get_submodule(mod_name).weight = torch.nn.Parameter(t, requires_grad=False)
+                continue
         t = reader.get_shaped(name, shape)
         install_tensor(model, name, "int64" if t.dtype == torch.int64 else "fp32", tuple(shape), {"weight": t})
     rebuild_buffers(model)

@@ -35,13 +35,15 @@ from .quant.kv_numerics import round_kv
 # RoPE tables
 # ---------------------------------------------------------------------------------------------------------------
 def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> Tensor:
-    """Inverse frequencies for the rope dims: plain theta on sliding-only layers, YaRN on compressed ones."""
+    """Inverse frequencies for the rope dims: plain theta on sliding-only layers, YaRN on compressed ones. Computed
+    on the CPU, returned on the default device (a model built on the meta device gets a meta tensor: arange on the
+    meta device would import torch's Python decompositions, ~180 MB resident, for a few numbers)."""
     dim = cfg.qk_rope_head_dim
     base = cfg.compress_rope_theta if compressed else cfg.rope_theta
-    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
     ys = cfg.rope_scaling or {}
     if not compressed or ys.get("type", ys.get("rope_type")) != "yarn":
-        return inv
+        return inv.to(torch.get_default_device())
     factor, orig = ys["factor"], ys["original_max_position_embeddings"]
     beta_fast, beta_slow = ys.get("beta_fast") or 32, ys.get("beta_slow") or 1
 
@@ -50,9 +52,9 @@ def rope_inv_freq(cfg: ModelConfig, compressed: bool) -> Tensor:
 
     lo, hi = max(math.floor(corr_dim(beta_fast)), 0), min(math.ceil(corr_dim(beta_slow)), dim - 1)
     hi = hi + 0.001 if lo == hi else hi
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - lo) / (hi - lo)).clamp(0, 1)
     # V4 keeps cos/sin unscaled (no YaRN mscale on the attention logits)
-    return (inv / factor) * ramp + inv * (1 - ramp)
+    return ((inv / factor) * ramp + inv * (1 - ramp)).to(torch.get_default_device())
 
 
 def rope_cos_sin(inv_freq: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
@@ -216,6 +218,18 @@ class GroupedLinear(Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ops.grouped_linear(x, self)
+
+
+class Embedding(nn.Embedding):
+    """The token embedding: ids [T] -> fp32 rows [T, D]. The table may stay in its stored dtype (a release keeps it in
+    bf16: 1 GB at V4-Flash's vocabulary, 2 GB in fp32); only the gathered rows are converted (exactly)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # on the meta device (loaders) there is nothing to draw, and normal_ there
+            super().reset_parameters()  # imports torch's Python decompositions: ~180 MB of resident memory
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return super().forward(ids).float()
 
 
 class RMSNorm(Module):
@@ -455,7 +469,7 @@ class Transformer(Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg, n, d = cfg, cfg.hc_mult, cfg.hidden_size
-        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed = Embedding(cfg.vocab_size, d)
         self.embed.weight.requires_grad_(False)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)

@@ -133,7 +133,10 @@ class Tokenizer:
         return out
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._id_bytes[token_id]
+        """Raw bytes of one id; b"" for an id past the tokenizer's table (a model's vocabulary may be padded beyond
+        its tokenizer's, as the release's is: `decode` skips such ids too)."""
+        table = self._id_bytes
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     def stream(self, ids: Iterable[int], skip_special: bool = False) -> Iterator[str]:
         """Yield decoded text pieces as ids arrive; never splits a UTF-8 character."""

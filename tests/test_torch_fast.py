@@ -217,6 +217,42 @@ def test_fp8_every_code_dequantizes_bit_exactly():
     assert torch.equal(cw.dequantize().view(torch.int32), ref.view(torch.int32))
 
 
+@needs_ext
+def test_mxfp4_every_code_and_scale_dequantizes_bit_exactly():
+    """Every e2m1 code (both zeros, both signs) at every finite UE8M0 scale byte (2^-127 .. 2^127) through the
+    kernels' vector and scalar (partial last block) conversion equals quant.release's dequantization bit for bit."""
+    from flashport.quant.release import dequantize_mxfp4
+
+    K = 16 * 32 + 16  # 16 full blocks, then a partial one: the scalar tail
+    codes = torch.arange(16, dtype=torch.uint8).repeat(K // 16 + 1)[:K + 16]  # padded to whole blocks
+    packed = (codes[0::2] | (codes[1::2] << 4)).view(1, -1).repeat(255, 1)  # [255, 17 * 16]
+    scale = torch.arange(255, dtype=torch.uint8).view(255, 1).repeat(1, 17)  # row r: every block 2^(r - 127)
+    scale[:, 1::2] = scale.flip(0)[:, 1::2]  # and a different scale in every other block
+    cw = cpu_quant.CpuWeight(cpu_quant.FMT_MXFP4, (255, K), packed.contiguous(), scale.contiguous(), group=32)
+    ref = dequantize_mxfp4(packed, scale)[:, :K]
+    assert torch.equal(cw.dequantize().view(torch.int32), ref.view(torch.int32))
+    rows = slice(90, 165)  # scales 2^-37 .. 2^37 (the GEMV, per-block sums times the scale: tolerance-bound)
+    cw = cpu_quant.CpuWeight(cpu_quant.FMT_MXFP4, (75, K), packed[rows].contiguous(), scale[rows].contiguous(), group=32)
+    x = randn(3, K)
+    y = cpu_quant.linear(x, cw)
+    assert ((y - x @ ref[rows].T).abs() <= linear_bound(x, ref[rows])).all()
+
+
+def test_upload_reads_release_bytes_in_place():
+    """A release weight's upload is a view of the packed tensors (no second copy): FP8 codes, MXFP4 nibbles and
+    scale bytes, bf16 weights."""
+    w = torch.randn(256, 320, generator=torch.Generator().manual_seed(4)) * 0.05
+    for fmt, key, layout in [("fp8-e4m3-block128-ue8m0", "weight", cpu_quant.FMT_FP8),
+                             ("mxfp4", "weight", cpu_quant.FMT_MXFP4), ("mxfp4", "scale", cpu_quant.FMT_MXFP4),
+                             ("bf16", "weight", cpu_quant.FMT_BF16)]:
+        qw = QuantWeight(fmt, (256, 320), get_format(fmt).pack(w))
+        cw = cpu_quant.upload(qw)
+        assert cw.fmt == layout
+        held = {"weight": cw.w, "scale": cw.scale}[key]
+        assert held.data_ptr() == qw.tensors[key].data_ptr(), (fmt, key)
+        assert torch.equal(cw.dequantize(), qw.dequantize())
+
+
 def test_upload_keeps_compact_exact_storage():
     exact = torch.randn(16, 64).bfloat16().float()  # like every dequantized release weight (FP8 / MXFP4)
     assert cpu_quant.upload(QuantWeight("fp32", (16, 64), {"weight": exact})).fmt == cpu_quant.FMT_BF16
@@ -245,7 +281,7 @@ def test_grouped_linear(fmt, T):
 @pytest.mark.parametrize("T", [1, 4, cpu_quant.GEMV_MAX_ROWS + 7])
 def test_moe_mixed_formats(T):
     D, I, E, k = 64, 32, 6, 2
-    fmts = ["bf16", "int4-g32", "int8", "fp32", "int4-g32-asym", "bf16"]  # per-expert mixed quantization
+    fmts = ["bf16", "int4-g32", "int8", "fp32", "int4-g32-asym", "mxfp4"]  # per-expert mixed quantization
     qws = [tuple(quant(fmts[e], *shape, seed=10 * e + j) for j, shape in enumerate([(I, D), (I, D), (D, I)]))
            for e in range(E)]
     x, weights = randn(T, D), torch.rand(T, k, generator=G)
@@ -333,7 +369,7 @@ def test_generation_matches_reference(ckpt, prompt_len, request):
     lin = eng.model.layers[0].attn.wq_a
     assert ops.handle(lin).fmt == cpu_quant.FMT_FP8  # release FP8 weights kept as FP8, losslessly
     expert = eng.model.layers[0].ffn.experts[0].w1
-    assert ops.handle(expert).fmt == cpu_quant.FMT_FP8  # MXFP4 experts fit the FP8 block grid too
+    assert ops.handle(expert).fmt == cpu_quant.FMT_MXFP4  # MXFP4 experts read as stored (0.5 byte per weight)
 
 
 def test_bench_decode_rows_and_roofline(tiny_release, monkeypatch):
@@ -376,7 +412,7 @@ def test_decode_bytes_per_token_counts_the_uploaded_layout(tiny_release):
         for pname, p in mod.named_parameters(recurse=False):  # a Linear counts its logical [N, K] in fp32
             n = math.prod(mod.qweight.shape) if isinstance(mod, Linear) and pname == "weight" else p.numel()
             expect += (share if ".experts." in name else 1) * n * 4
-    assert ref == int(expect + cfg.hidden_size * 4)
+    assert ref == int(expect + cfg.hidden_size * model.embed.weight.element_size())  # one row as stored
     if cpu_quant.ext() is not None:
         fast = decode_bytes_per_token(model, Ops(torch_fast.FastTorchBackend()))
         wq_a = math.prod(model.layers[0].attn.wq_a.qweight.shape)

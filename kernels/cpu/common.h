@@ -21,7 +21,8 @@
 #include <vector>
 
 #if !defined(FLASHPORT_MAX_ROWS) || !defined(FLASHPORT_FMT_I4) || !defined(FLASHPORT_FP8_BLOCK) || \
-    !defined(FLASHPORT_INT4_ZERO_POINT) || !defined(FLASHPORT_INT4_MAX_GROUP)
+    !defined(FLASHPORT_INT4_ZERO_POINT) || !defined(FLASHPORT_INT4_MAX_GROUP) || !defined(FLASHPORT_FMT_MXFP4) || \
+    !defined(FLASHPORT_MXFP4_BLOCK)
 #error "flashport's kernel constants are missing: build through flashport.backends.cpu_quant.ext()"
 #endif
 
@@ -33,18 +34,22 @@ using at::Tensor;
 constexpr int64_t MAX_ROWS = FLASHPORT_MAX_ROWS;  // activation rows served by the GEMV kernel (cpu_quant.GEMV_MAX_ROWS)
 // CpuWeight.fmt: the compact CPU layouts (cpu_quant.FMT_*)
 constexpr int64_t FMT_F32 = FLASHPORT_FMT_F32, FMT_BF16 = FLASHPORT_FMT_BF16, FMT_I8 = FLASHPORT_FMT_I8,
-                  FMT_I4 = FLASHPORT_FMT_I4, FMT_FP8 = FLASHPORT_FMT_FP8;
+                  FMT_I4 = FLASHPORT_FMT_I4, FMT_FP8 = FLASHPORT_FMT_FP8, FMT_MXFP4 = FLASHPORT_FMT_MXFP4;
+constexpr int64_t MXFP4_BLOCK = FLASHPORT_MXFP4_BLOCK;     // MXFP4 scale block along K (1 x 32), quant.release
 constexpr int64_t FP8_BLOCK = FLASHPORT_FP8_BLOCK;         // FP8 scale block (rows and columns), quant.release
 constexpr int INT4_ZERO_POINT = FLASHPORT_INT4_ZERO_POINT;  // symmetric int4's implicit zero point, quant.formats
 
 // -- C++ only (tuning) -------------------------------------------------------------------------------------------
 constexpr int64_t CHUNK = 512;  // K elements dequantized at a time
 static_assert(CHUNK % FLASHPORT_INT4_MAX_GROUP == 0, "CHUNK must be a multiple of every int4 group (whole groups)");
+static_assert(CHUNK % FLASHPORT_MXFP4_BLOCK == 0, "CHUNK must be a multiple of the MXFP4 block");
 constexpr int64_t PARALLEL_MIN = 1 << 20;  // multiply-adds below which a kernel stays on one thread
 
 // A weight in its compact CPU layout (cpu_quant.CpuWeight): FMT_F32 fp32 [N,K], FMT_BF16 bf16 [N,K], FMT_I8 int8
 // [N,K] + scale [N], FMT_I4 int4 MatMulNBits B uint8 [N, nb, group/2] + scales fp32 [N, nb] (+ zero points uint8
-// [N, ceil(nb/2)]), FMT_FP8 fp8 e4m3 codes uint8 [N, K] + scales fp32 [ceil(N/FP8_BLOCK), ceil(K/FP8_BLOCK)].
+// [N, ceil(nb/2)]), FMT_FP8 fp8 e4m3 codes uint8 [N, K] + scales fp32 [ceil(N/FP8_BLOCK), ceil(K/FP8_BLOCK)],
+// FMT_MXFP4 (the release's expert layout, read in place) e2m1 nibbles uint8 [N, nb*MXFP4_BLOCK/2] (low nibble =
+// even k) + UE8M0 exponent bytes uint8 [N, nb], nb = ceil(K/MXFP4_BLOCK).
 struct QW {
   int64_t fmt, N, K, group;
   Tensor w, scale, zp;

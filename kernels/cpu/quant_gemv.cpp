@@ -24,6 +24,21 @@ static bool e4m3_init = [] {
   return true;
 }();
 
+// MXFP4 (quant.release): e2m1 code -> value (sign bit 8: -0 for code 8), UE8M0 byte -> 2^(b - 127), 0xFF -> NaN.
+// Every product of the two is a float32 number (2 significant bits, at least 2^-128): one exact multiplication.
+static float E2M1[16];
+static float E8M0[256];
+static bool mxfp4_init = [] {
+  const float mag[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  for (int c = 0; c < 16; c++) E2M1[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
+  for (int b = 0; b < 256; b++) E8M0[b] = b == 255 ? NAN : std::ldexp(1.f, b - 127);
+  return true;
+}();
+
+static inline float mxfp4_value(const uint8_t* w, const uint8_t* sc, int64_t k) {
+  return E2M1[(w[k >> 1] >> ((k & 1) * 4)) & 15] * E8M0[sc[k / MXFP4_BLOCK]];
+}
+
 // Weight row n, columns [k0, k0 + CHUNK) -> fp32 buf (bit-exact with quant.formats' dequantize). int4 writes whole
 // groups, so buf may be filled a little past K (padding codes); callers only read up to K.
 static inline const float* dequant_row(const QW& q, int64_t n, int64_t k0, int64_t k1, float* buf) {
@@ -47,6 +62,13 @@ static inline const float* dequant_row(const QW& q, int64_t n, int64_t k0, int64
       const uint8_t* w = q.w.data_ptr<uint8_t>() + n * K;
       const float* sc = q.scale.data_ptr<float>() + (n / FP8_BLOCK) * q.scale.size(1);
       for (int64_t k = k0; k < k1; k++) buf[k - k0] = E4M3[w[k]] * sc[k / FP8_BLOCK];
+      return buf;
+    }
+    case FMT_MXFP4: {  // e2m1 value * block scale, as quant.release.dequantize_mxfp4 (bit-exact)
+      const int64_t nb = q.scale.size(1);
+      const uint8_t* w = q.w.data_ptr<uint8_t>() + n * nb * (MXFP4_BLOCK / 2);
+      const uint8_t* sc = q.scale.data_ptr<uint8_t>() + n * nb;
+      for (int64_t k = k0; k < k1; k++) buf[k - k0] = mxfp4_value(w, sc, k);
       return buf;
     }
     default: {  // FMT_I4
@@ -206,6 +228,43 @@ static inline void rows4_fp8(const uint8_t* w, int64_t ldw, const float* sc, con
   for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(a[r]) + tail[r];
 }
 
+// MXFP4: the 16 bytes of one 32-weight scale block -> two vectors of e2m1 values in k order (low and high nibbles
+// split, interleaved back, looked up in a 16-entry register table: exact).
+static inline void load_e2m1_x32(const uint8_t* w, const __m512 lut, __m512& v0, __m512& v1) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  const __m128i m = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  v0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)), lut);
+  v1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(lo, hi)), lut);
+}
+
+// MXFP4 row (0.5 byte per weight read): per 32-weight block the dot product of the e2m1 values with x, times the
+// block's scale (a power of two) into the row's sum; the partial last block scalar. Another rounding order than
+// the reference's dequantize-then-matmul: TOLERANCE-BOUND like the other formats.
+template <int T>
+static inline void row_mxfp4(const uint8_t* w, const uint8_t* sc, const float* x, int64_t ldx, int64_t K, float* acc) {
+  const __m512 lut = _mm512_loadu_ps(E2M1);
+  __m512 a[2][T];  // two accumulator sets (even / odd blocks) to hide the FMA latency
+  float tail[T];
+  for (int t = 0; t < T; t++) { a[0][t] = a[1][t] = _mm512_setzero_ps(); tail[t] = 0.f; }
+  const int64_t full = K / MXFP4_BLOCK;
+  for (int64_t b = 0; b < full; b++) {
+    __m512 w0, w1;
+    load_e2m1_x32(w + b * (MXFP4_BLOCK / 2), lut, w0, w1);
+    const __m512 s = _mm512_set1_ps(E8M0[sc[b]]);
+    for (int t = 0; t < T; t++) {
+      const float* xx = x + t * ldx + b * MXFP4_BLOCK;
+      const __m512 p = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xx + 16), _mm512_mul_ps(w0, _mm512_loadu_ps(xx)));
+      a[b & 1][t] = _mm512_fmadd_ps(p, s, a[b & 1][t]);
+    }
+  }
+  for (int64_t k = full * MXFP4_BLOCK; k < K; k++) {
+    const float v = mxfp4_value(w, sc, k);
+    for (int t = 0; t < T; t++) tail[t] += v * x[t * ldx + k];
+  }
+  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(_mm512_add_ps(a[0][t], a[1][t])) + tail[t];
+}
+
 static_assert(MAX_ROWS == 8, "FLASHPORT_DISPATCH_T instantiates the row kernels for 1..8 activation rows");
 #define FLASHPORT_DISPATCH_T(T_, CALL)                                                            \
   switch (T_) {                                                                                   \
@@ -276,6 +335,13 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
 #define CALL(TT) row_fp8<TT>(w, sc, x + xoff, ldx, K, acc)
         FLASHPORT_DISPATCH_T(T, CALL)
 #undef CALL
+      } else if (q.fmt == FMT_MXFP4) {
+        const int64_t nb = q.scale.size(1);
+        const uint8_t* w = q.w.data_ptr<uint8_t>() + n * nb * (MXFP4_BLOCK / 2);
+        const uint8_t* sc = q.scale.data_ptr<uint8_t>() + n * nb;
+#define CALL(TT) row_mxfp4<TT>(w, sc, x + xoff, ldx, K, acc)
+        FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
       } else if (i4_fast) {
         const int64_t nb = q.w.size(1);
         const uint8_t* B = q.w.data_ptr<uint8_t>() + n * nb * (q.group / 2);
@@ -313,6 +379,22 @@ Tensor dequantize(const QW& q) {
         for (; k + 16 <= q.K; k += 16)
           _mm512_storeu_ps(dst + k, _mm512_mul_ps(load_e4m3_x256(w + k), _mm512_set1_ps(sc[k / FP8_BLOCK] * 256.f)));
         for (; k < q.K; k++) dst[k] = E4M3[w[k]] * sc[k / FP8_BLOCK];
+        continue;
+      }
+      if (q.fmt == FMT_MXFP4) {  // vectorised: one exact product (e2m1 value * block scale) per weight
+        const int64_t nb = q.scale.size(1), full = q.K / MXFP4_BLOCK;
+        const uint8_t* w = q.w.data_ptr<uint8_t>() + n * nb * (MXFP4_BLOCK / 2);
+        const uint8_t* sc = q.scale.data_ptr<uint8_t>() + n * nb;
+        const __m512 lut = _mm512_loadu_ps(E2M1);
+        float* dst = o + n * q.K;
+        for (int64_t b = 0; b < full; b++) {
+          __m512 v0, v1;
+          load_e2m1_x32(w + b * (MXFP4_BLOCK / 2), lut, v0, v1);
+          const __m512 s = _mm512_set1_ps(E8M0[sc[b]]);
+          _mm512_storeu_ps(dst + b * MXFP4_BLOCK, _mm512_mul_ps(v0, s));
+          _mm512_storeu_ps(dst + b * MXFP4_BLOCK + 16, _mm512_mul_ps(v1, s));
+        }
+        for (int64_t k = full * MXFP4_BLOCK; k < q.K; k++) dst[k] = mxfp4_value(w, sc, k);
         continue;
       }
 #endif
