@@ -203,7 +203,8 @@ def _verify_records(buf: numpy.ndarray, idx: numpy.ndarray, pos: numpy.ndarray, 
     for L in numpy.unique(want_len).tolist():  # keys of one length (all block keys) compared at once
         sel = numpy.flatnonzero(sized & good_ns & (want_len == L) & (kl == L))
         if len(sel):
-            exp = numpy.frombuffer(b"".join(want[j] for j in sel.tolist()), numpy.uint8).reshape(len(sel), L)
+            joined = b"".join(want) if len(sel) == n else b"".join([want[j] for j in sel.tolist()])
+            exp = numpy.frombuffer(joined, numpy.uint8).reshape(len(sel), L)
             good_key[sel] = (_rows(buf, pos[sel] + HEADER.size + len(ns), L) == exp).all(1)
     failing(6, sized & ~good_key)
     ok = fail == len(_CHECKS)
@@ -373,6 +374,7 @@ _COUNTERS = (
 INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
 INDEX_SLACK = 64 << 10  # what the two commits of a batch (evict, insert) may add to the WAL after the quota check
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+WRITER_NICE = 10  # the writer thread's nice value (added to the process's): the disk can wait, decode cannot
 BATCH_MAX_BYTES = 64 << 20  # one writer batch (one fsync, one index transaction) takes at most this many bytes
 
 
@@ -772,7 +774,7 @@ class DiskKVStore:
             s = dict(self._stats)
             s.update(used_bytes=self._used, index_bytes=self._index_bytes(), entries=len(self._index),
                      segments=len(self._segs), capacity_bytes=self.capacity,
-                     queue_depth=self._q.qsize(), degraded=self._degraded is not None)
+                     queue_depth=self._q.qsize(), queue_capacity=self._q.maxsize, degraded=self._degraded is not None)
         return s
 
     def close(self) -> None:
@@ -799,6 +801,10 @@ class DiskKVStore:
     # ------------------------------------------------------------------ writer
 
     def _writer_loop(self) -> None:
+        try:  # Linux: a thread has its own nice value; under CPU contention decode runs first, the writer catches up
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (AttributeError, OSError):
+            pass
         while True:
             try:
                 item = self._q.get(timeout=1.0)
