@@ -86,7 +86,7 @@ class Bench:
 
     def long_context(self, preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "",
                      strategy: str = "periodic:4096", decode_tokens: int = 8, threads: int = 0, seed: int = 0,
-                     path: str = "", json: bool = False):
+                     path: str = "", json: bool = False, plot: str = ""):
         """One long prompt through the disk KV cache across a restart: prefill tok/s, peak RSS, KV bytes on disk,
         TTFT of a hit (fresh process, page cache dropped) and of a recompute, restore and disk read bytes/s,
         decode ms/token at 8K and at CONTEXT.
@@ -101,6 +101,7 @@ class Bench:
             seed: seed of the weights and the prompt.
             path: a checkpoint directory (default: a fresh checkpoint of PRESET).
             json: also print the figures as one JSON object on the last line.
+            plot: also draw prefill tok/s and decode ms/token against the context into this .svg file.
         """
         from pathlib import Path
 
@@ -115,10 +116,14 @@ class Bench:
                 raise UsageError(f"--kv-dir: {kv_dir} is not a directory")
             if (Path(kv_dir) / "index.sqlite").exists():
                 raise UsageError(f"--kv-dir: {kv_dir} holds a KV store already; the benchmark needs a cold one")
+        if plot:
+            parent_dir("--plot", plot)
+            if not plot.endswith(".svg"):
+                raise UsageError(f"--plot: {plot} must be an .svg file")
         from flashport.bench.long_context import run
 
         return run(preset=preset, context=context, kv_dir=kv_dir, strategy=strategy, decode_tokens=decode_tokens,
-                   threads=threads, seed=seed, path=path, json_out=json)
+                   threads=threads, seed=seed, path=path, json_out=json, plot=plot)
 
     def ops(self, backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32",
             threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",

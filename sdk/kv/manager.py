@@ -47,21 +47,26 @@ class KVRestoreError(RuntimeError):
 
 
 class SeqTracker:
-    """A sequence's token ids and the chain hashes of its complete blocks, extended as tokens are fed."""
+    """A sequence's chain hashes of its complete blocks, extended as tokens are fed. Only the tokens of the
+    incomplete last block are kept (a block's hash names its whole prefix): O(blocks), not O(tokens), of memory."""
 
     def __init__(self, namespace: str, block: int, ids=()):
         self.namespace, self.block = namespace, block
-        self.tokens: list[int] = []
+        self.n_tokens = 0
         self.hashes: list[bytes] = []
         self.stored_blocks = 0  # blocks known to be in the cache (put or loaded)
+        self._tail: list[int] = []  # tokens after the last complete block
         self.extend(ids)
 
     def extend(self, ids) -> None:
-        self.tokens.extend(int(i) for i in ids)
-        done, full = len(self.hashes) * self.block, len(self.tokens) // self.block * self.block
-        if full > done:
-            self.hashes += chain_hashes(self.tokens[done:full], self.block, self.namespace,
+        tail = self._tail
+        tail.extend(int(i) for i in ids)
+        self.n_tokens = len(self.hashes) * self.block + len(tail)
+        full = len(tail) // self.block * self.block
+        if full:
+            self.hashes += chain_hashes(tail[:full], self.block, self.namespace,
                                         prev=self.hashes[-1] if self.hashes else None)
+            del tail[:full]
 
 
 @dataclass

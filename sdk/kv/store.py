@@ -39,6 +39,7 @@ from pathlib import Path
 import crc32c
 import numpy
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
@@ -98,9 +99,7 @@ def _encode(namespace: bytes, key: bytes, tensors: dict, meta_json: bytes) -> li
     return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key, body, meta_json]
 
 
-_HEAD_DTYPE = numpy.dtype([("magic", "S8"), ("version", "<u2"), ("flags", "<u2"), ("nl", "<u2"), ("kl", "<u2"),
-                           ("tl", "<u8"), ("ml", "<u4"), ("crc", "<u4")])
-assert _HEAD_DTYPE.itemsize == HEADER.size
+_MAGIC = numpy.frombuffer(MAGIC, numpy.uint8)
 # the checks of a record, in the order they are reported (the first that fails names the error)
 _CHECKS = ("truncated record", "bad magic", "unsupported format version", "size mismatch", "checksum mismatch",
            "namespace mismatch", "key mismatch")
@@ -123,7 +122,7 @@ def _rows(buf: numpy.ndarray, at: numpy.ndarray, length: int) -> numpy.ndarray:
     """[len(at), length] uint8: buf[a:a + length] for every a in `at`, in one copy (no index array per byte)."""
     if length == 0 or not len(at):
         return numpy.empty((len(at), length), numpy.uint8)
-    return numpy.lib.stride_tricks.sliding_window_view(buf, length)[at]
+    return sliding_window_view(buf, length)[at]
 
 
 class ReadBatch:
@@ -180,11 +179,16 @@ def _verify_records(buf: numpy.ndarray, idx: numpy.ndarray, pos: numpy.ndarray, 
 
     whole = size >= HEADER.size
     failing(0, ~whole)
-    h = _rows(buf, numpy.where(whole, pos, 0), HEADER.size).copy().view(_HEAD_DTYPE)[:, 0]
-    failing(1, h["magic"] != MAGIC)
-    failing(2, h["version"] != FORMAT_VERSION)
-    nl, kl, ml = (h[f].astype(numpy.int64) for f in ("nl", "kl", "ml"))
-    tl = numpy.minimum(h["tl"], numpy.uint64(1 << 62)).astype(numpy.int64)  # a huge length fails, never wraps
+    h = _rows(buf, numpy.where(whole, pos, 0), HEADER.size)  # [n, 32]: the fields of HEADER, little-endian
+
+    def field(a: int, b: int, dtype: str) -> numpy.ndarray:
+        return numpy.ascontiguousarray(h[:, a:b]).view(dtype)[:, 0]
+
+    failing(1, (h[:, :8] != _MAGIC).any(1))
+    failing(2, field(8, 10, "<u2") != FORMAT_VERSION)
+    nl, kl, ml = field(12, 14, "<u2").astype(numpy.int64), field(14, 16, "<u2").astype(numpy.int64), \
+        field(24, 28, "<u4").astype(numpy.int64)
+    tl = numpy.minimum(field(16, 24, "<u8"), numpy.uint64(1 << 62)).astype(numpy.int64)  # a huge one fails, no wrap
     failing(3, HEADER.size + nl + kl + tl + ml != size)
     sized = fail > 3
     crc = numpy.zeros(n, numpy.uint32)
@@ -192,7 +196,7 @@ def _verify_records(buf: numpy.ndarray, idx: numpy.ndarray, pos: numpy.ndarray, 
     rows = numpy.flatnonzero(sized)
     crc[rows] = [crc32c.crc32c(mv[a + HEADER.size:a + s], crc32c.crc32c(mv[a:a + _CRC_OFFSET]))
                  for a, s in zip(pos[rows].tolist(), size[rows].tolist())]
-    failing(4, sized & (crc != h["crc"]))
+    failing(4, sized & (crc != field(28, 32, "<u4")))
     ns = numpy.frombuffer(namespace, numpy.uint8)
     ns_ok = sized & (nl == len(ns))
     good_ns = numpy.zeros(n, bool)
@@ -200,7 +204,7 @@ def _verify_records(buf: numpy.ndarray, idx: numpy.ndarray, pos: numpy.ndarray, 
     failing(5, sized & ~good_ns)
     want_len = numpy.fromiter(map(len, want), numpy.int64, n)
     good_key = numpy.zeros(n, bool)
-    for L in numpy.unique(want_len).tolist():  # keys of one length (all block keys) compared at once
+    for L in sorted(set(want_len.tolist())):  # keys of one length (all block keys) compared at once
         sel = numpy.flatnonzero(sized & good_ns & (want_len == L) & (kl == L))
         if len(sel):
             joined = b"".join(want) if len(sel) == n else b"".join([want[j] for j in sel.tolist()])
@@ -349,7 +353,7 @@ def _unlink_quiet(path: Path) -> None:
 # ----------------------------------------------------------------------------- store
 
 
-@dataclass
+@dataclass(slots=True)  # one per stored block: a million-token prefix holds tens of thousands
 class _Entry:
     seg: int      # segment number
     offset: int   # byte offset of the record in its segment
