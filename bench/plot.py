@@ -6,29 +6,33 @@ import math
 from html import escape
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n round tick values covering [lo, hi] (1, 2 or 5 times a power of ten apart)."""
+def _ticks(lo: float, hi: float, n: int = 5, binary: bool = False) -> list[float]:
+    """About n round tick values covering [lo, hi]: 1, 2 or 5 times a power of ten apart, or a power of two apart
+    (`binary`: token counts, 8K, 16K, ...)."""
     if hi <= lo:
         hi = lo + 1
     raw = (hi - lo) / n
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
+    if binary:
+        step = 2 ** math.ceil(math.log2(raw))
+    else:
+        step = 10 ** math.floor(math.log10(raw))
+        step *= next(m for m in (1, 2, 5, 10) if raw <= m * step)
     return [i * step for i in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
 
 
-def _fmt(v: float) -> str:
-    if v and abs(v) >= 1024 and v % 1024 == 0:
+def _fmt(v: float, binary: bool = False) -> str:
+    if binary and v and v % 1024 == 0:
         return f"{v / 1024:g}K"
     return f"{v:g}"
 
 
 def line_panels(x: list[float], panels: list[tuple[str, list[float]]], title: str, x_label: str,
                 width: int = 720, panel_height: int = 220) -> str:
-    """SVG text: one panel per (y label, y values) stacked vertically, sharing the x axis (points joined by
-    lines, each point marked). Units go in the labels."""
+    """SVG text: one panel per (y label, y values) stacked vertically, sharing the x axis (token counts: ticks a
+    power of two apart, 8K = 8192), points joined by lines and marked. Units go in the labels."""
     left, right, top, gap, bottom = 70, 20, 40, 50, 45
     height = top + len(panels) * panel_height + (len(panels) - 1) * gap + bottom
-    xt = _ticks(0, max(x))
+    xt = _ticks(0, max(x), binary=True)
     x0, x1 = xt[0], xt[-1]
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
@@ -46,7 +50,7 @@ def line_panels(x: list[float], panels: list[tuple[str, list[float]]], title: st
         for t in xt:
             out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{ptop}" y2="{ptop + panel_height}" '
                        f'stroke="#eee"/>')
-            out.append(f'<text x="{px(t):.1f}" y="{ptop + panel_height + 16}" text-anchor="middle">{_fmt(t)}</text>')
+            out.append(f'<text x="{px(t):.1f}" y="{ptop + panel_height + 16}" text-anchor="middle">{_fmt(t, True)}</text>')
         out.append(f'<rect x="{left}" y="{ptop}" width="{width - left - right}" height="{panel_height}" fill="none" '
                    f'stroke="#444"/>')
         out.append(f'<text transform="translate(16 {ptop + panel_height / 2}) rotate(-90)" text-anchor="middle">'

@@ -675,3 +675,12 @@ def test_sigkill_during_writes_never_serves_bad_entries(tmp_path):
             st = s.stats()
             assert st["corrupt_dropped"] == 0 and st["hits"] == served
         assert not list((root / "data").rglob("*.tmp"))
+
+
+def test_writer_thread_yields_the_cpu_to_decode(tmp_path):
+    """The writer thread runs at a higher nice value than the process (Linux: nice is per thread), so under CPU
+    contention decode is scheduled first and the disk waits."""
+    with DiskKVStore(tmp_path / "kv", 1 << 24, NS, fsync=False) as s:
+        assert s.put("k", *expected_entry(NS, "k")) and s.flush(30)
+        base = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, s._thread.native_id) == min(19, base + kvstore.WRITER_NICE) > base

@@ -60,7 +60,7 @@ class SeqTracker:
 
     def extend(self, ids) -> None:
         tail = self._tail
-        tail.extend(int(i) for i in ids)
+        tail.extend(map(int, ids))
         self.n_tokens = len(self.hashes) * self.block + len(tail)
         full = len(tail) // self.block * self.block
         if full:

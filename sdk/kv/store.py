@@ -28,8 +28,10 @@ import queue
 import shutil
 import sqlite3
 import struct
+import sys
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -302,11 +304,16 @@ def chain_hashes(token_ids: list[int], block_tokens: int, namespace: str, prev: 
     ns = namespace.encode("utf-8")
     ns_part = struct.pack("<II", len(ns), block_tokens) + ns
     prev, out = (b"\x00" * 32 if prev is None else prev), []
-    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
+    n = len(token_ids) // block_tokens * block_tokens
+    toks = array("q", token_ids[:n])  # int64, one conversion for every block
+    if sys.byteorder != "little":
+        toks.byteswap()
+    data, step = memoryview(toks).cast("B"), 8 * block_tokens
+    for start in range(0, 8 * n, step):
         h = hashlib.blake2b(digest_size=32, person=b"flashport-kv-v1")
         h.update(prev)
         h.update(ns_part)
-        h.update(struct.pack(f"<{block_tokens}q", *token_ids[start : start + block_tokens]))
+        h.update(data[start:start + step])
         prev = h.digest()
         out.append(prev)
     return out
