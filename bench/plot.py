@@ -50,7 +50,8 @@ def line_panels(x: list[float], panels: list[tuple[str, list[float]]], title: st
         for t in xt:
             out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{ptop}" y2="{ptop + panel_height}" '
                        f'stroke="#eee"/>')
-            out.append(f'<text x="{px(t):.1f}" y="{ptop + panel_height + 16}" text-anchor="middle">{_fmt(t, True)}</text>')
+            out.append(f'<text x="{px(t):.1f}" y="{ptop + panel_height + 16}" text-anchor="middle">'
+                       f'{_fmt(t, True)}</text>')
         out.append(f'<rect x="{left}" y="{ptop}" width="{width - left - right}" height="{panel_height}" fill="none" '
                    f'stroke="#444"/>')
         out.append(f'<text transform="translate(16 {ptop + panel_height / 2}) rotate(-90)" text-anchor="middle">'

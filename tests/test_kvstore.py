@@ -147,8 +147,9 @@ def test_read_many_is_one_sequential_read_per_run(tmp_path, monkeypatch):
 
 
 def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
-    """A restore's records are checked vectorised, piece by piece, in parallel: a record with a bad magic, version,
-    length field, checksum, namespace or key (the last two with a valid CRC) is dropped alone; every other record
+    """A restore's records are checked vectorised, piece by piece, in parallel: a record too short for a header, or
+    with a bad magic, version, length field, checksum, namespace or key (the last two with a valid CRC) is dropped
+    alone; every other record
     of the same run is served with its stored bytes, and `gather` copies one tensor out of all of them at once."""
     import crc32c
 
@@ -176,11 +177,13 @@ def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
         off, size = rec("b170"); data[off + 32] ^= 1; recrc(off, size)                 # namespace, valid CRC
         off, size = rec("b210"); data[off + 32 + len(NS)] ^= 1; recrc(off, size)      # key, valid CRC
         seg.write_bytes(bytes(data))
+        s._index[(NS, b"b250")].size = 20  # an index row shorter than a header
         order = keys[::-1]
         with caplog.at_level(logging.WARNING, logger="flashport.kv.store"):
             batch = s.read_batch(order)
         rotten = {"b010": "bad magic", "b050": "unsupported format version", "b090": "size mismatch",
-                  "b130": "checksum mismatch", "b170": "namespace mismatch", "b210": "key mismatch"}
+                  "b130": "checksum mismatch", "b170": "namespace mismatch", "b210": "key mismatch",
+                  "b250": "truncated record"}
         assert {k for k, f in zip(order, batch.found) if not f} == set(rotten)
         for why in rotten.values():
             assert why in caplog.text
@@ -196,7 +199,7 @@ def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
         for row, j in zip(got, alike):
             assert row.tobytes() == expected_entry(NS, order[j])[0]["kv"].view(torch.uint8).numpy().tobytes()
         st = s.stats()
-        assert st["corrupt_dropped"] == 6 and st["hits"] == 394 and not any(s.contains(k) for k in rotten)
+        assert st["corrupt_dropped"] == 7 and st["hits"] == 393 and not any(s.contains(k) for k in rotten)
 
 def test_eviction_drops_whole_least_recently_used_segments(tmp_path):
     """Over the quota, the segment whose most recent access is oldest goes, all of it; a read keeps a segment."""

@@ -330,9 +330,10 @@ class KVManager:
         """The packed parts of blocks 0..n-1, concatenated per part name in block order ("3.comp.q" -> [n * rows,
         ...]), the bytes read and the tiers that served them. Blocks in a memory tier come from there; the rest are
         read from disk in one `DiskKVStore.read_batch` (a few large sequential reads) and gathered part by part
-        from its buffer (`ReadBatch.gather`: one copy per part and run of blocks), without a tensor per block. Disk blocks are not promoted into the
-        memory tiers: the restored state holds them. A block that is gone raises KVRestoreError; one that does not
-        match this model's layout is evicted, then KVRestoreError is raised."""
+        from its buffer (`ReadBatch.gather`: one copy per part and run of blocks), without a tensor per block.
+        Disk blocks are not promoted into the memory tiers: the restored state holds them. A block that is gone
+        raises KVRestoreError; one that does not match this model's layout is evicted, then KVRestoreError is
+        raised."""
         if n == 0:
             return {}, 0, set()
         keys = tracker.hashes[:n]

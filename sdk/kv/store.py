@@ -122,8 +122,8 @@ def _gc_paused():
 
 def _rows(buf: numpy.ndarray, at: numpy.ndarray, length: int) -> numpy.ndarray:
     """[len(at), length] uint8: buf[a:a + length] for every a in `at`, in one copy (no index array per byte)."""
-    if length == 0 or not len(at):
-        return numpy.empty((len(at), length), numpy.uint8)
+    if length == 0 or not len(at) or len(buf) < length:  # the last: only records too short to check at all
+        return numpy.zeros((len(at), length), numpy.uint8)
     return sliding_window_view(buf, length)[at]
 
 
