@@ -149,8 +149,8 @@ def test_read_many_is_one_sequential_read_per_run(tmp_path, monkeypatch):
 def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
     """A restore's records are checked vectorised, piece by piece, in parallel: a record too short for a header, or
     with a bad magic, version, length field, checksum, namespace or key (the last two with a valid CRC) is dropped
-    alone; every other record
-    of the same run is served with its stored bytes, and `gather` copies one tensor out of all of them at once."""
+    alone; every other record of the same run is served with its stored bytes, and `gather` copies one tensor out
+    of all of them at once."""
     import crc32c
 
     monkeypatch.setattr(kvstore, "READ_PIECE", 8 << 10)  # many pieces, read and verified by several threads
