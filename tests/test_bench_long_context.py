@@ -37,7 +37,6 @@ def test_long_context_bench_restarts_and_restores_with_each_strategy(tmp_path, s
     # the segments plus the index and its WAL, measured before the restart (the WAL's size varies)
     segments = sum(p.stat().st_size for p in (kv / "segments").iterdir())
     assert segments < fig["kv_disk_bytes"] < segments + (4 << 20)
-    assert fig["ttft_hit_s"] < fig["ttft_recompute_s"]
     for what in ("prefill:", "peak RSS", "KV on disk:", "restore:", "disk:", "decode:"):
         assert what in out.stdout, what
     # the progress bar on stderr, with the time left (tqdm: "[elapsed<remaining, rate]")
