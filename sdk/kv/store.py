@@ -3,8 +3,8 @@
 Entries (a dict of tensors plus a small JSON meta) are appended to segment files by a background thread, in
 batches (one fsync and one index transaction per batch), so that ``put`` never stalls decode (its queue is
 bounded: a full queue drops the put and counts it). Entries written together (the blocks of one prompt) lie
-next to each other, so a restore (``read_many`` / ``get_many``) is a few large sequential reads, issued in
-parallel. An entry becomes visible only after its bytes are durable and indexed; anything that fails a check on
+next to each other, so a restore (``read_batch``) is a few large sequential reads, issued in parallel, with the
+records' checks vectorised. An entry becomes visible only after its bytes are durable and indexed; anything that fails a check on
 read is dropped and reported as a miss. The quota counts the segment files and the index with its WAL;
 eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
 
@@ -235,7 +235,7 @@ _layouts_lock = threading.Lock()
 
 
 def body_layout(body) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """Where each tensor of an entry's payload (a safetensors buffer, as `read_many` returns it) lies:
+    """Where each tensor of an entry's payload (a safetensors buffer: `read_many`, `ReadBatch.payload`) lies:
     name -> (dtype, shape, start, end), byte offsets into `body`. The safetensors header is parsed once per
     distinct header (every block of a model has the same one), so a caller can gather the bytes of thousands of
     entries without making a tensor per entry. Raises FormatError on a malformed header.
@@ -392,7 +392,7 @@ BATCH_MAX_BYTES = 64 << 20  # one writer batch (one fsync, one index transaction
 class DiskKVStore:
     """Opaque, durable, size-capped key -> (tensors, meta) store; see module docstring.
 
-    Thread model: ``get``/``read_many``/``contains``/``put`` may be called from any thread (the engine);
+    Thread model: ``get``/``read_batch``/``read_many``/``contains``/``put`` may be called from any thread (the engine);
     segment writes happen on one background thread (or inline for ``put(sync=True)``).
     Locks: ``_lock`` guards the in-memory index, the segments and counters and is only held for dict
     operations, so a read never waits for an fsync; ``_write_lock`` serializes everything that appends to,
