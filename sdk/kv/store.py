@@ -4,9 +4,9 @@ Entries (a dict of tensors plus a small JSON meta) are appended to segment files
 batches (one fsync and one index transaction per batch), so that ``put`` never stalls decode (its queue is
 bounded: a full queue drops the put and counts it). Entries written together (the blocks of one prompt) lie
 next to each other, so a restore (``read_batch``) is a few large sequential reads, issued in parallel, with the
-records' checks vectorised. An entry becomes visible only after its bytes are durable and indexed; anything that fails a check on
-read is dropped and reported as a miss. The quota counts the segment files and the index with its WAL;
-eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
+records' checks vectorised. An entry becomes visible only after its bytes are durable and indexed; anything that
+fails a check on read is dropped and reported as a miss. The quota counts the segment files and the index with its
+WAL; eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
 
 Layout under ``root``::
 
