@@ -2,17 +2,21 @@
 
     flashport bench kv [--preset flash-mini] [--sizes 8192,32768] [--strategies full,periodic:4096,none]
                        [--decode-tokens 16] [--long-preset flash-tiny] [--long-sizes 4096,16384] [--dir D]
+                       [--restore-sizes 2242,533132] [--restore-mb 64] [--writer-tokens 48]
 
 Per strategy and context size: bytes written per 1K tokens, time to first token after a hit served from disk
 (page cache dropped, store reopened as after a restart) against a full recompute of the same prompt, and the
 restore's read throughput as a fraction of the disk's sequential read bandwidth measured in the same run.
 Per size: prefill and decode cost per token. Long context: prefill time, KV memory and disk of `long-preset` at
 `long-sizes`, extrapolated linearly (compressed-entry work grows with the context; the sliding window does not)
-to 1M tokens.
+to 1M tokens. Restore against disk (`store_restore`): the store's restore path per block size (flash-tiny's and
+V4-Flash's) against cold sequential reads of the same files. Writer (`writer_stall`): decode ms/token with the
+disk writer busy against idle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import shutil
@@ -20,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy
 import torch
 
 from flashport.options import KVOptions
@@ -66,7 +71,8 @@ def _du(root: Path) -> int:
 
 def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategies="full,periodic:4096,none",
         decode_tokens: int = 16, long_preset: str = "flash-tiny", long_sizes="4096,16384", dir: str = "",
-        threads: int = 0, seed: int = 0) -> str:
+        threads: int = 0, seed: int = 0, restore_sizes="2242,533132", restore_mb: int = 64,
+        writer_tokens: int = 48) -> str:
     from flashport.checkpoint import make_checkpoint
     from flashport.engine import Engine
     from flashport.kv import format_bytes, kv_layout
@@ -116,9 +122,16 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
             logits = eng.model.forward_batch([torch.tensor([int(logits.argmax())])], [state], all_logits=False)[0][0]
         t2 = time.perf_counter()
         costs.append((n, (t1 - t0) / n, (t2 - t1) / max(decode_tokens, 1)))
-    lines += ["", f"{'context':>8} {'prefill ms/tok':>14} {'decode ms/tok':>13} {'decode vs first':>15}"]
+    if costs:
+        lines += ["", f"{'context':>8} {'prefill ms/tok':>14} {'decode ms/tok':>13} {'decode vs first':>15}"]
     for n, p, d in costs:
         lines.append(f"{n:>8} {p * 1e3:>14.2f} {d * 1e3:>13.1f} {d / costs[0][2]:>14.2f}x")
+    if restore_sizes:  # the restore path against the disk, per block size (2242 B: flash-tiny, 533132 B: V4-Flash)
+        lines += ["", f"restore (read_batch + gather) against cold sequential reads of the same files, {restore_mb} MB "
+                      f"per size, page cache dropped:",
+                  store_restore(restore_sizes, restore_mb << 20, str(work / "restore"))]
+    if writer_tokens:
+        lines += ["", writer_stall(long_preset, decode_tokens=writer_tokens, dir=str(work / "writer"), seed=seed)]
 
     if long_sizes:  # long context on a small preset, extrapolated to 1M
         lmodel = make_checkpoint(work / long_preset, long_preset, seed, "release")
@@ -204,37 +217,41 @@ def numerics(path: str = "samples/models/flash-small", context: int = 8192, dtyp
     return "\n".join(rows)
 
 
-def store_restore(entry_bytes: str = "2240,65536,533120", total: int = 128 << 20, dir: str = "",
+def store_restore(entry_bytes: str = "2242,65536,533132", total: int = 64 << 20, dir: str = "",
                   repeats: int = 3) -> str:
     """The disk tier's restore path alone against the disk: per entry size, `total` bytes of entries (one uint8
-    tensor each, written in one batch as a prompt's blocks are) read back with `DiskKVStore.read_many` after
-    dropping the page cache, against plain sequential reads of the same segment files, also cold. Best of
-    `repeats` for each. The default sizes are a block of flash-tiny (2240 B) and of V4-Flash (533120 B, release
-    numerics) and one between. Shows where per-entry costs (record checks, one per entry) stop mattering."""
-    from flashport.kv.store import DiskKVStore
+    tensor each, 32-byte keys, written in one batch as a prompt's blocks are) read back as a restore reads them
+    (`DiskKVStore.read_batch`, then the tensor gathered out of every entry with `ReadBatch.gather`) after dropping
+    the page cache, against plain sequential 8 MiB reads of the same segment files, also cold, in the same run.
+    Best of `repeats` for each. The default sizes are a block of flash-tiny (2242 B) and of V4-Flash (533132 B),
+    release numerics, and one between."""
+    from flashport.kv.store import DiskKVStore, body_layout
 
     work = Path(dir or tempfile.mkdtemp(prefix="flashport-bench-restore-"))
-    rows = [f"{'entry':>9} {'entries':>7} {'MB':>7} {'read_many MB/s':>14} {'disk MB/s':>9} {'ratio':>6}"]
+    rows = [f"{'entry B':>9} {'entries':>7} {'MB':>7} {'restore MB/s':>12} {'disk MB/s':>9} {'ratio':>6}"]
     try:
         for size in (int(x) for x in str(entry_bytes).split(",") if x):
             n = max(1, total // size)
             root = work / f"store-{size}"
             shutil.rmtree(root, ignore_errors=True)
             g = torch.Generator().manual_seed(size)
-            keys = [f"k{i}".encode() for i in range(n)]
-            with DiskKVStore(root, 4 * total + (64 << 20), "bench", queue_size=n + 1) as s:
-                for k in keys:
-                    s.put(k, {"x": torch.randint(0, 255, (size,), dtype=torch.uint8, generator=g)})
+            keys = [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).digest() for i in range(n)]
+            cap = 4 * total + (64 << 20)
+            with DiskKVStore(root, cap, "bench", queue_size=n + 1) as s:
+                for b, k in enumerate(keys):
+                    s.put(k, {"x": torch.randint(0, 255, (size,), dtype=torch.uint8, generator=g)}, {"block": b})
                 s.flush()
             best_read = best_disk = 0.0
             for _ in range(repeats):
-                with DiskKVStore(root, 4 * total + (64 << 20), "bench") as s:
+                with DiskKVStore(root, cap, "bench") as s:
                     drop_cache(root)
                     t0 = time.perf_counter()
-                    got = s.read_many(keys)
+                    batch = s.read_batch(keys)
+                    _, _, lo, hi = body_layout(batch.payload(0))["x"]
+                    x = torch.from_numpy(batch.gather(numpy.arange(n), lo, hi - lo))
                     dt = time.perf_counter() - t0
                     nbytes = s.stats()["bytes_read"]
-                assert all(x is not None for x in got)
+                assert batch.found.all() and x.shape == (n, size)
                 segs = sorted((root / "segments").iterdir())
                 drop_cache(root)
                 t0 = time.perf_counter()
@@ -245,9 +262,84 @@ def store_restore(entry_bytes: str = "2240,65536,533120", total: int = 128 << 20
                             disk += len(chunk)
                 ddt = time.perf_counter() - t0
                 best_read, best_disk = max(best_read, nbytes / dt), max(best_disk, disk / ddt)
-            rows.append(f"{size:>9} {n:>7} {n * size / 1e6:>7.1f} {best_read / 1e6:>14.0f} {best_disk / 1e6:>9.0f} "
+            rows.append(f"{size:>9} {n:>7} {n * size / 1e6:>7.1f} {best_read / 1e6:>12.0f} {best_disk / 1e6:>9.0f} "
                         f"{best_read / best_disk:>6.2f}")
     finally:
         if not dir:
             shutil.rmtree(work, ignore_errors=True)
     return "\n".join(rows)
+
+
+def writer_stall(preset: str = "flash-tiny", context: int = 2048, decode_tokens: int = 64, rounds: int = 3,
+                 entry_kb: int = 512, backlog_mb: int = 256, dir: str = "", seed: int = 0) -> str:
+    """Decode ms/token with the disk writer busy against idle, in the same process, rounds interleaved.
+
+    A sequence of `context` tokens is prefilled through a cache with the `full` strategy (decode puts a block and
+    a fixed-state record every block), then decoded greedily with `KVManager.observe` after every step, as
+    `Engine.generate` does. Before each busy round the store's queue is given a backlog of `backlog_mb` MiB of
+    `entry_kb` KiB entries (a V4-Flash block by default), so its writer thread serialises, checksums, appends and
+    fsyncs through the whole round (the time it still needs after the round, to drain the queue, shows it never
+    ran dry). Median
+    ms/token of each mode. (Decode's puts meeting a full queue are dropped and counted, never waited on:
+    tests/test_kv_runtime.py runs generate against a stuck writer.)"""
+    import statistics
+
+    from flashport.checkpoint import make_checkpoint
+    from flashport.engine import Engine
+    from flashport.kv import format_bytes, prefill_cached
+
+    work = Path(dir or tempfile.mkdtemp(prefix="flashport-bench-writer-"))
+    try:
+        model = make_checkpoint(work / preset, preset, seed, "release")
+        eng = Engine.load(model, kv=KVOptions(work / "kv", "full", capacity="2GiB"))
+        kv, store = eng.kv, eng.kv.store
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(2, eng.cfg.vocab_size - 1, (context,), generator=g).tolist()
+        big = {"x": torch.randint(0, 255, (entry_kb << 10,), dtype=torch.uint8, generator=g)}
+        cap = store.stats()["queue_capacity"]
+        times: dict[str, list] = {"idle": [], "busy": []}
+        left, n_put = [], [0]
+
+        def backlog(n: int) -> None:
+            for _ in range(n):
+                n_put[0] += 1
+                if not store.put(f"backlog-{n_put[0]}", big):
+                    break
+
+        def decode(mode: str) -> None:
+            nonlocal logits
+            for _ in range(decode_tokens):
+                t0 = time.perf_counter()
+                tok = int(logits.argmax())
+                logits = eng.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0]
+                tracker.extend([tok])
+                kv.observe(tracker, state)
+                times[mode].append(time.perf_counter() - t0)
+
+        with torch.no_grad():
+            state, logits, _, tracker = prefill_cached(eng.model, kv, ids, progress=False)
+            kv.flush()
+            for r in range(2 * rounds):
+                if r % 2:
+                    backlog(min(cap, (backlog_mb << 10) // entry_kb))
+                    decode("busy")
+                    t0 = time.perf_counter()
+                    kv.flush()  # what the writer still had to do when the round ended
+                    left.append(time.perf_counter() - t0)
+                else:
+                    decode("idle")
+        disk = kv.stats()["disk"]
+        eng.close()
+    finally:
+        if not dir:
+            shutil.rmtree(work, ignore_errors=True)
+    idle, busy = (statistics.median(times[m]) * 1e3 for m in ("idle", "busy"))
+    return "\n".join([
+        f"writer: {preset}, {context}-token context, strategy full, {rounds} x {decode_tokens} decode steps per mode "
+        f"(interleaved), {torch.get_num_threads()} threads; busy: a backlog of {backlog_mb} MiB of {entry_kb} KiB "
+        f"entries before each round",
+        f"decode ms/token (median): writer idle {idle:.2f}, writer busy {busy:.2f} ({busy / idle:.2f}x); the writer "
+        f"was still busy {', '.join(f'{s:.1f}' for s in left)} s after each busy round (queue of {cap} entries)",
+        f"the store wrote {format_bytes(disk['bytes_written'])} in {disk['write_seconds']:.1f} s of writer time; puts "
+        f"dropped (queue full, counted, never waited on): {disk['puts_dropped']}",
+    ])

@@ -1,7 +1,7 @@
 """`flashport bench long-context`: one long prompt through the disk KV cache, end to end, across a restart.
 
     flashport bench long-context --preset flash-tiny --context 32768 [--kv-dir D] [--strategy periodic:4096]
-                                 [--decode-tokens 8] [--threads T] [--seed S] [--json]
+                                 [--decode-tokens 8] [--threads T] [--seed S] [--json] [--plot FILE.svg]
 
 1. Prefill: `context` random tokens through `Engine.prefill_cached` (a miss: the time of the whole prefill is the
    TTFT of a recompute), in steps of 8192 tokens so that prefill tok/s and decode ms/token are measured at every
@@ -11,6 +11,8 @@
    of the hit), then decodes (ms/token at `context`).
 3. The disk: the segment files are dropped from the page cache again and read back with plain sequential reads,
    the disk read bandwidth on the same files in the same run, to compare the restore's bytes/s with.
+
+`--plot FILE.svg` draws prefill tok/s and decode ms/token against the context (bench/plot.py: SVG, no dependency).
 
 Restore bytes/s is the bytes the restore read from disk (records as stored) over the whole restore: index
 lookups, reads, checks, gathering and unpacking the entries into the state (PrefillStats.restore_seconds).
@@ -101,7 +103,8 @@ def child_main(spec_path: str) -> None:
 
 
 def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", strategy: str = "periodic:4096",
-        decode_tokens: int = 8, threads: int = 0, seed: int = 0, path: str = "", json_out: bool = False) -> str:
+        decode_tokens: int = 8, threads: int = 0, seed: int = 0, path: str = "", json_out: bool = False,
+        plot: str = "") -> str:
     from tqdm import tqdm
 
     from flashport.bench.kv import drop_cache
@@ -182,6 +185,15 @@ def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", stra
         f"decode: {at8k[2]:.1f} ms/token at {at8k[0]} tokens, {child['decode_ms']:.1f} ms/token at {context} "
         f"(restarted process)",
     ]
+    if plot:
+        from flashport.bench.plot import line_panels
+
+        Path(plot).write_text(line_panels(
+            [m for m, _, _ in rows], [("prefill tok/s (the step ending there)", [t for _, t, _ in rows]),
+                                      ("decode ms/token", [d for _, _, d in rows])],
+            f"flashport bench long-context: {preset}, {strategy}, {torch.get_num_threads()} threads",
+            "context (tokens)"), encoding="utf-8")
+        lines.append(f"plot: {plot}")
     if json_out:
         lines.append(json.dumps(fig))
     return "\n".join(lines)

@@ -71,8 +71,10 @@ class Bench:
 
     def kv(self, path: str = "", preset: str = "flash-mini", sizes: str = "8192,32768",
            strategies: str = "full,periodic:4096,none", decode_tokens: int = 16, long_preset: str = "flash-tiny",
-           long_sizes: str = "4096,16384", dir: str = "", threads: int = 0, seed: int = 0):
-        """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth.
+           long_sizes: str = "4096,16384", dir: str = "", threads: int = 0, seed: int = 0,
+           restore_sizes: str = "2242,533132", restore_mb: int = 64, writer_tokens: int = 48):
+        """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth
+        against the disk's per block size, decode with the disk writer busy against idle.
 
         Args:
             path: a checkpoint directory (default: a fresh checkpoint of PRESET).
@@ -85,21 +87,27 @@ class Bench:
             dir: working directory for the KV stores (default: a temporary one).
             threads: torch intra-op threads (0: torch's default).
             seed: seed of the weights and the prompts.
+            restore_sizes: entry sizes in bytes of the restore-vs-disk rows, comma-separated (default: a block of
+                flash-tiny and of V4-Flash in release numerics).
+            restore_mb: megabytes of entries read per restore row (>= 1).
+            writer_tokens: decode steps per round of the writer busy / idle rows (>= 1).
         """
         from flashport.options import KVOptions
 
-        _common(path, preset, threads, seed, sizes=sizes, long_sizes=long_sizes, decode_tokens=decode_tokens)
+        _common(path, preset, threads, seed, sizes=sizes, long_sizes=long_sizes, decode_tokens=decode_tokens,
+                restore_sizes=restore_sizes, restore_mb=restore_mb, writer_tokens=writer_tokens)
         _preset("--long-preset", long_preset)
         for s in strategies.split(","):
             KVOptions(strategy=s.strip())  # OptionError names a bad strategy
         from flashport.bench.kv import run
 
         return run(path=path, preset=preset, sizes=sizes, strategies=strategies, decode_tokens=decode_tokens,
-                   long_preset=long_preset, long_sizes=long_sizes, dir=dir, threads=threads, seed=seed)
+                   long_preset=long_preset, long_sizes=long_sizes, dir=dir, threads=threads, seed=seed,
+                   restore_sizes=restore_sizes, restore_mb=restore_mb, writer_tokens=writer_tokens)
 
     def long_context(self, preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "",
                      strategy: str = "periodic:4096", decode_tokens: int = 8, threads: int = 0, seed: int = 0,
-                     path: str = "", json: bool = False):
+                     path: str = "", json: bool = False, plot: str = ""):
         """One long prompt through the disk KV cache across a restart: prefill tok/s, peak RSS, KV bytes on disk,
         TTFT of a hit (fresh process, page cache dropped) and of a recompute, restore and disk read bytes/s,
         decode ms/token at 8K and at CONTEXT.
@@ -114,6 +122,7 @@ class Bench:
             seed: seed of the weights and the prompt.
             path: a checkpoint directory (default: a fresh checkpoint of PRESET).
             json: also print the figures as one JSON object on the last line.
+            plot: also draw prefill tok/s and decode ms/token against the context into this .svg file.
         """
         from pathlib import Path
 
@@ -128,10 +137,14 @@ class Bench:
                 raise UsageError(f"--kv-dir: {kv_dir} is not a directory")
             if (Path(kv_dir) / "index.sqlite").exists():
                 raise UsageError(f"--kv-dir: {kv_dir} holds a KV store already; the benchmark needs a cold one")
+        if plot:
+            parent_dir("--plot", plot)
+            if not plot.endswith(".svg"):
+                raise UsageError(f"--plot: {plot} must be an .svg file")
         from flashport.bench.long_context import run
 
         return run(preset=preset, context=context, kv_dir=kv_dir, strategy=strategy, decode_tokens=decode_tokens,
-                   threads=threads, seed=seed, path=path, json_out=json)
+                   threads=threads, seed=seed, path=path, json_out=json, plot=plot)
 
     def ops(self, backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32",
             threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",

@@ -26,13 +26,14 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 from ..config import ModelConfig
 from ..model import SeqState
 from ..quant.kv_numerics import check_kv_dtype, pack_kv, unpack_kv
 from .layout import format_bytes, kv_layout
-from .store import DiskKVStore, FormatError, body_layout, chain_hashes
+from .store import DiskKVStore, FormatError, ReadBatch, body_layout, chain_hashes
 from .strategies import Strategy
 from .tiers import MemoryTier, nbytes
 
@@ -46,21 +47,26 @@ class KVRestoreError(RuntimeError):
 
 
 class SeqTracker:
-    """A sequence's token ids and the chain hashes of its complete blocks, extended as tokens are fed."""
+    """A sequence's chain hashes of its complete blocks, extended as tokens are fed. Only the tokens of the
+    incomplete last block are kept (a block's hash names its whole prefix): O(blocks), not O(tokens), of memory."""
 
     def __init__(self, namespace: str, block: int, ids=()):
         self.namespace, self.block = namespace, block
-        self.tokens: list[int] = []
+        self.n_tokens = 0
         self.hashes: list[bytes] = []
         self.stored_blocks = 0  # blocks known to be in the cache (put or loaded)
+        self._tail: list[int] = []  # tokens after the last complete block
         self.extend(ids)
 
     def extend(self, ids) -> None:
-        self.tokens.extend(int(i) for i in ids)
-        done, full = len(self.hashes) * self.block, len(self.tokens) // self.block * self.block
-        if full > done:
-            self.hashes += chain_hashes(self.tokens[done:full], self.block, self.namespace,
+        tail = self._tail
+        tail.extend(map(int, ids))
+        self.n_tokens = len(self.hashes) * self.block + len(tail)
+        full = len(tail) // self.block * self.block
+        if full:
+            self.hashes += chain_hashes(tail[:full], self.block, self.namespace,
                                         prev=self.hashes[-1] if self.hashes else None)
+            del tail[:full]
 
 
 @dataclass
@@ -196,6 +202,19 @@ class KVManager:
             self.report_error("contains", e)
             return False
 
+    def _cached_prefix(self, keys: list[bytes]) -> int:
+        """How many of keys, from the first, are cached in some tier (one store lookup for all of them)."""
+        on_disk = [False] * len(keys)
+        if self.store is not None:
+            try:
+                on_disk = self.store.contains_many(keys)
+            except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+                self.report_error("contains", e)
+        h = 0
+        while h < len(keys) and (on_disk[h] or any(keys[h] in t for t in self.tiers)):
+            h += 1
+        return h
+
     def _get(self, key: bytes) -> tuple[dict, dict, str] | None:
         got = self._get_memory(key)
         if got is not None:
@@ -260,9 +279,7 @@ class KVManager:
         is always left to run, for the last position's logits."""
         B = self.block
         usable = min((n_tokens - 1) // B, len(tracker.hashes))
-        h = 0
-        while h < usable and self._has(tracker.hashes[h]):
-            h += 1
+        h = self._cached_prefix(tracker.hashes[:usable])
         if h == 0:
             return RestorePlan.miss()
         best = RestorePlan.miss()
@@ -312,10 +329,11 @@ class KVManager:
     def _load_blocks(self, tracker: SeqTracker, n: int) -> tuple[dict[str, torch.Tensor], int, set[str]]:
         """The packed parts of blocks 0..n-1, concatenated per part name in block order ("3.comp.q" -> [n * rows,
         ...]), the bytes read and the tiers that served them. Blocks in a memory tier come from there; the rest are
-        read from disk in one `DiskKVStore.read_many` (a few large sequential reads) and gathered part by part
-        from the read buffers (`body_layout`), without a tensor per block. Disk blocks are not promoted into the
-        memory tiers: the restored state holds them. A block that is gone raises KVRestoreError; one that does not
-        match this model's layout is evicted, then KVRestoreError is raised."""
+        read from disk in one `DiskKVStore.read_batch` (a few large sequential reads) and gathered part by part
+        from its buffer (`ReadBatch.gather`: one copy per part and run of blocks), without a tensor per block.
+        Disk blocks are not promoted into the memory tiers: the restored state holds them. A block that is gone
+        raises KVRestoreError; one that does not match this model's layout is evicted, then KVRestoreError is
+        raised."""
         if n == 0:
             return {}, 0, set()
         keys = tracker.hashes[:n]
@@ -328,31 +346,8 @@ class KVManager:
                     raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
                 mem[b] = (got[0], got[2])
         missing = [b for b in range(n) if mem[b] is None]
-        disk: dict[int, tuple] = {}  # block -> (payload buffer, its layout)
-        if missing:
-            raw = [None] * len(missing)
-            if self.store is not None:
-                try:
-                    raw = self.store.read_many([keys[b] for b in missing])
-                except Exception as e:  # noqa: BLE001 - a broken tier is a miss
-                    self.report_error("get", e)
-            checked: list = []  # layouts already compared with the model's (every block of a model has one)
-            for b, got in zip(missing, raw):
-                if got is None:
-                    raise KVRestoreError(f"block {b} is no longer cached")
-                body, meta = got
-                try:
-                    layout = body_layout(body)
-                except FormatError:
-                    layout = None
-                known = layout is not None and any(layout is c for c in checked)
-                if layout is None or not self._block_ok(b, meta, None if known else
-                                                        {k: (v[1], v[0]) for k, v in layout.items()}):
-                    self._discard(keys[b])
-                    raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
-                if not known:
-                    checked.append(layout)
-                disk[b] = (body, layout)
+        batch, layout = self._read_disk_blocks(keys, missing) if missing else (None, None)
+        where = {b: j for j, b in enumerate(missing)}  # block -> its entry in the batch
         out: dict[str, list[torch.Tensor]] = {name: [] for name in self._shapes}
         n_read, sources, b = 0, set(), 0
         while b < n:
@@ -366,15 +361,64 @@ class KVManager:
             e = b
             while e < n and mem[e] is None:
                 e += 1
-            for name, (shape, dtype) in self._shapes.items():  # one gather per part over the run of disk blocks
-                buf = bytearray().join(body[layout[name][2]:layout[name][3]]
-                                       for body, layout in (disk[j] for j in range(b, e)))
-                n_read += len(buf)
-                self._add("bytes_read_disk", len(buf))
-                out[name].append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(-1, *shape[1:]))
+            rows = numpy.arange(where[b], where[b] + e - b)
+            for name, (shape, dtype) in self._shapes.items():  # one copy per part over the run of disk blocks
+                _, _, lo, hi = layout[name]
+                data = torch.from_numpy(batch.gather(rows, lo, hi - lo).reshape(-1))
+                n_read += data.numel()
+                out[name].append(data.view(dtype).reshape(-1, *shape[1:]))
             sources.add("disk")
             b = e
+        if missing:
+            self._add("bytes_read_disk", n_read - sum(nbytes(m[0]) for m in mem if m is not None))
         return {name: v[0] if len(v) == 1 else torch.cat(v) for name, v in out.items()}, n_read, sources
+
+    def _read_disk_blocks(self, keys: list, missing: list[int]) -> tuple[ReadBatch, dict]:
+        """Blocks `missing` (indices into keys) read from disk in one `DiskKVStore.read_batch` and checked as a
+        whole -> (the batch, the payload layout every one of them has). The checks are vectorised: every payload
+        must have the bytes of one safetensors header, whose layout is this model's block layout, and every meta
+        the bytes this manager writes for the block; an entry that differs is decoded and checked on its own
+        (`_block_ok`: e.g. a block another strategy wrote). A block that is gone raises KVRestoreError; one that
+        does not match is evicted, then KVRestoreError is raised."""
+        batch = None
+        if self.store is not None:
+            try:
+                batch = self.store.read_batch([keys[b] for b in missing])
+            except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+                self.report_error("get", e)
+        if batch is None or not batch.found.all():
+            gone = missing[0] if batch is None else missing[int(numpy.flatnonzero(~batch.found)[0])]
+            raise KVRestoreError(f"block {gone} is no longer cached")
+
+        def reject(j: int):
+            self._discard(keys[missing[j]])
+            return KVRestoreError(f"block {missing[j]} does not match this model's layout (evicted)")
+
+        try:
+            layout = body_layout(batch.payload(0))
+        except FormatError:
+            raise reject(0) from None
+        if {k: (v[1], v[0]) for k, v in layout.items()} != self._shapes:
+            raise reject(0)
+        head = 8 + int.from_bytes(batch.payload(0)[:8], "little")
+        rows = numpy.arange(len(missing))
+        heads = batch.gather(rows, 0, head)
+        same = (batch.body_len == batch.body_len[0]) & (heads == heads[0]).all(1)
+        pre = json.dumps({"v": KV_FORMAT, "kind": "block", "strategy": str(self.strategy), "dtype": self.dtype},
+                         separators=(",", ":"))[:-1] + ',"block":'
+        B = self.block
+        for j in rows.tolist():
+            b = missing[j]
+            if not same[j]:  # safetensors writes one header per layout: another header is another layout
+                raise reject(j)
+            if batch.meta_bytes(j) != f'{pre}{b},"tokens":{(b + 1) * B}}}'.encode():
+                try:
+                    ok = self._block_ok(b, batch.meta(j), None)
+                except FormatError:
+                    ok = False
+                if not ok:
+                    raise reject(j)
+        return batch, layout
 
     def _block_ok(self, b: int, meta: dict, shapes: dict | None) -> bool:
         """Whether block b's meta (and, unless None, its part shapes and dtypes) are this model's."""

@@ -3,10 +3,10 @@
 Entries (a dict of tensors plus a small JSON meta) are appended to segment files by a background thread, in
 batches (one fsync and one index transaction per batch), so that ``put`` never stalls decode (its queue is
 bounded: a full queue drops the put and counts it). Entries written together (the blocks of one prompt) lie
-next to each other, so a restore (``read_many`` / ``get_many``) is a few large sequential reads, issued in
-parallel. An entry becomes visible only after its bytes are durable and indexed; anything that fails a check on
-read is dropped and reported as a miss. The quota counts the segment files and the index with its WAL;
-eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
+next to each other, so a restore (``read_batch``) is a few large sequential reads, issued in parallel, with the
+records' checks vectorised. An entry becomes visible only after its bytes are durable and indexed; anything that
+fails a check on read is dropped and reported as a miss. The quota counts the segment files and the index with its
+WAL; eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
 
 Layout under ``root``::
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -27,9 +28,12 @@ import queue
 import shutil
 import sqlite3
 import struct
+import sys
 import threading
 import time
+from array import array
 from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +41,14 @@ from pathlib import Path
 import crc32c
 import numpy
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 log = logging.getLogger("flashport.kv.store")
 
 __all__ = ["DiskKVStore", "KVStoreBusy", "chain_hashes", "FormatError", "FORMAT_VERSION", "MAGIC", "HEADER",
-           "body_layout"]
+           "body_layout", "ReadBatch"]
 
 # ----------------------------------------------------------------------------- format
 
@@ -55,7 +60,7 @@ _CRC_OFFSET = HEADER.size - 4
 INDEX_SCHEMA = 2  # PRAGMA user_version of index.sqlite (1: the one-file-per-entry store)
 SEGMENT_MAX = 256 << 20  # a segment is sealed past this (or past capacity / 16, whichever is smaller)
 EXTENT_GAP = 256 << 10   # entries of one read closer than this are fetched in one read (the gap is read too)
-READ_PIECE = 4 << 20     # large extents are read in pieces of this size, in parallel
+READ_PIECE = 1 << 20     # extents are read (and verified) in pieces of about this size, in parallel
 READ_THREADS = 8
 
 
@@ -96,33 +101,123 @@ def _encode(namespace: bytes, key: bytes, tensors: dict, meta_json: bytes) -> li
     return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key, body, meta_json]
 
 
-def _check_record(rec: memoryview, namespace: bytes, key: bytes) -> tuple[memoryview, dict]:
-    """Verify one record read from its segment (exactly its indexed length) -> (tensor payload, meta).
-    Raises FormatError on any mismatch."""
-    if len(rec) < HEADER.size:
-        raise FormatError("truncated record")
-    magic, version, _flags, nl, kl, tl, ml, crc = HEADER.unpack_from(rec)
-    if magic != MAGIC:
-        raise FormatError("bad magic")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"unsupported format version {version}")
-    if len(rec) != HEADER.size + nl + kl + tl + ml:
-        raise FormatError("size mismatch")
-    if crc32c.crc32c(rec[HEADER.size:], crc32c.crc32c(rec[:_CRC_OFFSET])) != crc:
-        raise FormatError("checksum mismatch")
-    a = HEADER.size
-    if rec[a:a + nl] != namespace:
-        raise FormatError("namespace mismatch")
-    if rec[a + nl:a + nl + kl] != key:
-        raise FormatError("key mismatch")
-    b = a + nl + kl + tl
+_MAGIC = numpy.frombuffer(MAGIC, numpy.uint8)
+# the checks of a record, in the order they are reported (the first that fails names the error)
+_CHECKS = ("truncated record", "bad magic", "unsupported format version", "size mismatch", "checksum mismatch",
+           "namespace mismatch", "key mismatch")
+
+
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection inside (bulk work that allocates many small acyclic objects: each collection
+    would walk the whole heap); restored on exit unless it was off already (or another thread turned it off)."""
+    was = gc.isenabled()
+    gc.disable()
     try:
-        meta = json.loads(str(rec[b:b + ml], "utf-8"))
-    except ValueError as e:  # the checksum passed, so this is a writer bug; still never served
-        raise FormatError(f"undecodable meta: {e}") from e
-    if not isinstance(meta, dict):
-        raise FormatError("meta is not an object")
-    return rec[a + nl + kl:b], meta
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _rows(buf: numpy.ndarray, at: numpy.ndarray, length: int) -> numpy.ndarray:
+    """[len(at), length] uint8: buf[a:a + length] for every a in `at`, in one copy (no index array per byte)."""
+    if length == 0 or not len(at) or len(buf) < length:  # the last: only records too short to check at all
+        return numpy.zeros((len(at), length), numpy.uint8)
+    return sliding_window_view(buf, length)[at]
+
+
+class ReadBatch:
+    """Entries read by `DiskKVStore.read_batch`: one buffer holding every record read and, per requested key,
+    where its tensor payload (a safetensors buffer) and its meta (JSON) lie in it; `body[i] == -1` for a miss.
+    There is no object per entry: `gather` copies one tensor's bytes out of many entries at once."""
+
+    def __init__(self, n: int):
+        self.buf = numpy.empty(0, numpy.uint8)
+        self.body = numpy.full(n, -1, numpy.int64)      # offset of each entry's payload in buf
+        self.body_len = numpy.zeros(n, numpy.int64)
+        self.meta_len = numpy.zeros(n, numpy.int64)     # the meta follows the payload
+
+    @property
+    def found(self) -> numpy.ndarray:
+        """bool [n]: the entries that were read and passed every check."""
+        return self.body >= 0
+
+    def payload(self, i: int) -> memoryview:
+        a = int(self.body[i])
+        return memoryview(self.buf)[a:a + int(self.body_len[i])]
+
+    def meta_bytes(self, i: int) -> bytes:
+        a = int(self.body[i] + self.body_len[i])
+        return self.buf[a:a + int(self.meta_len[i])].tobytes()
+
+    def meta(self, i: int) -> dict:
+        """Entry i's meta, decoded; FormatError when it is not a JSON object."""
+        try:
+            meta = json.loads(self.meta_bytes(i))
+        except ValueError as e:
+            raise FormatError(f"undecodable meta: {e}") from e
+        if not isinstance(meta, dict):
+            raise FormatError("meta is not an object")
+        return meta
+
+    def gather(self, idx, start: int, length: int) -> numpy.ndarray:
+        """uint8 [len(idx), length]: bytes start .. start + length of the payloads of entries idx (found ones),
+        one copy. With `body_layout`'s offsets this is one tensor part of many entries."""
+        return _rows(self.buf, self.body[numpy.asarray(idx, dtype=numpy.int64)] + start, length)
+
+
+def _verify_records(buf: numpy.ndarray, idx: numpy.ndarray, pos: numpy.ndarray, size: numpy.ndarray, want: list,
+                    namespace: bytes, batch: ReadBatch) -> list:
+    """Check records of buf as one vectorised pass: record j lies at pos[j] (size[j] bytes, as indexed) and is
+    entry idx[j] of the batch, whose key is want[j]. Checks length, magic, version, sizes, CRC32C (one call per
+    record: the only per-record Python), namespace and key. Fills batch.body / body_len / meta_len of the records
+    that pass; returns [(idx, FormatError)] for those that do not."""
+    n = len(idx)
+    fail = numpy.full(n, len(_CHECKS), numpy.int64)  # index into _CHECKS of the first failed check
+
+    def failing(code: int, bad: numpy.ndarray) -> None:
+        numpy.minimum(fail, numpy.where(bad, code, len(_CHECKS)), out=fail)
+
+    whole = size >= HEADER.size
+    failing(0, ~whole)
+    h = _rows(buf, numpy.where(whole, pos, 0), HEADER.size)  # [n, 32]: the fields of HEADER, little-endian
+
+    def field(a: int, b: int, dtype: str) -> numpy.ndarray:
+        return numpy.ascontiguousarray(h[:, a:b]).view(dtype)[:, 0]
+
+    failing(1, (h[:, :8] != _MAGIC).any(1))
+    failing(2, field(8, 10, "<u2") != FORMAT_VERSION)
+    nl, kl, ml = field(12, 14, "<u2").astype(numpy.int64), field(14, 16, "<u2").astype(numpy.int64), \
+        field(24, 28, "<u4").astype(numpy.int64)
+    tl = numpy.minimum(field(16, 24, "<u8"), numpy.uint64(1 << 62)).astype(numpy.int64)  # a huge one fails, no wrap
+    failing(3, HEADER.size + nl + kl + tl + ml != size)
+    sized = fail > 3
+    crc = numpy.zeros(n, numpy.uint32)
+    mv = memoryview(buf)
+    rows = numpy.flatnonzero(sized)
+    crc[rows] = [crc32c.crc32c(mv[a + HEADER.size:a + s], crc32c.crc32c(mv[a:a + _CRC_OFFSET]))
+                 for a, s in zip(pos[rows].tolist(), size[rows].tolist())]
+    failing(4, sized & (crc != field(28, 32, "<u4")))
+    ns = numpy.frombuffer(namespace, numpy.uint8)
+    ns_ok = sized & (nl == len(ns))
+    good_ns = numpy.zeros(n, bool)
+    good_ns[ns_ok] = (_rows(buf, pos[ns_ok] + HEADER.size, len(ns)) == ns).all(1)
+    failing(5, sized & ~good_ns)
+    want_len = numpy.fromiter(map(len, want), numpy.int64, n)
+    good_key = numpy.zeros(n, bool)
+    for L in sorted(set(want_len.tolist())):  # keys of one length (all block keys) compared at once
+        sel = numpy.flatnonzero(sized & good_ns & (want_len == L) & (kl == L))
+        if len(sel):
+            joined = b"".join(want) if len(sel) == n else b"".join([want[j] for j in sel.tolist()])
+            exp = numpy.frombuffer(joined, numpy.uint8).reshape(len(sel), L)
+            good_key[sel] = (_rows(buf, pos[sel] + HEADER.size + len(ns), L) == exp).all(1)
+    failing(6, sized & ~good_key)
+    ok = fail == len(_CHECKS)
+    batch.body[idx[ok]] = (pos + HEADER.size + nl + kl)[ok]
+    batch.body_len[idx[ok]] = tl[ok]
+    batch.meta_len[idx[ok]] = ml[ok]
+    return [(int(idx[j]), FormatError(_CHECKS[fail[j]])) for j in numpy.flatnonzero(~ok).tolist()]
 
 
 def _decode_body(body) -> dict[str, torch.Tensor]:
@@ -140,7 +235,7 @@ _layouts_lock = threading.Lock()
 
 
 def body_layout(body) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """Where each tensor of an entry's payload (a safetensors buffer, as `read_many` returns it) lies:
+    """Where each tensor of an entry's payload (a safetensors buffer: `read_many`, `ReadBatch.payload`) lies:
     name -> (dtype, shape, start, end), byte offsets into `body`. The safetensors header is parsed once per
     distinct header (every block of a model has the same one), so a caller can gather the bytes of thousands of
     entries without making a tensor per entry. Raises FormatError on a malformed header.
@@ -209,11 +304,16 @@ def chain_hashes(token_ids: list[int], block_tokens: int, namespace: str, prev: 
     ns = namespace.encode("utf-8")
     ns_part = struct.pack("<II", len(ns), block_tokens) + ns
     prev, out = (b"\x00" * 32 if prev is None else prev), []
-    for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
+    n = len(token_ids) // block_tokens * block_tokens
+    toks = array("q", token_ids[:n])  # int64, one conversion for every block
+    if sys.byteorder != "little":
+        toks.byteswap()
+    data, step = memoryview(toks).cast("B"), 8 * block_tokens
+    for start in range(0, 8 * n, step):
         h = hashlib.blake2b(digest_size=32, person=b"flashport-kv-v1")
         h.update(prev)
         h.update(ns_part)
-        h.update(struct.pack(f"<{block_tokens}q", *token_ids[start : start + block_tokens]))
+        h.update(data[start:start + step])
         prev = h.digest()
         out.append(prev)
     return out
@@ -260,7 +360,7 @@ def _unlink_quiet(path: Path) -> None:
 # ----------------------------------------------------------------------------- store
 
 
-@dataclass
+@dataclass(slots=True)  # one per stored block: a million-token prefix holds tens of thousands
 class _Entry:
     seg: int      # segment number
     offset: int   # byte offset of the record in its segment
@@ -285,13 +385,14 @@ _COUNTERS = (
 INDEX_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
 INDEX_SLACK = 64 << 10  # what the two commits of a batch (evict, insert) may add to the WAL after the quota check
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+WRITER_NICE = 10  # the writer thread's nice value (added to the process's): the disk can wait, decode cannot
 BATCH_MAX_BYTES = 64 << 20  # one writer batch (one fsync, one index transaction) takes at most this many bytes
 
 
 class DiskKVStore:
     """Opaque, durable, size-capped key -> (tensors, meta) store; see module docstring.
 
-    Thread model: ``get``/``read_many``/``contains``/``put`` may be called from any thread (the engine);
+    Thread model: ``get``/``read_batch``/``read_many``/``contains``/``put`` may be called from any thread (the engine);
     segment writes happen on one background thread (or inline for ``put(sync=True)``).
     Locks: ``_lock`` guards the in-memory index, the segments and counters and is only held for dict
     operations, so a read never waits for an fsync; ``_write_lock`` serializes everything that appends to,
@@ -525,117 +626,127 @@ class DiskKVStore:
     def read_many(self, keys: list) -> list[tuple[memoryview, dict] | None]:
         """Read and verify many entries at once -> per key (tensor payload, meta) or None.
 
-        The payload is the entry's safetensors buffer (a view into the read buffer; `body_layout` says where each
-        tensor lies, `get` decodes it). The entries' records are grouped by segment and sorted by offset; records
-        closer than EXTENT_GAP become one extent, and extents are read in pieces of READ_PIECE bytes by
-        READ_THREADS threads (positional reads release the GIL): a restore of consecutive blocks is one large
-        sequential read. Each record is verified (length, magic, version, CRC32C, namespace, key) as `get` does;
-        one that fails is dropped (a miss), the others are served."""
-        idents = [(self.namespace, _key_bytes(k)) for k in keys]
+        `read_batch` with each entry's payload as a memoryview (`body_layout` says where each tensor lies, `get`
+        decodes it) and its meta decoded; an entry whose meta does not decode is dropped (a miss)."""
+        batch = self.read_batch(keys)
         out: list = [None] * len(keys)
+        for i in numpy.flatnonzero(batch.found).tolist():
+            try:
+                out[i] = (batch.payload(i), batch.meta(i))
+            except FormatError as err:  # the checksum passed, so a writer bug: never served
+                self._corrupt((self.namespace, _key_bytes(keys[i])), err)
+                self._count("hits", -1)
+                self._count("misses")
+        return out
+
+    def read_batch(self, keys: list) -> "ReadBatch":
+        """The restore path: read and verify many entries with a few large reads and no Python work per entry
+        beyond its index lookup and its CRC call -> a ReadBatch (one buffer; per key the offsets of its payload
+        and meta, -1 for a miss).
+
+        The entries' records are sorted by (segment, offset); records closer than EXTENT_GAP form one extent (the
+        gap is read too), cut at record boundaries into pieces of about READ_PIECE bytes; each piece is read
+        (positional reads, GIL released) and then verified by one of READ_THREADS threads, so the checks of one
+        piece overlap the reads of the next. The checks are those of every read (length, magic, version, CRC32C,
+        namespace, key), vectorised over the records of a piece (numpy); a record that fails one is dropped and is a
+        miss, the others are served. The meta is not decoded here (`ReadBatch.meta`). A read refreshes the
+        recency of the segments it read (eviction drops whole segments)."""
+        with _gc_paused():  # tens of thousands of small objects: no collector passes over the heap meanwhile
+            return self._read_batch(keys)
+
+    def _read_batch(self, keys: list) -> "ReadBatch":
+        ns = self.namespace
+        idents = [(ns, k if type(k) is bytes else _key_bytes(k)) for k in keys]
+        batch = ReadBatch(len(keys))
         with self._lock:
             live = None if self._closed or self._degraded else self._index
-            found = [(i, live.get(ident)) for i, ident in enumerate(idents)] if live is not None else []
-            found = [(i, e) for i, e in found if e is not None]
-            self._stats["misses"] += len(keys) - len(found)
-        if not found:
-            return out
+            got = [live.get(x) for x in idents] if live is not None else []
+        hit = [i for i, e in enumerate(got) if e is not None]
+        self._count("misses", len(keys) - len(hit))
+        if not hit:
+            return batch
         t0 = time.perf_counter()
-        by_seg: dict[int, list] = {}
-        for i, e in found:
-            by_seg.setdefault(e.seg, []).append((i, e))
-        extents = []  # (segment, offset, length, [(i, entry), ...])
-        for seg, items in by_seg.items():
-            items.sort(key=lambda x: x[1].offset)
-            cur = None
-            for i, e in items:
-                if cur is not None and e.offset - (cur[1] + cur[2]) <= EXTENT_GAP and e.offset >= cur[1] + cur[2]:
-                    cur[2] = e.offset + e.size - cur[1]
-                    cur[3].append((i, e))
-                else:
-                    cur = [seg, e.offset, e.size, [(i, e)]]
-                    extents.append(cur)
+        ents = [got[i] for i in hit]
+        table = numpy.array([(e.seg, e.offset, e.size) for e in ents], dtype=numpy.int64).reshape(-1, 3)
+        order = numpy.lexsort((table[:, 1], table[:, 0]))
+        seg, off, size = table[order, 0], table[order, 1], table[order, 2]
+        end = off + size
+        # a new extent where the segment changes, records overlap (never, for indexed records) or a gap is large
+        new = numpy.ones(len(order), bool)
+        new[1:] = (seg[1:] != seg[:-1]) | (off[1:] < end[:-1]) | (off[1:] > end[:-1] + EXTENT_GAP)
+        ext_start = off[numpy.maximum.accumulate(numpy.where(new, numpy.arange(len(order)), 0))]
+        piece_no = (off - ext_start) // READ_PIECE
+        new[1:] |= piece_no[1:] != piece_no[:-1]
+        starts = numpy.flatnonzero(new).tolist() + [len(order)]
+        pieces = [(int(seg[a]), int(off[a]), int(end[b - 1] - off[a]), a, b) for a, b in zip(starts, starts[1:])]
+        key_of = numpy.asarray(hit, dtype=numpy.int64)[order]  # sorted record -> index into keys
         fds: dict[int, int | BaseException] = {}
-        for seg in by_seg:
+        for s in set(p[0] for p in pieces):
             try:
-                fds[seg] = os.open(self._dir / _seg_name(seg), os.O_RDONLY | os.O_CLOEXEC)
+                fds[s] = os.open(self._dir / _seg_name(s), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
-                fds[seg] = err
-        # uninitialised buffers (numpy.empty): the reads fill them, a zero-fill first would cost a pass over memory
-        bufs = [numpy.empty(ext[2], dtype=numpy.uint8) if not isinstance(fds[ext[0]], BaseException) else None
-                for ext in extents]
-        pieces = [(x, a, min(a + READ_PIECE, ext[2])) for x, ext in enumerate(extents) if bufs[x] is not None
-                  for a in range(0, ext[2], READ_PIECE)]
-        failed: dict[int, BaseException] = {x: fds[ext[0]] for x, ext in enumerate(extents) if bufs[x] is None}
+                fds[s] = err
+        bases = numpy.cumsum([0] + [p[2] for p in pieces]).tolist()
+        # uninitialised (numpy.empty): the reads fill it, a zero-fill first would cost a pass over memory
+        batch.buf = buf = numpy.empty(bases[-1], dtype=numpy.uint8)
+        failed: list = []  # (piece, error)
+        bad: list = []  # (key index, FormatError)
 
-        def read(piece):
-            x, a, b = piece
+        def job(x: int) -> None:
+            s, o, length, a, b = pieces[x]
+            fd = fds[s]
             try:
-                _read_into(fds[extents[x][0]], memoryview(bufs[x])[a:b], extents[x][1] + a)
+                if isinstance(fd, BaseException):
+                    raise fd
+                _read_into(fd, memoryview(buf)[bases[x]:bases[x] + length], o)
             except (OSError, FormatError) as err:
-                failed.setdefault(x, err)
+                failed.append((x, err))
+                return
+            ks = key_of[a:b]
+            bad.extend(_verify_records(buf, ks, off[a:b] + (bases[x] - o), size[a:b],
+                                       [idents[i][1] for i in ks.tolist()], self._ns, batch))
 
-        bad: list = []  # (i, entry, FormatError)
-
-        def verify(job):  # records of read extents; CRC32C releases the GIL on large buffers
-            for x, i, e in job:
-                base = extents[x][1]
-                try:
-                    out[i] = _check_record(memoryview(bufs[x])[e.offset - base:e.offset - base + e.size],
-                                           self._ns, idents[i][1])
-                except FormatError as ferr:
-                    bad.append((i, e, ferr))
-
-        pool = ThreadPoolExecutor(max_workers=READ_THREADS) if len(pieces) > 1 else None
         try:
-            if pool is not None:
-                list(pool.map(read, pieces))
-            elif pieces:
-                read(pieces[0])
+            if len(pieces) == 1:
+                job(0)
+            else:
+                with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pieces))) as pool:
+                    list(pool.map(job, range(len(pieces))))
         finally:
             for fd in fds.values():
                 if isinstance(fd, int):
                     os.close(fd)
-        hits = nbytes = 0
-        jobs, job, job_bytes = [], [], 0
-        for x, (seg, base, _, items) in enumerate(extents):
-            err = failed.get(x)
-            for i, e in items:
-                if err is None:
-                    job.append((x, i, e))
-                    job_bytes += e.size
-                    if job_bytes >= READ_PIECE:
-                        jobs.append(job)
-                        job, job_bytes = [], 0
-                elif isinstance(err, FormatError):
-                    bad.append((i, e, err))
-                else:
-                    if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
-                        self._io_error("read", err)
-                    self._drop(idents[i], e)  # no-op when a concurrent eviction already removed it
-        jobs.append(job)
-        if pool is not None:
-            with pool:
-                list(pool.map(verify, jobs))
-        else:
-            for job in jobs:
-                verify(job)
-        for i, e, ferr in bad:
-            self._corrupt(idents[i], ferr, e)
-        for i, e in found:
-            if out[i] is not None:
-                hits += 1
-                nbytes += e.size
+        for x, err in failed:
+            for i in key_of[pieces[x][3]:pieces[x][4]].tolist():
+                if isinstance(err, FormatError):
+                    bad.append((i, err))
+                    continue
+                if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
+                    self._io_error("read", err)
+                self._drop(idents[i], got[i])  # no-op when a concurrent eviction already removed it
+        for i, ferr in bad:
+            self._corrupt(idents[i], ferr, got[i])
+        ok = batch.found[key_of]
+        last = {}  # segment -> its last record served: refreshes the segment's recency
+        for i in key_of[ok].tolist():
+            last[got[i].seg] = i
         dt = time.perf_counter() - t0
         with self._lock:
-            self._stats["hits"] += hits
-            self._stats["misses"] += len(found) - hits
-            self._stats["bytes_read"] += nbytes
+            self._stats["hits"] += int(ok.sum())
+            self._stats["misses"] += int((~ok).sum())
+            self._stats["bytes_read"] += int(size[ok].sum())
             self._stats["read_seconds"] += dt
-            for i, e in found:
-                if out[i] is not None and self._index.get(idents[i]) is e:
-                    self._touch_locked(idents[i], e)
-        return out
+            for i in last.values():
+                if self._index.get(idents[i]) is got[i]:
+                    self._touch_locked(idents[i], got[i])
+        return batch
+
+    def contains_many(self, keys: list) -> list[bool]:
+        """`contains` for many keys under one lock acquisition (a restore plan asks about every block)."""
+        with self._lock:
+            if self._closed:
+                return [False] * len(keys)
+            return [(self.namespace, _key_bytes(k)) in self._index for k in keys]
 
     def contains(self, key: bytes | str) -> bool:
         with self._lock:
@@ -674,7 +785,7 @@ class DiskKVStore:
             s = dict(self._stats)
             s.update(used_bytes=self._used, index_bytes=self._index_bytes(), entries=len(self._index),
                      segments=len(self._segs), capacity_bytes=self.capacity,
-                     queue_depth=self._q.qsize(), degraded=self._degraded is not None)
+                     queue_depth=self._q.qsize(), queue_capacity=self._q.maxsize, degraded=self._degraded is not None)
         return s
 
     def close(self) -> None:
@@ -701,6 +812,10 @@ class DiskKVStore:
     # ------------------------------------------------------------------ writer
 
     def _writer_loop(self) -> None:
+        try:  # Linux: a thread has its own nice value; under CPU contention decode runs first, the writer catches up
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (AttributeError, OSError):
+            pass
         while True:
             try:
                 item = self._q.get(timeout=1.0)
