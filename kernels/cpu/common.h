@@ -50,6 +50,11 @@ struct QW {
   Tensor w, scale, zp;
 };
 
+// The routed (or shared) experts of one MoE layer, resolved once (torch_fast.ExpertSet): w1/w3/w2[e] of expert e
+struct ExpertSet {
+  std::vector<QW> w1, w3, w2;
+};
+
 static inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   #pragma omp simd reduction(+ : s)
@@ -72,5 +77,22 @@ std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor
                            int64_t iters, double eps, double norm_eps);
 Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
 Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
+Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,
+               double norm_eps);
+
+// fused_ops.cpp: fused decode sequences (torch_fast's fused ops; each is the sequence of the ops above it names)
+std::vector<Tensor> hc_pre_norm(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
+                                int64_t iters, double eps, double norm_eps, const Tensor& weight, double weight_eps);
+std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb,
+                                     const Tensor& fn, const Tensor& base, const Tensor& scale, int64_t iters,
+                                     double eps, double norm_eps, const Tensor& weight, double weight_eps);
+std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
+                                 const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
+                                 double eps);
+Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b);
+Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+                 const c10::optional<Tensor>& idx, int64_t k, double route_scale, const ExpertSet& routed,
+                 const ExpertSet& shared, double limit);
 
 }  // namespace flashport
