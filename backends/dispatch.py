@@ -86,13 +86,14 @@ class Ops:
             self._degrade(op, fmt, e)
             return getattr(reference, op)(*(rebuild() if rebuild else args))
 
-    def expert_view(self, experts) -> "_ExpertHandles":
-        """experts[e] -> (w1, w3, w2) handles; one view kept per model nn.ModuleList of experts (or single Expert
-        module, e.g. a MoE's shared expert); a per-call list or an offload container gets a fresh view."""
-        cached = type(experts) is nn.ModuleList or hasattr(experts, "w1")
+    def expert_view(self, experts, single: bool = False) -> "_ExpertHandles":
+        """experts[e] -> (w1, w3, w2) handles; one view kept per model nn.ModuleList of experts (or per single
+        Expert module with single=True, e.g. a MoE's shared expert, seen as a list of one); a per-call list or an
+        offload container gets a fresh view."""
+        cached = single or type(experts) is nn.ModuleList
         view = self._experts.get(experts) if cached else None
         if view is None:
-            view = _ExpertHandles(self, experts, weak=cached)
+            view = _ExpertHandles(self, experts, weak=cached, single=single)
             if cached:
                 self._experts[experts] = view
         return view
@@ -187,15 +188,15 @@ class Ops:
         if not f or type(experts) is not nn.ModuleList:
             return None
         return self._fused("gated_moe", f, x, token_ids, gate_w, tid2eid, bias, k, route_scale,
-                           self.expert_view(experts), self.expert_view(shared), limit)
+                           self.expert_view(experts), self.expert_view(shared, single=True), limit)
 
 
 class _ExpertHandles:
     """experts[e] -> (w1, w3, w2) handles, resolved only for the experts a step actually routes to."""
 
-    def __init__(self, ops: Ops, experts, weak: bool = False):
+    def __init__(self, ops: Ops, experts, weak: bool = False, single: bool = False):
         self.ops = ops
-        if hasattr(experts, "w1"):  # a single Expert module (a shared expert): a list of one
+        if single:  # a single Expert module (a shared expert): a list of one
             ref = weakref.ref(experts) if weak else (lambda: experts)
             self._experts = lambda: [ref()]
         else:  # weak: held by Ops._experts, whose key is `experts` itself (a strong reference would keep it alive)

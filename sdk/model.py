@@ -509,14 +509,14 @@ class Transformer(Module):
         for ids, st in zip(chunks, states):
             seqs.append((slice(start, start + len(ids)), torch.arange(st.n_tokens, st.n_tokens + len(ids)), st))
             start += len(ids)
-        token_ids = torch.cat(chunks)
+        token_ids = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         streams = self.embed(token_ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, N, D]
         for i, layer in enumerate(self.layers):
             streams = layer(streams, token_ids, [(rows, pos, st.layers[i]) for rows, pos, st in seqs])
         for (rows, pos, st), ids in zip(seqs, chunks):
             st.n_tokens += len(ids)
         self.last_streams = streams  # [T, N, D]: what an MTP draft starts from
-        if not all_logits:  # only each sequence's last position
+        if not all_logits and any(len(c) != 1 for c in chunks):  # each sequence's last position (decode: every row)
             streams = streams[torch.tensor([s.stop - 1 for s, _, _ in seqs])]
         x = self.ops.hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg.hc_eps,
                              self.cfg.rms_norm_eps)  # final collapse of the N streams

@@ -25,15 +25,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &flashport::linear);
   m.def("grouped_linear", &flashport::grouped_linear);
   m.def("moe", &flashport::moe);
-  m.def("rms_norm", &flashport::rms_norm);
-  m.def("rope", &flashport::rope);
-  m.def("hc_pre", &flashport::hc_pre);
-  m.def("hc_post", &flashport::hc_post);
-  m.def("attention", &flashport::attention);
   m.def("hc_head", &flashport::hc_head);
   m.def("hc_pre_norm", &flashport::hc_pre_norm);
   m.def("hc_post_pre_norm", &flashport::hc_post_pre_norm);
   m.def("attn_project", &flashport::attn_project);
   m.def("attn_output", &flashport::attn_output);
   m.def("gated_moe", &flashport::gated_moe);
+  m.def("rms_norm", &flashport::rms_norm);
+  m.def("rope", &flashport::rope);
+  m.def("hc_pre", &flashport::hc_pre);
+  m.def("hc_post", &flashport::hc_post);
+  m.def("attention", &flashport::attention);
 }

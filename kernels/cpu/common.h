@@ -50,7 +50,7 @@ struct QW {
   Tensor w, scale, zp;
 };
 
-// The routed (or shared) experts of one MoE layer, resolved once (torch_fast.ExpertSet): w1/w3/w2[e] of expert e
+// The routed (or shared) experts of one MoE layer, resolved once (built by torch_fast._expert_set): w1/w3/w2[e] of expert e
 struct ExpertSet {
   std::vector<QW> w1, w3, w2;
 };
@@ -70,17 +70,9 @@ Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit);
 
-// fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
-Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);
-Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse);
-std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
-                           int64_t iters, double eps, double norm_eps);
-Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
-Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
+// fused_ops.cpp: the final mHC collapse and the fused decode sequences (each the sequence of the kernels it names)
 Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,
                double norm_eps);
-
-// fused_ops.cpp: fused decode sequences (torch_fast's fused ops; each is the sequence of the ops above it names)
 std::vector<Tensor> hc_pre_norm(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
                                 int64_t iters, double eps, double norm_eps, const Tensor& weight, double weight_eps);
 std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb,
@@ -94,5 +86,13 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
 Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx, int64_t k, double route_scale, const ExpertSet& routed,
                  const ExpertSet& shared, double limit);
+
+// fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
+Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse);
+std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
+                           int64_t iters, double eps, double norm_eps);
+Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
+Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
 
 }  // namespace flashport
