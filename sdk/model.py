@@ -411,9 +411,10 @@ class MoE(Module):
 
     def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
         g = self.gate
-        out = self.ops.gated_moe(x, token_ids, g.weight, g.tid2eid if g.hashed else None, None if g.hashed else g.bias,
-                                 g.cfg.num_experts_per_tok, g.cfg.routed_scaling_factor, self.experts,
-                                 self.shared_experts, self.limit)  # the lines below, fused
+        # the lines below, fused; not while something watches the router (offload's prefetcher, calibration)
+        out = None if g._forward_hooks or g._forward_pre_hooks else self.ops.gated_moe(
+            x, token_ids, g.weight, g.tid2eid if g.hashed else None, None if g.hashed else g.bias,
+            g.cfg.num_experts_per_tok, g.cfg.routed_scaling_factor, self.experts, self.shared_experts, self.limit)
         if out is not None:
             return out
         weights, idx = self.gate(x, token_ids)  # [T, k]

@@ -395,6 +395,23 @@ def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release):
     assert set(calls) == set(FUSED) and min(calls.values()) > 0
 
 
+@needs_ext
+def test_router_hooks_still_fire_on_the_fast_path(tiny_release):
+    """A forward hook on a router (offload's prefetcher, calibration) sees every call: the MoE then runs op by
+    op instead of the fused gated_moe, with the same result."""
+    from flashport.engine import Engine
+
+    eng = Engine.load(tiny_release, backend="torch")
+    eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
+    prompt = torch.randint(2, 4000, (9,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = eng.model(prompt)
+        seen = []
+        eng.model.layers[1].ffn.gate.register_forward_hook(lambda mod, inp, out: seen.append(out[1]))
+        got = eng.model(prompt)
+    assert len(seen) == 1 and seen[0].shape == (9, eng.cfg.num_experts_per_tok) and torch.equal(got, want)
+
+
 def test_fused_sequence_that_raises_degrades_to_the_ops(tiny_release):
     """A fused sequence that raises is contained like an op: that call reruns op by op (same result), the
     sequence is listed as degraded, and it is never tried again."""
