@@ -526,6 +526,8 @@ def test_deterministic_mode_is_torch_backends():
         for op in ("rms_norm", "hc_pre", "linear", "moe"):
             assert getattr(b, op).__qualname__ == getattr(plain, op).__qualname__, op
         assert isinstance(b.upload(quant("int8", 8, 32)), torch.Tensor)
+        # the fused sequences would bypass the batch-invariant ops: none is offered
+        assert all(Ops(b)._fused_fn(name) is None for name in FUSED)
     finally:
         torch.use_deterministic_algorithms(False)
 
