@@ -491,6 +491,20 @@ def test_bench_decode_rows_and_roofline(tiny_release, monkeypatch):
     assert float(dec[4]) == 10.0 and dec[5] == f"{float(dec[3]) / 10.0:.2f}x"
 
 
+def test_step_ms_times_greedy_decode_steps(tiny_release):
+    """bench.decode.step_ms (docs/performance.md's side-by-side figure): CPU and wall ms per step, and the greedy
+    tokens, the same as a plain greedy decode of the same prompt."""
+    from flashport.bench.decode import step_ms
+    from flashport.engine import Engine
+
+    r = step_ms(str(tiny_release), threads=1, prompt_len=12, reps=2, steps=2)
+    assert r["cpu_ms"] > 0 and r["wall_ms"] > 0 and len(r["tokens"]) == 3 + 2 * 2
+    eng = Engine.load(tiny_release)
+    eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
+    prompt = torch.randint(2, 4000, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert eng.generate(prompt, max_new_tokens=8).token_ids[1:] == r["tokens"]
+
+
 def test_decode_bytes_per_token_counts_the_uploaded_layout(tiny_release):
     """Weights read per decode token: FP8 Linears at 1 byte per weight (+ scales) in the fast path, fp32 on the
     reference; the routed experts at num_experts_per_tok / n_routed_experts of their bytes."""
