@@ -438,8 +438,8 @@ class Block(Module):
         """streams [T, N, D] for the rows of every sequence in `seqs` (rows, positions, layer state)."""
         cfg, ops = self.cfg, self.ops
         hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        attn_mix, ffn_mix = (self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale), (self.hc_ffn_fn, self.hc_ffn_base,
-                                                                                         self.hc_ffn_scale)
+        attn_mix = (self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
+        ffn_mix = (self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         fused = ops.hc_pre_norm(streams, *attn_mix, *hc, self.attn_norm.weight, self.attn_norm.eps)
         if fused is None:
             x, post, comb = ops.hc_pre(streams, *attn_mix, *hc)
