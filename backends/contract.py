@@ -54,6 +54,19 @@ OPS: dict[str, bool] = {
     "hc_head": False,        # final stream collapse
 }
 
+# Optional fused sequences: a backend method of this name runs the named ops in one call, with the same arguments
+# the sequence takes (weights as `upload` returned them), or returns None when it cannot (a weight or tensor not in
+# its layout); `Ops` (dispatch.py) then returns None and the model runs the ops one by one. A fused sequence must
+# give what the ops one by one give on that backend (bit-identical there is the norm). Not part of the capability
+# query: a backend without them is unaffected.
+FUSED: dict[str, str] = {
+    "hc_pre_norm": "hc_pre, then rms_norm of its x (the sub-block's input norm)",
+    "hc_post_pre_norm": "hc_post of a sub-block's output, then hc_pre_norm for the next sub-block",
+    "attn_project": "the attention's projections: wq_a, rms_norm, wq_b, per-head rms_norm, rope; wkv, rms_norm, rope",
+    "attn_output": "decode attention (every key visible), inverse rope, grouped wo_a, wo_b",
+    "gated_moe": "the MoE router (model.Gate), the routed experts and the shared expert, summed",
+}
+
 # the weight formats (flashport.quant.formats is their one definition; re-exported here for plugin authors)
 WEIGHT_FORMATS = quant_formats.WEIGHT_FORMATS
 

@@ -13,7 +13,7 @@ import weakref
 from torch import nn
 
 from . import reference
-from .contract import OPS, Backend, BackendError, QuantWeight
+from .contract import FUSED, OPS, Backend, BackendError, QuantWeight
 from .registry import mark_degraded
 
 log = logging.getLogger("flashport.backends")
@@ -28,6 +28,7 @@ class Ops:
         self._route: dict[tuple[str, str | None], bool] = {}
         # a model's ModuleList of experts -> its handle view; weak, so the global REFERENCE keeps no model alive
         self._experts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._fused_fns: dict[str, object] = {}  # fused sequence name -> the backend's method, or None
 
     @property
     def degraded(self) -> list[str]:
@@ -85,6 +86,18 @@ class Ops:
             self._degrade(op, fmt, e)
             return getattr(reference, op)(*(rebuild() if rebuild else args))
 
+    def expert_view(self, experts, single: bool = False) -> "_ExpertHandles":
+        """experts[e] -> (w1, w3, w2) handles; one view kept per model nn.ModuleList of experts (or per single
+        Expert module with single=True, e.g. a MoE's shared expert, seen as a list of one); a per-call list or an
+        offload container gets a fresh view."""
+        cached = single or type(experts) is nn.ModuleList
+        view = self._experts.get(experts) if cached else None
+        if view is None:
+            view = _ExpertHandles(self, experts, weak=cached, single=single)
+            if cached:
+                self._experts[experts] = view
+        return view
+
     def _degrade(self, op: str, fmt: str | None, e: Exception) -> None:
         key = (op, fmt)
         self._route[key] = False
@@ -102,12 +115,7 @@ class Ops:
                           rebuild=lambda: (x, self.handle(lin)))
 
     def moe(self, x, weights, idx, experts, limit):
-        cached = type(experts) is nn.ModuleList  # a model's experts (not a per-call list, not an offload cache)
-        view = self._experts.get(experts) if cached else None
-        if view is None:
-            view = _ExpertHandles(self, experts, weak=cached)
-            if cached:
-                self._experts[experts] = view
+        view = self.expert_view(experts)
         return self._call("moe", view.linears(0)[0].qweight.fmt, x, weights, idx, view, limit)
 
     # -- weightless ops ----------------------------------------------------------------------------------------
@@ -135,18 +143,69 @@ class Ops:
     def hc_head(self, streams, fn, base, scale, eps, norm_eps):
         return self._call("hc_head", None, streams, fn, base, scale, eps, norm_eps)
 
+    # -- fused sequences (contract.FUSED) -------------------------------------------------------------------------
+    # Each returns the backend's one-call result, or None: no such method, the backend declines (returns None), an
+    # op has degraded, or it raised (then it is degraded and never tried again). On None the model runs the ops
+    # one by one, each through this dispatch as usual, so the reference path never changes.
+    def _fused_fn(self, name: str):
+        fn = self._fused_fns.get(name, False)
+        if fn is False:
+            ok = self.backend is not None and not self.caps.whole_step and name in FUSED
+            fn = self._fused_fns[name] = getattr(self.backend, name, None) if ok else None
+        return None if self.errors else fn  # after any degraded op, every sequence runs op by op
+
+    def _fused(self, name: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - as _call: the ops one by one still work
+            self._fused_fns[name] = None
+            self._degrade(name, None, e)
+            return None
+
+    def hc_pre_norm(self, streams, fn, base, scale, iters, eps, norm_eps, weight, weight_eps):
+        f = self._fused_fn("hc_pre_norm")
+        return f and self._fused("hc_pre_norm", f, streams, fn, base, scale, iters, eps, norm_eps, weight,
+                                 weight_eps)
+
+    def hc_post_pre_norm(self, out, streams, post, comb, fn, base, scale, iters, eps, norm_eps, weight, weight_eps):
+        f = self._fused_fn("hc_post_pre_norm")
+        return f and self._fused("hc_post_pre_norm", f, out, streams, post, comb, fn, base, scale, iters, eps,
+                                 norm_eps, weight, weight_eps)
+
+    def attn_project(self, x, wq_a, q_norm, wq_b, wkv, kv_norm, cos, sin, heads, eps):
+        f = self._fused_fn("attn_project")
+        return f and self._fused("attn_project", f, x, self.handle(wq_a), q_norm, self.handle(wq_b),
+                                 self.handle(wkv), kv_norm, cos, sin, heads, eps)
+
+    def attn_output(self, q, keys, sink, scale, cos, sin, wo_a, groups, wo_b):
+        f = self._fused_fn("attn_output")
+        return f and self._fused("attn_output", f, q, keys, sink, scale, cos, sin, self.handle(wo_a), groups,
+                                 self.handle(wo_b))
+
+    def gated_moe(self, x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shared, limit):
+        """Only for a model's own experts (an nn.ModuleList): an offload container runs op by op."""
+        f = self._fused_fn("gated_moe")
+        if not f or type(experts) is not nn.ModuleList:
+            return None
+        return self._fused("gated_moe", f, x, token_ids, gate_w, tid2eid, bias, k, route_scale,
+                           self.expert_view(experts), self.expert_view(shared, single=True), limit)
+
 
 class _ExpertHandles:
     """experts[e] -> (w1, w3, w2) handles, resolved only for the experts a step actually routes to."""
 
-    def __init__(self, ops: Ops, experts, weak: bool = False):
+    def __init__(self, ops: Ops, experts, weak: bool = False, single: bool = False):
         self.ops = ops
-        # weak: held by Ops._experts, whose key is `experts` itself (a strong reference would keep it alive)
-        self._experts = weakref.ref(experts) if weak else (lambda: experts)
+        if single:  # a single Expert module (a shared expert): a list of one
+            ref = weakref.ref(experts) if weak else (lambda: experts)
+            self._experts = lambda: [ref()]
+        else:  # weak: held by Ops._experts, whose key is `experts` itself (a strong reference would keep it alive)
+            self._experts = weakref.ref(experts) if weak else (lambda: experts)
+        self.cache: dict = {}  # what a backend derives from these handles (torch_fast: its C++ ExpertSet)
         # each expert's Linears, resolved on first use (an offloaded container materialises experts on access):
         # nn.Module attribute look-ups cost ~1 us each, 4 per routed expert per decode step. Ops keeps this view
         # for a model's nn.ModuleList, so replacing an expert's Linear after its first step is not seen.
-        self._lins: list = [None] * len(experts)
+        self._lins: list = [None] * len(self.experts)
 
     @property
     def experts(self):

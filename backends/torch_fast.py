@@ -7,12 +7,16 @@ few large torch ops), and the weight ops run on cpu_quant's compact weights (bf1
 
 Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   rope           BIT-EXACT (same elementwise fp32 ops, no FMA contraction)
-  compress_pool, hc_head            the reference itself (rarely called in decode)
-  rms_norm, hc_pre, hc_post, attention (C++ for T <= 8, else blocked torch), linear, grouped_linear, moe
+  compress_pool  the reference itself (rarely called in decode)
+  rms_norm, hc_pre, hc_post, hc_head, attention (C++ for T <= 8, else blocked torch), linear, grouped_linear, moe
                  TOLERANCE-BOUND: fp32 with another summation order (and libm's exp); 1e-5 relative
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
                  differently; exact ties follow the reference's rule (reference.topk_indices); with
                  n <= k (all visible entries chosen) it is exact
+The fused sequences (contract.FUSED: hc_pre_norm, hc_post_pre_norm, attn_project, attn_output, gated_moe) are
+BIT-IDENTICAL to the ops above run one by one (one C++ call running the same kernels, and for the router the same
+ATen operators as model.Gate, in the same order; tested with torch.equal), so tolerance-bound against the
+reference exactly as those ops are; each returns None (the model then runs the ops one by one) off the fast path.
 Off the CPU (cuda, npu...) or without the C++ extension every op runs a torch path (the reference, or the
 vectorised torch code below), so the backend works everywhere.
 
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu_quant, reference
-from .contract import OPS, QuantWeight
+from .contract import FUSED, OPS, QuantWeight
 from .torch_backend import TorchBackend
 
 
@@ -49,7 +53,13 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
 
 
 compress_pool = reference.compress_pool
-hc_head = reference.hc_head
+
+
+def hc_head(streams: Tensor, fn: Tensor, base: Tensor, scale: Tensor, eps: float, norm_eps: float) -> Tensor:
+    """One C++ call per chunk (the final collapse of the streams; tolerance-bound)."""
+    mod = _fast(streams, fn, base, scale)
+    return mod.hc_head(streams, fn, base, scale, eps, norm_eps) if mod else reference.hc_head(
+        streams, fn, base, scale, eps, norm_eps)
 
 
 PREFILL_BLOCK = 64  # query rows per block of the prefill attention
@@ -138,6 +148,71 @@ def moe(x: Tensor, weights: Tensor, idx: Tensor, experts, limit: float) -> Tenso
     return reference.moe(x, weights, idx, experts, limit)
 
 
+# -- fused sequences (contract.FUSED): one C++ call, or None when a tensor or weight is not on the fast path ---------
+def _natives(*weights):
+    """The C++ views of uploaded weights, or None when one is not a CpuWeight with its C++ view."""
+    out = []
+    for w in weights:
+        if not isinstance(w, cpu_quant.CpuWeight) or w.native is None:
+            return None
+        out.append(w.native)
+    return out
+
+
+def hc_pre_norm(streams, fn, base, scale, iters, eps, norm_eps, weight, weight_eps):
+    """hc_pre, then rms_norm(x, weight, weight_eps): (x, post, comb)."""
+    mod = _fast(streams, fn, base, scale, weight)
+    return mod and tuple(mod.hc_pre_norm(streams, fn, base, scale, iters, eps, norm_eps, weight, weight_eps))
+
+
+def hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm_eps, weight, weight_eps):
+    """hc_post, then hc_pre_norm of the new streams: (streams, x, post, comb)."""
+    mod = _fast(out, streams, post, comb, fn, base, scale, weight)
+    return mod and tuple(mod.hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm_eps, weight,
+                                              weight_eps))
+
+
+def attn_project(x, wq_a, q_norm, wq_b, wkv, kv_norm, cos, sin, heads, eps):
+    """(qr, q, kv) = (q_norm(wq_a x), rope(rms_norm(wq_b qr as [T, H, Dh])), rope(kv_norm(wkv x)))."""
+    mod, w = _fast(x, q_norm, kv_norm, cos, sin), _natives(wq_a, wq_b, wkv)
+    return mod and w and tuple(mod.attn_project(x, w[0], q_norm, w[1], w[2], kv_norm, cos, sin, heads, eps))
+
+
+def attn_output(q, keys, sink, scale, cos, sin, wo_a, groups, wo_b):
+    """Decode (T <= GEMV_MAX_ROWS, every key visible): wo_b(wo_a(rope^-1(attention(q, keys, 0, sink))))."""
+    mod, w = _fast(q, keys, sink, cos, sin), _natives(wo_a, wo_b)
+    if q.shape[0] > cpu_quant.GEMV_MAX_ROWS:
+        return None
+    return mod and w and mod.attn_output(q, keys, sink, scale, cos, sin, w[0], groups, w[1])
+
+
+def _expert_set(mod, view):
+    """The C++ ExpertSet of an experts view (dispatch._ExpertHandles), built once and kept in view.cache (every
+    expert uploaded); None when an expert is not in the C++ layout."""
+    es = view.cache.get("cpu_quant")
+    if es is None:
+        hs = [view[e] for e in range(len(view))]
+        natives = [_natives(*h) for h in hs]
+        if any(n is None for n in natives):
+            return None
+        es = view.cache["cpu_quant"] = mod.ExpertSet(*([n[j] for n in natives] for j in range(3)))
+    return es
+
+
+def gated_moe(x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shared, limit):
+    """model.MoE in one call: the router (the top-k of scores + bias, or tid2eid[token_ids] on hash layers: exactly
+    one of tid2eid / bias is given), the routed experts and the shared expert (weight 1), summed. experts /
+    shared: dispatch's expert views."""
+    mod = _fast(x, gate_w) if bias is None else _fast(x, gate_w, bias)
+    if mod is None:
+        return None
+    routed, sh = _expert_set(mod, experts), _expert_set(mod, shared)
+    if routed is None or sh is None:
+        return None
+    idx = None if tid2eid is None else tid2eid[token_ids]
+    return mod.gated_moe(x, gate_w, bias, idx, k, float(route_scale), routed, sh, float(limit))
+
+
 class FastTorchBackend(TorchBackend):
     """TorchBackend with the ops of this module; on the CPU, weights are uploaded into cpu_quant's compact
     layout. Deterministic mode is TorchBackend's own (batch-invariant ops, dense fp32 weights)."""
@@ -147,6 +222,9 @@ class FastTorchBackend(TorchBackend):
         # deterministic: TorchBackend.__init__ has set its batch-invariant ops on the instance; they win over ours
         if not deterministic and self.torch_device.type == "cpu":
             cpu_quant.ext()  # build (or load the cached) kernels now, not inside the first forward
+        else:  # the fused sequences would bypass the batch-invariant ops (or the device's own)
+            for name in FUSED:
+                setattr(self, name, None)
 
     def upload(self, w: QuantWeight):
         if self.torch_device.type == "cpu" and not self.deterministic:
@@ -154,5 +232,5 @@ class FastTorchBackend(TorchBackend):
         return super().upload(w)
 
 
-for _op in OPS:
+for _op in (*OPS, *FUSED):
     setattr(FastTorchBackend, _op, staticmethod(globals()[_op]))

@@ -126,6 +126,45 @@ def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), dec
     return "\n".join(lines)
 
 
+def step_ms(path: str, threads: int = 1, prompt_len: int = 512, reps: int = 5, steps: int = 6,
+            seed: int = 0) -> dict:
+    """Milliseconds per decode step of the fast CPU ops, as docs/performance.md compares trees side by side: load
+    the checkpoint at `path`, upload every weight, prefill `prompt_len` random ids (seed 0, in one chunk), run 3
+    warm-up steps, then `reps` times `steps` greedy steps. Returns {"cpu_ms", "wall_ms"} (medians over the reps;
+    cpu = this process's CPU time, which the other load of a shared machine disturbs far less than wall time),
+    "tokens" (the greedy ids, to check two trees agree) and "load" (1-minute load average at the end)."""
+    import os
+    import statistics
+
+    from flashport.backends.dispatch import Ops
+    from flashport.backends.torch_fast import FastTorchBackend
+    from flashport.engine import Engine
+    from flashport.model import Linear
+
+    torch.set_num_threads(threads)
+    eng = Engine.load(path)
+    ops = Ops(FastTorchBackend())
+    eng.model.set_ops(ops)
+    for mod in eng.model.modules():
+        if isinstance(mod, Linear):
+            ops.handle(mod)
+    ids = torch.randint(2, 4000, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    eng.prefill_chunk, state = prompt_len, eng.new_state()
+    cpu, wall, tokens = [], [], []
+    with torch.no_grad():
+        tok = int(eng.prefill(ids, state, progress=False).argmax())
+        for rep in range(reps + 1):  # rep 0: the warm-up
+            c0, w0 = time.process_time(), time.perf_counter()
+            for _ in range(steps if rep else 3):
+                tok = int(eng.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0].argmax())
+                tokens.append(tok)
+            if rep:
+                cpu.append((time.process_time() - c0) / steps * 1e3)
+                wall.append((time.perf_counter() - w0) / steps * 1e3)
+    return {"cpu_ms": statistics.median(cpu), "wall_ms": statistics.median(wall), "tokens": tokens,
+            "load": os.getloadavg()[0]}
+
+
 def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 32768, 131072), decode_tokens: int = 16,
                  threads: int = 0, seed: int = 0) -> str:
     """Decode cost per token against the context length, fast CPU ops: the sliding window and the top-k

@@ -7,7 +7,9 @@ Parameter names are the release checkpoint's own (`layers.3.attn.wq_a.weight`, .
 the release's safetensors keys are the same. All math is fp32; weights come in dequantized (checkpoint.py).
 
 Every operation goes through `self.ops` (flashport.backends): the torch reference by default, or a backend's
-kernels with per-op fallback (`Transformer.set_ops`). The model never calls a backend directly.
+kernels with per-op fallback (`Transformer.set_ops`). The model never calls a backend directly. A few sequences of
+ops are first offered to the backend as one fused call (`ops.attn_project`, `ops.gated_moe`, ...: contract.FUSED);
+they return None when the backend has no such call (the reference never has), and the ops then run one by one.
 
 A forward pass takes one chunk of a sequence plus that sequence's `SeqState` and updates the state in place, so
 a prompt prefilled in one shot, in chunks of any size, or token by token reaches the same state and logits.
@@ -338,10 +340,14 @@ class Attention(Module):
         cfg, T, W = self.cfg, x.shape[0], self.cfg.sliding_window
         rope, p0 = self.rope_table(), int(pos[0]) if T else 0
         cos, sin = rope(p0, p0 + T)  # [T, r/2]
-        qr = self.q_norm(self.wq_a(x))  # [T, q_lora]
-        q = self.ops.rms_norm(self.wq_b(qr).view(T, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
-        q = self.ops.rope(q, cos, sin)  # [T, H, Dh]
-        kv = self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, Dh]
+        proj = self.ops.attn_project(x, self.wq_a, self.q_norm.weight, self.wq_b, self.wkv, self.kv_norm.weight, cos,
+                                     sin, cfg.num_attention_heads, cfg.rms_norm_eps)  # the 3 lines below, fused
+        if proj is None:
+            qr = self.q_norm(self.wq_a(x))  # [T, q_lora]
+            q = self.ops.rms_norm(self.wq_b(qr).view(T, cfg.num_attention_heads, cfg.head_dim), None, cfg.rms_norm_eps)
+            q, kv = self.ops.rope(q, cos, sin), self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, H | 1, Dh]
+        else:
+            qr, q, kv = proj
 
         # sliding window: the previous W raw entries plus this chunk, each query sees keys in (p - W, p]
         keys, first = torch.cat([st.window, kv]), p0 - st.window.shape[0]  # [S, Dh], position of keys[0]
@@ -368,6 +374,10 @@ class Attention(Module):
                 keys = torch.cat([keys, entries])
                 bias = torch.cat([bias, torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)], dim=1)
         if decode:
+            out = self.ops.attn_output(q, keys, self.attn_sink, cfg.head_dim ** -0.5, cos, sin, self.wo_a, cfg.o_groups,
+                                       self.wo_b)  # the lines below with a zero bias, fused
+            if out is not None:
+                return out
             bias = keys.new_zeros(1, keys.shape[0])
         o = self.ops.attention(q, keys, bias, self.attn_sink, cfg.head_dim ** -0.5)  # [T, H, Dh]
         o = self.ops.rope(o, cos, sin, inverse=True)  # K = V carried RoPE into the output: rotate it back
@@ -414,6 +424,13 @@ class MoE(Module):
         self.shared_experts = Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
 
     def forward(self, x: Tensor, token_ids: Tensor) -> Tensor:
+        g = self.gate
+        # the lines below, fused; not while something watches the router (offload's prefetcher, calibration)
+        out = None if g._forward_hooks or g._forward_pre_hooks else self.ops.gated_moe(
+            x, token_ids, g.weight, g.tid2eid if g.hashed else None, None if g.hashed else g.bias,
+            g.cfg.num_experts_per_tok, g.cfg.routed_scaling_factor, self.experts, self.shared_experts, self.limit)
+        if out is not None:
+            return out
         weights, idx = self.gate(x, token_ids)  # [T, k]
         shared = self.ops.moe(x, torch.ones(len(x), 1), torch.zeros(len(x), 1, dtype=torch.long),
                               [self.shared_experts], self.limit)  # the shared expert: every token, weight 1
@@ -435,13 +452,24 @@ class Block(Module):
         """streams [T, N, D] for the rows of every sequence in `seqs` (rows, positions, layer state)."""
         cfg, ops = self.cfg, self.ops
         hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        x, post, comb = ops.hc_pre(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *hc)
-        x = self.attn_norm(x)
+        attn_mix = (self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
+        ffn_mix = (self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
+        fused = ops.hc_pre_norm(streams, *attn_mix, *hc, self.attn_norm.weight, self.attn_norm.eps)
+        if fused is None:
+            x, post, comb = ops.hc_pre(streams, *attn_mix, *hc)
+            x = self.attn_norm(x)
+        else:
+            x, post, comb = fused
         a = [self.attn(x[rows], pos, st) for rows, pos, st in seqs]  # attention runs per sequence
         a = a[0] if len(a) == 1 else torch.cat(a)
-        streams = ops.hc_post(a, streams, post, comb)
-        x, post, comb = ops.hc_pre(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *hc)
-        return ops.hc_post(self.ffn(self.ffn_norm(x), token_ids), streams, post, comb)
+        fused = ops.hc_post_pre_norm(a, streams, post, comb, *ffn_mix, *hc, self.ffn_norm.weight, self.ffn_norm.eps)
+        if fused is None:
+            streams = ops.hc_post(a, streams, post, comb)
+            x, post, comb = ops.hc_pre(streams, *ffn_mix, *hc)
+            x = self.ffn_norm(x)
+        else:
+            streams, x, post, comb = fused
+        return ops.hc_post(self.ffn(x, token_ids), streams, post, comb)
 
 
 class MTP(Block):
@@ -496,14 +524,14 @@ class Transformer(Module):
         for ids, st in zip(chunks, states):
             seqs.append((slice(start, start + len(ids)), torch.arange(st.n_tokens, st.n_tokens + len(ids)), st))
             start += len(ids)
-        token_ids = torch.cat(chunks)
+        token_ids = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         streams = self.embed(token_ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, N, D]
         for i, layer in enumerate(self.layers):
             streams = layer(streams, token_ids, [(rows, pos, st.layers[i]) for rows, pos, st in seqs])
         for (rows, pos, st), ids in zip(seqs, chunks):
             st.n_tokens += len(ids)
         self.last_streams = streams  # [T, N, D]: what an MTP draft starts from
-        if not all_logits:  # only each sequence's last position
+        if not all_logits and any(len(c) != 1 for c in chunks):  # each sequence's last position (decode: every row)
             streams = streams[torch.tensor([s.stop - 1 for s, _, _ in seqs])]
         x = self.ops.hc_head(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale, self.cfg.hc_eps,
                              self.cfg.rms_norm_eps)  # final collapse of the N streams

@@ -191,6 +191,27 @@ def test_typed_booleans_and_flag_forms():
     assert kw == {"path": "ck", "prompt": "123", "max_new_tokens": 5, "backend_option": ["a=1", "b=2"], "json": True}
 
 
+@pytest.mark.parametrize("flags,runs_peer", [(["--peer", "false"], False), (["--peer=False"], False),
+                                              (["--nopeer"], False), (["--peer", "0"], False), ([], True)])
+def test_bench_decode_peer_flag_through_the_cli(flags, runs_peer, tiny_release, monkeypatch, capsys):
+    """`flashport bench decode --peer false` (parsed by the CLI itself, as a user types it) never runs
+    transformers and prints '-' in its cells; without the flag it runs, and each row shows flashport /
+    transformers and the decode roofline fraction."""
+    from flashport.bench import decode, ops
+
+    ran = []
+    monkeypatch.setattr(decode, "_flashport", lambda path, ids, n, fast: (200.0, 20.0, 10 ** 6))
+    monkeypatch.setattr(decode, "_transformers", lambda *a: ran.append(1) or (100.0, 10.0))
+    monkeypatch.setattr(ops, "read_bandwidth", lambda nbytes: 1e9)
+    rc = main(["bench", "decode", str(tiny_release), "--prompt-lens", "16", "--decode-tokens", "2", *flags])
+    out = capsys.readouterr().out
+    assert rc == 0 and bool(ran) is runs_peer
+    pre, dec = (line.split() for line in out.strip().splitlines()[-2:])
+    assert dec[:4] == ["16", "decode", "20.0", "20.0"] and dec[-1] == "2.0%"  # 20 tok/s * 1 MB / 1 GB/s
+    assert (dec[4:6] == ["10.0", "2.00x"] and pre[4:6] == ["100.0", "2.00x"]) if runs_peer else \
+        (dec[4:6] == ["-", "-"] and pre[4:6] == ["-", "-"])
+
+
 class FakeEngine:
     ep_runner = None
 

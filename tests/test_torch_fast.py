@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flashport.backends import cpu_build, cpu_quant, reference, torch_fast
-from flashport.backends.contract import QuantWeight
+from flashport.backends.contract import FUSED, QuantWeight
 from flashport.backends.dispatch import Ops
 from flashport.quant.formats import get_format
 
@@ -336,6 +336,143 @@ def test_dispatch_expert_views_cached_per_model_without_keeping_it_alive():
     assert ref() is None
 
 
+@needs_ext
+@pytest.mark.parametrize("T", [1, 19])
+def test_hc_head(T):
+    """The C++ final collapse of the streams: tolerance-bound (1e-5) against the reference."""
+    n, d = 4, 48
+    streams, fn, base, scale = randn(T, n, d), randn(n, n * d, scale=0.1), randn(n), randn(1)
+    out = torch_fast.hc_head(streams, fn, base, scale, 1e-6, 1e-6)
+    close(out, reference.hc_head(streams, fn, base, scale, 1e-6, 1e-6))
+
+
+# ---------------------------------------------------------------- fused sequences (contract.FUSED)
+@needs_ext
+@pytest.mark.parametrize("T", [1, 3, cpu_quant.GEMV_MAX_ROWS + 4])
+def test_fused_mhc_sequences_bit_identical_to_the_ops(T):
+    """hc_pre_norm = hc_pre then rms_norm; hc_post_pre_norm = hc_post then hc_pre_norm: torch.equal with the fast
+    ops one by one (which are tolerance-bound against the reference, test_hc_pre_post)."""
+    n, d, f = 4, 48, torch_fast
+    streams, fn, base, scale = randn(T, n, d), randn((2 + n) * n, n * d, scale=0.1), randn((2 + n) * n), randn(3)
+    w, out = randn(d), randn(T, d)
+    hc = (20, 1e-6, 1e-5)
+    x, post, comb = f.hc_pre(streams, fn, base, scale, *hc)
+    fused = f.hc_pre_norm(streams, fn, base, scale, *hc, w, 1e-6)
+    for a, b in zip(fused, (f.rms_norm(x, w, 1e-6), post, comb)):
+        assert torch.equal(a, b)
+    s = f.hc_post(out, streams, post, comb)
+    fused = f.hc_post_pre_norm(out, streams, post, comb, fn, base, scale, *hc, w, 1e-6)
+    for a, b in zip(fused, (s, *f.hc_pre_norm(s, fn, base, scale, *hc, w, 1e-6))):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "bf16", "int4-g32"])
+@pytest.mark.parametrize("T", [1, 3])
+def test_fused_attention_sequences_bit_identical_to_the_ops(fmt, T):
+    """attn_project (wq_a, q_norm, wq_b, head norm, rope; wkv, kv_norm, rope) and attn_output (decode attention,
+    inverse rope, grouped wo_a, wo_b) equal the fast ops one by one bit for bit, in every weight format."""
+    f, D, R, H, Dh, G, S = torch_fast, 128, 64, 4, 32, 2, 37
+    up = {name: cpu_quant.upload(quant(fmt, *shape, seed=i)) for i, (name, shape) in enumerate(
+        {"wq_a": (R, D), "wq_b": (H * Dh, R), "wkv": (Dh, D), "wo_a": (G * 64, H * Dh // G),
+         "wo_b": (D, G * 64)}.items())}
+    x, qn, kvn, ang = randn(T, D), randn(R), randn(Dh), randn(T, 8)
+    cos, sin = ang.cos(), ang.sin()
+    qr, q, kv = f.attn_project(x, up["wq_a"], qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6)
+    qr1 = f.rms_norm(f.linear(x, up["wq_a"]), qn, 1e-6)
+    q1 = f.rope(f.rms_norm(f.linear(qr1, up["wq_b"]).view(T, H, Dh), None, 1e-6), cos, sin)
+    kv1 = f.rope(f.rms_norm(f.linear(x, up["wkv"]), kvn, 1e-6), cos, sin)
+    assert torch.equal(qr, qr1) and torch.equal(q, q1) and torch.equal(kv, kv1)
+    keys, sink = randn(S, Dh), randn(H)
+    out = f.attn_output(q, keys, sink, Dh ** -0.5, cos, sin, up["wo_a"], G, up["wo_b"])
+    o = f.rope(f.attention(q, keys, torch.zeros(T, S), sink, Dh ** -0.5), cos, sin, inverse=True)
+    assert torch.equal(out, f.linear(f.grouped_linear(o.reshape(T, G, -1), up["wo_a"]).flatten(1), up["wo_b"]))
+    # not on the fast path: None, and the model runs the ops one by one
+    assert f.attn_project(x, up["wq_a"].dequantize(), qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6) is None
+    assert f.attn_output(q.double(), keys, sink, 1.0, cos, sin, up["wo_a"], G, up["wo_b"]) is None
+
+
+def _unfused_backend():
+    be = torch_fast.FastTorchBackend()
+    for name in FUSED:
+        setattr(be, name, None)
+    return be
+
+
+@needs_ext
+def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release):
+    """A whole model (flash-tiny: hash and biased routers, SWA / CSA / HCA layers) with every fused sequence
+    (gated_moe included) gives bit-identical logits and decode state to the same fast ops run one by one, over a
+    prefill and decode steps; every fused sequence ran."""
+    from flashport.engine import Engine
+
+    eng = Engine.load(tiny_release, backend="torch")
+    fused_be, calls = torch_fast.FastTorchBackend(), {}
+    for name in FUSED:
+        def counted(*a, _f=getattr(torch_fast, name), _n=name):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a)
+        setattr(fused_be, name, counted)
+    prompt = torch.randint(2, 4000, (70,), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for be in (fused_be, _unfused_backend()):
+        eng.model.set_ops(Ops(be))
+        st, out = eng.new_state(), []
+        with torch.no_grad():
+            out.append(eng.model(prompt, st))
+            tok = int(out[-1][-1].argmax())
+            for _ in range(6):
+                out.append(eng.model(torch.tensor([tok]), st))
+                tok = int(out[-1][-1].argmax())
+        runs.append((out, st.tensors()))
+    (fo, fs), (po, ps) = runs
+    assert all(torch.equal(a, b) for a, b in zip(fo, po))
+    assert fs.keys() == ps.keys() and all(torch.equal(fs[k], ps[k]) for k in fs)
+    assert set(calls) == set(FUSED) and min(calls.values()) > 0
+
+
+@needs_ext
+def test_router_hooks_still_fire_on_the_fast_path(tiny_release):
+    """A forward hook on a router (offload's prefetcher, calibration) sees every call: the MoE then runs op by
+    op instead of the fused gated_moe, with the same result."""
+    from flashport.engine import Engine
+
+    eng = Engine.load(tiny_release, backend="torch")
+    eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
+    prompt = torch.randint(2, 4000, (9,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = eng.model(prompt)
+        seen = []
+        eng.model.layers[1].ffn.gate.register_forward_hook(lambda mod, inp, out: seen.append(out[1]))
+        got = eng.model(prompt)
+    assert len(seen) == 1 and seen[0].shape == (9, eng.cfg.num_experts_per_tok) and torch.equal(got, want)
+
+
+def test_fused_sequence_that_raises_degrades_to_the_ops(tiny_release):
+    """A fused sequence that raises is contained like an op: that call reruns op by op (same result), the
+    sequence is listed as degraded, and it is never tried again."""
+    from flashport.engine import Engine
+
+    eng = Engine.load(tiny_release, backend="torch")
+    prompt = torch.randint(2, 4000, (20,), generator=torch.Generator().manual_seed(4))
+    eng.model.set_ops(Ops(_unfused_backend()))
+    with torch.no_grad():
+        want = eng.model(prompt)
+    be, tries = torch_fast.FastTorchBackend(), []
+
+    def broken(*a):
+        tries.append(1)
+        raise RuntimeError("kernel fault")
+
+    be.attn_project = broken
+    ops = Ops(be)
+    eng.model.set_ops(ops)
+    with torch.no_grad():
+        got = eng.model(prompt)
+        eng.model(prompt)
+    assert torch.equal(got, want) and len(tries) == 1 and "attn_project" in ops.degraded
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def mini_release(tmp_path_factory):
@@ -393,6 +530,20 @@ def test_bench_decode_rows_and_roofline(tiny_release, monkeypatch):
     assert float(dec[4]) == 10.0 and dec[5] == f"{float(dec[3]) / 10.0:.2f}x"
 
 
+def test_step_ms_times_greedy_decode_steps(tiny_release):
+    """bench.decode.step_ms (docs/performance.md's side-by-side figure): CPU and wall ms per step, and the greedy
+    tokens, the same as a plain greedy decode of the same prompt."""
+    from flashport.bench.decode import step_ms
+    from flashport.engine import Engine
+
+    r = step_ms(str(tiny_release), threads=1, prompt_len=12, reps=2, steps=2)
+    assert r["cpu_ms"] > 0 and r["wall_ms"] > 0 and len(r["tokens"]) == 3 + 2 * 2
+    eng = Engine.load(tiny_release)
+    eng.model.set_ops(Ops(torch_fast.FastTorchBackend()))
+    prompt = torch.randint(2, 4000, (12,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert eng.generate(prompt, max_new_tokens=8).token_ids[1:] == r["tokens"]
+
+
 def test_decode_bytes_per_token_counts_the_uploaded_layout(tiny_release):
     """Weights read per decode token: FP8 Linears at 1 byte per weight (+ scales) in the fast path, fp32 on the
     reference; the routed experts at num_experts_per_tok / n_routed_experts of their bytes."""
@@ -428,6 +579,8 @@ def test_deterministic_mode_is_torch_backends():
         for op in ("rms_norm", "hc_pre", "linear", "moe"):
             assert getattr(b, op).__qualname__ == getattr(plain, op).__qualname__, op
         assert isinstance(b.upload(quant("int8", 8, 32)), torch.Tensor)
+        # the fused sequences would bypass the batch-invariant ops: none is offered
+        assert all(Ops(b)._fused_fn(name) is None for name in FUSED)
     finally:
         torch.use_deterministic_algorithms(False)
 

@@ -15,10 +15,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return q;
       }))
       .def_readonly("fmt", &QW::fmt).def_readonly("N", &QW::N).def_readonly("K", &QW::K);
+  pybind11::class_<flashport::ExpertSet>(m, "ExpertSet")
+      .def(pybind11::init([](std::vector<QW> w1, std::vector<QW> w3, std::vector<QW> w2) {
+        TORCH_CHECK(w1.size() == w3.size() && w1.size() == w2.size(), "ExpertSet: w1, w3, w2 of every expert");
+        return flashport::ExpertSet{std::move(w1), std::move(w3), std::move(w2)};
+      }))
+      .def("__len__", [](const flashport::ExpertSet& s) { return s.w1.size(); });
   m.def("dequantize", &flashport::dequantize);
   m.def("linear", &flashport::linear);
   m.def("grouped_linear", &flashport::grouped_linear);
   m.def("moe", &flashport::moe);
+  m.def("hc_head", &flashport::hc_head);
+  m.def("hc_pre_norm", &flashport::hc_pre_norm);
+  m.def("hc_post_pre_norm", &flashport::hc_post_pre_norm);
+  m.def("attn_project", &flashport::attn_project);
+  m.def("attn_output", &flashport::attn_output);
+  m.def("gated_moe", &flashport::gated_moe);
   m.def("rms_norm", &flashport::rms_norm);
   m.def("rope", &flashport::rope);
   m.def("hc_pre", &flashport::hc_pre);

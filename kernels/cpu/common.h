@@ -55,6 +55,11 @@ struct QW {
   Tensor w, scale, zp;
 };
 
+// The routed (or shared) experts of one MoE layer, resolved once (built by torch_fast._expert_set): w1/w3/w2[e] of expert e
+struct ExpertSet {
+  std::vector<QW> w1, w3, w2;
+};
+
 static inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   #pragma omp simd reduction(+ : s)
@@ -69,6 +74,23 @@ Tensor linear(const Tensor& x, const QW& q);
 Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit);
+
+// fused_ops.cpp: the final mHC collapse and the fused decode sequences (each the sequence of the kernels it names)
+Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,
+               double norm_eps);
+std::vector<Tensor> hc_pre_norm(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
+                                int64_t iters, double eps, double norm_eps, const Tensor& weight, double weight_eps);
+std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb,
+                                     const Tensor& fn, const Tensor& base, const Tensor& scale, int64_t iters,
+                                     double eps, double norm_eps, const Tensor& weight, double weight_eps);
+std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
+                                 const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
+                                 double eps);
+Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b);
+Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+                 const c10::optional<Tensor>& idx, int64_t k, double route_scale, const ExpertSet& routed,
+                 const ExpertSet& shared, double limit);
 
 // fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
 Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);

@@ -6,6 +6,17 @@
 // the others are TOLERANCE-BOUND (another summation order, libm's exp).
 #include "common.h"
 
+// the few ATen operators the fused MoE gate calls (the same kernels as model.Gate's torch code)
+#include <ATen/ops/add.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/gather.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/softplus.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/topk.h>
+
 namespace flashport {
 
 static inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
@@ -205,6 +216,112 @@ Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, con
     }
   });
   return out;
+}
+
+// Final collapse of the N streams: streams [T, N, D], fn [N, N*D], base [N], scale [1] -> [T, D]. The reference's
+// math per token (mix = rms_norm(streams) . fn, pre = sigmoid(mix * scale + base) + eps, sum of pre * streams);
+// TOLERANCE-BOUND (another summation order, libm's exp).
+Tensor hc_head(const Tensor& streams_, const Tensor& fn_, const Tensor& base_, const Tensor& scale_, double eps,
+               double norm_eps) {
+  Tensor streams = streams_.contiguous(), fn = fn_.contiguous(), base = base_.contiguous(), scale = scale_.contiguous();
+  const int64_t T = streams.size(0), N = streams.size(1), D = streams.size(2);
+  TORCH_CHECK(N <= 16 && fn.size(0) == N && fn.size(1) == N * D, "hc_head: streams [T, N, D], fn [N, N*D]");
+  Tensor out = at::empty({T, D}, at::kFloat);
+  const float *sp = streams.data_ptr<float>(), *fp = fn.data_ptr<float>(), *bp = base.data_ptr<float>();
+  const float sc = scale.data_ptr<float>()[0];
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, std::max<int64_t>(1, PARALLEL_MIN / (2 * N * N * D)), [&](int64_t t0, int64_t t1) {
+    float pre[16];
+    for (int64_t t = t0; t < t1; t++) {
+      const float* a = sp + t * N * D;
+      const float inv = 1.f / std::sqrt(dot(a, a, N * D) / float(N * D) + float(norm_eps));
+      for (int64_t j = 0; j < N; j++) pre[j] = sigmoid(dot(fp + j * N * D, a, N * D) * inv * sc + bp[j]) + float(eps);
+      float* o = op + t * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) o[d] = pre[0] * a[d];
+      for (int64_t j = 1; j < N; j++) {
+        #pragma omp simd
+        for (int64_t d = 0; d < D; d++) o[d] += pre[j] * a[j * D + d];
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused decode sequences: each runs the kernels above (and quant_gemv.cpp's) in the order model.py calls them, one
+// Python call instead of several, so each is BIT-IDENTICAL to that sequence of torch_fast ops (and tolerance-bound
+// against the reference exactly as they are).
+// ---------------------------------------------------------------------------------------------------------------
+
+// hc_pre, then the sub-block's RMSNorm of its input: -> (rms_norm(x, weight), post, comb)
+std::vector<Tensor> hc_pre_norm(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
+                                int64_t iters, double eps, double norm_eps, const Tensor& weight, double weight_eps) {
+  std::vector<Tensor> r = hc_pre(streams, fn, base, scale, iters, eps, norm_eps);
+  r[0] = rms_norm(r[0], weight, weight_eps);
+  return r;
+}
+
+// hc_post of the previous sub-block, then hc_pre_norm of the next: -> (streams, rms_norm(x, weight), post, comb)
+std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb,
+                                     const Tensor& fn, const Tensor& base, const Tensor& scale, int64_t iters,
+                                     double eps, double norm_eps, const Tensor& weight, double weight_eps) {
+  Tensor s = hc_post(out, streams, post, comb);
+  std::vector<Tensor> r = hc_pre_norm(s, fn, base, scale, iters, eps, norm_eps, weight, weight_eps);
+  return {s, r[0], r[1], r[2]};
+}
+
+// The attention's projections of x [T, D]: qr = q_norm(wq_a x) [T, q_lora]; q = rope(rms_norm(wq_b qr as
+// [T, H, Dh])) ; kv = rope(kv_norm(wkv x)) [T, Dh]; every RMSNorm with eps. -> (qr, q, kv)
+std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
+                                 const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
+                                 double eps) {
+  const int64_t T = x.size(0);
+  Tensor qr = rms_norm(linear(x, wq_a), q_norm, eps);
+  Tensor q = rope(rms_norm(linear(qr, wq_b).view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
+  Tensor kv = rope(rms_norm(linear(x, wkv), kv_norm, eps), cos, sin, false);
+  return {qr, q, kv};
+}
+
+// Decode attention over keys every query sees (bias 0), RoPE rotated back, the grouped wo_a over `groups` groups and
+// wo_b: q [T, H, Dh], keys [S, Dh], sink [H] -> [T, D]
+Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b) {
+  const int64_t T = q.size(0);
+  Tensor o = attention(q, keys, at::zeros({T, keys.size(0)}, at::kFloat), sink, scale);
+  o = rope(o, cos, sin, true);
+  o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
+  return linear(o.flatten(1), wo_b);
+}
+
+// model.MoE on x [T, D]: the router (scores = sqrt(softplus(x gate_w^T)); the top-k of scores + bias, or the given
+// idx [T, k] on hash layers; weights = the picks' scores renormalised to 1 times route_scale) with the same ATen
+// operators as model.Gate, then the routed experts and the shared expert (weight 1) through `moe`, summed.
+Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+                 const c10::optional<Tensor>& idx_, int64_t k, double route_scale, const ExpertSet& routed,
+                 const ExpertSet& shared, double limit) {
+  const int64_t T = x.size(0);
+  Tensor scores = at::sqrt(at::softplus(at::mm(x, gate_w.t())));  // [T, E]
+  Tensor idx = idx_.has_value() && idx_->defined() ? *idx_ : std::get<1>(at::topk(at::add(scores, *bias), k));
+  Tensor w = at::gather(scores, 1, idx);
+  w = at::mul(at::div(w, at::add(at::sum(w, {-1}, true), 1e-20)), route_scale);
+  Tensor il = idx.contiguous().to(at::kLong);
+  const int64_t* ip = il.data_ptr<int64_t>();
+  std::vector<int64_t> ids(ip, ip + il.numel());
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  std::vector<QW> w1, w3, w2;
+  const int64_t E = routed.w1.size();
+  for (int64_t e : ids) {
+    TORCH_CHECK(e >= 0 && e < E, "gated_moe: expert id out of range");
+    w1.push_back(routed.w1[e]);
+    w3.push_back(routed.w3[e]);
+    w2.push_back(routed.w2[e]);
+  }
+  Tensor out = moe(x, w, il, ids, w1, w3, w2, limit);
+  Tensor sh = moe(x, at::ones({T, 1}, at::kFloat), at::zeros({T, 1}, at::kLong), {0}, shared.w1, shared.w3, shared.w2,
+                  limit);
+  return out.add_(sh);
 }
 
 }  // namespace flashport
