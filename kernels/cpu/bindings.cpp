@@ -16,9 +16,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def_readonly("fmt", &QW::fmt).def_readonly("N", &QW::N).def_readonly("K", &QW::K);
   m.def("dequantize", &flashport::dequantize);
-  m.def("linear", &flashport::linear);
+  m.def("linear", &flashport::linear, pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("bf16") = false);
   m.def("grouped_linear", &flashport::grouped_linear);
-  m.def("moe", &flashport::moe);
+  m.def("moe", &flashport::moe, pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("idx"), pybind11::arg("ids"),
+        pybind11::arg("w1"), pybind11::arg("w3"), pybind11::arg("w2"), pybind11::arg("limit"), pybind11::arg("bf16") = false);
   m.def("rms_norm", &flashport::rms_norm);
   m.def("rope", &flashport::rope);
   m.def("hc_pre", &flashport::hc_pre);

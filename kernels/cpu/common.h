@@ -60,10 +60,10 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 // quant_gemv.cpp: quantized GEMV / GEMM and the fused MoE (torch references: backends/reference.py linear,
 // grouped_linear, moe on quant.formats' dequantization)
 Tensor dequantize(const QW& q);
-Tensor linear(const Tensor& x, const QW& q);
+Tensor linear(const Tensor& x, const QW& q, bool bf16);
 Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
-           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit);
+           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit, bool bf16);
 
 // fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
 Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);

@@ -6,6 +6,9 @@
 // order than torch's matmul: TOLERANCE-BOUND (tests/test_torch_fast.py).
 #include "common.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 namespace flashport {
 
 static inline float bf16_bits_to_f32(uint16_t b) {
@@ -350,6 +353,27 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
   });
 }
 
+// x [M, K] fp32 @ w [N, K].T -> [M, N] fp32: the prefill GEMM (rows > MAX_ROWS). oneDNN through torch's own
+// mkldnn::_linear_pointwise (the op torch.compile's CPU backend emits for a linear): fp32 FMAs, another summation
+// order than torch's matmul (same tolerance), and 2.2x its MKL sgemm on the project's AMD CPU (one core, 512x512 @
+// 512x1024: 210 vs 90 GFLOP/s). bf16 (opt-in, cpu_quant's prefill_matmul="bf16"): x and w rounded to bf16 (8
+// mantissa bits), products and sums in fp32 by oneDNN's avx512_bf16 kernels: 4.5x the fp32 matmul, ~1e-3
+// relative error (docs/performance.md, Round 4). Without the op (a torch built without oneDNN): at::mm.
+static Tensor gemm(const Tensor& x, const Tensor& w, bool bf16) {
+  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  const Tensor xx = bf16 ? x.to(at::kBFloat16) : x, ww = bf16 ? w.to(at::kBFloat16) : w;
+  Tensor y;
+  if (op) {
+    torch::jit::Stack stack{xx, ww, c10::IValue(), c10::IValue(std::string("none")),
+                            c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue()};
+    op->callBoxed(&stack);
+    y = stack[0].toTensor();
+  } else {
+    y = at::mm(xx, ww.t());
+  }
+  return bf16 ? y.to(at::kFloat) : y;
+}
+
 Tensor dequantize(const QW& q) {
   if (q.fmt == FMT_F32) return q.w;
   Tensor out = at::empty({q.N, q.K}, at::kFloat);
@@ -378,11 +402,12 @@ Tensor dequantize(const QW& q) {
   return out;
 }
 
-// x [T, K] -> [T, N]
-Tensor linear(const Tensor& x_, const QW& q) {
+// x [T, K] -> [T, N]; bf16: the prefill GEMM in bf16 (see gemm)
+Tensor linear(const Tensor& x_, const QW& q, bool bf16) {
   Tensor x = x_.contiguous();
   const int64_t T = x.size(0);
-  if (T > MAX_ROWS || q.fmt == FMT_F32) return at::mm(x, dequantize(q).t());
+  if (T > MAX_ROWS) return gemm(x, dequantize(q), bf16);
+  if (q.fmt == FMT_F32) return at::mm(x, q.w.t());
   Tensor y = at::empty({T, q.N}, at::kFloat);
   gemv(q, x.data_ptr<float>(), T, q.K, y.data_ptr<float>(), q.N, 0);
   return y;
@@ -408,7 +433,7 @@ Tensor grouped_linear(const Tensor& x_, const QW& q) {
 // reused across experts: no tensor is allocated per expert (each costs about a microsecond, as much as a small
 // expert's GEMV); more tokens go through linear() (the GEMM path). Same arithmetic either way.
 Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const std::vector<int64_t>& ids,
-           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit_) {
+           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit_, bool bf16) {
   Tensor x = x_.contiguous(), weights = weights_.contiguous().to(at::kFloat), idx = idx_.contiguous().to(at::kLong);
   const int64_t T = x.size(0), D = x.size(1), k = idx.size(1);
   const float limit = float(limit_);
@@ -447,8 +472,8 @@ Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const s
     } else {
       Tensor rows_t = at::from_blob(rows.data(), {n}, at::kLong).clone();
       Tensor xe = x.index_select(0, rows_t);  // [n, D]
-      g = linear(xe, w1[e]);
-      u = linear(xe, w3[e]);  // [n, I]
+      g = linear(xe, w1[e], bf16);
+      u = linear(xe, w3[e], bf16);  // [n, I]
       gmut = g.data_ptr<float>();
       up = u.data_ptr<float>();
     }
@@ -459,7 +484,7 @@ Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const s
     }
     gp = gmut;
     if (g.defined()) {
-      ye = linear(g, w2[e]);  // [n, D]
+      ye = linear(g, w2[e], bf16);  // [n, D]
       yp = ye.data_ptr<float>();
     } else {
       gemv(w2[e], gp, n, I, ybuf.data(), D, 0);
