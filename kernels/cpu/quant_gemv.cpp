@@ -417,8 +417,13 @@ Tensor linear(const Tensor& x_, const QW& q, bool bf16) {
 Tensor grouped_linear(const Tensor& x_, const QW& q) {
   Tensor x = x_.contiguous();
   const int64_t T = x.size(0), G = x.size(1), R = q.N / G;
-  if (T > MAX_ROWS || q.fmt == FMT_F32) {
-    Tensor w = dequantize(q).view({G, R, q.K});
+  if (T > MAX_ROWS) {  // one prefill GEMM per group (oneDNN: see gemm)
+    Tensor w = dequantize(q).view({G, R, q.K}), y = at::empty({T, G, R}, at::kFloat);
+    for (int64_t g = 0; g < G; g++) y.select(1, g).copy_(gemm(x.select(1, g).contiguous(), w[g], false));
+    return y;
+  }
+  if (q.fmt == FMT_F32) {
+    Tensor w = q.w.view({G, R, q.K});
     return at::bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).contiguous();  // [T, G, R]
   }
   Tensor y = at::empty({T, G, R}, at::kFloat);
