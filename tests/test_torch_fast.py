@@ -219,6 +219,27 @@ def test_long_rows_decode_within_tolerance(fmt):
 
 
 @needs_ext
+def test_bf16_prefill_option_is_opt_in_and_decode_stays_exact():
+    """prefill_matmul="bf16" (a backend option) changes only the GEMMs of more than GEMV_MAX_ROWS rows, within the
+    measured bf16 error; decode rows equal the default path's bit for bit; the default stays the fp32 GEMM; a
+    wrong value is one clear error."""
+    from flashport.backends.registry import BackendError, create
+
+    qw = quant("int4-g32", 96, 512, seed=7)
+    dense = qw.dequantize()
+    fp32, bf16 = cpu_quant.upload(qw), torch_fast.FastTorchBackend(prefill_matmul="bf16").upload(qw)
+    assert torch_fast.FastTorchBackend().upload(qw).prefill_bf16 is False
+    x = randn(cpu_quant.GEMV_MAX_ROWS + 24, 512)
+    ref = x.double() @ dense.double().T
+    err = lambda y: float((y.double() - ref).abs().max() / ref.abs().max())  # noqa: E731
+    assert err(cpu_quant.linear(x, fp32)) < 1e-5 < err(cpu_quant.linear(x, bf16)) < 1e-2
+    assert torch.equal(cpu_quant.linear(x[:3], bf16), cpu_quant.linear(x[:3], fp32))
+    assert create("torch", prefill_matmul="bf16").prefill_matmul == "bf16"
+    with pytest.raises((ValueError, BackendError), match="prefill_matmul"):
+        create("torch", prefill_matmul="fp16")
+
+
+@needs_ext
 def test_fp8_every_code_dequantizes_bit_exactly():
     """Every finite e4m3 code (subnormals, both signs, zero and -0) through the kernels' vector conversion equals
     quant.release's dequantization bit for bit, at several power-of-two block scales."""
