@@ -91,6 +91,8 @@ static inline const float* dequant_row(const QW& q, int64_t n, int64_t k0, int64
 // (row r, activation t) in an order that depends on K only, never on R or T: a decode row equals the same row
 // inside a batch of up to MAX_ROWS bit for bit (test_decode_rows_bit_identical_to_a_batch_row); bf16 / int8 use
 // more chains for one row than for a batch (not bit-identical across T, same tolerance).
+// The row kernels are noinline: inlined into gemv's lambda with every (R, T) instantiation, the one-row int4 kernel
+// ran 1.4x slower than the same code compiled alone.
 constexpr int64_t PREFETCH = 2048;  // bytes ahead on each weight row stream (1-4 KB measured alike; none: -25%)
 constexpr int64_t LONG_ROW = 4096;  // K above which one decode row takes four weight rows per pass (x: 16 KB of L1)
 
