@@ -26,7 +26,11 @@ Exactness: dequantization is BIT-EXACT with quant.formats (the same single fp32 
 and q * scale; bf16 -> fp32 is exact; MXFP4's e2m1 value times its power-of-two scale is exact). The dot products
 accumulate in fp32 in a different order than torch's matmul: TOLERANCE-BOUND,
 |y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6 (tests/test_torch_fast.py).
-Rows > GEMV_MAX_ROWS (prefill) dequantize the weight to fp32 and call torch's matmul (same tolerance).
+Rows > GEMV_MAX_ROWS (prefill) dequantize the weight to fp32 and run oneDNN's fp32 GEMM (torch's
+mkldnn::_linear_pointwise; same tolerance, 2.2x torch's matmul on the project's AMD CPU). Opt-in per upload,
+`prefill_matmul="bf16"` (the torch backend's option): that GEMM in bf16 (activations and weights rounded to bf16,
+fp32 sums; 4.5x the fp32 GEMM): NOT within 1e-5, measured ~1e-3 relative per linear (docs/performance.md, Round 4).
+Decode rows (<= GEMV_MAX_ROWS) always run the exact-weight fp32 kernels.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from .contract import QuantWeight
 log = logging.getLogger("flashport.backends")
 
 GEMV_MAX_ROWS = 8  # up to this many activation rows, weights stream once through the GEMV kernel
+PREFILL_MATMULS = ("fp32", "bf16")  # the GEMM of rows > GEMV_MAX_ROWS: fp32 (default, tolerance 1e-5) or bf16
 
 FMT_F32, FMT_BF16, FMT_I8, FMT_I4, FMT_FP8, FMT_MXFP4 = 0, 1, 2, 3, 4, 5
 
@@ -114,6 +119,8 @@ class CpuWeight:
     """A weight uploaded for the fast CPU path (the layouts of kernels/cpu/common.h's QW): int8 / int4 / FP8 / MXFP4
     / bf16 stay as packed, fp32 weights take the most compact exact layout. `native` is the C++ view (None without
     the extension)."""
+
+    prefill_bf16 = False  # rows > GEMV_MAX_ROWS in bf16 (upload(..., prefill_matmul="bf16"))
 
     def __init__(self, fmt: int, shape: tuple[int, int], w: Tensor, scale: Tensor | None = None,
                  zp: Tensor | None = None, group: int = 0):
@@ -190,14 +197,22 @@ def _bytes(t: Tensor) -> Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def upload(w: QuantWeight) -> CpuWeight:
-    return CpuWeight.from_quant(w)
+def upload(w: QuantWeight, prefill_matmul: str = "fp32") -> CpuWeight:
+    """w in its compact CPU layout; prefill_matmul ("fp32" | "bf16", PREFILL_MATMULS): the GEMM its rows >
+    GEMV_MAX_ROWS run (see the module docstring). Raises ValueError for another value."""
+    if prefill_matmul not in PREFILL_MATMULS:
+        raise ValueError(f"prefill_matmul must be one of {', '.join(PREFILL_MATMULS)}, got {prefill_matmul!r}")
+    cw = CpuWeight.from_quant(w)
+    cw.prefill_bf16 = prefill_matmul == "bf16"
+    return cw
 
 
 def linear(x: Tensor, w: CpuWeight) -> Tensor:
-    """x [T, K] @ W.T -> [T, N] (tolerance-bound, see the module docstring)."""
-    if w.native is not None:
-        return ext().linear(x if x.dtype is torch.float32 else x.float(), w.native)  # .float() costs ~1 us
+    """x [T, K] @ W.T -> [T, N] (tolerance-bound, or the bf16 prefill GEMM: see the module docstring)."""
+    if w.native is not None:  # .float() costs ~1 us
+        return ext().linear(x if x.dtype is torch.float32 else x.float(), w.native, w.prefill_bf16)
+    if w.prefill_bf16 and x.shape[0] > GEMV_MAX_ROWS:
+        return (x.bfloat16() @ w.dequantize().bfloat16().T).float()
     return x @ (w.w.T if w.fmt == FMT_F32 else w.dequantize().T)
 
 
@@ -223,4 +238,5 @@ def moe(x: Tensor, weights: Tensor, idx: Tensor, experts, limit: float) -> Tenso
 
         dense = {e: tuple(h.dequantize() for h in hs) for e, hs in zip(ids, handles)}
         return reference.moe(x, weights, idx, dense, limit)
-    return mod.moe(x if x.dtype is torch.float32 else x.float(), weights, idx, ids, w1, w3, w2, float(limit))
+    return mod.moe(x if x.dtype is torch.float32 else x.float(), weights, idx, ids, w1, w3, w2, float(limit),
+                   handles[0][0].prefill_bf16)

@@ -215,9 +215,15 @@ def gated_moe(x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shar
 
 class FastTorchBackend(TorchBackend):
     """TorchBackend with the ops of this module; on the CPU, weights are uploaded into cpu_quant's compact
-    layout. Deterministic mode is TorchBackend's own (batch-invariant ops, dense fp32 weights)."""
+    layout. Deterministic mode is TorchBackend's own (batch-invariant ops, dense fp32 weights).
+    prefill_matmul: "fp32" (default: tolerance 1e-5) or "bf16" (opt-in, ~1e-3 relative) for the GEMMs of more than
+    cpu_quant.GEMV_MAX_ROWS rows (cpu_quant's module docstring); `--backend-option prefill_matmul=bf16`."""
 
-    def __init__(self, device: str = "cpu", deterministic: bool = False):
+    def __init__(self, device: str = "cpu", deterministic: bool = False, prefill_matmul: str = "fp32"):
+        if prefill_matmul not in cpu_quant.PREFILL_MATMULS:
+            raise ValueError(f"prefill_matmul must be one of {', '.join(cpu_quant.PREFILL_MATMULS)}, "
+                             f"got {prefill_matmul!r}")
+        self.prefill_matmul = prefill_matmul
         super().__init__(device, deterministic)
         # deterministic: TorchBackend.__init__ has set its batch-invariant ops on the instance; they win over ours
         if not deterministic and self.torch_device.type == "cpu":
@@ -228,7 +234,7 @@ class FastTorchBackend(TorchBackend):
 
     def upload(self, w: QuantWeight):
         if self.torch_device.type == "cpu" and not self.deterministic:
-            return cpu_quant.upload(w)
+            return cpu_quant.upload(w, self.prefill_matmul)
         return super().upload(w)
 
 

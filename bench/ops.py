@@ -1,23 +1,30 @@
 """Per-op decode throughput against the machine's memory bandwidth, measured side by side in one run.
 
-    flashport bench ops [--backend torch] [--shapes 4096x2048,8192x16384] [--fmt int4-g32] [--threads 0]
-                        [--moe 4096x2048x6] [--ort/--noort] [--report FILE.json]
+    flashport bench ops [--backend torch] [--shapes 4096x2048,2048x4096,8192x16384] [--fmt int4-g32] [--threads 0]
+                        [--moe 4096x2048x6] [--prefill 512x4096x2048] [--ort/--noort] [--report FILE.json]
 
 Decode is memory-bound: a one-token GEMV reads every weight byte once and does 2 flops per weight. So each row
 reports the time, the bytes the op must read (packed weights plus scales for quantized formats, fp32 for the
 dense matmul, the keys for attention), that divided by the time (GB/s), and the fraction of the read bandwidth
-measured in the same run (a large torch sum). Shapes whose bytes fit in the caches can exceed 100%. For the linear shapes (N x K weights) it compares, on the same
+measured in the same run (a large torch sum). Weights are read cold, as in a decode step (every layer's weights
+are different): a shape smaller than COLD_BYTES is timed over enough copies of its weights, one per call in turn,
+to pass COLD_BYTES (a single copy would sit in the caches and post more than 100%). For the linear shapes (N x K weights) it compares, on the same
 weights: the backend's quantized linear (through the contract: upload once, then `linear`; the fast CPU path
 of the torch backend is picked up automatically), a plain fp32 matmul (`x @ W.T`), and ONNX Runtime's
 MatMulNBits (int4 formats, accuracy_level=4) as the reference point for a well-optimised int4 GEMV. The MoE row
-is one decode token through k routed experts (hidden x width x k). Outputs are checked against the reference
-(max relative error printed) so a fast wrong kernel cannot post a good figure.
+is one decode token through k routed experts (hidden x width x k: V4-Flash's 4096x2048x6 reads [2048, 4096] w1 / w3
+and [4096, 2048] w2 per expert). The prefill rows time one T x K @ K x N linear (rows x in x out) above the GEMV row
+limit: the backend's default path, its opt-in bf16 GEMM when it has one (the torch backend's prefill_matmul), and
+torch's fp32 matmul, in GFLOP/s. Outputs are checked against the reference (max relative error printed) so a fast
+wrong kernel cannot post a good figure.
 
 --backend takes a registered name or module:factory (e.g. flashport.backends.torch_fast:FastTorchBackend).
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import statistics
 import time
@@ -29,6 +36,8 @@ from ..backends.contract import QuantWeight
 from ..quant.formats import INT4_FORMATS, get_format, to_matmulnbits
 
 ROW_CHUNK = 1024  # pack big weights in row chunks: the packers work in float64
+COLD_BYTES = 96 << 20  # weights read per timed sequence: over the caches (the project machines: 32 MB of L3)
+MAX_COPIES = 64  # copies of one weight at most (a tiny weight stays cache-resident)
 
 
 def _timeit(fn, repeat: int, min_seconds: float = 0.2) -> float:
@@ -40,6 +49,21 @@ def _timeit(fn, repeat: int, min_seconds: float = 0.2) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _rotate(fn, items: list):
+    """A call of fn on the next of items in turn (cold weights: each call reads a copy the last calls did not)."""
+    it = itertools.cycle(items)
+    return lambda: fn(next(it))
+
+
+def _copies(nbytes: int) -> int:
+    """Copies of a weight to rotate over so that the timed calls read COLD_BYTES (1 for big weights)."""
+    return min(MAX_COPIES, max(1, -(-COLD_BYTES // max(nbytes, 1))))
+
+
+def _clone(qw: QuantWeight) -> QuantWeight:
+    return QuantWeight(qw.fmt, qw.shape, {k: v.clone() for k, v in qw.tensors.items()})
 
 
 def read_bandwidth(nbytes: int = 512 << 20, repeat: int = 5) -> float:
@@ -93,9 +117,9 @@ def _shape(s: str) -> tuple[int, ...]:
     return tuple(int(v) for v in s.lower().split("x"))
 
 
-def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32", threads: int = 0,
-        moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "", seed: int = 0,
-        backend_options: dict | None = None):
+def run(backend: str = "torch", shapes: str = "4096x2048,2048x4096,8192x16384", fmt: str = "int4-g32",
+        threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",
+        seed: int = 0, backend_options: dict | None = None, prefill: str = "512x4096x2048"):
     """Print one row per (op, shape, path): ms, GB/s of the bytes the op must read, % of measured bandwidth.
     backend_options: keyword arguments of the backend's factory (e.g. {"ep": "CPUExecutionProvider"})."""
     from tqdm import tqdm
@@ -107,10 +131,10 @@ def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str =
     bw = read_bandwidth()
     rows: list[dict] = []
 
-    def add(op, shape, path, seconds, nbytes, err=None, vs=None):
+    def add(op, shape, path, seconds, nbytes, err=None, vs=None, flops=None):
         rows.append({"op": op, "shape": shape, "path": path, "ms": seconds * 1e3, "bytes": nbytes,
                      "gb_s": nbytes / seconds / 1e9, "of_bandwidth": nbytes / seconds / bw, "rel_err": err,
-                     "vs_fp32": vs})
+                     "vs_fp32": vs, "gflop_s": flops / seconds / 1e9 if flops else None})
 
     shape_list = [_shape(s) for s in str(shapes).split(",") if s]
     for n, k in tqdm(shape_list, desc="linear shapes", unit="shape"):
@@ -120,19 +144,20 @@ def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str =
         del w
         w = qw.dequantize()  # the same weight values in fp32: every path computes the same product
         ref = reference.linear(x, w)
-        t_fp32 = _timeit(lambda: x @ w.T, repeat)
+        ws = [w] + [w.clone() for _ in range(_copies(n * k * 4) - 1)]
+        t_fp32 = _timeit(_rotate(lambda wi: x @ wi.T, ws), repeat)
         add("linear", f"{n}x{k}", "fp32 matmul", t_fp32, n * k * 4, _rel_err(x @ w.T, ref))
-        del w
-        h = b.upload(qw)
-        t_b = _timeit(lambda: b.linear(x, h), repeat)
-        add("linear", f"{n}x{k}", f"{b.name} {fmt}", t_b, qw.nbytes, _rel_err(b.linear(x, h), ref), t_fp32 / t_b)
-        del h
+        del w, ws
+        hs = [b.upload(qw)] + [b.upload(_clone(qw)) for _ in range(_copies(qw.nbytes) - 1)]
+        t_b = _timeit(_rotate(lambda hi: b.linear(x, hi), hs), repeat)
+        add("linear", f"{n}x{k}", f"{b.name} {fmt}", t_b, qw.nbytes, _rel_err(b.linear(x, hs[0]), ref), t_fp32 / t_b)
+        del hs
         if ort and fmt in INT4_FORMATS:
             try:
                 f = _ort_matmulnbits(qw.tensors, fmt, n, k, threads)
             except ImportError:
                 print("onnxruntime is not installed: no MatMulNBits reference point (pip install 'flashport[onnx]')")
-            else:
+            else:  # (one copy: ONNX Runtime prepacks its weight)
                 t_o = _timeit(lambda: f(x), repeat)
                 add("linear", f"{n}x{k}", f"onnxruntime MatMulNBits {fmt} acc4", t_o, qw.nbytes, _rel_err(f(x), ref),
                     t_fp32 / t_o)
@@ -155,6 +180,23 @@ def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str =
         add("moe", f"{d}x{inter} k={k}", "fp32 reference", t32, sum(w.numel() * 4 for e in dense for w in e), 0.0)
         rows[-2]["vs_fp32"] = t32 / t
 
+    if prefill:  # one prefill linear: T rows x K in x N out, above the GEMV row limit
+        t_rows, k, n = _shape(prefill)
+        qw = QuantWeight(fmt, (n, k), pack_rows(fmt, torch.randn(n, k) * k ** -0.5))
+        w, x = qw.dequantize(), torch.randn(t_rows, k)
+        ref, flops, reps = reference.linear(x, w), 2 * t_rows * k * n, max(3, repeat // 4)
+        t32 = _timeit(lambda: x @ w.T, reps)
+        add("prefill", f"{t_rows}x{k}->{n}", "fp32 matmul", t32, qw.nbytes, 0.0, flops=flops)
+        paths = [(b, f"{b.name} {fmt}")]
+        if "prefill_matmul" in inspect.signature(type(b)).parameters:
+            paths.append((_make_backend(backend, {**(backend_options or {}), "prefill_matmul": "bf16"}),
+                          f"{b.name} {fmt} prefill_matmul=bf16"))
+        for bb, name in paths:
+            h = bb.upload(qw)
+            t = _timeit(lambda: bb.linear(x, h), reps)
+            add("prefill", f"{t_rows}x{k}->{n}", name, t, qw.nbytes, _rel_err(bb.linear(x, h), ref), t32 / t, flops)
+        del w, h
+
     # weightless decode ops at V4-Flash shapes (64 heads of 512, window 128 + top-512 compressed entries)
     q, keys = torch.randn(1, 64, 512), torch.randn(128 + 512, 512)
     bias, sink = torch.zeros(1, 640), torch.zeros(64)
@@ -166,13 +208,15 @@ def run(backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str =
     add("rms_norm", "1x4096", b.name, t, xn.numel() * 12, _rel_err(b.rms_norm(xn, wn, 1e-6), reference.rms_norm(xn, wn, 1e-6)))
 
     print(f"backend {b.name!r}, weights {fmt}, torch threads {torch.get_num_threads()}; "
-          f"measured read bandwidth {bw / 1e9:.1f} GB/s (torch sum over 512 MiB)")
-    print(f"{'op':<10} {'shape':<24} {'path':<38} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'vs fp32':>8} {'rel err':>9}")
+          f"measured read bandwidth {bw / 1e9:.1f} GB/s (torch sum over 512 MiB); weights read cold")
+    print(f"{'op':<10} {'shape':<24} {'path':<38} {'ms':>9} {'GB/s':>7} {'of bw':>6} {'vs fp32':>8} {'rel err':>9}"
+          f" {'GFLOP/s':>8}")
     for r in rows:
         vs = f"{r['vs_fp32']:.2f}x" if r["vs_fp32"] else ""
         err = f"{r['rel_err']:.1e}" if r["rel_err"] is not None else ""
-        print(f"{r['op']:<10} {r['shape']:<24} {r['path']:<38} {r['ms']:>9.3f} {r['gb_s']:>7.1f} "
-              f"{r['of_bandwidth']:>6.0%} {vs:>8} {err:>9}")
+        gf = f"{r['gflop_s']:.0f}" if r["gflop_s"] else ""
+        gb, of = (f"{r['gb_s']:>7.1f}", f"{r['of_bandwidth']:>6.0%}") if r["op"] != "prefill" else (f"{'':>7}", f"{'':>6}")
+        print(f"{r['op']:<10} {r['shape']:<24} {r['path']:<38} {r['ms']:>9.3f} {gb} {of} {vs:>8} {err:>9} {gf:>8}")
     if report:
         with open(report, "w") as f:
             json.dump({"backend": b.name, "fmt": fmt, "bandwidth_gb_s": bw / 1e9, "threads": torch.get_num_threads(),

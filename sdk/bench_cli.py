@@ -146,10 +146,10 @@ class Bench:
         return run(preset=preset, context=context, kv_dir=kv_dir, strategy=strategy, decode_tokens=decode_tokens,
                    threads=threads, seed=seed, path=path, json_out=json, plot=plot)
 
-    def ops(self, backend: str = "torch", shapes: str = "4096x2048,8192x16384", fmt: str = "int4-g32",
+    def ops(self, backend: str = "torch", shapes: str = "4096x2048,2048x4096,8192x16384", fmt: str = "int4-g32",
             threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",
             seed: int = 0, execution_provider: str | None = None, plugin_ep_library: str | None = None,
-            backend_option: list[str] | None = None):
+            backend_option: list[str] | None = None, prefill: str = "512x4096x2048"):
         """Per-op throughput and fraction of measured memory bandwidth of BACKEND.
 
         Args:
@@ -158,6 +158,7 @@ class Bench:
             fmt: the weight format of the linears (int4-g32, int8, ...).
             threads: torch intra-op threads (0: torch's default).
             moe: the MoE case, hidden x intermediate x top-k.
+            prefill: the prefill linear, rows x in x out ("" skips it).
             ort: also time ONNX Runtime's MatMulNBits.
             repeat: timed repetitions per case (>= 1).
             report: also write the rows as JSON to this file.
@@ -172,8 +173,8 @@ class Bench:
         at_least("--threads", threads, 0)
         at_least("--repeat", repeat, 1)
         one_of("--fmt", fmt, FORMATS)
-        for flag, v, n in (("--shapes", shapes, 2), ("--moe", moe, 3)):
-            for s in v.split(","):
+        for flag, v, n in (("--shapes", shapes, 2), ("--moe", moe, 3), ("--prefill", prefill, 3)):
+            for s in filter(None, v.split(",")):
                 if len(ints(flag, s.replace("x", ","))) != n:
                     raise UsageError(f"{flag}: expected {'x'.join('N' * n)} shapes, got {s!r}")
         if report:
@@ -188,7 +189,7 @@ class Bench:
         from flashport.bench.ops import run
 
         return run(backend=backend, shapes=shapes, fmt=fmt, threads=threads, moe=moe, ort=ort, repeat=repeat,
-                   report=report, seed=seed, backend_options=options)
+                   report=report, seed=seed, backend_options=options, prefill=prefill)
 
     def onnx(self, preset: str = "flash-mini", experts: str = "int4-g32", linears: str | None = None,
              prompt_len: int = 256, decode_tokens: int = 32, repeats: int = 2, threads: int = 0, seed: int = 0,

@@ -185,15 +185,16 @@ def test_linear_formats(fmt, T):
 
 
 @needs_ext
-@pytest.mark.parametrize("N,K", [(301, 200), (130, 128), (64, 520)])
-def test_fp8_decode_rows_bit_identical_to_the_row_kernel(N, K):
-    """One decode row runs the 4-rows-at-a-time FP8 kernel (K <= 512), several rows the one-row kernel: each output
-    is formed in the same order, so decode results are bit-identical to a batched row's (N not a multiple of 4,
-    row blocks of 128 crossed, a K tail inside a scale block; also the grouped projection)."""
-    fp8 = get_format("fp8-e4m3-block128-ue8m0")
-    w = torch.randn(N, K, generator=torch.Generator().manual_seed(3))
-    cw = cpu_quant.upload(QuantWeight("fp8-e4m3-block128-ue8m0", (N, K), fp8.pack(w)))
-    assert cw.fmt == cpu_quant.FMT_FP8
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "int4-g32", "int4-g64-asym"])
+@pytest.mark.parametrize("N,K", [(301, 200), (130, 128), (64, 520), (67, 4096 + 96)])
+def test_decode_rows_bit_identical_to_a_batch_row(fmt, N, K):
+    """One decode row runs the 4-weight-rows-at-a-time kernels (K <= 512 for FP8, K > 4096 for every format), several
+    activation rows the one-row kernel: int4 and FP8 form each output in the same order, so a decode result is
+    bit-identical to the same row inside a batch (N not a multiple of 4, row blocks of 128 crossed, a K tail inside
+    a scale block / an int4 group; also the grouped projection). All within the reference tolerance."""
+    qw = quant(fmt, N, K, seed=3)
+    cw = cpu_quant.upload(qw)
+    assert cw.fmt == (cpu_quant.FMT_FP8 if fmt.startswith("fp8") else cpu_quant.FMT_I4)
     x = randn(2, K)
     assert torch.equal(cpu_quant.linear(x[:1], cw), cpu_quant.linear(x, cw)[:1])
     assert ((cpu_quant.linear(x[:1], cw) - x[:1] @ cw.dequantize().T).abs()
@@ -201,6 +202,41 @@ def test_fp8_decode_rows_bit_identical_to_the_row_kernel(N, K):
     if N % 2 == 0:  # two groups of N / 2 rows
         xg = randn(2, 2, K)
         assert torch.equal(cpu_quant.grouped_linear(xg[:1], cw), cpu_quant.grouped_linear(xg, cw)[:1])
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g128", "fp8-e4m3-block128-ue8m0"])
+def test_long_rows_decode_within_tolerance(fmt):
+    """K > 4096 (the four-rows-per-pass decode kernels, prefetched) and N not a multiple of 4: within the
+    reference's tolerance for one and for several activation rows."""
+    N, K = 37, 4096 + 160
+    qw = quant(fmt, N, K, seed=5)
+    cw = cpu_quant.upload(qw)
+    dense = qw.dequantize()
+    for T in (1, 2, cpu_quant.GEMV_MAX_ROWS):
+        x = randn(T, K)
+        assert ((cpu_quant.linear(x, cw) - x @ dense.T).abs() <= linear_bound(x, dense)).all()
+
+
+@needs_ext
+def test_bf16_prefill_option_is_opt_in_and_decode_stays_exact():
+    """prefill_matmul="bf16" (a backend option) changes only the GEMMs of more than GEMV_MAX_ROWS rows, within the
+    measured bf16 error; decode rows equal the default path's bit for bit; the default stays the fp32 GEMM; a
+    wrong value is one clear error."""
+    from flashport.backends.registry import BackendError, create
+
+    qw = quant("int4-g32", 96, 512, seed=7)
+    dense = qw.dequantize()
+    fp32, bf16 = cpu_quant.upload(qw), torch_fast.FastTorchBackend(prefill_matmul="bf16").upload(qw)
+    assert torch_fast.FastTorchBackend().upload(qw).prefill_bf16 is False
+    x = randn(cpu_quant.GEMV_MAX_ROWS + 24, 512)
+    ref = x.double() @ dense.double().T
+    err = lambda y: float((y.double() - ref).abs().max() / ref.abs().max())  # noqa: E731
+    assert err(cpu_quant.linear(x, fp32)) < 1e-5 < err(cpu_quant.linear(x, bf16)) < 1e-2
+    assert torch.equal(cpu_quant.linear(x[:3], bf16), cpu_quant.linear(x[:3], fp32))
+    assert create("torch", prefill_matmul="bf16").prefill_matmul == "bf16"
+    with pytest.raises((ValueError, BackendError), match="prefill_matmul"):
+        create("torch", prefill_matmul="fp16")
 
 
 @needs_ext

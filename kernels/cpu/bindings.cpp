@@ -22,9 +22,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       }))
       .def("__len__", [](const flashport::ExpertSet& s) { return s.w1.size(); });
   m.def("dequantize", &flashport::dequantize);
-  m.def("linear", &flashport::linear);
+  m.def("linear", &flashport::linear, pybind11::arg("x"), pybind11::arg("q"), pybind11::arg("bf16") = false);
   m.def("grouped_linear", &flashport::grouped_linear);
-  m.def("moe", &flashport::moe);
+  m.def("moe", &flashport::moe, pybind11::arg("x"), pybind11::arg("weights"), pybind11::arg("idx"), pybind11::arg("ids"),
+        pybind11::arg("w1"), pybind11::arg("w3"), pybind11::arg("w2"), pybind11::arg("limit"), pybind11::arg("bf16") = false);
   m.def("hc_head", &flashport::hc_head);
   m.def("hc_pre_norm", &flashport::hc_pre_norm);
   m.def("hc_post_pre_norm", &flashport::hc_post_pre_norm);

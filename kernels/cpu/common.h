@@ -70,10 +70,10 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 // quant_gemv.cpp: quantized GEMV / GEMM and the fused MoE (torch references: backends/reference.py linear,
 // grouped_linear, moe on quant.formats' dequantization)
 Tensor dequantize(const QW& q);
-Tensor linear(const Tensor& x, const QW& q);
+Tensor linear(const Tensor& x, const QW& q, bool bf16 = false);  // bf16: the opt-in prefill GEMM
 Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
-           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit);
+           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit, bool bf16 = false);
 
 // fused_ops.cpp: the final mHC collapse and the fused decode sequences (each the sequence of the kernels it names)
 Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,

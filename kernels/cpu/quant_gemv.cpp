@@ -6,6 +6,9 @@
 // order than torch's matmul: TOLERANCE-BOUND (tests/test_torch_fast.py).
 #include "common.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 namespace flashport {
 
 static inline float bf16_bits_to_f32(uint16_t b) {
@@ -94,10 +97,28 @@ static inline const float* dequant_row(const QW& q, int64_t n, int64_t k0, int64
 
 #ifdef __AVX512F__
 #include <immintrin.h>
-// AVX-512 row kernels, one instantiation per row count T (accumulators stay in registers) with U independent
-// accumulator sets to hide the FMA latency. They dequantize 16 weights in registers and FMA them with every
-// activation row; int8 takes the row scale out of the sum and int4 the group scale and zero point
-// (s * (sum q*x - z * sum x)): another rounding order than the reference's, same tolerance.
+// AVX-512 row kernels: R weight rows (R = 4 for one activation row with long rows, see gemv; else 1) against T
+// activation rows, one instantiation per (R, T) so the accumulators stay in registers. They dequantize 16 weights
+// in registers and FMA them with the activations. With R > 1 each weight row stream is prefetched PREFETCH bytes
+// ahead (one stream, R = 1, is followed well by the hardware prefetcher: software prefetch measured no gain).
+//
+// Memory limit: a decode GEMV reads every weight byte once; what kept the former one-row kernels from it was (a) an
+// activation row too long for L1 (K = 16384: 64 KB of fp32 re-read from L2 for every weight row; four weight rows
+// per pass share each x load), (b) too few independent FMA chains (a chain's latency bounded a one-row pass), (c)
+// the hardware prefetcher falling behind on a slow consumer. Measured per core: docs/performance.md, Round 4.
+//
+// Exactness against the reference (quant.formats' dequantization + torch's fp32 matmul): TOLERANCE-BOUND, |y - ref|
+// <= 1e-5 * (|x| @ |W|.T) + 1e-6 (test_linear_formats): int8 takes the row scale out of the sum, int4 the group
+// scale and zero point, FP8 the block scale; bf16 multiplies the exact weights. int4 and FP8 sum each output
+// (row r, activation t) in an order that depends on K only, never on R or T: a decode row equals the same row
+// inside a batch of up to MAX_ROWS bit for bit (test_decode_rows_bit_identical_to_a_batch_row); bf16 / int8 use
+// more chains for one row than for a batch (not bit-identical across T, same tolerance).
+// The row kernels are noinline: inlined into gemv's lambda with every (R, T) instantiation, the one-row int4 kernel
+// ran 1.4x slower than the same code compiled alone.
+constexpr int64_t PREFETCH = 2048;  // bytes ahead on each weight row stream (1-4 KB measured alike; none: -25%)
+constexpr int64_t LONG_ROW = 4096;  // K above which one decode row takes four weight rows per pass (x: 16 KB of L1)
+
+static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + PREFETCH, _MM_HINT_T0); }
 static inline __m512 load_bf16(const uint16_t* w) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 16));
 }
@@ -105,59 +126,86 @@ static inline __m512 load_i8(const int8_t* w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
 }
 
-template <int T, bool BF16>
-static inline void row_dense(const void* wp, float scale, const float* x, int64_t ldx, int64_t K, float* acc) {
-  constexpr int U = T == 1 ? 4 : (T == 2 ? 2 : 1);
-  __m512 a[U][T];
+// bf16 / int8 (per-row scale sc[r], applied to the sum): U accumulator chains per (r, t), at least 8 in all.
+template <int R, int T, bool BF16>
+__attribute__((noinline)) static void rows_dense(const void* wp, int64_t ldw, const float* sc, const float* x, int64_t ldx, int64_t K,
+                              float* y, int64_t ldy) {
+  constexpr int U = R * T >= 4 ? 2 : 4;
+  const uint16_t* w16 = static_cast<const uint16_t*>(wp);
+  const int8_t* w8 = static_cast<const int8_t*>(wp);
+  __m512 a[U][R][T];
   for (int u = 0; u < U; u++)
-    for (int t = 0; t < T; t++) a[u][t] = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) a[u][r][t] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 * U <= K; k += 16 * U)
-    for (int u = 0; u < U; u++) {
-      const int64_t kk = k + 16 * u;
-      const __m512 wv = BF16 ? load_bf16(static_cast<const uint16_t*>(wp) + kk) : load_i8(static_cast<const int8_t*>(wp) + kk);
-      for (int t = 0; t < T; t++) a[u][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * ldx + kk), a[u][t]);
-    }
-  for (int t = 0; t < T; t++) {
-    for (int u = 1; u < U; u++) a[0][t] = _mm512_add_ps(a[0][t], a[u][t]);
-    float s = _mm512_reduce_add_ps(a[0][t]);
-    for (int64_t kk = k; kk < K; kk++)
-      s += (BF16 ? bf16_bits_to_f32(static_cast<const uint16_t*>(wp)[kk]) : float(static_cast<const int8_t*>(wp)[kk])) * x[t * ldx + kk];
-    acc[t] = BF16 ? s : s * scale;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    constexpr int64_t STEP = 16 * U * (BF16 ? 2 : 1);  // bytes of a row per step: one prefetch per 64-byte line
+    if (R > 1 && (STEP >= 64 || !(k & 32)))
+      for (int r = 0; r < R; r++)
+        for (int64_t o = 0; o < std::max<int64_t>(STEP, 64); o += 64)
+          prefetch(BF16 ? static_cast<const void*>(w16 + r * ldw + k + o / 2) : w8 + r * ldw + k + o);
+    for (int u = 0; u < U; u++)
+      for (int r = 0; r < R; r++) {
+        const int64_t kk = k + 16 * u;
+        const __m512 v = BF16 ? load_bf16(w16 + r * ldw + kk) : load_i8(w8 + r * ldw + kk);
+        for (int t = 0; t < T; t++) a[u][r][t] = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + t * ldx + kk), a[u][r][t]);
+      }
   }
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      for (int u = 1; u < U; u++) a[0][r][t] = _mm512_add_ps(a[0][r][t], a[u][r][t]);
+      float s = _mm512_reduce_add_ps(a[0][r][t]);
+      for (int64_t kk = k; kk < K; kk++)
+        s += (BF16 ? bf16_bits_to_f32(w16[r * ldw + kk]) : float(w8[r * ldw + kk])) * x[t * ldx + kk];
+      y[t * ldy + r] = BF16 ? s : s * sc[r];
+    }
 }
 
-// int4, group g (a multiple of 32): xd holds x deinterleaved per 32 columns (16 even, then 16 odd), zero padded to
-// nb * g columns, so the low and high nibbles of 16 bytes meet 16 contiguous activations each; xs[t * ldx + b] is
-// the sum of row t's activations in group b.
-template <int T>
-static inline void row_i4(const uint8_t* B, const float* sc, const uint8_t* zp, int64_t g, int64_t nb, const float* xd,
-                          const float* xs, int64_t ldx, float* acc) {
-  __m512 a[T];
-  float zx[T];  // sum over groups of s * z * sum(x in group)
+// int4, group g (a multiple of 32), MatMulNBits layout: s * (sum q*x - z * sum x) per group, i.e. the scale and
+// the zero point taken out of the group's sum. xd holds x deinterleaved per 32 columns (16 even, then 16 odd), zero
+// padded to nb * g columns, so the low and high nibbles of 16 bytes meet 16 contiguous activations each; xs[t * ldx
+// + b] is the sum of row t's activations in group b. Each (r, t) is summed in the same order whatever R and T.
+// (A 16-entry table of the dequantized codes looked up by vpermps measured slower on this CPU: 10 vs 19 GB/s.)
+template <int R, int T>
+__attribute__((noinline)) static void rows_i4(const uint8_t* B, int64_t ldb, const float* sc, int64_t ldsc, const uint8_t* zp,
+                           int64_t ldzp, int64_t g, int64_t nb, const float* xd, const float* xs, int64_t ldx, float* y,
+                           int64_t ldy) {
+  __m512 a[R][T];
+  float zx[R][T];  // sum over groups of s * z * sum(x in group)
   const __m512i low = _mm512_set1_epi32(15);
-  for (int t = 0; t < T; t++) { a[t] = _mm512_setzero_ps(); zx[t] = 0.f; }
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) { a[r][t] = _mm512_setzero_ps(); zx[r][t] = 0.f; }
   for (int64_t b = 0; b < nb; b++) {
-    const float z = float(zp ? ((zp[b / 2] >> ((b & 1) * 4)) & 15) : INT4_ZERO_POINT);
-    __m512 p0[T], p1[T];
-    for (int t = 0; t < T; t++) p0[t] = p1[t] = _mm512_setzero_ps();
+    __m512 p0[R][T], p1[R][T];
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) p0[r][t] = p1[r][t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < g; j += 32) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + (b * g + j) / 2)));
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-      for (int t = 0; t < T; t++) {
-        const float* xx = xd + t * ldx + b * g + j;
-        p0[t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xx), p0[t]);
-        p1[t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xx + 16), p1[t]);
+      const int64_t off = (b * g + j) / 2;
+      if (R > 1 && (off & 63) == 0)
+        for (int r = 0; r < R; r++) prefetch(B + r * ldb + off);
+      for (int r = 0; r < R; r++) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(B + r * ldb + off)));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, low));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        for (int t = 0; t < T; t++) {
+          const float* xx = xd + t * ldx + b * g + j;
+          p0[r][t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xx), p0[r][t]);
+          p1[r][t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xx + 16), p1[r][t]);
+        }
       }
     }
-    const __m512 s = _mm512_set1_ps(sc[b]);
-    for (int t = 0; t < T; t++) {
-      a[t] = _mm512_fmadd_ps(_mm512_add_ps(p0[t], p1[t]), s, a[t]);
-      zx[t] += sc[b] * z * xs[t * ldx + b];
+    for (int r = 0; r < R; r++) {
+      const float sb = sc[r * ldsc + b];
+      const float z = float(zp ? ((zp[r * ldzp + b / 2] >> ((b & 1) * 4)) & 15) : INT4_ZERO_POINT);
+      const __m512 s = _mm512_set1_ps(sb);
+      for (int t = 0; t < T; t++) {
+        a[r][t] = _mm512_fmadd_ps(_mm512_add_ps(p0[r][t], p1[r][t]), s, a[r][t]);
+        zx[r][t] += sb * z * xs[t * ldx + b];
+      }
     }
   }
-  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(a[t]) - zx[t];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) y[t * ldy + r] = _mm512_reduce_add_ps(a[r][t]) - zx[r][t];
 }
 
 // fp8 e4m3 -> fp16 bits (sign << 8, exponent and mantissa << 7: the same number times 2^-8, subnormals included)
@@ -169,63 +217,42 @@ static inline __m512 load_e4m3_x256(const uint8_t* w) {
   return _mm512_cvtph_ps(_mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000))));
 }
 
-template <int T>
-static inline void row_fp8(const uint8_t* w, const float* sc, const float* x, int64_t ldx, int64_t K, float* acc) {
-  __m512 a[T];
-  float tail[T];
-  for (int t = 0; t < T; t++) { a[t] = _mm512_setzero_ps(); tail[t] = 0.f; }
+// FP8 with 128x128 block scales; the R rows share one scale block row (sc). Per scale block two chains of 16-wide
+// partial sums, joined and scaled into the row's accumulator; the block's tail columns (K % 32) summed in scalar.
+template <int R, int T>
+__attribute__((noinline)) static void rows_fp8(const uint8_t* w, int64_t ldw, const float* sc, const float* x, int64_t ldx, int64_t K,
+                            float* y, int64_t ldy) {
+  __m512 a[R][T];
+  float tail[R][T];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) { a[r][t] = _mm512_setzero_ps(); tail[r][t] = 0.f; }
   for (int64_t kb = 0; kb < K; kb += FP8_BLOCK) {
     const int64_t ke = std::min(K, kb + FP8_BLOCK);
-    __m512 p0[T], p1[T];
-    for (int t = 0; t < T; t++) p0[t] = p1[t] = _mm512_setzero_ps();
+    __m512 p0[R][T], p1[R][T];
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) p0[r][t] = p1[r][t] = _mm512_setzero_ps();
     int64_t k = kb;
     for (; k + 32 <= ke; k += 32) {
-      const __m512 w0 = load_e4m3_x256(w + k), w1 = load_e4m3_x256(w + k + 16);
-      for (int t = 0; t < T; t++) {
-        p0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx + k), p0[t]);
-        p1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + k + 16), p1[t]);
-      }
-    }
-    const float s = sc[kb / FP8_BLOCK];
-    const __m512 s256 = _mm512_set1_ps(s * 256.f);
-    for (int t = 0; t < T; t++) {
-      a[t] = _mm512_fmadd_ps(_mm512_add_ps(p0[t], p1[t]), s256, a[t]);
-      for (int64_t kk = k; kk < ke; kk++) tail[t] += E4M3[w[kk]] * s * x[t * ldx + kk];
-    }
-  }
-  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(a[t]) + tail[t];
-}
-
-// One activation row (decode) against R = 4 weight rows of the same 128-row scale block: each row's sum is formed
-// exactly as row_fp8<1> forms it (same partial sums, same order, same reduction), so the result is bit-identical;
-// the x loads and the loop overhead are shared, which matters for small K (an expert's K = 128 down projection
-// spent more time per row in the prologue and the reduction than in its 4 vector steps). Used for K <= 512 only:
-// with long rows four concurrent weight streams measured slower than one (4096x4096: 1.15 vs 0.85 ms).
-static inline void rows4_fp8(const uint8_t* w, int64_t ldw, const float* sc, const float* x, int64_t K, float* out) {
-  constexpr int R = 4;
-  __m512 a[R];
-  float tail[R];
-  for (int r = 0; r < R; r++) { a[r] = _mm512_setzero_ps(); tail[r] = 0.f; }
-  for (int64_t kb = 0; kb < K; kb += FP8_BLOCK) {
-    const int64_t ke = std::min(K, kb + FP8_BLOCK);
-    __m512 p0[R], p1[R];
-    for (int r = 0; r < R; r++) p0[r] = p1[r] = _mm512_setzero_ps();
-    int64_t k = kb;
-    for (; k + 32 <= ke; k += 32) {
-      const __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      if (R > 1 && (k & 63) == 0)
+        for (int r = 0; r < R; r++) prefetch(w + r * ldw + k);
       for (int r = 0; r < R; r++) {
-        p0[r] = _mm512_fmadd_ps(load_e4m3_x256(w + r * ldw + k), x0, p0[r]);
-        p1[r] = _mm512_fmadd_ps(load_e4m3_x256(w + r * ldw + k + 16), x1, p1[r]);
+        const __m512 w0 = load_e4m3_x256(w + r * ldw + k), w1 = load_e4m3_x256(w + r * ldw + k + 16);
+        for (int t = 0; t < T; t++) {
+          p0[r][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx + k), p0[r][t]);
+          p1[r][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + k + 16), p1[r][t]);
+        }
       }
     }
     const float s = sc[kb / FP8_BLOCK];
     const __m512 s256 = _mm512_set1_ps(s * 256.f);
-    for (int r = 0; r < R; r++) {
-      a[r] = _mm512_fmadd_ps(_mm512_add_ps(p0[r], p1[r]), s256, a[r]);
-      for (int64_t kk = k; kk < ke; kk++) tail[r] += E4M3[w[r * ldw + kk]] * s * x[kk];
-    }
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) {
+        a[r][t] = _mm512_fmadd_ps(_mm512_add_ps(p0[r][t], p1[r][t]), s256, a[r][t]);
+        for (int64_t kk = k; kk < ke; kk++) tail[r][t] += E4M3[w[r * ldw + kk]] * s * x[t * ldx + kk];
+      }
   }
-  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(a[r]) + tail[r];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) y[t * ldy + r] = _mm512_reduce_add_ps(a[r][t]) + tail[r][t];
 }
 
 // MXFP4: the 16 bytes of one 32-weight scale block -> two vectors of e2m1 values in k order (low and high nibbles
@@ -274,85 +301,120 @@ static_assert(MAX_ROWS == 8, "FLASHPORT_DISPATCH_T instantiates the row kernels 
 #define FLASHPORT_AVX512 1
 #endif
 
+// int4 activations deinterleaved per 32 columns (see rows_i4), zero padded to Kp = nb * g columns, then the nb
+// per-group sums: d is [T, Kp + nb]
+static void deinterleave_i4(const float* x, int64_t T, int64_t ldx, int64_t K, int64_t g, int64_t nb, float* d) {
+  const int64_t Kp = nb * g;
+  for (int64_t t = 0; t < T; t++) {
+    const float* xt = x + t * ldx;
+    float* dt = d + t * (Kp + nb);
+    int64_t k = 0;
+#ifdef FLASHPORT_AVX512
+    const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+    for (; k + 32 <= K; k += 32) {
+      const __m512 lo = _mm512_loadu_ps(xt + k), hi = _mm512_loadu_ps(xt + k + 16);
+      _mm512_storeu_ps(dt + k, _mm512_permutex2var_ps(lo, ev, hi));
+      _mm512_storeu_ps(dt + k + 16, _mm512_permutex2var_ps(lo, od, hi));
+    }
+#endif
+    std::fill(dt + k, dt + Kp, 0.f);
+    for (; k < K; k++) dt[(k & ~int64_t(31)) + ((k & 1) << 4) + ((k & 31) >> 1)] = xt[k];
+    for (int64_t b = 0; b < nb; b++) {
+      float s = 0.f;
+      for (int64_t kk = b * g; kk < std::min(K, (b + 1) * g); kk++) s += xt[kk];
+      dt[Kp + b] = s;
+    }
+  }
+}
+
 // y[t, n] = sum_k x[t, xoff(n) + k] * W[n, k] for t < T <= MAX_ROWS. rows_per_group > 0: grouped projection, row n
 // reads x's group n / rows_per_group (x rows hold G*K values).
 static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy, int64_t rows_per_group) {
   const int64_t K = q.K;
 #ifdef FLASHPORT_AVX512
-  Tensor xd_t;  // int4: activations deinterleaved per 32 columns and zero padded (see row_i4)
+  std::vector<float> xd_buf;  // int4: activations deinterleaved, then the group sums (rows_i4)
   const float* xd = nullptr;
   int64_t ldxd = 0;
   const bool i4_fast = q.fmt == FMT_I4 && q.group % 32 == 0 && rows_per_group == 0;
   if (i4_fast) {
-    const int64_t Kp = q.w.size(1) * q.group;
     const int64_t nb = q.w.size(1);
-    xd_t = at::zeros({T, Kp + nb}, at::kFloat);  // deinterleaved activations, then the per-group sums
-    float* d = xd_t.data_ptr<float>();
-    for (int64_t t = 0; t < T; t++) {
-      for (int64_t k = 0; k < K; k++) d[t * (Kp + nb) + (k & ~int64_t(31)) + ((k & 1) << 4) + ((k & 31) >> 1)] = x[t * ldx + k];
-      for (int64_t b = 0; b < nb; b++) {
-        float s = 0.f;
-        for (int64_t k = b * q.group; k < std::min(K, (b + 1) * q.group); k++) s += x[t * ldx + k];
-        d[t * (Kp + nb) + Kp + b] = s;
-      }
-    }
-    xd = d;
-    ldxd = Kp + nb;
+    ldxd = nb * q.group + nb;
+    xd_buf.resize(T * ldxd);
+    deinterleave_i4(x, T, ldx, K, q.group, nb, xd_buf.data());
+    xd = xd_buf.data();
   }
 #endif
   // Threads only for big weights: each parallel region costs a wake-up of the other threads, which on a loaded
-  // machine can cost more than a small expert's whole GEMV (~10 us single-threaded).
-  const int64_t grain = q.N * K * T >= PARALLEL_MIN ? std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)) : q.N;
-  at::parallel_for(0, q.N, grain, [&](int64_t n0, int64_t n1) {
+  // machine can cost more than a small expert's whole GEMV (~10 us single-threaded). Chunks are multiples of 4 rows
+  // (the decode kernels' row blocks).
+  const int64_t grain = q.N * K * T >= PARALLEL_MIN ? std::max<int64_t>(4, 32768 / std::max<int64_t>(K, 1)) : q.N;
+  at::parallel_for(0, (q.N + 3) / 4, (grain + 3) / 4, [&](int64_t c0, int64_t c1) {
+    const int64_t n0 = c0 * 4, n1 = std::min(q.N, c1 * 4);
     alignas(64) float buf[CHUNK + 256];
     for (int64_t n = n0; n < n1; n++) {
-      float acc[MAX_ROWS] = {0};
       const int64_t xoff = rows_per_group > 0 ? (n / rows_per_group) * K : 0;
 #ifdef FLASHPORT_AVX512
-      if (q.fmt == FMT_FP8 && T == 1 && K <= 512 && n + 3 < n1 && n / FP8_BLOCK == (n + 3) / FP8_BLOCK &&
-          (rows_per_group == 0 || n / rows_per_group == (n + 3) / rows_per_group)) {  // 4 rows at once
-        float out4[4];
-        rows4_fp8(q.w.data_ptr<uint8_t>() + n * K, K, q.scale.data_ptr<float>() + (n / FP8_BLOCK) * q.scale.size(1),
-                  x + xoff, K, out4);
-        for (int r = 0; r < 4; r++) y[n + r] = out4[r];
-        n += 3;
-        continue;
-      }
+      // Four weight rows per pass for one activation row (when they share the scale block and the group) if the
+      // activation row does not fit in L1 next to the weights (K > LONG_ROW): then each x load serves four rows
+      // (8192x16384, one core, cold: int8 10.4 -> 26 GB/s, int4 8.4 -> 13, FP8 8.2 -> 19). Shorter rows stream
+      // one weight row at a time, which the hardware prefetcher follows best (2048x4096 int8: 31 GB/s against 18
+      // with four rows). FP8 also takes four rows for K <= 512, where the per-row overhead dominates.
+      const bool four = T == 1 && n + 3 < n1 && (K > LONG_ROW || (q.fmt == FMT_FP8 && K <= 512)) &&
+                        (q.fmt != FMT_FP8 || n / FP8_BLOCK == (n + 3) / FP8_BLOCK) &&
+                        (rows_per_group == 0 || n / rows_per_group == (n + 3) / rows_per_group);
       if (q.fmt == FMT_BF16) {
         const uint16_t* w = reinterpret_cast<const uint16_t*>(q.w.data_ptr()) + n * K;
-#define CALL(TT) row_dense<TT, true>(w, 1.f, x + xoff, ldx, K, acc)
+        if (four) { rows_dense<4, 1, true>(w, K, nullptr, x + xoff, ldx, K, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_dense<1, TT, true>(w, K, nullptr, x + xoff, ldx, K, y + n, ldy)
         FLASHPORT_DISPATCH_T(T, CALL)
 #undef CALL
-      } else if (q.fmt == FMT_I8) {
+        continue;
+      }
+      if (q.fmt == FMT_I8) {
         const int8_t* w = q.w.data_ptr<int8_t>() + n * K;
-        const float s = q.scale.data_ptr<float>()[n];
-#define CALL(TT) row_dense<TT, false>(w, s, x + xoff, ldx, K, acc)
+        const float* s = q.scale.data_ptr<float>() + n;
+        if (four) { rows_dense<4, 1, false>(w, K, s, x + xoff, ldx, K, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_dense<1, TT, false>(w, K, s, x + xoff, ldx, K, y + n, ldy)
         FLASHPORT_DISPATCH_T(T, CALL)
 #undef CALL
-      } else if (q.fmt == FMT_FP8) {
+        continue;
+      }
+      if (q.fmt == FMT_FP8) {
         const uint8_t* w = q.w.data_ptr<uint8_t>() + n * K;
         const float* sc = q.scale.data_ptr<float>() + (n / FP8_BLOCK) * q.scale.size(1);
-#define CALL(TT) row_fp8<TT>(w, sc, x + xoff, ldx, K, acc)
+        if (four) { rows_fp8<4, 1>(w, K, sc, x + xoff, ldx, K, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_fp8<1, TT>(w, K, sc, x + xoff, ldx, K, y + n, ldy)
         FLASHPORT_DISPATCH_T(T, CALL)
 #undef CALL
-      } else if (q.fmt == FMT_MXFP4) {
+        continue;
+      }
+      if (q.fmt == FMT_MXFP4) {
         const int64_t nb = q.scale.size(1);
         const uint8_t* w = q.w.data_ptr<uint8_t>() + n * nb * (MXFP4_BLOCK / 2);
         const uint8_t* sc = q.scale.data_ptr<uint8_t>() + n * nb;
+        float acc[MAX_ROWS];
 #define CALL(TT) row_mxfp4<TT>(w, sc, x + xoff, ldx, K, acc)
         FLASHPORT_DISPATCH_T(T, CALL)
 #undef CALL
-      } else if (i4_fast) {
-        const int64_t nb = q.w.size(1);
-        const uint8_t* B = q.w.data_ptr<uint8_t>() + n * nb * (q.group / 2);
+        for (int64_t t = 0; t < T; t++) y[t * ldy + n] = acc[t];
+        continue;
+      }
+      if (i4_fast) {
+        const int64_t nb = q.w.size(1), ldb = nb * (q.group / 2);
+        const uint8_t* B = q.w.data_ptr<uint8_t>() + n * ldb;
         const float* sc = q.scale.data_ptr<float>() + n * nb;
-        const uint8_t* zp = q.zp.defined() ? q.zp.data_ptr<uint8_t>() + n * q.zp.size(1) : nullptr;
+        const int64_t ldzp = q.zp.defined() ? q.zp.size(1) : 0;
+        const uint8_t* zp = q.zp.defined() ? q.zp.data_ptr<uint8_t>() + n * ldzp : nullptr;
         const float* xs = xd + (ldxd - nb);
-#define CALL(TT) row_i4<TT>(B, sc, zp, q.group, nb, xd, xs, ldxd, acc)
+        if (four) { rows_i4<4, 1>(B, ldb, sc, nb, zp, ldzp, q.group, nb, xd, xs, ldxd, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_i4<1, TT>(B, ldb, sc, nb, zp, ldzp, q.group, nb, xd, xs, ldxd, y + n, ldy)
         FLASHPORT_DISPATCH_T(T, CALL)
 #undef CALL
-      } else
+        continue;
+      }
 #endif
+      float acc[MAX_ROWS] = {0};
       for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
         const int64_t k1 = std::min(K, k0 + CHUNK);
         const float* wr = dequant_row(q, n, k0, k1, buf);
@@ -361,6 +423,27 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
       for (int64_t t = 0; t < T; t++) y[t * ldy + n] = acc[t];
     }
   });
+}
+
+// x [M, K] fp32 @ w [N, K].T -> [M, N] fp32: the prefill GEMM (rows > MAX_ROWS). oneDNN through torch's own
+// mkldnn::_linear_pointwise (the op torch.compile's CPU backend emits for a linear): fp32 FMAs, another summation
+// order than torch's matmul (same tolerance), and 2.2x its MKL sgemm on the project's AMD CPU (one core, 512x512 @
+// 512x1024: 210 vs 90 GFLOP/s). bf16 (opt-in, cpu_quant's prefill_matmul="bf16"): x and w rounded to bf16 (8
+// mantissa bits), products and sums in fp32 by oneDNN's avx512_bf16 kernels: 4.5x the fp32 matmul, ~1e-3
+// relative error (docs/performance.md, Round 4). Without the op (a torch built without oneDNN): at::mm.
+static Tensor gemm(const Tensor& x, const Tensor& w, bool bf16) {
+  static const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  const Tensor xx = bf16 ? x.to(at::kBFloat16) : x, ww = bf16 ? w.to(at::kBFloat16) : w;
+  Tensor y;
+  if (op) {
+    torch::jit::Stack stack{xx, ww, c10::IValue(), c10::IValue(std::string("none")),
+                            c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue()};
+    op->callBoxed(&stack);
+    y = stack[0].toTensor();
+  } else {
+    y = at::mm(xx, ww.t());
+  }
+  return bf16 ? y.to(at::kFloat) : y;
 }
 
 Tensor dequantize(const QW& q) {
@@ -407,11 +490,12 @@ Tensor dequantize(const QW& q) {
   return out;
 }
 
-// x [T, K] -> [T, N]
-Tensor linear(const Tensor& x_, const QW& q) {
+// x [T, K] -> [T, N]; bf16: the prefill GEMM in bf16 (see gemm)
+Tensor linear(const Tensor& x_, const QW& q, bool bf16) {
   Tensor x = x_.contiguous();
   const int64_t T = x.size(0);
-  if (T > MAX_ROWS || q.fmt == FMT_F32) return at::mm(x, dequantize(q).t());
+  if (T > MAX_ROWS) return gemm(x, dequantize(q), bf16);
+  if (q.fmt == FMT_F32) return at::mm(x, q.w.t());
   Tensor y = at::empty({T, q.N}, at::kFloat);
   gemv(q, x.data_ptr<float>(), T, q.K, y.data_ptr<float>(), q.N, 0);
   return y;
@@ -421,8 +505,13 @@ Tensor linear(const Tensor& x_, const QW& q) {
 Tensor grouped_linear(const Tensor& x_, const QW& q) {
   Tensor x = x_.contiguous();
   const int64_t T = x.size(0), G = x.size(1), R = q.N / G;
-  if (T > MAX_ROWS || q.fmt == FMT_F32) {
-    Tensor w = dequantize(q).view({G, R, q.K});
+  if (T > MAX_ROWS) {  // one prefill GEMM per group (oneDNN: see gemm)
+    Tensor w = dequantize(q).view({G, R, q.K}), y = at::empty({T, G, R}, at::kFloat);
+    for (int64_t g = 0; g < G; g++) y.select(1, g).copy_(gemm(x.select(1, g).contiguous(), w[g], false));
+    return y;
+  }
+  if (q.fmt == FMT_F32) {
+    Tensor w = q.w.view({G, R, q.K});
     return at::bmm(x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).contiguous();  // [T, G, R]
   }
   Tensor y = at::empty({T, G, R}, at::kFloat);
@@ -437,7 +526,7 @@ Tensor grouped_linear(const Tensor& x_, const QW& q) {
 // reused across experts: no tensor is allocated per expert (each costs about a microsecond, as much as a small
 // expert's GEMV); more tokens go through linear() (the GEMM path). Same arithmetic either way.
 Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const std::vector<int64_t>& ids,
-           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit_) {
+           const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit_, bool bf16) {
   Tensor x = x_.contiguous(), weights = weights_.contiguous().to(at::kFloat), idx = idx_.contiguous().to(at::kLong);
   const int64_t T = x.size(0), D = x.size(1), k = idx.size(1);
   const float limit = float(limit_);
@@ -476,8 +565,8 @@ Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const s
     } else {
       Tensor rows_t = at::from_blob(rows.data(), {n}, at::kLong).clone();
       Tensor xe = x.index_select(0, rows_t);  // [n, D]
-      g = linear(xe, w1[e]);
-      u = linear(xe, w3[e]);  // [n, I]
+      g = linear(xe, w1[e], bf16);
+      u = linear(xe, w3[e], bf16);  // [n, I]
       gmut = g.data_ptr<float>();
       up = u.data_ptr<float>();
     }
@@ -488,7 +577,7 @@ Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const s
     }
     gp = gmut;
     if (g.defined()) {
-      ye = linear(g, w2[e]);  // [n, D]
+      ye = linear(g, w2[e], bf16);  // [n, D]
       yp = ye.data_ptr<float>();
     } else {
       gemv(w2[e], gp, n, I, ybuf.data(), D, 0);
