@@ -80,9 +80,10 @@ def held_bytes(model) -> int:
 
 
 def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode_tokens: int = 8,
-        prefill_chunk: int = 1024, threads: int = 0, seed: int = 0) -> str:
+        prefill_chunk: int = 0, threads: int = 0, seed: int = 0) -> str:
     """The table described in the module docstring, as text. prefill_chunk: tokens per prefill step (the engine's
-    `prefill_chunk`; the prefill's activations and per-call dequantized weights grow with it)."""
+    `prefill_chunk`; the prefill's activations and per-call dequantized weights grow with it); 0: the engine's
+    default (`model.default_prefill_chunk`)."""
     from flashport.bench import checkpoint_or_preset
     from flashport.bench.decode import decode_bytes_per_token
     from flashport.bench.ops import read_bandwidth
@@ -100,7 +101,7 @@ def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode
         ck_bytes = checkpoint_bytes(ck)
         stage("start")
         t0 = time.perf_counter()
-        eng = load_engine(ck, prefill_chunk=prefill_chunk)
+        eng = load_engine(ck, prefill_chunk=prefill_chunk or None)
         stage("load", time.perf_counter() - t0)
         held = held_bytes(eng.model)
         per_token = decode_bytes_per_token(eng.model, eng.model.ops)
@@ -117,11 +118,11 @@ def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode
         decode_s = (time.perf_counter() - t0) / decode_tokens
         stage(f"decode {decode_tokens}", decode_s * decode_tokens)
         peak = max(m.get("peak", 0) for _, m, _ in rows)
-        name = eng.cfg.name
+        name, chunk = eng.cfg.name, eng.prefill_chunk
         del eng, state, logits
     bw = read_bandwidth(512 << 20)
     gb = lambda b: f"{b / 1e9:.3f} GB"  # noqa: E731
-    lines = [f"bench memory: {ck} ({name}), {torch.get_num_threads()} threads, prefill chunk {prefill_chunk}, "
+    lines = [f"bench memory: {ck} ({name}), {torch.get_num_threads()} threads, prefill chunk {chunk}, "
              "load average "
              + " ".join(f"{v:.2f}" for v in os.getloadavg()),
              f"checkpoint {gb(ck_bytes)}; held by model + backend after load {gb(held)} ({held / ck_bytes:.3f}x)",

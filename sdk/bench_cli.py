@@ -49,7 +49,7 @@ class Bench:
                             seed=seed)
 
     def memory(self, path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode_tokens: int = 8,
-               prefill_chunk: int = 1024, threads: int = 0, seed: int = 0):
+               prefill_chunk: int = 0, threads: int = 0, seed: int = 0):
         """Peak RSS of loading and generating against the checkpoint's bytes, the bytes the model and backend
         hold, and decode's weights read per token against the read bandwidth measured in the same run.
 
@@ -58,12 +58,12 @@ class Bench:
             preset: the preset of the fresh checkpoint.
             prompt_len: prompt length in tokens (prefill).
             decode_tokens: decode steps timed (>= 1).
-            prefill_chunk: tokens per prefill step (>= 1).
+            prefill_chunk: tokens per prefill step (>= 1; 0: the engine's default, which fits the model's size).
             threads: torch intra-op threads (0: torch's default).
             seed: seed of the weights and the prompt.
         """
-        _common(path, preset, threads, seed, prompt_len=prompt_len, decode_tokens=decode_tokens,
-                prefill_chunk=prefill_chunk)
+        _common(path, preset, threads, seed, prompt_len=prompt_len, decode_tokens=decode_tokens)
+        at_least("--prefill-chunk", prefill_chunk, 0)
         from flashport.bench.memory import run
 
         return run(path=path, preset=preset, prompt_len=prompt_len, decode_tokens=decode_tokens,

@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .distributed import EPGroup, EPRunner, launch_torchrun, rank_plan
 from .kv import KVManager, PrefillStats, check_fits, check_not_in_use, chunk_spans, model_identity, prefill_cached
 from .loader import open_model
-from .model import Linear, SeqState, Transformer
+from .model import PREFILL_CHUNK, Linear, SeqState, Transformer, default_prefill_chunk, stored_bytes
 from .offload import apply_offload, offload_keep_expert
 from .options import EngineOptions, KVOptions, OffloadOptions, OptionError, ParallelOptions
 from .tokenizer import Tokenizer
@@ -100,7 +100,7 @@ class Engine:
     `flashport.load_engine`; `offload` (the expert cache) and `ep_runner` (expert parallelism) are set there."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
-                 prefill_chunk: int = 1024, deterministic: bool | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, deterministic: bool | None = None):
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         self.cfg: ModelConfig = model.cfg
         self.prefill_chunk = prefill_chunk
@@ -116,7 +116,7 @@ class Engine:
     def load(cls, path: str | Path, *, backend: str = "auto", backend_options: dict | None = None,
              device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
              offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
-             public_key: str | Path | None = None, prefill_chunk: int = 1024, verify: bool | None = None,
+             public_key: str | Path | None = None, prefill_chunk: int | None = None, verify: bool | None = None,
              progress: bool = False) -> "Engine":
         """The documented SDK call: the same as `flashport.load_engine` (see there)."""
         return load_engine(path, backend=backend, backend_options=backend_options, device=device,
@@ -302,7 +302,7 @@ class Engine:
 def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dict | None = None,
                 device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
                 offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
-                public_key: str | Path | None = None, prefill_chunk: int = 1024, verify: bool | None = None,
+                public_key: str | Path | None = None, prefill_chunk: int | None = None, verify: bool | None = None,
                 progress: bool = False) -> Engine:
     """Open a bundle, a release checkpoint or transformers' save_pretrained output and build an Engine.
 
@@ -317,6 +317,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
       `engine.ep_runner.follow()`).
     public_key: a signer's public key file (default $FLASHPORT_PUBLIC_KEY): the bundle must carry a valid
       signature by it (docs/export.md, trust model). verify: check every file's sha256 (default FLASHPORT_VERIFY).
+    prefill_chunk: tokens per prefill step; None: 1024, or less where one chunk's activations would be a large
+      share of the weights' memory (`model.default_prefill_chunk`).
     Combinations that cannot work are refused before anything is loaded (`check_combination`). Raises
     OptionError, BackendError, CheckpointError / BundleError (files), OffloadError, EPError.
     """
@@ -346,6 +348,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
         model = be.bind_model(model, path)
     else:
         upload_weights(model, progress)
+    if prefill_chunk is None:
+        prefill_chunk = default_prefill_chunk(model.cfg, stored_bytes(model))
     engine = Engine(model, loaded.tokenizer, path, prefill_chunk=prefill_chunk, deterministic=deterministic or None)
     engine.offload, engine.ep_runner = cache, runner
     if kv is not None and (ep is None or ep.rank == 0):  # followers never prefill: only the driver caches

@@ -97,3 +97,22 @@ def test_bench_memory_prints_peak_held_and_bandwidth(tiny_release):
     assert float(held.rsplit("(", 1)[1].split("x")[0]) <= 1.1, held
     assert "prefill 4" in out and "decode 1" in out and "x the checkpoint" in out
     assert "weights read per decode token" in out and "of the measured read bandwidth" in out
+
+
+def test_default_prefill_chunk_keeps_activations_a_small_share_of_the_weights(tiny_release):
+    """Without --prefill-chunk, a chunk's fp32 activations stay within max(256 MiB, 15% of the weights): at
+    V4-Flash's widths on a 3-layer checkpoint (3.2 GB) 1024 tokens would hold ~1.1 GB (peak RSS 1.41x the
+    checkpoint, measured); small presets and the full V4-Flash keep 1024; an explicit chunk is honoured."""
+    from flashport.config import ModelConfig
+    from flashport.engine import Engine
+    from flashport.model import PREFILL_CHUNK, default_prefill_chunk, stored_bytes, workspace_bytes
+
+    shaped = ModelConfig.preset("v4-flash").override(
+        {"num_hidden_layers": 3, "n_routed_experts": 16, "compress_ratios": [0, 4, 128], "num_nextn_predict_layers": 0})
+    chunk = default_prefill_chunk(shaped, 3_224_000_000)
+    assert chunk < PREFILL_CHUNK and workspace_bytes(shaped, chunk, 2 * chunk) <= 0.15 * 3_224_000_000
+    assert workspace_bytes(shaped, PREFILL_CHUNK, 2 * PREFILL_CHUNK) > 0.15 * 3_224_000_000
+    assert default_prefill_chunk(ModelConfig.preset("v4-flash"), 160 * 10**9) == PREFILL_CHUNK
+    eng = Engine.load(tiny_release, backend="torch")
+    assert eng.prefill_chunk == PREFILL_CHUNK and stored_bytes(eng.model) >= tensor_bytes(tiny_release)
+    assert Engine.load(tiny_release, backend="torch", prefill_chunk=64).prefill_chunk == 64
