@@ -24,4 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_pre", &flashport::hc_pre);
   m.def("hc_post", &flashport::hc_post);
   m.def("attention", &flashport::attention);
+  m.def("indexer_fp4_scores", &flashport::indexer_fp4_scores);
+  m.def("indexer_fp4_topk", &flashport::indexer_fp4_topk);
 }
