@@ -20,15 +20,17 @@ from ..quant.index_numerics import CODE_OFFSET, FP4_BLOCK, index_scores
 from . import cpu_quant, reference
 
 GROUP = 16  # entries per interleaved group (indexer_fp4.cpp)
+ALIGN = 2 * GROUP  # capacity granule: the D = 32 kernel reads groups in pairs
 
 
 class Fp4Keys:
     """Append-only FP4 keys [n, D]: codes + 12 as uint8 [G, D/4, 16, 4] and scales 2**(e-1) fp32 [G, D/32, 16]
-    (G groups of 16 entries), the kernel's layout. `n` rows are filled; capacity grows by doubling."""
+    (G groups of 16 entries), the kernel's layout. `n` rows are filled; capacity (a multiple of 32 entries) grows
+    by doubling."""
 
     def __init__(self, dim: int, capacity: int = 256, device=None):
         self.dim, self.n = dim, 0
-        self._alloc(max(GROUP, -(-capacity // GROUP) * GROUP), device)
+        self._alloc(max(ALIGN, -(-capacity // ALIGN) * ALIGN), device)
 
     def _alloc(self, cap: int, device=None):
         g, d = cap // GROUP, self.dim
@@ -43,7 +45,7 @@ class Fp4Keys:
         """codes int8 [w, D], exps int [w, D/32] (index_numerics.fp4_quantize) for the next w entries."""
         w = codes.shape[0]
         if self.n + w > self.capacity:
-            self._alloc(max(2 * self.capacity, -(-(self.n + w) // GROUP) * GROUP), self.codes.device)
+            self._alloc(max(2 * self.capacity, -(-(self.n + w) // ALIGN) * ALIGN), self.codes.device)
         e = torch.arange(self.n, self.n + w, device=self.codes.device)
         g, lane = e // GROUP, e % GROUP
         c = (codes.to(torch.int16) + CODE_OFFSET).to(torch.uint8).view(w, self.dim // 4, 4)

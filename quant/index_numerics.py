@@ -22,8 +22,6 @@ what the CPU kernel computes (kernels/cpu/indexer_fp4.cpp; `index_scores` below 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -33,24 +31,22 @@ FP4_AMAX_FLOOR = 6 * 2.0 ** -126  # fp4_quant_kernel's lower bound on a block's 
 CODE_OFFSET = 12           # codes + 12 fit uint8 [0, 24]: the VNNI kernel's unsigned operand
 
 
-@functools.lru_cache(maxsize=8)
-def _hadamard_matrix(d: int) -> Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < d:  # Sylvester: [[H, H], [H, -H]]
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h * d ** -0.5
-
-
 def check_dim(d: int) -> None:
     if d < FP4_BLOCK or d % FP4_BLOCK or d & (d - 1):
         raise ValueError(f"the indexer's release numerics need a power-of-two head dim >= {FP4_BLOCK}, not {d}")
 
 
 def hadamard(x: Tensor) -> Tensor:
-    """x [..., d] (d a power of two) -> x @ H_d / sqrt(d): the release's `rotate_activation` (orthonormal)."""
-    d = x.shape[-1]
+    """x [..., d] (d a power of two) -> x @ H_d / sqrt(d): the release's `rotate_activation` (orthonormal), as
+    log2(d) butterflies of adds and subtracts (fast_hadamard_transform's algorithm; elementwise ops, no matmul)."""
+    *lead, d = x.shape
     check_dim(d)
-    return x @ _hadamard_matrix(d).to(x.device, x.dtype)
+    y, h = x.reshape(-1, d), 1
+    while h < d:  # pairs (i, i + h) within blocks of 2h: the Sylvester matrix's order
+        y = y.view(-1, d // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return y.reshape(*lead, d) * d ** -0.5
 
 
 def fp4_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,16 +79,19 @@ def fp4_round(x: Tensor) -> Tensor:
 
 
 def index_scores(q_codes: Tensor, q_exps: Tensor, weights: Tensor, k_codes: Tensor, k_exps: Tensor) -> Tensor:
-    """The indexer's scores in release numerics, in the exact order of operations of the CPU kernel:
+    """The indexer's scores in release numerics, in the exact order of operations of the CPU kernel. With
+    I[t, h, n, b] the exact integer dot product of the codes of block b, qs = 2**(qe - 1), ks = 2**(ke - 1):
 
-        d[t, h, n] = sum over blocks b, in order, of (I[t,h,n,b] * 2**(qe[t,h,b] - 1)) * 2**(ke[n,b] - 1)
-        s[t, n]    = sum over heads h, in order, of weights[t, h] * ReLU(d[t, h, n])       (fp32, no FMA)
+      one block (D = 32):  s[t, n] = ks[n] * sum over h, in order, of (weights[t, h] * qs[t, h]) * ReLU(I)
+      several blocks:      d[t, h, n] = sum over b, in order, of (I * qs[t, h, b]) * ks[n, b]
+                           s[t, n]    = sum over h, in order, of weights[t, h] * ReLU(d[t, h, n])
 
-    with I the exact integer dot product of the codes of block b (a product of a small integer and powers of two
-    is exact in fp32, so only the sums round, and they round the same way in both implementations).
+    fp32, every multiply and add rounded on its own. A product of a small integer and powers of two is exact, so
+    only the sums round, the same way in both implementations; the two forms are equal wherever nothing
+    underflows (scaling by a power of two commutes with rounding), the first is cheaper.
 
     q_codes int8 [T, H, D], q_exps int [T, H, D/32], weights fp32 [T, H] (all scaling folded in), k_codes int8
-    [n, D], k_exps int [n, D/32] -> scores fp32 [T, n]. Memory: [T, n] per head, one head at a time.
+    [n, D], k_exps int [n, D/32] -> scores fp32 [T, n]. Memory: a few [T, n] at a time.
     """
     T, H, D = q_codes.shape
     nb = D // FP4_BLOCK
@@ -100,11 +99,16 @@ def index_scores(q_codes: Tensor, q_exps: Tensor, weights: Tensor, k_codes: Tens
     ks = torch.ldexp(torch.ones(k_exps.shape), k_exps.to(torch.int32) - 1)  # [n, nb]
     kf = k_codes.float()
     s = torch.zeros(T, k_codes.shape[0])
+    if nb == 1:
+        wq = weights * qs[:, :, 0]  # exact
+        for h in range(H):
+            s = s + wq[:, h, None] * (q_codes[:, h].float() @ kf.T).clamp_min(0)  # exact integers (|I| <= 4608)
+        return s * ks[None, :, 0]
     for h in range(H):
         d = torch.zeros_like(s)
         for b in range(nb):
             blk = slice(b * FP4_BLOCK, (b + 1) * FP4_BLOCK)
-            i = q_codes[:, h, blk].float() @ kf[:, blk].T  # exact integers (|I| <= 32 * 144)
+            i = q_codes[:, h, blk].float() @ kf[:, blk].T
             d = d + i * qs[:, h, b, None] * ks[None, :, b]
         s = s + weights[:, h, None] * d.clamp_min(0)
     return s

@@ -1,11 +1,15 @@
 // The lightning indexer in the release's FP4 numerics: scores and top-k without materialising [T, H, n].
 //
 // Torch reference: flashport.quant.index_numerics.index_scores (same order of operations, hence the same bits)
-// and flashport.backends.indexer_fp4 (the selection and its tie rule). Per query t and compressed entry e:
+// and flashport.backends.indexer_fp4 (the selection and its tie rule). Per query t and compressed entry e, with
+// I[h, b] = sum_{j in block b} qc[t, h, j] * kc[e, j] the exact int32 dot product of the e2m1 codes (x2, int8):
 //
-//   I[h, b]  = sum_{j in block b} qc[t, h, j] * kc[e, j]                 exact int32 (e2m1 codes x2, int8)
-//   d[h]     = sum_b, in order, (float(I[h, b]) * qs[t, h, b]) * ks[e, b]   products exact (powers of two)
-//   s[e]     = sum_h, in order, w[t, h] * max(d[h], 0)                      fp32, mul then add (no FMA)
+//   one block (D = 32):  s[e] = ks[e] * sum_h, in order, (w[t, h] * qs[t, h]) * float(max(I[h], 0))
+//   several blocks:      d[h] = sum_b, in order, (float(I[h, b]) * qs[t, h, b]) * ks[e, b]
+//                        s[e] = sum_h, in order, w[t, h] * max(d[h], 0)
+//
+// fp32, each multiply and add rounded on its own (no FMA). Products by the power-of-two scales are exact, so the
+// two forms agree wherever nothing underflows; the first saves the per-head scaling in the inner loop.
 //
 // Keys are stored interleaved for VNNI (flashport.backends.indexer_fp4.Fp4Keys): 16 entries per group, codes
 // + 12 as uint8 [G, D/4, 16, 4] (one zmm = 4 consecutive dims of 16 entries) and scales fp32 [G, D/32, 16].
@@ -33,13 +37,62 @@ constexpr int64_t OFFSET = 12;  // codes are stored + 12 (unsigned)
 constexpr int64_t TILE = 64;    // groups per tile (1024 entries: 32 KB of codes at D = 32)
 constexpr int64_t QBLOCK = 8;   // queries per block passing over a tile
 constexpr int64_t SEGMENT = 256;  // groups per decode segment (4096 entries)
+constexpr int64_t PARALLEL_WORK = int64_t(1) << 26;  // multiply-adds below which the selection stays on one thread
 
 struct Query {
   const int8_t* qc;   // [H, D]
   const float* qs;    // [H, nb]
   const float* w;     // [H]
   const int32_t* corr;  // [H, nb]: 12 * sum of the block's codes
+  const float* wq;    // [H]: w * qs (one block only)
 };
+
+// D = 32 (one FP4 block): scores of two groups (32 entries) for one query -> out[32]. The keys stay in registers
+// over the heads; each query broadcast serves both groups.
+inline void pair_scores_d32(const Query& q, const uint8_t* kc, const float* ks, int64_t H, float* out) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+  __m512i k0[8], k1[8];
+  for (int g = 0; g < 8; g++) {
+    k0[g] = _mm512_loadu_si512(kc + g * 64);
+    k1[g] = _mm512_loadu_si512(kc + 512 + g * 64);
+  }
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t h = 0; h < H; h++) {
+    const int8_t* qh = q.qc + h * 32;
+    __m512i a0 = zero, a1 = zero;
+    for (int g = 0; g < 8; g++) {
+      int32_t qv;
+      std::memcpy(&qv, qh + g * 4, 4);
+      const __m512i b = _mm512_set1_epi32(qv);
+      a0 = _mm512_dpbusd_epi32(a0, k0[g], b);
+      a1 = _mm512_dpbusd_epi32(a1, k1[g], b);
+    }
+    const __m512i c = _mm512_set1_epi32(q.corr[h]);
+    const __m512 wq = _mm512_set1_ps(q.wq[h]);
+    s0 = _mm512_add_ps(s0, _mm512_mul_ps(wq, _mm512_cvtepi32_ps(_mm512_max_epi32(_mm512_sub_epi32(a0, c), zero))));
+    s1 = _mm512_add_ps(s1, _mm512_mul_ps(wq, _mm512_cvtepi32_ps(_mm512_max_epi32(_mm512_sub_epi32(a1, c), zero))));
+  }
+  _mm512_storeu_ps(out, _mm512_mul_ps(s0, _mm512_loadu_ps(ks)));
+  _mm512_storeu_ps(out + 16, _mm512_mul_ps(s1, _mm512_loadu_ps(ks + 16)));
+#else
+  for (int half = 0; half < 2; half++) {
+    const uint8_t* kg = kc + half * 512;
+    float s[16] = {0};
+    for (int64_t h = 0; h < H; h++) {
+      for (int l = 0; l < 16; l++) {
+        int32_t acc = 0;
+        for (int g = 0; g < 8; g++)
+          for (int j = 0; j < 4; j++) acc += int32_t(kg[g * 64 + l * 4 + j]) * int32_t(q.qc[h * 32 + g * 4 + j]);
+        acc -= q.corr[h];
+        const float m = q.wq[h] * float(acc > 0 ? acc : 0);
+        s[l] = s[l] + m;
+      }
+    }
+    for (int l = 0; l < 16; l++) out[half * 16 + l] = s[l] * ks[half * 16 + l];
+  }
+#endif
+}
 
 // scores of one group of 16 entries for one query -> out[16]
 inline void group_scores(const Query& q, const uint8_t* kc, const float* ks, int64_t H, int64_t D, float* out) {
@@ -116,6 +169,7 @@ struct Heap {  // the `cap` best (score, entry) seen so far
 
 struct Prepared {
   std::vector<int32_t> corr;  // [T, H, nb]
+  std::vector<float> wq;      // [T, H]
   std::vector<Query> q;
 };
 
@@ -129,9 +183,11 @@ Prepared prepare(const Tensor& qc, const Tensor& qs, const Tensor& w) {
     for (int64_t j = 0; j < BLOCK; j++) sum += c[i * BLOCK + j];
     p.corr[i] = int32_t(OFFSET) * sum;
   }
+  const float *qsp = qs.data_ptr<float>(), *wp = w.data_ptr<float>();
+  p.wq.resize(T * H);
+  for (int64_t i = 0; i < T * H; i++) p.wq[i] = wp[i] * qsp[i * nb];  // exact: qs is a power of two
   for (int64_t t = 0; t < T; t++)
-    p.q.push_back({c + t * H * D, qs.data_ptr<float>() + t * H * nb, w.data_ptr<float>() + t * H,
-                   p.corr.data() + t * H * nb});
+    p.q.push_back({c + t * H * D, qsp + t * H * nb, wp + t * H, p.corr.data() + t * H * nb, p.wq.data() + t * H});
   return p;
 }
 
@@ -143,7 +199,18 @@ void check(const Tensor& qc, const Tensor& qs, const Tensor& w, const Tensor& kc
   TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.numel() == T * H, "w: fp32 [T, H]");
   TORCH_CHECK(kc.scalar_type() == at::kByte && kc.is_contiguous(), "kc: uint8, interleaved");
   TORCH_CHECK(ks.scalar_type() == at::kFloat && ks.is_contiguous(), "ks: fp32, interleaved");
-  TORCH_CHECK(kc.numel() % (GROUP * D) == 0 && kc.numel() / D == ks.numel() / (D / BLOCK), "keys do not fit");
+  TORCH_CHECK(kc.numel() % (2 * GROUP * D) == 0 && kc.numel() / D == ks.numel() / (D / BLOCK), "keys do not fit");
+}
+
+// scores of `step` groups from group g (2 groups for D = 32, else 1) -> out[16 * step]
+inline int64_t groups_step(int64_t D) { return D == BLOCK ? 2 : 1; }
+inline void scores_at(const Query& q, const uint8_t* kcp, const float* ksp, int64_t g, int64_t H, int64_t D,
+                      float* out) {
+  const int64_t nb = D / BLOCK;
+  if (D == BLOCK)
+    pair_scores_d32(q, kcp + g * GROUP * D, ksp + g * GROUP, H, out);
+  else
+    group_scores(q, kcp + g * GROUP * D, ksp + g * nb * GROUP, H, D, out);
 }
 
 }  // namespace
@@ -160,14 +227,16 @@ Tensor indexer_fp4_scores(const Tensor& qc, const Tensor& qs, const Tensor& w, c
   const uint8_t* kcp = kc.data_ptr<uint8_t>();
   const float* ksp = ks.data_ptr<float>();
   const int64_t G = (n + GROUP - 1) / GROUP;
+  const int64_t step = groups_step(D);
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    float buf[GROUP];
+    float buf[2 * GROUP];
     for (int64_t t = t0; t < t1; t++)
-      for (int64_t g = 0; g < G; g++) {
-        group_scores(p.q[t], kcp + g * GROUP * D, ksp + g * nb * GROUP, H, D, buf);
-        for (int64_t l = 0; l < GROUP && g * GROUP + l < n; l++) o[t * n + g * GROUP + l] = buf[l];
+      for (int64_t g = 0; g < G; g += step) {
+        scores_at(p.q[t], kcp, ksp, g, H, D, buf);
+        for (int64_t l = 0; l < step * GROUP && g * GROUP + l < n; l++) o[t * n + g * GROUP + l] = buf[l];
       }
   });
+  (void)nb;
   return out;
 }
 
@@ -190,14 +259,16 @@ std::tuple<Tensor, Tensor> indexer_fp4_topk(const Tensor& qc, const Tensor& qs, 
   const int64_t groups = (maxlim + GROUP - 1) / GROUP;
   const int64_t nqb = (T + QBLOCK - 1) / QBLOCK;
   // few query blocks (decode): split the entries too, so every thread has work; the segments' heaps merge after
-  const int64_t threads = at::get_num_threads();
-  const int64_t nseg = nqb >= 2 * threads ? 1 : std::max<int64_t>(1, std::min<int64_t>((groups + SEGMENT - 1) / SEGMENT,
-                                                                                      4 * threads));
-  const int64_t seg_groups = (groups + nseg - 1) / std::max<int64_t>(nseg, 1);
+  // (a parallel region costs milliseconds on a loaded machine when a thread waits for a core: small work stays
+  // on one thread)
+  const int64_t threads = at::get_num_threads(), step = groups_step(D);
+  const bool big = int64_t(T) * maxlim * H * D >= PARALLEL_WORK;
+  const int64_t nseg = !big || nqb >= 2 * threads ? 1 : std::min<int64_t>((groups + SEGMENT - 1) / SEGMENT, 2 * threads);
+  const int64_t seg_groups = ((groups + nseg - 1) / nseg + step - 1) / step * step;
   std::vector<Heap> heaps(T * nseg);
   for (auto& hp : heaps) hp.cap = k + 1;
-  at::parallel_for(0, nqb * nseg, 1, [&](int64_t i0, int64_t i1) {
-    float buf[GROUP];
+  at::parallel_for(0, nqb * nseg, big ? 1 : nqb * nseg, [&](int64_t i0, int64_t i1) {
+    float buf[2 * GROUP];
     for (int64_t item = i0; item < i1; item++) {
       const int64_t qb = item / nseg, seg = item % nseg;
       const int64_t ta = qb * QBLOCK, tb = std::min(T, ta + QBLOCK);
@@ -208,9 +279,9 @@ std::tuple<Tensor, Tensor> indexer_fp4_topk(const Tensor& qc, const Tensor& qs, 
           if (lim[t] <= k) continue;  // everything visible is chosen: no scores needed
           Heap& hp = heaps[t * nseg + seg];
           const int64_t gl = std::min(g1, (lim[t] + GROUP - 1) / GROUP);
-          for (int64_t g = g0; g < gl; g++) {
-            group_scores(p.q[t], kcp + g * GROUP * D, ksp + g * nb * GROUP, H, D, buf);
-            const int64_t lanes = std::min<int64_t>(GROUP, lim[t] - g * GROUP);
+          for (int64_t g = g0; g < gl; g += step) {
+            scores_at(p.q[t], kcp, ksp, g, H, D, buf);
+            const int64_t lanes = std::min<int64_t>(step * GROUP, lim[t] - g * GROUP);
             for (int64_t l = 0; l < lanes; l++)
               if (buf[l] > hp.thr) hp.push(buf[l], g * GROUP + l);
           }
