@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..quant.index_numerics import CODE_OFFSET, FP4_BLOCK, index_scores
+from ..quant.index_numerics import CODE_OFFSET, FP4_BLOCK, fp4_quantize, hadamard, index_scores
 from . import cpu_quant, reference
 
 GROUP = 16  # entries per interleaved group (indexer_fp4.cpp)
@@ -63,6 +63,17 @@ class Fp4Keys:
 
 def _mod(*tensors: Tensor):
     return cpu_quant.ext() if all(t.is_cpu for t in tensors) else None
+
+
+def rotate_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [..., D] fp32 -> fp4_quantize(hadamard(x)): (codes int8 [..., D], exponents int32 [..., D/32]); one C++
+    call on the CPU, bit-identical to the torch ops."""
+    mod = _mod(x)
+    if mod is None or x.dtype != torch.float32:
+        return fp4_quantize(hadamard(x))
+    *lead, d = x.shape
+    codes, exps = mod.fp4_rotate_quantize(x.reshape(-1, d).contiguous())
+    return codes.view(*lead, d), exps.view(*lead, d // FP4_BLOCK)
 
 
 def scores(q_codes: Tensor, q_exps: Tensor, weights: Tensor, keys: Fp4Keys, n: int) -> Tensor:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .backends.contract import QuantWeight
 from .backends.dispatch import REFERENCE, Ops
 from .backends.indexer_fp4 import Fp4Keys
+from .backends.indexer_fp4 import rotate_quantize
 from .backends.indexer_fp4 import select as fp4_select
 from .backends.reference import topk_indices
 from .config import ModelConfig
@@ -363,7 +364,7 @@ class Indexer(Module):
         if ps.numerics != "release":
             visible = torch.arange(n)[None, :] < limits[:, None]  # [T, n]
             return None, self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
-        qc, qe = fp4_quantize(hadamard(q))
+        qc, qe = rotate_quantize(q)  # the release's rotate_activation + fp4_act_quant
         idx = fp4_select(qc, qe, weights * self.dim ** -0.5, ps.fp4_keys(), limits, n, self.topk)  # [T, k]
         picked = idx >= 0
         cols = torch.unique(idx[picked])  # ascending

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashport.backends import cpu_quant, reference
-from flashport.backends.indexer_fp4 import Fp4Keys, scores, select
+from flashport.backends.indexer_fp4 import Fp4Keys, rotate_quantize, scores, select
 from flashport.config import PRESETS, ModelConfig
 from flashport.model import PoolState, SeqState, Transformer
 from flashport.quant.index_numerics import fp4_dequantize, fp4_quantize, fp4_round, hadamard, index_scores
@@ -51,6 +51,21 @@ def test_fp4_quantize_is_the_release_recipe():
     assert codes.dtype == torch.int8 and set(codes.abs().unique().tolist()) <= {0, 1, 2, 3, 4, 6, 8, 12}
     assert torch.equal(fp4_dequantize(codes, e), got)
     assert torch.equal(fp4_round(got), got)  # idempotent: stored keys re-quantize to themselves
+
+
+@pytest.mark.skipif(cpu_quant.ext() is None, reason="C++ extension unavailable")
+def test_rotate_quantize_kernel_is_bit_identical():
+    torch.manual_seed(1)
+    x = torch.randn(300, 4, 64) * torch.logspace(-4, 4, 300)[:, None, None]
+    x[0, 0] = 0.0  # rotated to exact e2m1 midpoints: 8 * (a e0 + b e1) -> +-(a + b), +-(a - b) = 5, 3.5
+    x[0, 0, 0], x[0, 0, 1] = 8 * 4.25, 8 * 0.75
+    c, e = rotate_quantize(x)
+    assert set(c[0, 0].abs().tolist()) == {8}  # 5 and 3.5 (scale 1) both round to 4: ties to even
+    c2, e2 = fp4_quantize(hadamard(x))
+    assert torch.equal(c, c2) and torch.equal(e, e2)
+    y = torch.zeros(2, 32)  # zeros: the amax floor
+    y[1] = 1.0
+    assert torch.equal(torch.cat(rotate_quantize(y), 1), torch.cat(fp4_quantize(hadamard(y)), 1))
 
 
 def test_hadamard_is_orthonormal():

@@ -26,4 +26,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &flashport::attention);
   m.def("indexer_fp4_scores", &flashport::indexer_fp4_scores);
   m.def("indexer_fp4_topk", &flashport::indexer_fp4_topk);
+  m.def("fp4_rotate_quantize", &flashport::fp4_rotate_quantize);
 }

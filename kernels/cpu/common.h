@@ -78,6 +78,7 @@ Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const 
 // quant/index_numerics.py index_scores, backends/indexer_fp4.py select)
 Tensor indexer_fp4_scores(const Tensor& qc, const Tensor& qs, const Tensor& w, const Tensor& kc, const Tensor& ks,
                           int64_t n);
+std::tuple<Tensor, Tensor> fp4_rotate_quantize(const Tensor& x);
 std::tuple<Tensor, Tensor> indexer_fp4_topk(const Tensor& qc, const Tensor& qs, const Tensor& w, const Tensor& kc,
                                             const Tensor& ks, const Tensor& limits, int64_t k);
 

@@ -240,6 +240,51 @@ Tensor indexer_fp4_scores(const Tensor& qc, const Tensor& qs, const Tensor& w, c
   return out;
 }
 
+// x fp32 [R, D] -> (codes int8 [R, D], exponents int32 [R, D/32]): hadamard then fp4_quantize of
+// flashport.quant.index_numerics, bit for bit (the same butterflies in the same order, then the same rounding)
+std::tuple<Tensor, Tensor> fp4_rotate_quantize(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: fp32 [R, D], contiguous");
+  const int64_t R = x.size(0), D = x.size(1), nb = D / BLOCK;
+  TORCH_CHECK(D >= BLOCK && D % BLOCK == 0 && (D & (D - 1)) == 0, "D must be a power of two >= 32");
+  Tensor codes = at::empty({R, D}, at::kChar), exps = at::empty({R, nb}, at::kInt);
+  const float* xp = x.data_ptr<float>();
+  int8_t* cp = codes.data_ptr<int8_t>();
+  int32_t* ep = exps.data_ptr<int32_t>();
+  const float norm = float(std::pow(double(D), -0.5));  // torch multiplies by the Python float cast to fp32
+  at::parallel_for(0, R, std::max<int64_t>(1, PARALLEL_WORK / 64 / (D * D)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> y(D), t(D);
+    for (int64_t r = r0; r < r1; r++) {
+      std::memcpy(y.data(), xp + r * D, D * sizeof(float));
+      for (int64_t h = 1; h < D; h *= 2) {  // pairs (i, i + h) within blocks of 2h
+        for (int64_t b = 0; b < D; b += 2 * h)
+          for (int64_t i = b; i < b + h; i++) {
+            t[i] = y[i] + y[i + h];
+            t[i + h] = y[i] - y[i + h];
+          }
+        std::swap(y, t);
+      }
+      for (int64_t i = 0; i < D; i++) y[i] = y[i] * norm;
+      for (int64_t b = 0; b < nb; b++) {
+        const float* v = y.data() + b * BLOCK;
+        float amax = 0.f;
+        for (int64_t j = 0; j < BLOCK; j++) amax = std::max(amax, std::fabs(v[j]));
+        amax = std::max(amax, 6.f * std::ldexp(1.f, -126)) * (1.f / 6.f);
+        int e;
+        const float mant = std::frexp(amax, &e);  // amax = mant * 2**e: ceil(log2) is e, or e - 1 at mant 0.5
+        if (mant == 0.5f) e -= 1;
+        ep[r * nb + b] = e;
+        for (int64_t j = 0; j < BLOCK; j++) {
+          const float q = std::min(std::max(std::ldexp(v[j], -e), -6.f), 6.f), a = std::fabs(q);
+          // nearest e2m1 value, ties to even (nearbyint rounds half to even, as torch.round)
+          const float c = a < 2.f ? std::nearbyint(a * 2.f) : a < 4.f ? 2.f * std::nearbyint(a) : 4.f * std::nearbyint(a * 0.5f);
+          cp[r * D + b * BLOCK + j] = int8_t(q < 0.f ? -c : c);
+        }
+      }
+    }
+  });
+  return {codes, exps};
+}
+
 // -> (idx int64 [T, k]: each query's top-k among entries 0..limits[t]-1, -1 padded; tied bool [T])
 std::tuple<Tensor, Tensor> indexer_fp4_topk(const Tensor& qc, const Tensor& qs, const Tensor& w, const Tensor& kc,
                                             const Tensor& ks, const Tensor& limits, int64_t k) {
