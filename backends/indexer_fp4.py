@@ -111,7 +111,7 @@ def select(q_codes: Tensor, q_exps: Tensor, weights: Tensor, keys: Fp4Keys, limi
         if lim <= k:
             idx[t] = torch.where(torch.arange(k, device=idx.device) < lim, torch.arange(k, device=idx.device), -1)
             continue
-        row = scores(q_codes[t:t + 1], q_exps[t:t + 1], weights[t:t + 1], keys, n)
+        row = scores(q_codes[t:t + 1], q_exps[t:t + 1], weights[t:t + 1], keys, n)  # [1, n]
         row[:, lim:] = float("-inf")
         top = reference.topk_indices(row, k)[0]
         idx[t] = torch.where(top < lim, top, -1)

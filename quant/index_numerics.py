@@ -95,10 +95,10 @@ def index_scores(q_codes: Tensor, q_exps: Tensor, weights: Tensor, k_codes: Tens
     """
     T, H, D = q_codes.shape
     nb = D // FP4_BLOCK
-    qs = torch.ldexp(torch.ones(q_exps.shape), q_exps.to(torch.int32) - 1)  # [T, H, nb]
-    ks = torch.ldexp(torch.ones(k_exps.shape), k_exps.to(torch.int32) - 1)  # [n, nb]
+    qs = torch.ldexp(torch.ones(q_exps.shape, device=q_exps.device), q_exps.to(torch.int32) - 1)  # [T, H, nb]
+    ks = torch.ldexp(torch.ones(k_exps.shape, device=k_exps.device), k_exps.to(torch.int32) - 1)  # [n, nb]
     kf = k_codes.float()
-    s = torch.zeros(T, k_codes.shape[0])
+    s = torch.zeros(T, k_codes.shape[0], device=k_codes.device)
     if nb == 1:
         wq = weights * qs[:, :, 0]  # exact
         for h in range(H):
