@@ -18,6 +18,7 @@ rows together, attention runs per sequence.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass, field
 
@@ -145,9 +146,9 @@ class PoolState:
                                   with epb = kv_block_tokens // m. A view of `store`'s preallocated rows (`append`);
                                   assigning another tensor (a KV restore) is fine: the next append copies it once.
     numerics        what the entries are rounded to as they are made (flashport.quant.kv_numerics: "fp32",
-                    "bf16" or "release", FP8 e4m3 + BF16 RoPE dims); entries stay float32 tensors. In "release",
-                    the CSA indexer's keys are also Hadamard-rotated and FP4-rounded first, as the release's
-                    indexer keeps them (flashport.quant.index_numerics; `Indexer`)
+                    "bf16" or "release", FP8 e4m3 + BF16 RoPE dims); entries stay float32 tensors
+    official        the CSA indexer's pool only: the release's indexer numerics (`official_numerics`, `Indexer`):
+                    its keys are Hadamard-rotated and FP4-rounded before the KV rounding
     replay          True while the sequence re-runs tokens whose entries `entries` already holds (a prefix-cache
                     window rebuild, flashport.kv): the compressor advances kv/gate/overlap and appends nothing.
                     Each query's causal limit hides the entries past its position, so attention is unchanged.
@@ -160,6 +161,7 @@ class PoolState:
     overlap_gate: Tensor | None = None
     numerics: str = "fp32"
     replay: bool = False
+    official: bool = False
     store: EntryStore | None = field(default=None, repr=False, compare=False)
 
     def _store(self, fp4: bool) -> EntryStore:
@@ -190,17 +192,30 @@ class LayerState:
     index: PoolState | None = None
 
     @staticmethod
-    def empty(cfg: ModelConfig, layer: int, numerics: str = "fp32") -> "LayerState":
-        def pool(c: int, dim: int) -> PoolState:
-            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim), numerics=numerics)
+    def empty(cfg: ModelConfig, layer: int, numerics: str = "fp32", official_index: bool = False) -> "LayerState":
+        def pool(c: int, dim: int, official: bool = False) -> PoolState:
+            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim), numerics=numerics,
+                             official=official)
 
         kind, dh = cfg.layer_kind(layer), cfg.head_dim
         st = LayerState(window=torch.zeros(0, dh))
         if kind == "hca":
             st.comp = pool(dh, dh)
         if kind == "csa":
-            st.comp, st.index = pool(2 * dh, dh), pool(2 * cfg.index_head_dim, cfg.index_head_dim)
+            st.comp, st.index = pool(2 * dh, dh), pool(2 * cfg.index_head_dim, cfg.index_head_dim, official_index)
         return st
+
+
+INDEX_NUMERICS_ENV = "FLASHPORT_INDEX_NUMERICS"
+
+
+def official_index_default() -> bool:
+    """Whether new sequences use the release's indexer numerics (`Indexer`): FLASHPORT_INDEX_NUMERICS=release;
+    unset or fp32: transformers' fp32 indexer. Raises ValueError on another value."""
+    v = os.environ.get(INDEX_NUMERICS_ENV, "fp32")
+    if v not in ("fp32", "release"):
+        raise ValueError(f"{INDEX_NUMERICS_ENV} must be fp32 or release, not {v!r}")
+    return v == "release"
 
 
 @dataclass
@@ -211,9 +226,11 @@ class SeqState:
     layers: list[LayerState]
 
     @staticmethod
-    def empty(cfg: ModelConfig, numerics: str = "fp32") -> "SeqState":
-        """A new sequence whose compressed entries and indexer keys are kept in `numerics` (PoolState)."""
-        return SeqState(0, [LayerState.empty(cfg, i, numerics) for i in range(cfg.num_hidden_layers)])
+    def empty(cfg: ModelConfig, numerics: str = "fp32", official_index: bool | None = None) -> "SeqState":
+        """A new sequence whose compressed entries and indexer keys are kept in `numerics` (PoolState), scored by
+        the indexer in the release's numerics when `official_index` (default: `official_index_default()`)."""
+        official = official_index_default() if official_index is None else bool(official_index)
+        return SeqState(0, [LayerState.empty(cfg, i, numerics, official) for i in range(cfg.num_hidden_layers)])
 
     def tensors(self) -> dict[str, Tensor]:
         """Flat `layer.part.field` -> tensor view of the whole state (for saving, hashing, comparing)."""
@@ -325,7 +342,7 @@ class Compressor(Module):
         n0 = ps.entries.shape[0]
         cos, sin = rope(m * n0, m * (n0 + w), m)  # RoPE at each window's first token
         new = self.ops.rope(new, cos, sin)
-        fp4 = self.rotate and ps.numerics == "release"
+        fp4 = self.rotate and ps.official
         if fp4:  # the release indexer's keys: rotate, then FP4 (exact in the KV rounding below for these values)
             new = fp4_round(hadamard(new))
         ps.append(round_kv(new, ps.numerics, 2 * cos.shape[-1]), fp4=fp4)  # the KV's numerics
@@ -335,9 +352,9 @@ class Compressor(Module):
 class Indexer(Module):
     """Lightning indexer: scores compressed entries per query, sum_h w_h * ReLU(q_h . k), keeps the top-k.
 
-    Two numerics, chosen by the numerics of the sequence's indexer keys (PoolState.numerics):
-      fp32 / bf16  transformers' indexer (`ops.indexer_topk`, the backend op): fp32 queries and keys.
-      release      the release's (`official_numerics`, flashport.quant.index_numerics): queries and keys
+    Two numerics, chosen per sequence by its indexer pool (PoolState.official, SeqState.empty):
+      default      transformers' indexer (`ops.indexer_topk`, the backend op): fp32 queries and keys.
+      official     the release's (`official_numerics`, flashport.quant.index_numerics): queries and keys
                    Hadamard-rotated and FP4 (e2m1, UE8M0 scale per 32), scored in exact integer arithmetic by
                    flashport.backends.indexer_fp4 (a C++ kernel on the CPU: tiles of entries, no [T, n] tensor).
     """
@@ -361,7 +378,7 @@ class Indexer(Module):
             return None, torch.arange(n)[None, :] < limits[:, None]
         q = self.ops.rope(self.wq_b(qr).view(-1, self.n_heads, self.dim), cos, sin)  # [T, Hi, Di]
         weights = self.weights_proj(x) * self.n_heads ** -0.5  # [T, Hi]
-        if ps.numerics != "release":
+        if not ps.official:
             visible = torch.arange(n)[None, :] < limits[:, None]  # [T, n]
             return None, self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
         qc, qe = rotate_quantize(q)  # the release's rotate_activation + fp4_act_quant

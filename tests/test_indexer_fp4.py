@@ -162,15 +162,15 @@ def test_entries_are_appended_in_place_and_copies_stay_valid():
 
 
 def test_release_numerics_indexer_in_the_model():
-    """In release KV numerics the indexer's keys are rotated FP4 values, its picks come from the FP4 kernel, and a
-    prefill in chunks reaches the same picks as one shot (the scores are exact, so no near-tie can flip)."""
+    """With the release's indexer numerics the indexer's keys are rotated FP4 values and its picks come from the
+    FP4 kernel; a prefill in chunks stays close to one shot; off by default (transformers' fp32 indexer)."""
     torch.manual_seed(0)
     cfg = ModelConfig(**PRESETS["flash-tiny"])
     model = Transformer(cfg)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     ids = torch.randint(0, cfg.vocab_size, (160,))
-    one, chunked = SeqState.empty(cfg, "release"), SeqState.empty(cfg, "release")
+    one, chunked = SeqState.empty(cfg, "release", True), SeqState.empty(cfg, "release", True)
     with torch.no_grad():
         a = model(ids, one)
         b = torch.cat([model(ids[i:i + 40], chunked) for i in range(0, len(ids), 40)])
@@ -178,8 +178,18 @@ def test_release_numerics_indexer_in_the_model():
     assert idx.entries.shape[0] == 40 > cfg.index_topk
     assert torch.equal(fp4_round(idx.entries), idx.entries)
     assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-3)
-    fp32 = SeqState.empty(cfg)
+    fp32 = SeqState.empty(cfg, "release")
+    assert not fp32.layers[2].index.official
     with torch.no_grad():
         c = model(ids, fp32)
     assert not torch.equal(fp32.layers[2].index.entries, idx.entries)  # the fp32 path is transformers' (unrotated)
     assert (a - c).abs().max() < 1.0
+
+
+def test_official_index_numerics_switch(monkeypatch):
+    cfg = ModelConfig(**PRESETS["flash-tiny"])
+    monkeypatch.setenv("FLASHPORT_INDEX_NUMERICS", "release")
+    assert SeqState.empty(cfg).layers[2].index.official and SeqState.empty(cfg).clone().layers[2].index.official
+    monkeypatch.setenv("FLASHPORT_INDEX_NUMERICS", "fp4")
+    with pytest.raises(ValueError, match="FLASHPORT_INDEX_NUMERICS must be fp32 or release"):
+        SeqState.empty(cfg)
