@@ -144,7 +144,7 @@ class KVManager:
         self.cfg, self.block = cfg, cfg.kv_block_tokens
         self.dtype = check_kv_dtype(dtype)
         self.official_index = official_index_default()  # the indexer's keys in the release's numerics (model.py)
-        self.namespace = f"{namespace}-{dtype}" + ("-fp4index" if self.official_index else "")
+        self.namespace = f"{namespace}{'-fp4index' if self.official_index else ''}-{dtype}"
         self.strategy = Strategy.parse(strategy, self.block)
         self.layout = kv_layout(cfg, dtype)
         self.tiers = [MemoryTier("host", memory_capacity)]
