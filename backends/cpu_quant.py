@@ -65,7 +65,7 @@ FMT_F32, FMT_BF16, FMT_I8, FMT_I4, FMT_FP8, FMT_MXFP4 = 0, 1, 2, 3, 4, 5
 
 # The kernels' sources (kernels/cpu/ beside this package's backends/, in a checkout and in an installed wheel)
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels" / "cpu"
-KERNEL_SOURCES = ("quant_gemv.cpp", "fused_ops.cpp", "bindings.cpp")
+KERNEL_SOURCES = ("quant_gemv.cpp", "fused_ops.cpp", "indexer_fp4.cpp", "bindings.cpp")
 
 # Every constant the C++ shares with Python, passed as -D flags (kernels/cpu/common.h declares them from these and
 # refuses to build without them): one definition each, here or in flashport.quant.

@@ -20,7 +20,9 @@ rows together, attention runs per sequence.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,12 @@ from torch import Tensor, nn
 
 from .backends.contract import QuantWeight
 from .backends.dispatch import REFERENCE, Ops
+from .backends.indexer_fp4 import Fp4Keys
+from .backends.indexer_fp4 import rotate_quantize
+from .backends.indexer_fp4 import select as fp4_select
 from .backends.reference import topk_indices
 from .config import ModelConfig
+from .quant.index_numerics import fp4_quantize, fp4_round, hadamard
 from .quant.kv_numerics import round_kv
 
 
@@ -97,6 +103,42 @@ class RopeTable:
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding state
 # ---------------------------------------------------------------------------------------------------------------
+class EntryStore:
+    """Preallocated rows behind a PoolState's `entries` (append-only): capacity grows by doubling, `entries` is a
+    view of the filled rows, so appending w entries costs O(w), not a copy of all n (torch.cat per chunk did).
+
+    Only the PoolState that made the store appends in place (`owner`); a copy of that PoolState (a session
+    snapshot, `SeqState.clone`) shares the view but not the right to write past it, so it starts its own store on
+    its first append, and rows another state can see are never written. `fp4`: the CSA indexer's keys in release
+    numerics also keep their FP4 codes (flashport.backends.indexer_fp4.Fp4Keys, the scoring kernel's layout)."""
+
+    def __init__(self, owner: "PoolState", rows: Tensor, fp4: bool):
+        n, d = rows.shape
+        self.owner, self.n = weakref.ref(owner), n
+        self.buf = rows.new_empty(max(2 * n, 256), d)
+        self.buf[:n] = rows
+        self.fp4 = Fp4Keys(d, self.buf.shape[0], rows.device) if fp4 else None
+        if fp4 and n:
+            self.fp4.append(*fp4_quantize(rows))
+
+    def valid_for(self, ps: "PoolState") -> bool:
+        """True when `ps` owns this store and its entries are still the store's view (not reassigned)."""
+        e = ps.entries
+        return self.owner() is ps and e.shape[0] == self.n and (self.n == 0 or e.data_ptr() == self.buf.data_ptr())
+
+    def append(self, new: Tensor) -> Tensor:
+        w = new.shape[0]
+        if self.n + w > self.buf.shape[0]:
+            buf = self.buf.new_empty(max(2 * self.buf.shape[0], self.n + w), self.buf.shape[1])
+            buf[:self.n] = self.buf[:self.n]
+            self.buf = buf
+        self.buf[self.n:self.n + w] = new
+        if self.fp4 is not None:
+            self.fp4.append(*fp4_quantize(new))
+        self.n += w
+        return self.buf[:self.n]
+
+
 @dataclass
 class PoolState:
     """One compressor's state. After t tokens with rate m:
@@ -105,9 +147,12 @@ class PoolState:
     overlap_kv/gate [m, dim]     CSA only: the Ca half of the last full window (gate incl. positional bias);
                                  it feeds the next window's entry. None before the first full window.
     entries         [t // m, dim] compressed entries, append-only; block b holds rows b*epb .. (b+1)*epb - 1
-                                  with epb = kv_block_tokens // m
+                                  with epb = kv_block_tokens // m. A view of `store`'s preallocated rows (`append`);
+                                  assigning another tensor (a KV restore) is fine: the next append copies it once.
     numerics        what the entries are rounded to as they are made (flashport.quant.kv_numerics: "fp32",
                     "bf16" or "release", FP8 e4m3 + BF16 RoPE dims); entries stay float32 tensors
+    official        the CSA indexer's pool only: the release's indexer numerics (`official_numerics`, `Indexer`):
+                    its keys are Hadamard-rotated and FP4-rounded before the KV rounding
     replay          True while the sequence re-runs tokens whose entries `entries` already holds (a prefix-cache
                     window rebuild, flashport.kv): the compressor advances kv/gate/overlap and appends nothing.
                     Each query's causal limit hides the entries past its position, so attention is unchanged.
@@ -120,6 +165,21 @@ class PoolState:
     overlap_gate: Tensor | None = None
     numerics: str = "fp32"
     replay: bool = False
+    official: bool = False
+    store: EntryStore | None = field(default=None, repr=False, compare=False)
+
+    def _store(self, fp4: bool) -> EntryStore:
+        if self.store is None or not self.store.valid_for(self) or (fp4 and self.store.fp4 is None):
+            self.store = EntryStore(self, self.entries, fp4)
+        return self.store
+
+    def append(self, new: Tensor, fp4: bool = False) -> None:
+        """Append rows [w, dim] to `entries` in place (amortised O(w)); fp4: keep their FP4 codes too."""
+        self.entries = self._store(fp4).append(new)
+
+    def fp4_keys(self) -> Fp4Keys:
+        """The FP4 codes of every entry (built once from `entries` after a restore or a copy, then appended)."""
+        return self._store(True).fp4
 
 
 @dataclass
@@ -136,17 +196,30 @@ class LayerState:
     index: PoolState | None = None
 
     @staticmethod
-    def empty(cfg: ModelConfig, layer: int, numerics: str = "fp32") -> "LayerState":
-        def pool(c: int, dim: int) -> PoolState:
-            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim), numerics=numerics)
+    def empty(cfg: ModelConfig, layer: int, numerics: str = "fp32", official_index: bool = False) -> "LayerState":
+        def pool(c: int, dim: int, official: bool = False) -> PoolState:
+            return PoolState(torch.zeros(0, c), torch.zeros(0, c), torch.zeros(0, dim), numerics=numerics,
+                             official=official)
 
         kind, dh = cfg.layer_kind(layer), cfg.head_dim
         st = LayerState(window=torch.zeros(0, dh))
         if kind == "hca":
             st.comp = pool(dh, dh)
         if kind == "csa":
-            st.comp, st.index = pool(2 * dh, dh), pool(2 * cfg.index_head_dim, cfg.index_head_dim)
+            st.comp, st.index = pool(2 * dh, dh), pool(2 * cfg.index_head_dim, cfg.index_head_dim, official_index)
         return st
+
+
+INDEX_NUMERICS_ENV = "FLASHPORT_INDEX_NUMERICS"
+
+
+def official_index_default() -> bool:
+    """Whether new sequences use the release's indexer numerics (`Indexer`): FLASHPORT_INDEX_NUMERICS=release;
+    unset or fp32: transformers' fp32 indexer. Raises ValueError on another value."""
+    v = os.environ.get(INDEX_NUMERICS_ENV, "fp32")
+    if v not in ("fp32", "release"):
+        raise ValueError(f"{INDEX_NUMERICS_ENV} must be fp32 or release, not {v!r}")
+    return v == "release"
 
 
 @dataclass
@@ -157,9 +230,11 @@ class SeqState:
     layers: list[LayerState]
 
     @staticmethod
-    def empty(cfg: ModelConfig, numerics: str = "fp32") -> "SeqState":
-        """A new sequence whose compressed entries and indexer keys are kept in `numerics` (PoolState)."""
-        return SeqState(0, [LayerState.empty(cfg, i, numerics) for i in range(cfg.num_hidden_layers)])
+    def empty(cfg: ModelConfig, numerics: str = "fp32", official_index: bool | None = None) -> "SeqState":
+        """A new sequence whose compressed entries and indexer keys are kept in `numerics` (PoolState), scored by
+        the indexer in the release's numerics when `official_index` (default: `official_index_default()`)."""
+        official = official_index_default() if official_index is None else bool(official_index)
+        return SeqState(0, [LayerState.empty(cfg, i, numerics, official) for i in range(cfg.num_hidden_layers)])
 
     def tensors(self) -> dict[str, Tensor]:
         """Flat `layer.part.field` -> tensor view of the whole state (for saving, hashing, comparing)."""
@@ -176,7 +251,7 @@ class SeqState:
     def clone(self) -> "SeqState":
         def cp(ps):
             return None if ps is None else PoolState(**{k: v.clone() if isinstance(v, Tensor) else v
-                                                        for k, v in vars(ps).items()})
+                                                        for k, v in vars(ps).items() if k != "store"})
 
         return SeqState(self.n_tokens, [LayerState(st.window.clone(), cp(st.comp), cp(st.index)) for st in self.layers])
 
@@ -249,11 +324,14 @@ class Compressor(Module):
     overlap=True is CSA's two-series scheme: each token projects to 2*dim channels; Ca = [:dim] feeds the NEXT
     window's entry and Cb = [dim:] the current one, so entry w pools 2m slots (width 2m, stride m). Before the
     first window the Ca slots are empty (gate -inf, weight 0).
+
+    rotate=True is the indexer's compressor (the release's `Compressor(..., rotate=True)`): in release numerics
+    its entries are Hadamard-rotated and FP4-rounded (flashport.quant.index_numerics) before the KV rounding.
     """
 
-    def __init__(self, cfg: ModelConfig, rate: int, dim: int, overlap: bool):
+    def __init__(self, cfg: ModelConfig, rate: int, dim: int, overlap: bool, rotate: bool = False):
         super().__init__()
-        self.rate, self.dim, self.overlap = rate, dim, overlap
+        self.rate, self.dim, self.overlap, self.rotate = rate, dim, overlap, rotate
         c = 2 * dim if overlap else dim
         self.wkv, self.wgate = Linear(c, cfg.hidden_size), Linear(c, cfg.hidden_size)
         self.ape = _param(rate, c)
@@ -279,31 +357,54 @@ class Compressor(Module):
         new = self.norm(self.ops.compress_pool(kv, gate))  # [w, d]
         n0 = ps.entries.shape[0]
         cos, sin = rope(m * n0, m * (n0 + w), m)  # RoPE at each window's first token
-        new = round_kv(self.ops.rope(new, cos, sin), ps.numerics, 2 * cos.shape[-1])  # the KV's numerics
-        ps.entries = torch.cat([ps.entries, new])
+        new = self.ops.rope(new, cos, sin)
+        fp4 = self.rotate and ps.official
+        if fp4:  # the release indexer's keys: rotate, then FP4 (exact in the KV rounding below for these values)
+            new = fp4_round(hadamard(new))
+        ps.append(round_kv(new, ps.numerics, 2 * cos.shape[-1]), fp4=fp4)  # the KV's numerics
         return ps.entries
 
 
 class Indexer(Module):
-    """Lightning indexer: scores compressed entries per query, sum_h w_h * ReLU(q_h . k), keeps the top-k."""
+    """Lightning indexer: scores compressed entries per query, sum_h w_h * ReLU(q_h . k), keeps the top-k.
+
+    Two numerics, chosen per sequence by its indexer pool (PoolState.official, SeqState.empty):
+      default      transformers' indexer (`ops.indexer_topk`, the backend op): fp32 queries and keys.
+      official     the release's (`official_numerics`, flashport.quant.index_numerics): queries and keys
+                   Hadamard-rotated and FP4 (e2m1, UE8M0 scale per 32), scored in exact integer arithmetic by
+                   flashport.backends.indexer_fp4 (a C++ kernel on the CPU: tiles of entries, no [T, n] tensor).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.dim, self.topk, self.rate = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.csa_rate
         self.wq_b = Linear(self.n_heads * self.dim, cfg.q_lora_rank)
         self.weights_proj = Linear(self.n_heads, cfg.hidden_size)
-        self.compressor = Compressor(cfg, cfg.csa_rate, self.dim, overlap=True)
+        self.compressor = Compressor(cfg, cfg.csa_rate, self.dim, overlap=True, rotate=True)
 
-    def forward(self, x: Tensor, qr: Tensor, pos: Tensor, ps: PoolState, rope: RopeTable, cos, sin) -> Tensor:
-        """-> chosen [T, n] bool: the compressed entries each query attends to (its top-k of the visible ones)."""
+    def forward(self, x: Tensor, qr: Tensor, pos: Tensor, ps: PoolState, rope: RopeTable, cos,
+                sin) -> tuple[Tensor | None, Tensor]:
+        """-> (cols, chosen): the compressed entries each query attends to (its top-k of the visible ones) as
+        chosen [T, u] bool over the entries `cols` [u] (ascending indices), or over all n entries when cols is
+        None. The release path returns only the union of the chunk's picks (u <= T * topk, whatever n)."""
         keys = self.compressor(x, ps, rope)  # [n, Di]
         n = keys.shape[0]
-        visible = torch.arange(n)[None, :] < ((pos + 1) // self.rate)[:, None]  # [T, n] causal over windows
+        limits = (pos + 1) // self.rate  # [T]: query t sees entries 0..limits[t]-1 (causal over windows)
         if n <= self.topk:  # every visible entry is in the top-k: indexer_topk's result, without scoring
-            return visible
+            return None, torch.arange(n)[None, :] < limits[:, None]
         q = self.ops.rope(self.wq_b(qr).view(-1, self.n_heads, self.dim), cos, sin)  # [T, Hi, Di]
         weights = self.weights_proj(x) * self.n_heads ** -0.5  # [T, Hi]
-        return self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
+        if not ps.official:
+            visible = torch.arange(n)[None, :] < limits[:, None]  # [T, n]
+            return None, self.ops.indexer_topk(q, keys, weights, visible, self.topk)  # [T, n] bool
+        qc, qe = rotate_quantize(q)  # the release's rotate_activation + fp4_act_quant
+        idx = fp4_select(qc, qe, weights * self.dim ** -0.5, ps.fp4_keys(), limits, n, self.topk)  # [T, k]
+        picked = idx >= 0
+        cols = torch.unique(idx[picked])  # ascending
+        chosen = torch.zeros(idx.shape[0], len(cols), dtype=torch.bool)
+        rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)[picked]
+        chosen[rows, torch.searchsorted(cols, idx[picked])] = True
+        return cols, chosen
 
 
 class Attention(Module):
@@ -363,7 +464,9 @@ class Attention(Module):
             entries = self.compressor(x, st.comp, rope)  # [n, Dh]
             rate = cfg.csa_rate if self.kind == "csa" else cfg.hca_rate
             if self.kind == "csa":  # sparse: only the indexer's top-k; HCA: dense over every complete entry
-                visible = self.indexer(x, qr, pos, st.index, rope, cos, sin)  # [T, n]
+                cols, visible = self.indexer(x, qr, pos, st.index, rope, cos, sin)  # [T, n] or [T, u]
+                if cols is not None:  # only these entries can be seen by any query of the chunk
+                    entries = entries[cols]
             elif decode and entries.shape[0] == (p0 + 1) // rate:  # every entry is complete: all visible
                 visible = None
             else:

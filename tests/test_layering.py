@@ -35,6 +35,7 @@ LAYERS = [
     ("backends", ["flashport.backends", "flashport.backends.contract", "flashport.backends.dispatch",
                   "flashport.backends.registry", "flashport.backends.reference", "flashport.backends.torch_backend",
                   "flashport.backends.torch_fast", "flashport.backends.cpu_quant", "flashport.backends.cpu_build",
+                  "flashport.backends.indexer_fp4",
                   "flashport.kernels", "flashport.kernels.*"]),
     ("model", ["flashport.model"]),
     ("readers", ["flashport.checkpoint", "flashport.bundle", "flashport.signing"]),

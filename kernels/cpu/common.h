@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if !defined(FLASHPORT_MAX_ROWS) || !defined(FLASHPORT_FMT_I4) || !defined(FLASHPORT_FP8_BLOCK) || \
@@ -99,5 +100,13 @@ std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor
                            int64_t iters, double eps, double norm_eps);
 Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
 Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
+
+// indexer_fp4.cpp: the lightning indexer in the release's FP4 numerics (torch reference:
+// quant/index_numerics.py index_scores, backends/indexer_fp4.py select)
+Tensor indexer_fp4_scores(const Tensor& qc, const Tensor& qs, const Tensor& w, const Tensor& kc, const Tensor& ks,
+                          int64_t n);
+std::tuple<Tensor, Tensor> fp4_rotate_quantize(const Tensor& x);
+std::tuple<Tensor, Tensor> indexer_fp4_topk(const Tensor& qc, const Tensor& qs, const Tensor& w, const Tensor& kc,
+                                            const Tensor& ks, const Tensor& limits, int64_t k);
 
 }  // namespace flashport

@@ -30,7 +30,7 @@ import numpy
 import torch
 
 from ..config import ModelConfig
-from ..model import SeqState
+from ..model import SeqState, official_index_default
 from ..quant.kv_numerics import check_kv_dtype, pack_kv, unpack_kv
 from .layout import format_bytes, kv_layout
 from .store import DiskKVStore, FormatError, ReadBatch, body_layout, chain_hashes
@@ -149,7 +149,8 @@ class KVManager:
         Raises KVStoreBusy when another process holds `root`."""
         self.cfg, self.block = cfg, cfg.kv_block_tokens
         self.dtype = check_kv_dtype(dtype)
-        self.namespace = f"{namespace}-{dtype}"
+        self.official_index = official_index_default()  # the indexer's keys in the release's numerics (model.py)
+        self.namespace = f"{namespace}{'-fp4index' if self.official_index else ''}-{dtype}"
         self.strategy = Strategy.parse(strategy, self.block)
         self.layout = kv_layout(cfg, dtype)
         self.tiers = [MemoryTier("host", memory_capacity)]
@@ -167,7 +168,7 @@ class KVManager:
 
     def new_state(self) -> SeqState:
         """An empty sequence whose compressed entries are kept in this cache's numerics."""
-        return SeqState.empty(self.cfg, self.dtype)
+        return SeqState.empty(self.cfg, self.dtype, self.official_index)
 
     # -- keys, shapes ----------------------------------------------------------------------------------------
     @staticmethod
@@ -487,7 +488,8 @@ class KVManager:
     def _numerics_match(self, state: SeqState) -> bool:
         """Only a sequence made in this cache's numerics may be stored: its bytes must be the bytes it used."""
         ps = next((ls.comp for ls in state.layers if ls.comp is not None), None)
-        if ps is None or ps.numerics == self.dtype:
+        idx = next((ls.index for ls in state.layers if ls.index is not None), None)
+        if (ps is None or ps.numerics == self.dtype) and (idx is None or idx.official == self.official_index):
             return True
         if "numerics" not in self._logged:
             self._logged.add("numerics")
