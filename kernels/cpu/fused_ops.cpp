@@ -247,36 +247,54 @@ static inline __m512 exp512(__m512 x) {
 }
 #endif
 
-// lg[0:FA_KT] = (q . keys[s]) * scale + bias[s] from the transposed tile kT [Dh, FA_KT]; columns >= n are -inf
-static inline void fa_logits(const float* qa, const float* kT, const float* b, int64_t n, int64_t Dh, float scale,
-                             float* lg) {
+// NP (query, head) pairs at once, so that each load of the key tile serves NP of them:
+// lg[i][0:FA_KT] = (q_i . keys[s]) * scale + bias_i[s] from the transposed tile kT [Dh, FA_KT] (columns >= n are
+// -inf); mx[i] = the largest of them
+template <int NP>
+static inline void fa_logits(const float* const* qa, const float* kT, const float* const* b, int64_t n, int64_t Dh,
+                             float scale, float* lg, float* mx) {
 #ifdef __AVX512F__
-  static_assert(FA_KT == 64, "four zmm accumulators");
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  static_assert(FA_KT == 64, "four zmm per pair");
+  __m512 a[NP][4];
+  for (int i = 0; i < NP; i++)
+    for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < Dh; d++) {
-    const __m512 qd = _mm512_set1_ps(qa[d]);
     const float* k = kT + d * FA_KT;
-    a0 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k), a0);
-    a1 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k + 16), a1);
-    a2 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k + 32), a2);
-    a3 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(k + 48), a3);
+    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
+                 k3 = _mm512_loadu_ps(k + 48);
+    for (int i = 0; i < NP; i++) {
+      const __m512 qd = _mm512_set1_ps(qa[i][d]);
+      a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
+      a[i][2] = _mm512_fmadd_ps(qd, k2, a[i][2]);
+      a[i][3] = _mm512_fmadd_ps(qd, k3, a[i][3]);
+    }
   }
   const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
-  __m512 acc[4] = {a0, a1, a2, a3};
-  for (int j = 0; j < 4; j++) {
-    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * j));
-    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    _mm512_storeu_ps(lg + 16 * j, _mm512_add_ps(_mm512_mul_ps(acc[j], sc), _mm512_mask_loadu_ps(ninf, m, b + 16 * j)));
+  for (int i = 0; i < NP; i++) {
+    __m512 m = ninf;
+    for (int j = 0; j < 4; j++) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * j));
+      const __mmask16 k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(a[i][j], sc), _mm512_mask_loadu_ps(ninf, k, b[i] + 16 * j));
+      _mm512_storeu_ps(lg + i * FA_KT + 16 * j, v);
+      m = _mm512_max_ps(m, v);
+    }
+    mx[i] = _mm512_reduce_max_ps(m);
   }
 #else
-  for (int64_t s = 0; s < FA_KT; s++) lg[s] = 0.f;
-  for (int64_t d = 0; d < Dh; d++) {
-    const float qd = qa[d];
-    const float* k = kT + d * FA_KT;
-    #pragma omp simd
-    for (int64_t s = 0; s < FA_KT; s++) lg[s] += qd * k[s];
+  for (int i = 0; i < NP; i++) {
+    float* l = lg + i * FA_KT;
+    for (int64_t s = 0; s < FA_KT; s++) l[s] = 0.f;
+    for (int64_t d = 0; d < Dh; d++) {
+      const float qd = qa[i][d];
+      const float* k = kT + d * FA_KT;
+      #pragma omp simd
+      for (int64_t s = 0; s < FA_KT; s++) l[s] += qd * k[s];
+    }
+    mx[i] = -INFINITY;
+    for (int64_t s = 0; s < FA_KT; s++) mx[i] = std::max(mx[i], l[s] = s < n ? l[s] * scale + b[i][s] : -INFINITY);
   }
-  for (int64_t s = 0; s < FA_KT; s++) lg[s] = s < n ? lg[s] * scale + b[s] : -INFINITY;
 #endif
 }
 
@@ -298,6 +316,69 @@ static inline float fa_exp(float* lg, float M) {
 #endif
 }
 
+// o_i[0:Dh] += sum_s p_i[s] * k[s] over the tile's n keys k [n, Dh], for NP pairs (each key load serves NP)
+template <int NP>
+static inline void fa_accumulate(const float* p, const float* k, int64_t n, int64_t Dh, float* const* o) {
+  int64_t d0 = 0;
+#ifdef __AVX512F__
+  for (; d0 + 64 <= Dh; d0 += 64) {
+    __m512 a[NP][4];
+    for (int i = 0; i < NP; i++)
+      for (int j = 0; j < 4; j++) a[i][j] = _mm512_loadu_ps(o[i] + d0 + 16 * j);
+    for (int64_t s = 0; s < n; s++) {
+      bool any = false;
+      for (int i = 0; i < NP; i++) any |= p[i * FA_KT + s] != 0.f;
+      if (!any) continue;  // hidden from every pair (bias -inf): adds exactly nothing
+      const float* ks = k + s * Dh + d0;
+      const __m512 k0 = _mm512_loadu_ps(ks), k1 = _mm512_loadu_ps(ks + 16), k2 = _mm512_loadu_ps(ks + 32),
+                   k3 = _mm512_loadu_ps(ks + 48);
+      for (int i = 0; i < NP; i++) {
+        const __m512 w = _mm512_set1_ps(p[i * FA_KT + s]);
+        a[i][0] = _mm512_fmadd_ps(w, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(w, k1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(w, k2, a[i][2]);
+        a[i][3] = _mm512_fmadd_ps(w, k3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < NP; i++)
+      for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[i] + d0 + 16 * j, a[i][j]);
+  }
+#endif
+  if (d0 == Dh) return;
+  for (int i = 0; i < NP; i++)
+    for (int64_t s = 0; s < n; s++) {
+      const float w = p[i * FA_KT + s];
+      if (w == 0.f) continue;
+      const float* ks = k + s * Dh;
+      float* oi = o[i];
+      #pragma omp simd
+      for (int64_t d = d0; d < Dh; d++) oi[d] += w * ks[d];
+    }
+}
+
+// One group of NP (query, head) pairs over one tile: logits, the online-softmax update, the weighted keys.
+template <int NP>
+static inline void fa_group(const int64_t* pairs, const float* const* qa, const float* const* b, const float* kT,
+                            const float* k, int64_t n, int64_t Dh, float scale, float* M, float* L, float* acc) {
+  alignas(64) float lg[NP * FA_KT];
+  float mx[NP];
+  float* o[NP];
+  fa_logits<NP>(qa, kT, b, n, Dh, scale, lg, mx);
+  for (int i = 0; i < NP; i++) {
+    const int64_t a = pairs[i];
+    o[i] = acc + a * Dh;
+    if (mx[i] > M[a]) {  // the max grew: rescale what was summed so far
+      const float c = std::exp(M[a] - mx[i]);
+      L[a] *= c;
+      #pragma omp simd
+      for (int64_t d = 0; d < Dh; d++) o[i][d] *= c;
+      M[a] = mx[i];
+    }
+    L[a] += fa_exp(lg + i * FA_KT, M[a]);
+  }
+  fa_accumulate<NP>(lg, k, n, Dh, o);
+}
+
 Tensor flash_attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_,
                        double scale_) {
   Tensor q = q_.contiguous(), keys = keys_.contiguous(), bias = bias_.contiguous(), sink = sink_.contiguous();
@@ -310,11 +391,12 @@ Tensor flash_attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias
   float* op = out.data_ptr<float>();
   const float scale = float(scale_);
   const int64_t nb = (T + FA_QB - 1) / FA_QB;
+  constexpr int NP = 4;  // pairs per group: 16 zmm accumulators
   at::parallel_for(0, nb, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(FA_QB * H * S * Dh, 1)),
                    [&](int64_t b0, int64_t b1) {
     std::vector<float> kT(Dh * FA_KT), M(FA_QB * H), L(FA_QB * H), acc(FA_QB * H * Dh);
-    alignas(64) float lg[FA_KT];
-    bool sees[FA_QB];
+    std::vector<int64_t> pairs(FA_QB * H);
+    std::vector<const float*> qa(FA_QB * H), bb(FA_QB * H);
     for (int64_t blk = b0; blk < b1; blk++) {
       const int64_t t0 = blk * FA_QB, nr = std::min(FA_QB, T - t0);
       for (int64_t r = 0; r < nr; r++)
@@ -322,41 +404,26 @@ Tensor flash_attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t s0 = 0; s0 < S; s0 += FA_KT) {
         const int64_t n = std::min(FA_KT, S - s0);
-        bool any = false;
+        int64_t np = 0;  // the pairs whose row sees some key of the tile
         for (int64_t r = 0; r < nr; r++) {
           const float* b = bp + (t0 + r) * S + s0;
           bool v = false;
           for (int64_t s = 0; s < n; s++) v |= b[s] > -INFINITY;
-          any |= (sees[r] = v);
-        }
-        if (!any) continue;  // every key of the tile is hidden from the block: it adds exactly nothing
-        for (int64_t d = 0; d < Dh; d++)
-          for (int64_t s = 0; s < FA_KT; s++) kT[d * FA_KT + s] = s < n ? kp[(s0 + s) * Dh + d] : 0.f;
-        for (int64_t r = 0; r < nr; r++) {
-          if (!sees[r]) continue;
+          if (!v) continue;
           for (int64_t h = 0; h < H; h++) {
-            const int64_t a = r * H + h;
-            fa_logits(qp + ((t0 + r) * H + h) * Dh, kT.data(), bp + (t0 + r) * S + s0, n, Dh, scale, lg);
-            float mx = lg[0];
-            for (int64_t s = 1; s < n; s++) mx = std::max(mx, lg[s]);
-            float* o = acc.data() + a * Dh;
-            if (mx > M[a]) {  // the max grew: rescale what was summed so far
-              const float c = std::exp(M[a] - mx);
-              L[a] *= c;
-              #pragma omp simd
-              for (int64_t d = 0; d < Dh; d++) o[d] *= c;
-              M[a] = mx;
-            }
-            L[a] += fa_exp(lg, M[a]);
-            for (int64_t s = 0; s < n; s++) {
-              const float w = lg[s];
-              if (w == 0.f) continue;  // a hidden key (bias -inf) adds exactly nothing
-              const float* k = kp + (s0 + s) * Dh;
-              #pragma omp simd
-              for (int64_t d = 0; d < Dh; d++) o[d] += w * k[d];
-            }
+            pairs[np] = r * H + h, qa[np] = qp + ((t0 + r) * H + h) * Dh, bb[np] = b;
+            np++;
           }
         }
+        if (!np) continue;  // every key of the tile is hidden from the block: it adds exactly nothing
+        for (int64_t d = 0; d < Dh; d++)
+          for (int64_t s = 0; s < FA_KT; s++) kT[d * FA_KT + s] = s < n ? kp[(s0 + s) * Dh + d] : 0.f;
+        const float* k = kp + s0 * Dh;
+        int64_t g = 0;
+        for (; g + NP <= np; g += NP)
+          fa_group<NP>(&pairs[g], &qa[g], &bb[g], kT.data(), k, n, Dh, scale, M.data(), L.data(), acc.data());
+        for (; g < np; g++)
+          fa_group<1>(&pairs[g], &qa[g], &bb[g], kT.data(), k, n, Dh, scale, M.data(), L.data(), acc.data());
       }
       for (int64_t r = 0; r < nr; r++)
         for (int64_t h = 0; h < H; h++) {
