@@ -8,7 +8,8 @@ few large torch ops), and the weight ops run on cpu_quant's compact weights (bf1
 Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   rope           BIT-EXACT (same elementwise fp32 ops, no FMA contraction)
   compress_pool  the reference itself (rarely called in decode)
-  rms_norm, hc_pre, hc_post, hc_head, attention (C++ for T <= 8, else blocked torch), linear, grouped_linear, moe
+  rms_norm, hc_pre, hc_post, hc_head, attention (C++: per row for T <= 8, online softmax over key tiles above),
+                 linear, grouped_linear, moe
                  TOLERANCE-BOUND: fp32 with another summation order (and libm's exp); 1e-5 relative
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
                  differently; exact ties follow the reference's rule (reference.topk_indices); with
@@ -70,10 +71,15 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
     output allocated; tolerance-bound), or without it one fused SDPA call where the sink is an extra key of zeros
     (it adds nothing to the output) whose logit is the head's sink (through the mask).
 
-    Prefill: the reference's math per block of PREFILL_BLOCK queries over only the keys that block can see (a
-    column whose bias is -inf for every query of the block contributes exactly 0): V4's masks are sparse (a
-    sliding window of W raw keys, the top-k of the compressed entries), so a block reads ~W + k keys, not all S."""
+    Prefill: one C++ call with an online softmax over tiles of keys (`flash_attention` in
+    kernels/cpu/fused_ops.cpp: no [T, S] logits, tiles hidden from a block of queries skipped; tolerance-bound,
+    1e-5 relative); without it the reference's math per block of PREFILL_BLOCK queries over only the keys that
+    block can see (a column whose bias is -inf for every query of the block contributes exactly 0): V4's masks are
+    sparse (a sliding window of W raw keys, the top-k of the compressed entries), so a block reads ~W + k keys."""
     T, H, Dh = q.shape
+    mod = _fast(q, keys, bias, sink)
+    if T > cpu_quant.GEMV_MAX_ROWS and mod is not None:
+        return mod.flash_attention(q, keys, bias, sink, scale)
     if T > cpu_quant.GEMV_MAX_ROWS:  # torch's CPU SDPA with a float mask was measured 4x slower here
         seen = bias > float("-inf")  # [T, S]
         out = []
@@ -82,7 +88,6 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
             cols = seen[rows].any(0).nonzero()[:, 0]  # [S'] the keys some query of the block sees
             out.append(reference.attention(q[rows], keys[cols], bias[rows, cols], sink, scale))
         return torch.cat(out)
-    mod = _fast(q, keys, bias, sink)
     if mod is not None:
         return mod.attention(q, keys, bias, sink, scale)
     return sdpa_attention(q, keys, bias, sink, scale)

@@ -259,6 +259,19 @@ class SeqState:
 # ---------------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------------
+def attention_bias(seen: list[Tensor]) -> Tensor:
+    """The attention bias [T, sum S_i] (fp32: 0 where seen, -inf where hidden) of bool masks [T, S_i] for
+    consecutive parts of the keys, written into one allocation: a cat of per-part biases would copy the largest
+    tensor of a long chunk once more (an HCA layer's [1024, 33K] at 1M tokens: 135 MB)."""
+    out = torch.empty(seen[0].shape[0], sum(m.shape[1] for m in seen))
+    zero, hidden = torch.zeros(()), torch.full((), -math.inf)
+    c = 0
+    for m in seen:
+        torch.where(m, zero, hidden, out=out[:, c:c + m.shape[1]])
+        c += m.shape[1]
+    return out
+
+
 def _param(*shape, fill: float = 0.0) -> nn.Parameter:
     return nn.Parameter(torch.full(shape, fill), requires_grad=False)
 
@@ -458,7 +471,7 @@ class Attention(Module):
             keys = st.window
         else:
             dist = pos[:, None] - (first + torch.arange(keys.shape[0]))[None, :]  # [T, S]
-            bias = torch.zeros(T, keys.shape[0]).masked_fill_((dist < 0) | (dist >= W), -math.inf)
+            seen = [(dist >= 0) & (dist < W)]  # what each query sees, per part of the keys: built into one bias
 
         if self.kind != "swa":
             entries = self.compressor(x, st.comp, rope)  # [n, Dh]
@@ -475,13 +488,15 @@ class Attention(Module):
                 keys = torch.cat([keys, entries if visible is None else entries[visible[0]]])
             else:
                 keys = torch.cat([keys, entries])
-                bias = torch.cat([bias, torch.zeros(visible.shape).masked_fill_(~visible, -math.inf)], dim=1)
+                seen.append(visible)
         if decode:
             out = self.ops.attn_output(q, keys, self.attn_sink, cfg.head_dim ** -0.5, cos, sin, self.wo_a, cfg.o_groups,
                                        self.wo_b)  # the lines below with a zero bias, fused
             if out is not None:
                 return out
             bias = keys.new_zeros(1, keys.shape[0])
+        else:
+            bias = attention_bias(seen)
         o = self.ops.attention(q, keys, bias, self.attn_sink, cfg.head_dim ** -0.5)  # [T, H, Dh]
         o = self.ops.rope(o, cos, sin, inverse=True)  # K = V carried RoPE into the output: rotate it back
         o = self.wo_a(o.reshape(T, cfg.o_groups, -1))  # [T, G, H*Dh/G] -> [T, G, R]

@@ -329,7 +329,9 @@ def test_sigkill_during_writes_serves_only_exact_blocks(tiny_release, tmp_path):
             ids = torch.randint(2, 8000, (8 * B + 3,), generator=torch.Generator().manual_seed(s)).tolist() + [11]
             _, logits, st = eng.prefill_cached(ids)
             assert st.error == ""
-            assert (logits - eng.prefill(ids, eng.new_state())).abs().max() < 1e-4
+            # the fast ops are tolerance-bound and a restore runs other chunks than a recompute (~1e-4 on these
+            # O(5) logits); a wrong block moves them by O(1)
+            assert (logits - eng.prefill(ids, eng.new_state())).abs().max() < 1e-3
             hits += st.loaded_tokens > 0
         eng.close()
     assert hits > 0

@@ -68,7 +68,7 @@ def test_hc_pre_post(T):
                                        for T, S in ((1, 40), (6, 70), (1, 200))] + [("attention", 20, 90)])
 def test_attention(impl, T, S):
     """Decode rows (T <= 8) run the C++ kernel (`attention`) or SDPA (`sdpa_attention`, without the kernels),
-    prefill (T = 20) the blocked reference: each within 1e-5 of the reference."""
+    prefill (T = 20) the online-softmax kernel (or the blocked reference): each within 1e-5 of the reference."""
     H, Dh = 4, 32
     q, keys, sink = randn(T, H, Dh), randn(S, Dh), randn(H)
     bias = torch.zeros(T, S).masked_fill_(torch.rand(T, S, generator=G) < 0.3, float("-inf"))
@@ -86,6 +86,44 @@ def test_decode_attention_runs_the_kernel(monkeypatch):
     q, keys, sink = randn(1, 8, 128), randn(130, 128), randn(8)
     bias = torch.zeros(1, 130)
     close(torch_fast.attention(q, keys, bias, sink, 128 ** -0.5), reference.attention(q, keys, bias, sink, 128 ** -0.5))
+
+
+@needs_ext
+@pytest.mark.parametrize("T,S,Dh", [(37, 1000, 64), (130, 70, 32), (9, 64, 24), (16, 129, 64)])
+def test_flash_attention_kernel(T, S, Dh):
+    """The prefill kernel (online softmax over tiles of 64 keys, blocks of 16 queries) within 1e-5 relative of the
+    reference: T and S not multiples of the block and tile, -inf columns, a row that sees only the sink (output
+    0), whole tiles hidden from a block, logits that grow along the keys (the running max moves every tile, so
+    the rescaling is exercised) and an HCA-like mask (a window of raw keys plus a prefix of the entries)."""
+    H = 4
+    mod = cpu_quant.ext()
+    q, keys, sink = randn(T, H, Dh), randn(S, Dh), randn(H)
+    keys = keys * torch.linspace(0.2, 3.0, S)[:, None]  # later keys larger: the max grows tile after tile
+    q[:, :, :] += keys.mean(0)  # ... and aligned with the queries
+    bias = torch.zeros(T, S).masked_fill_(torch.rand(T, S, generator=G) < 0.3, float("-inf"))
+    bias[0] = float("-inf")  # only the sink
+    if S > 100:
+        bias[1:, 64:128] = float("-inf")  # a tile no query of any block sees
+    out = mod.flash_attention(q, keys, bias, sink, Dh ** -0.5)
+    close(out, reference.attention(q, keys, bias, sink, Dh ** -0.5))
+    assert out[0].abs().max() == 0
+    W = 8  # HCA-like: query t sees raw keys [t, t + W) and entries [0, t // 4) after the raw ones
+    cols = torch.arange(S)[None, :]
+    t = torch.arange(T)[:, None]
+    hca = torch.zeros(T, S).masked_fill_(~(((cols >= t) & (cols < t + W)) | ((cols >= T + W) & (cols < T + W + t // 4))),
+                                        float("-inf"))
+    close(mod.flash_attention(q, keys, hca, sink, Dh ** -0.5), reference.attention(q, keys, hca, sink, Dh ** -0.5))
+
+
+@needs_ext
+def test_prefill_attention_runs_the_kernel(monkeypatch):
+    """A prefill chunk's attention (T > GEMV_MAX_ROWS) is one C++ call, not the blocked torch path."""
+    T, S, H, Dh = 40, 300, 4, 64
+    q, keys, sink = randn(T, H, Dh), randn(S, Dh), randn(H)
+    bias = torch.zeros(T, S)
+    ref = reference.attention(q, keys, bias, sink, Dh ** -0.5)
+    monkeypatch.setattr(torch_fast.reference, "attention", None)  # the blocked path calls it per block
+    close(torch_fast.attention(q, keys, bias, sink, Dh ** -0.5), ref)
 
 
 def test_indexer_topk_selection():
@@ -123,9 +161,15 @@ def test_indexer_topk_scores_in_row_blocks(monkeypatch):
                        reference.indexer_topk(q, keys, weights, visible, k))
 
 
-def test_prefill_attention_visits_only_visible_keys():
-    """T > GEMV_MAX_ROWS: per block of queries, only the keys it can see (a V4-like mask: sliding window plus a
-    few compressed entries), against the reference over the dense mask."""
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_prefill_attention_visits_only_visible_keys(path, monkeypatch):
+    """T > GEMV_MAX_ROWS, a V4-like mask (sliding window plus a few compressed entries), against the reference
+    over the dense mask: the C++ online-softmax kernel (tiles hidden from a block skipped), and without the
+    extension the blocked torch path (per block of queries, only the keys it can see)."""
+    if path == "torch":
+        monkeypatch.setattr(torch_fast, "_fast", lambda *t: None)
+    elif cpu_quant.ext() is None:
+        pytest.skip("the C++ kernels did not build here")
     T, W, n, H, Dh = 150, 16, 30, 4, 32
     q, keys, sink = randn(T, H, Dh), randn(T + n, Dh), randn(H)
     dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]

@@ -6,6 +6,10 @@
 // the others are TOLERANCE-BOUND (another summation order, libm's exp).
 #include "common.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 // the few ATen operators the fused MoE gate calls (the same kernels as model.Gate's torch code)
 #include <ATen/ops/add.h>
 #include <ATen/ops/div.h>
@@ -322,6 +326,232 @@ Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tens
   Tensor sh = moe(x, at::ones({T, 1}, at::kFloat), at::zeros({T, 1}, at::kLong), {0}, shared.w1, shared.w3, shared.w2,
                   limit);
   return out.add_(sh);
+}
+
+// -- prefill attention: online softmax over key tiles -----------------------------------------------------------
+// The same math as `attention` above for many queries (prefill), without the [T, S] logits: a block of FA_QB
+// query rows streams over tiles of FA_KT keys and keeps, per (query, head), a running max M, a running sum L of
+// exp(logit - M) and the output accumulator (flash attention's online softmax, rescaled by exp(M_old - M_new)
+// when the max grows). The sink enters as the initial state (M = sink[h], L = exp(0) = 1, acc = 0): it joins the
+// denominator and adds nothing to the output, as in the reference. A tile whose bias is -inf for every row of the
+// block is skipped, and so is a row that sees none of a tile's keys (V4's masks are a window and a prefix or a
+// top-k: most tiles of a CSA or SWA layer are hidden from a block).
+// TOLERANCE-BOUND against reference.attention: fp32 with another summation order and a polynomial exp (Cephes
+// expf, ~2 ulp; results below e**-87 flushed to 0, which the sink's term >= e**(sink - M) makes negligible);
+// tested within 1e-5 relative (tests/test_torch_fast.py).
+constexpr int64_t FA_QB = 16;  // query rows per block: the key tile is reused by FA_QB * H (query, head) pairs
+constexpr int64_t FA_KT = 64;  // keys per tile (the transposed tile, Dh x 64 fp32, stays in L1)
+
+#ifdef __AVX512F__
+// e**x, Cephes expf (range reduction by ln 2 in two parts, degree-6 polynomial, 2**n by scalef); x < -87.3 -> 0
+static inline __m512 exp512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(_mm512_knot(under), _mm512_scalef_ps(p, n));
+}
+#endif
+
+// NP (query, head) pairs at once, so that each load of the key tile serves NP of them:
+// lg[i][0:FA_KT] = (q_i . keys[s]) * scale + bias_i[s] from the transposed tile kT [Dh, FA_KT] (columns >= n are
+// -inf); mx[i] = the largest of them
+template <int NP>
+static inline void fa_logits(const float* const* qa, const float* kT, const float* const* b, int64_t n, int64_t Dh,
+                             float scale, float* lg, float* mx) {
+#ifdef __AVX512F__
+  static_assert(FA_KT == 64, "four zmm per pair");
+  __m512 a[NP][4];
+  for (int i = 0; i < NP; i++)
+    for (int j = 0; j < 4; j++) a[i][j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < Dh; d++) {
+    const float* k = kT + d * FA_KT;
+    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16), k2 = _mm512_loadu_ps(k + 32),
+                 k3 = _mm512_loadu_ps(k + 48);
+    for (int i = 0; i < NP; i++) {
+      const __m512 qd = _mm512_set1_ps(qa[i][d]);
+      a[i][0] = _mm512_fmadd_ps(qd, k0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(qd, k1, a[i][1]);
+      a[i][2] = _mm512_fmadd_ps(qd, k2, a[i][2]);
+      a[i][3] = _mm512_fmadd_ps(qd, k3, a[i][3]);
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+  for (int i = 0; i < NP; i++) {
+    __m512 m = ninf;
+    for (int j = 0; j < 4; j++) {
+      const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, n - 16 * j));
+      const __mmask16 k = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 v = _mm512_add_ps(_mm512_mul_ps(a[i][j], sc), _mm512_mask_loadu_ps(ninf, k, b[i] + 16 * j));
+      _mm512_storeu_ps(lg + i * FA_KT + 16 * j, v);
+      m = _mm512_max_ps(m, v);
+    }
+    mx[i] = _mm512_reduce_max_ps(m);
+  }
+#else
+  for (int i = 0; i < NP; i++) {
+    float* l = lg + i * FA_KT;
+    for (int64_t s = 0; s < FA_KT; s++) l[s] = 0.f;
+    for (int64_t d = 0; d < Dh; d++) {
+      const float qd = qa[i][d];
+      const float* k = kT + d * FA_KT;
+      #pragma omp simd
+      for (int64_t s = 0; s < FA_KT; s++) l[s] += qd * k[s];
+    }
+    mx[i] = -INFINITY;
+    for (int64_t s = 0; s < FA_KT; s++) mx[i] = std::max(mx[i], l[s] = s < n ? l[s] * scale + b[i][s] : -INFINITY);
+  }
+#endif
+}
+
+// p = exp(lg - M) in place over FA_KT columns; returns their sum
+static inline float fa_exp(float* lg, float M) {
+#ifdef __AVX512F__
+  const __m512 mv = _mm512_set1_ps(M);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < FA_KT; j += 16) {
+    const __m512 p = exp512(_mm512_sub_ps(_mm512_loadu_ps(lg + j), mv));
+    _mm512_storeu_ps(lg + j, p);
+    sum = _mm512_add_ps(sum, p);
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.f;
+  for (int64_t s = 0; s < FA_KT; s++) sum += (lg[s] = std::exp(lg[s] - M));
+  return sum;
+#endif
+}
+
+// o_i[0:Dh] += sum_s p_i[s] * k[s] over the tile's n keys k [n, Dh], for NP pairs (each key load serves NP)
+template <int NP>
+static inline void fa_accumulate(const float* p, const float* k, int64_t n, int64_t Dh, float* const* o) {
+  int64_t d0 = 0;
+#ifdef __AVX512F__
+  for (; d0 + 64 <= Dh; d0 += 64) {
+    __m512 a[NP][4];
+    for (int i = 0; i < NP; i++)
+      for (int j = 0; j < 4; j++) a[i][j] = _mm512_loadu_ps(o[i] + d0 + 16 * j);
+    for (int64_t s = 0; s < n; s++) {
+      bool any = false;
+      for (int i = 0; i < NP; i++) any |= p[i * FA_KT + s] != 0.f;
+      if (!any) continue;  // hidden from every pair (bias -inf): adds exactly nothing
+      const float* ks = k + s * Dh + d0;
+      const __m512 k0 = _mm512_loadu_ps(ks), k1 = _mm512_loadu_ps(ks + 16), k2 = _mm512_loadu_ps(ks + 32),
+                   k3 = _mm512_loadu_ps(ks + 48);
+      for (int i = 0; i < NP; i++) {
+        const __m512 w = _mm512_set1_ps(p[i * FA_KT + s]);
+        a[i][0] = _mm512_fmadd_ps(w, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(w, k1, a[i][1]);
+        a[i][2] = _mm512_fmadd_ps(w, k2, a[i][2]);
+        a[i][3] = _mm512_fmadd_ps(w, k3, a[i][3]);
+      }
+    }
+    for (int i = 0; i < NP; i++)
+      for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[i] + d0 + 16 * j, a[i][j]);
+  }
+#endif
+  if (d0 == Dh) return;
+  for (int i = 0; i < NP; i++)
+    for (int64_t s = 0; s < n; s++) {
+      const float w = p[i * FA_KT + s];
+      if (w == 0.f) continue;
+      const float* ks = k + s * Dh;
+      float* oi = o[i];
+      #pragma omp simd
+      for (int64_t d = d0; d < Dh; d++) oi[d] += w * ks[d];
+    }
+}
+
+// One group of NP (query, head) pairs over one tile: logits, the online-softmax update, the weighted keys.
+template <int NP>
+static inline void fa_group(const int64_t* pairs, const float* const* qa, const float* const* b, const float* kT,
+                            const float* k, int64_t n, int64_t Dh, float scale, float* M, float* L, float* acc) {
+  alignas(64) float lg[NP * FA_KT];
+  float mx[NP];
+  float* o[NP];
+  fa_logits<NP>(qa, kT, b, n, Dh, scale, lg, mx);
+  for (int i = 0; i < NP; i++) {
+    const int64_t a = pairs[i];
+    o[i] = acc + a * Dh;
+    if (mx[i] > M[a]) {  // the max grew: rescale what was summed so far
+      const float c = std::exp(M[a] - mx[i]);
+      L[a] *= c;
+      #pragma omp simd
+      for (int64_t d = 0; d < Dh; d++) o[i][d] *= c;
+      M[a] = mx[i];
+    }
+    L[a] += fa_exp(lg + i * FA_KT, M[a]);
+  }
+  fa_accumulate<NP>(lg, k, n, Dh, o);
+}
+
+Tensor flash_attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_,
+                       double scale_) {
+  Tensor q = q_.contiguous(), keys = keys_.contiguous(), bias = bias_.contiguous(), sink = sink_.contiguous();
+  const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), S = keys.size(0);
+  TORCH_CHECK(keys.size(1) == Dh && bias.size(0) == T && bias.size(1) == S && sink.numel() == H,
+              "flash_attention: q [T, H, Dh], keys [S, Dh], bias [T, S], sink [H]");
+  Tensor out = at::empty({T, H, Dh}, at::kFloat);
+  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *bp = bias.data_ptr<float>(),
+              *sp = sink.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = float(scale_);
+  const int64_t nb = (T + FA_QB - 1) / FA_QB;
+  constexpr int NP = 4;  // pairs per group: 16 zmm accumulators
+  at::parallel_for(0, nb, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(FA_QB * H * S * Dh, 1)),
+                   [&](int64_t b0, int64_t b1) {
+    std::vector<float> kT(Dh * FA_KT), M(FA_QB * H), L(FA_QB * H), acc(FA_QB * H * Dh);
+    std::vector<int64_t> pairs(FA_QB * H);
+    std::vector<const float*> qa(FA_QB * H), bb(FA_QB * H);
+    for (int64_t blk = b0; blk < b1; blk++) {
+      const int64_t t0 = blk * FA_QB, nr = std::min(FA_QB, T - t0);
+      for (int64_t r = 0; r < nr; r++)
+        for (int64_t h = 0; h < H; h++) M[r * H + h] = sp[h], L[r * H + h] = 1.f;  // the sink: exp(sink - sink)
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t s0 = 0; s0 < S; s0 += FA_KT) {
+        const int64_t n = std::min(FA_KT, S - s0);
+        int64_t np = 0;  // the pairs whose row sees some key of the tile
+        for (int64_t r = 0; r < nr; r++) {
+          const float* b = bp + (t0 + r) * S + s0;
+          bool v = false;
+          for (int64_t s = 0; s < n; s++) v |= b[s] > -INFINITY;
+          if (!v) continue;
+          for (int64_t h = 0; h < H; h++) {
+            pairs[np] = r * H + h, qa[np] = qp + ((t0 + r) * H + h) * Dh, bb[np] = b;
+            np++;
+          }
+        }
+        if (!np) continue;  // every key of the tile is hidden from the block: it adds exactly nothing
+        for (int64_t d = 0; d < Dh; d++)
+          for (int64_t s = 0; s < FA_KT; s++) kT[d * FA_KT + s] = s < n ? kp[(s0 + s) * Dh + d] : 0.f;
+        const float* k = kp + s0 * Dh;
+        int64_t g = 0;
+        for (; g + NP <= np; g += NP)
+          fa_group<NP>(&pairs[g], &qa[g], &bb[g], kT.data(), k, n, Dh, scale, M.data(), L.data(), acc.data());
+        for (; g < np; g++)
+          fa_group<1>(&pairs[g], &qa[g], &bb[g], kT.data(), k, n, Dh, scale, M.data(), L.data(), acc.data());
+      }
+      for (int64_t r = 0; r < nr; r++)
+        for (int64_t h = 0; h < H; h++) {
+          const int64_t a = r * H + h;
+          const float inv = 1.f / L[a];
+          float* o = op + ((t0 + r) * H + h) * Dh;
+          const float* src = acc.data() + a * Dh;
+          for (int64_t d = 0; d < Dh; d++) o[d] = src[d] * inv;
+        }
+    }
+  });
+  return out;
 }
 
 }  // namespace flashport
