@@ -41,6 +41,13 @@ class Fp4Keys:
             codes[:old], scales[:old] = self.codes[:old], self.scales[:old]
         self.codes, self.scales, self.capacity = codes, scales, cap
 
+    def clone(self) -> "Fp4Keys":
+        """An independent copy (same rows and capacity)."""
+        new = Fp4Keys.__new__(Fp4Keys)
+        new.dim, new.n, new.capacity = self.dim, self.n, self.capacity
+        new.codes, new.scales = self.codes.clone(), self.scales.clone()
+        return new
+
     def append(self, codes: Tensor, exps: Tensor) -> None:
         """codes int8 [w, D], exps int [w, D/32] (index_numerics.fp4_quantize) for the next w entries."""
         w = codes.shape[0]
