@@ -57,26 +57,11 @@ def held_bytes(model) -> int:
     """Bytes of the tensor storages a model keeps: parameters, buffers, every Linear's packed tensors and every
     tensor attribute of its backends' uploaded weights (`Linear.handles`), each storage counted once (by address).
     A backend that keeps a copy of a weight beside the model's packed one shows here as the copy's bytes."""
-    from flashport.model import Linear
+    from flashport.model import Linear, stored_bytes
 
-    seen: dict[int, int] = {}
-
-    def add(t) -> None:
-        if isinstance(t, torch.Tensor) and not t.is_meta and t.numel():
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
-
-    for t in [*model.parameters(), *model.buffers()]:
-        add(t)
-    for mod in model.modules():
-        if not isinstance(mod, Linear):
-            continue
-        for t in (mod.packed.tensors.values() if mod.packed is not None else ()):
-            add(t)
-        for h in mod.handles.values():
-            for t in (vars(h).values() if hasattr(h, "__dict__") else (h,)):
-                add(t)
-    return sum(seen.values())
+    handles = [t for mod in model.modules() if isinstance(mod, Linear) for h in mod.handles.values()
+               for t in (vars(h).values() if hasattr(h, "__dict__") else (h,))]
+    return stored_bytes(model, handles)
 
 
 def run(path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode_tokens: int = 8,

@@ -711,14 +711,14 @@ def workspace_bytes(cfg: ModelConfig, chunk: int, context: int) -> int:
 PREFILL_CHUNK = 1024  # tokens per prefill step when memory allows (GEMMs of this many rows run near peak)
 
 
-def stored_bytes(model: "Transformer") -> int:
-    """Bytes of the weights a model holds (parameters, buffers and every Linear's packed tensors; meta
-    placeholders count 0, a storage shared by several tensors counts once)."""
+def stored_bytes(model: "Transformer", extra=()) -> int:
+    """Bytes of the weights a model holds (parameters, buffers and every Linear's packed tensors, plus the tensors in
+    `extra`; meta placeholders count 0, a storage shared by several tensors counts once, by address)."""
     seen: dict[int, int] = {}
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [t for m in model.modules() if isinstance(m, Linear) and m.packed is not None
                 for t in m.packed.tensors.values()]
-    for t in tensors:
+    for t in [*tensors, *extra]:
         if isinstance(t, torch.Tensor) and not t.is_meta and t.numel():
             s = t.untyped_storage()
             seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
