@@ -229,7 +229,10 @@ class ModelConfig:
             rates = dict(changes.get("compress_rates") or d.get("compress_rates") or {})
             for k, kind in own_rates.items():
                 if k in changes:
-                    rates[kind] = changes.pop(k)
+                    v = changes.pop(k)
+                    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                        raise ConfigError(f"{source}: field {k!r}: must be a positive int, got {v!r}"[:200])
+                    rates[kind] = v
             changes["compress_rates"] = rates
         spellings = [({"compress_ratios"}, {"layer_types", "compress_rates", "csa_rate", "hca_rate",
                                             "mtp_compress_ratio"}),

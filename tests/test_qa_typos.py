@@ -49,6 +49,8 @@ def test_every_field_an_override_accepts_takes_effect():
         assert after != before, f"override {{{key!r}: {changed}}} was accepted and ignored"
     assert cfg.override({"hca_rate": 128}).compress_ratios == [0, 0, 4, 128, 4, 128, 4, 128]
     assert cfg.override({"csa_rate": 8, "hca_rate": 128}).compress_ratios == [0, 0, 8, 128, 8, 128, 8, 128]
+    with pytest.raises(ConfigError, match="field 'hca_rate': must be a positive int"):
+        cfg.override({"hca_rate": "x"})
 
 
 def test_a_stray_word_is_named_as_the_flag_it_filled(tiny_release, capsys):
