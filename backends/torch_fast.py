@@ -68,7 +68,9 @@ PREFILL_BLOCK = 64  # query rows per block of the prefill attention
 
 def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
     """Decode (T <= GEMV_MAX_ROWS): one C++ call (the reference's math per query row and head, no tensor but the
-    output allocated; tolerance-bound), or without it one fused SDPA call where the sink is an extra key of zeros
+    output allocated; tolerance-bound; one row with bias 0, every decode step of V4: `decode_attention`, split-K
+    online softmax over segments of 1024 keys, all heads per read of a key tile, the same bits at any thread
+    count, 1e-5 relative), or without it one fused SDPA call where the sink is an extra key of zeros
     (it adds nothing to the output) whose logit is the head's sink (through the mask).
 
     Prefill: one C++ call with an online softmax over tiles of keys (`flash_attention` in
@@ -88,6 +90,8 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
             cols = seen[rows].any(0).nonzero()[:, 0]  # [S'] the keys some query of the block sees
             out.append(reference.attention(q[rows], keys[cols], bias[rows, cols], sink, scale))
         return torch.cat(out)
+    if mod is not None and T == 1 and not bias.any():  # one row that sees every key (HCA, gathered top-k)
+        return mod.decode_attention(q, keys, sink, scale)
     if mod is not None:
         return mod.attention(q, keys, bias, sink, scale)
     return sdpa_attention(q, keys, bias, sink, scale)

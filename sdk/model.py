@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -71,15 +73,22 @@ def rope_cos_sin(inv_freq: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RopeTable:
-    """cos/sin of every position 0..L-1 for one inv_freq, grown on demand and shared by every layer with the same
-    frequencies: a chunk at positions p0..p0+T-1 is a slice (a decode step does no trigonometry). Each position's
-    value is computed once, so it is the same whatever the chunking."""
+    """cos/sin of positions for one inv_freq, computed a page of PAGE positions at a time and shared by every layer
+    with the same frequencies: a chunk at positions p0..p0+T-1 is a slice of one or two pages, a decode step does no
+    trigonometry. A page is always computed whole from the same positions, so a position's value is the same whatever
+    the chunking, the order of calls or the context reached. Memory stays flat with the context: at most MAX_PAGES
+    pages are kept (least recently used dropped; a dropped page is recomputed, identically, when needed again),
+    where one table of every position would reach 512 MiB at 2M positions of V4-Flash's 64 RoPE dims, and rebuilding
+    it when a restored 1M-token sequence passes 2**20 positions cost one decode step 330 ms."""
 
+    PAGE = 1 << 14  # positions per page: 2 MiB of cos + sin at V4-Flash's 32 frequencies
+    MAX_PAGES = 16
     _shared: dict[tuple, "RopeTable"] = {}
 
     def __init__(self, inv_freq: Tensor):
         self.inv_freq = inv_freq
-        self.table = rope_cos_sin(inv_freq, torch.arange(0, device=inv_freq.device))  # (cos, sin) [L, r/2]
+        self.pages: OrderedDict[int, tuple[Tensor, Tensor]] = OrderedDict()  # page index -> (cos, sin) [PAGE, r/2]
+        self.lock = threading.Lock()
 
     @classmethod
     def of(cls, inv_freq: Tensor) -> "RopeTable":
@@ -88,16 +97,39 @@ class RopeTable:
             cls._shared[key] = RopeTable(inv_freq.detach().clone())
         return cls._shared[key]
 
+    def page(self, i: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [PAGE, r/2] of positions i*PAGE .. (i+1)*PAGE - 1."""
+        with self.lock:
+            got = self.pages.get(i)
+            if got is None:
+                got = rope_cos_sin(self.inv_freq, torch.arange(i * self.PAGE, (i + 1) * self.PAGE,
+                                                               device=self.inv_freq.device))
+                self.pages[i] = got
+                while len(self.pages) > self.MAX_PAGES:
+                    self.pages.popitem(last=False)
+            self.pages.move_to_end(i)
+            return got
+
     def __call__(self, start: int, stop: int, step: int = 1) -> tuple[Tensor, Tensor]:
-        """cos, sin [len(range(start, stop, step)), r/2] of those positions."""
-        if stop > self.table[0].shape[0]:  # grow to the next power of two: log2(context) rebuilds in all
-            # one assignment: a concurrent reader sees the old table or the new one, both valid for its range
-            self.table = rope_cos_sin(self.inv_freq, torch.arange(1 << max(stop - 1, 1).bit_length(),
-                                                                  device=self.inv_freq.device))
-        cos, sin = self.table
-        if step == 1:
-            return cos[start:stop], sin[start:stop]
-        return cos[start:stop:step].contiguous(), sin[start:stop:step].contiguous()
+        """cos, sin [len(range(start, stop, step)), r/2] of those positions (views of a page when they lie in one)."""
+        P = self.PAGE
+        if stop <= start:
+            empty = self.inv_freq.new_empty(0, len(self.inv_freq))
+            return empty, empty
+        first, last = start // P, (stop - 1) // P
+        if first == last:
+            cos, sin = self.page(first)
+            a, b = start - first * P, stop - first * P
+            return (cos[a:b], sin[a:b]) if step == 1 else (cos[a:b:step].contiguous(), sin[a:b:step].contiguous())
+        pos = torch.arange(start, stop, step, device=self.inv_freq.device)
+        cos = self.inv_freq.new_empty(len(pos), len(self.inv_freq))
+        sin = torch.empty_like(cos)
+        for i in range(first, last + 1):  # the positions that lie in page i
+            sel = (pos >= i * P) & (pos < (i + 1) * P)
+            if sel.any():
+                c, s = self.page(i)
+                cos[sel], sin[sel] = c[pos[sel] - i * P], s[pos[sel] - i * P]
+        return cos, sin
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,42 +142,58 @@ class EntryStore:
     Only the PoolState that made the store appends in place (`owner`); a copy of that PoolState (a session
     snapshot, `SeqState.clone`) shares the view but not the right to write past it, so it starts its own store on
     its first append, and rows another state can see are never written. `fp4`: the CSA indexer's keys in release
-    numerics also keep their FP4 codes (flashport.backends.indexer_fp4.Fp4Keys, the scoring kernel's layout)."""
+    numerics also keep their FP4 codes (flashport.backends.indexer_fp4.Fp4Keys, the scoring kernel's layout).
 
-    def __init__(self, owner: "PoolState", rows: Tensor, fp4: bool):
+    `head` rows before the entries are scratch for `with_front`: a decode step's keys [window | every entry] are
+    one view of the buffer after writing the window there, not a copy of all n entries (an HCA layer at 1M tokens
+    of flash-tiny: 8 MB per layer per token). No state can see those rows, so writing them is always safe."""
+
+    def __init__(self, owner: "PoolState", rows: Tensor, fp4: bool, head: int = 0):
         n, d = rows.shape
-        self.owner, self.n = weakref.ref(owner), n
-        self.buf = rows.new_empty(max(2 * n, 256), d)
-        self.buf[:n] = rows
-        self.fp4 = Fp4Keys(d, self.buf.shape[0], rows.device) if fp4 else None
+        self.owner, self.n, self.head = weakref.ref(owner), n, head
+        self.buf = rows.new_empty(head + max(2 * n, 256), d)
+        self.buf[head:head + n] = rows
+        self.fp4 = Fp4Keys(d, self.buf.shape[0] - head, rows.device) if fp4 else None
         if fp4 and n:
             self.fp4.append(*fp4_quantize(rows))
+
+    @property
+    def rows(self) -> Tensor:
+        """The filled rows [n, d] (the owner's `entries`)."""
+        return self.buf[self.head:self.head + self.n]
 
     def valid_for(self, ps: "PoolState") -> bool:
         """True when `ps` owns this store and its entries are still the store's view (not reassigned)."""
         e = ps.entries
-        return self.owner() is ps and e.shape[0] == self.n and (self.n == 0 or e.data_ptr() == self.buf.data_ptr())
+        return self.owner() is ps and e.shape[0] == self.n and (self.n == 0 or e.data_ptr() == self.rows.data_ptr())
 
     def copy_for(self, owner: "PoolState") -> "EntryStore":
         """An independent store for `owner`, a copy of this store's state (`SeqState.clone`): rows and FP4 codes
         copied once, so the copy appends in O(w) from its first step (rebuilt lazily, they cost a copied state's
         first decode steps ~15 ms each at 64K tokens of flash-tiny)."""
         new = EntryStore.__new__(EntryStore)
-        new.owner, new.n, new.buf = weakref.ref(owner), self.n, self.buf.clone()
+        new.owner, new.n, new.head, new.buf = weakref.ref(owner), self.n, self.head, self.buf.clone()
         new.fp4 = self.fp4.clone() if self.fp4 is not None else None
         return new
 
     def append(self, new: Tensor) -> Tensor:
-        w = new.shape[0]
-        if self.n + w > self.buf.shape[0]:
-            buf = self.buf.new_empty(max(2 * self.buf.shape[0], self.n + w), self.buf.shape[1])
-            buf[:self.n] = self.buf[:self.n]
+        w, h = new.shape[0], self.head
+        if h + self.n + w > self.buf.shape[0]:
+            buf = self.buf.new_empty(h + max(2 * (self.buf.shape[0] - h), self.n + w), self.buf.shape[1])
+            buf[h:h + self.n] = self.rows
             self.buf = buf
-        self.buf[self.n:self.n + w] = new
+        self.buf[h + self.n:h + self.n + w] = new
         if self.fp4 is not None:
             self.fp4.append(*fp4_quantize(new))
         self.n += w
-        return self.buf[:self.n]
+        return self.rows
+
+    def with_front(self, front: Tensor) -> Tensor:
+        """[front | rows] as one view [f + n, d] (f <= head): front is copied into the scratch rows, the entries
+        are not copied."""
+        f = front.shape[0]
+        self.buf[self.head - f:self.head] = front
+        return self.buf[self.head - f:self.head + self.n]
 
 
 @dataclass
@@ -177,14 +225,26 @@ class PoolState:
     official: bool = False
     store: EntryStore | None = field(default=None, repr=False, compare=False)
 
-    def _store(self, fp4: bool) -> EntryStore:
-        if self.store is None or not self.store.valid_for(self) or (fp4 and self.store.fp4 is None):
-            self.store = EntryStore(self, self.entries, fp4)
+    def _store(self, fp4: bool, head: int = 0) -> EntryStore:
+        st = self.store
+        if st is None or not st.valid_for(self) or (fp4 and st.fp4 is None) or st.head < head:
+            keep = st is not None and st.valid_for(self)  # re-made for more scratch: keep its FP4 codes' need
+            self.store = EntryStore(self, self.entries, fp4 or (keep and st.fp4 is not None),
+                                    max(head, st.head if keep else 0))
+            self.entries = self.store.rows  # the same values, now the store's view
         return self.store
 
     def append(self, new: Tensor, fp4: bool = False) -> None:
         """Append rows [w, dim] to `entries` in place (amortised O(w)); fp4: keep their FP4 codes too."""
         self.entries = self._store(fp4).append(new)
+
+    def after(self, front: Tensor, reserve: int) -> Tensor:
+        """torch.cat([front, entries]) [f + n, dim] without copying the entries: front (f <= reserve rows) goes
+        into scratch rows kept before them (EntryStore.with_front). The first call after a restore or a copy
+        moves the entries into a store once."""
+        if front.shape[0] > reserve:
+            raise ValueError(f"{front.shape[0]} front rows, {reserve} reserved")
+        return self._store(False, reserve).with_front(front)
 
     def fp4_keys(self) -> Fp4Keys:
         """The FP4 codes of every entry (built once from `entries` after a restore or a copy, then appended)."""
@@ -265,7 +325,7 @@ class SeqState:
                                for k, v in vars(ps).items() if k != "store"})
             if ps.store is not None and ps.store.valid_for(ps):  # the copy gets its own store at once
                 new.store = ps.store.copy_for(new)
-                new.entries = new.store.buf[:new.store.n]
+                new.entries = new.store.rows
             else:
                 new.entries = ps.entries.clone()
             return new
@@ -492,7 +552,7 @@ class Attention(Module):
 
         if self.kind != "swa":
             entries = self.compressor(x, st.comp, rope)  # [n, Dh]
-            rate = cfg.csa_rate if self.kind == "csa" else cfg.hca_rate
+            rate, cols = cfg.csa_rate if self.kind == "csa" else cfg.hca_rate, None
             if self.kind == "csa":  # sparse: only the indexer's top-k; HCA: dense over every complete entry
                 cols, visible = self.indexer(x, qr, pos, st.index, rope, cos, sin)  # [T, n] or [T, u]
                 if cols is not None:  # only these entries can be seen by any query of the chunk
@@ -501,7 +561,9 @@ class Attention(Module):
                 visible = None
             else:
                 visible = torch.arange(entries.shape[0])[None, :] < ((pos + 1) // rate)[:, None]  # [T, n]
-            if decode:  # gather what the query sees, in entry order
+            if decode and visible is None and cols is None:  # [window | every entry], the entries not copied
+                keys = st.comp.after(keys, cfg.sliding_window)
+            elif decode:  # gather what the query sees, in entry order
                 keys = torch.cat([keys, entries if visible is None else entries[visible[0]]])
             else:
                 keys = torch.cat([keys, entries])

@@ -148,3 +148,53 @@ def test_replay_advances_the_compressors_without_appending(model):
     a, b = st.tensors(), full.tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (got - ref).abs().max() < 1e-4
+
+
+def test_decode_keys_are_a_view_of_the_entries_not_a_copy(model):
+    """PoolState.after (an HCA decode step's keys [window | entries]): equal to the torch.cat it replaces, a view of
+    the store's buffer (no copy of the n entries), and never written where another state can see: a snapshot's
+    entries, a clone's and the owner's own entries keep their values."""
+    from flashport.model import PoolState
+
+    g = torch.Generator().manual_seed(0)
+    ps = PoolState(kv=torch.zeros(0, 8), gate=torch.zeros(0, 8), entries=torch.zeros(0, 8))
+    ps.append(torch.randn(300, 8, generator=g))
+    snapshot, store = ps.entries, None  # what a session snapshot shares
+    before = snapshot.clone()
+    for f in (3, 5, 4):
+        front = torch.randn(f, 8, generator=g)
+        keys = ps.after(front, reserve=5)
+        store = store if f != 3 else ps.store
+        assert ps.store is store and ps.store.valid_for(ps)  # made once, then reused at every step
+        assert torch.equal(keys, torch.cat([front, before]))
+        buf = ps.store.buf
+        assert buf.data_ptr() <= keys.data_ptr() < buf.data_ptr() + buf.numel() * 4  # a view, not a copy
+    assert torch.equal(snapshot, before) and torch.equal(ps.entries, before)
+    copy_ = PoolState(**{k: v for k, v in vars(ps).items() if k != "store"})
+    copy_.after(torch.ones(5, 8), reserve=5)  # not the owner: its own store, the owner's rows untouched
+    assert copy_.store is not ps.store and torch.equal(ps.entries, before)
+    ps.append(torch.ones(1, 8))  # appends still land after the entries, the scratch rows stay in front
+    assert torch.equal(ps.after(torch.zeros(2, 8), reserve=5), torch.cat([torch.zeros(2, 8), before, torch.ones(1, 8)]))
+    with pytest.raises(ValueError, match="6 front rows, 5 reserved"):
+        ps.after(torch.zeros(6, 8), reserve=5)
+
+
+@torch.no_grad()
+def test_decode_logits_with_the_keys_view_equal_the_concatenation(model, monkeypatch):
+    """A decode run with HCA keys as a view of the store equals one where every step concatenates (bit-exact: the
+    same values in the same order reach the same attention op)."""
+    from flashport.model import PoolState
+
+    ids = torch.randint(2, model.cfg.vocab_size, (200,), generator=torch.Generator().manual_seed(3))
+
+    def run():
+        st = SeqState.empty(model.cfg)
+        model(ids[:150], st)
+        return torch.stack([model(ids[t:t + 1], st) for t in range(150, 200)])
+
+    calls, after = [], PoolState.after
+    monkeypatch.setattr(PoolState, "after", lambda self, front, reserve: calls.append(1) or after(self, front, reserve))
+    fast = run()
+    assert len(calls) >= 50  # every HCA layer at every step
+    monkeypatch.setattr(PoolState, "after", lambda self, front, reserve: torch.cat([front, self.entries]))
+    assert torch.equal(fast, run())

@@ -89,6 +89,28 @@ def test_decode_attention_runs_the_kernel(monkeypatch):
 
 
 @needs_ext
+@pytest.mark.parametrize("S,H,Dh", [(1, 4, 64), (63, 3, 32), (64, 8, 128), (1025, 4, 64), (5000, 5, 24), (9000, 4, 64)])
+def test_decode_attention_kernel(S, H, Dh):
+    """The decode kernel (split-K over segments of 1024 keys, merged in segment order) within 1e-5 relative of the
+    reference, a partial last tile and segment, heads not a multiple of the group of 4, growing logits (the
+    running max moves), and the same bits at 1 and 2 threads (the segments do not depend on the thread count)."""
+    mod = cpu_quant.ext()
+    q, keys, sink = randn(1, H, Dh), randn(S, Dh) * torch.linspace(0.2, 3.0, S)[:, None], randn(H)
+    q += keys.mean(0)
+    out = mod.decode_attention(q, keys, sink, Dh ** -0.5)
+    close(out, reference.attention(q, keys, torch.zeros(1, S), sink, Dh ** -0.5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = mod.decode_attention(q, keys, sink, Dh ** -0.5)
+        torch.set_num_threads(2)
+        assert torch.equal(one, mod.decode_attention(q, keys, sink, Dh ** -0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(torch_fast.attention(q, keys, torch.zeros(1, S), sink, Dh ** -0.5), out)  # the op's path
+
+
+@needs_ext
 @pytest.mark.parametrize("T,S,Dh", [(37, 1000, 64), (130, 70, 32), (9, 64, 24), (16, 129, 64)])
 def test_flash_attention_kernel(T, S, Dh):
     """The prefill kernel (online softmax over tiles of 64 keys, blocks of 16 queries) within 1e-5 relative of the
@@ -195,6 +217,28 @@ def test_rope_table_matches_direct_computation():
         torch.testing.assert_close(cos, ref[0], atol=1e-6, rtol=0)  # libm vs vectorised cos: within an ulp
         torch.testing.assert_close(sin, ref[1], atol=1e-6, rtol=0)
         assert cos.shape == (len(range(start, stop, step)), len(inv))
+
+
+def test_rope_table_pages_are_bounded_and_chunking_independent(monkeypatch):
+    """Positions across page boundaries equal the direct computation, a position's bits do not depend on the call
+    that asked for it, and the table keeps at most MAX_PAGES pages whatever the context (memory flat at 1M)."""
+    from flashport.config import ModelConfig
+    from flashport.model import RopeTable, rope_cos_sin, rope_inv_freq
+
+    monkeypatch.setattr(RopeTable, "PAGE", 64)
+    monkeypatch.setattr(RopeTable, "MAX_PAGES", 3)
+    inv = rope_inv_freq(ModelConfig.preset("flash-tiny"), compressed=False)
+    table = RopeTable(inv)
+    whole = table(0, 640)
+    for start, stop, step in [(60, 70, 1), (56, 300, 4), (0, 640, 128), (63, 64, 1), (64, 64, 1)]:
+        cos, sin = table(start, stop, step)
+        ref = rope_cos_sin(inv, torch.arange(start, stop, step))
+        torch.testing.assert_close(cos, ref[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin, ref[1], atol=1e-6, rtol=0)
+        assert torch.equal(cos, whole[0][start:stop:step]) and torch.equal(sin, whole[1][start:stop:step])
+        assert len(table.pages) <= 3
+    for p in (639, 5, 330):  # one position at a time (decode), pages dropped and recomputed in between
+        assert torch.equal(table(p, p + 1)[0], whole[0][p:p + 1])
 
 
 # ---------------------------------------------------------------- weights
