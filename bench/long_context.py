@@ -2,6 +2,7 @@
 
     flashport bench long-context --preset flash-tiny --context 32768 [--kv-dir D] [--strategy periodic:4096]
                                  [--decode-tokens 8] [--threads T] [--seed S] [--json] [--plot FILE.svg]
+                                 [--index-numerics release|fp32]
 
 1. Prefill: `context` random tokens through `Engine.prefill_cached` (a miss: the time of the whole prefill is the
    TTFT of a recompute), in steps of 8192 tokens so that prefill tok/s and decode ms/token are measured at every
@@ -92,7 +93,8 @@ def child_main(spec_path: str) -> None:
         torch.set_num_threads(spec["threads"])
     ids = array("q")
     ids.frombytes(Path(spec["ids"]).read_bytes())
-    eng = Engine.load(spec["model"], kv=KVOptions(spec["kv_dir"], spec["strategy"]))
+    eng = Engine.load(spec["model"], kv=KVOptions(spec["kv_dir"], spec["strategy"]),
+                      index_numerics=spec["index_numerics"])
     warm_up(eng)
     state, logits, st = eng.prefill_cached(ids.tolist(), progress=False)
     disk = eng.kv.stats()["disk"]
@@ -104,7 +106,7 @@ def child_main(spec_path: str) -> None:
 
 def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", strategy: str = "periodic:4096",
         decode_tokens: int = 8, threads: int = 0, seed: int = 0, path: str = "", json_out: bool = False,
-        plot: str = "") -> str:
+        plot: str = "", index_numerics: str = "release") -> str:
     from tqdm import tqdm
 
     from flashport.bench.kv import drop_cache
@@ -119,7 +121,7 @@ def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", stra
     try:
         model = Path(path) if path else make_checkpoint(work / preset, preset, seed, "release")
         root = Path(kv_dir) if kv_dir else work / "kv"
-        eng = Engine.load(model, kv=KVOptions(root, strategy))
+        eng = Engine.load(model, kv=KVOptions(root, strategy), index_numerics=index_numerics)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(2, eng.cfg.vocab_size - 1, (context,), generator=g).tolist()
         warm_up(eng)
@@ -147,7 +149,7 @@ def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", stra
             drop_cache(p)
         (work / "ids.bin").write_bytes(array("q", ids).tobytes())
         spec = {"model": str(model), "kv_dir": str(root), "strategy": strategy, "ids": str(work / "ids.bin"),
-                "decode_tokens": decode_tokens, "threads": threads}
+                "decode_tokens": decode_tokens, "threads": threads, "index_numerics": index_numerics}
         (work / "spec.json").write_text(json.dumps(spec))
         code = "import sys; from flashport.bench.long_context import child_main; child_main(sys.argv[1])"
         out = subprocess.run([sys.executable, "-c", code, str(work / "spec.json")], capture_output=True, text=True)
@@ -168,7 +170,8 @@ def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", stra
            "restore_bytes_per_s": restore_rate, "disk_read_bytes_per_s": disk_rate,
            "decode_ms_per_token_8k": at8k[2], "decode_ms_per_token_at_context": child["decode_ms"]}
     lines = [
-        f"bench long-context: {preset}, {context} tokens, strategy {strategy}, {torch.get_num_threads()} threads",
+        f"bench long-context: {preset}, {context} tokens, strategy {strategy}, index numerics {index_numerics}, "
+        f"{torch.get_num_threads()} threads",
         f"{'context':>8} {'prefill tok/s':>13} {'decode ms/tok':>13}   (prefill tok/s of the step ending there; "
         f"decode on a copy of the state)",
         *(f"{m:>8} {tps:>13.1f} {d:>13.1f}" for m, tps, d in rows),

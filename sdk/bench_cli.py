@@ -107,7 +107,7 @@ class Bench:
 
     def long_context(self, preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "",
                      strategy: str = "periodic:4096", decode_tokens: int = 8, threads: int = 0, seed: int = 0,
-                     path: str = "", json: bool = False, plot: str = ""):
+                     path: str = "", json: bool = False, plot: str = "", index_numerics: str = "release"):
         """One long prompt through the disk KV cache across a restart: prefill tok/s, peak RSS, KV bytes on disk,
         TTFT of a hit (fresh process, page cache dropped) and of a recompute, restore and disk read bytes/s,
         decode ms/token at 8K and at CONTEXT.
@@ -123,14 +123,17 @@ class Bench:
             path: a checkpoint directory (default: a fresh checkpoint of PRESET).
             json: also print the figures as one JSON object on the last line.
             plot: also draw prefill tok/s and decode ms/token against the context into this .svg file.
+            index_numerics: the lightning indexer's numerics: release (default: the release code's FP4, what makes
+                a long prefill affordable) | fp32 (transformers' indexer).
         """
         from pathlib import Path
 
-        from flashport.options import KVOptions
+        from flashport.options import INDEX_NUMERICS, KVOptions
 
         _common(path, preset, threads, seed, decode_tokens=decode_tokens)
         at_least("--context", context, 2)
         KVOptions(strategy=strategy)  # OptionError names a bad strategy
+        one_of("--index-numerics", index_numerics, INDEX_NUMERICS)
         if kv_dir:
             parent_dir("--kv-dir", kv_dir)
             if Path(kv_dir).exists() and not Path(kv_dir).is_dir():
@@ -144,7 +147,7 @@ class Bench:
         from flashport.bench.long_context import run
 
         return run(preset=preset, context=context, kv_dir=kv_dir, strategy=strategy, decode_tokens=decode_tokens,
-                   threads=threads, seed=seed, path=path, json_out=json, plot=plot)
+                   threads=threads, seed=seed, path=path, json_out=json, plot=plot, index_numerics=index_numerics)
 
     def ops(self, backend: str = "torch", shapes: str = "4096x2048,2048x4096,8192x16384", fmt: str = "int4-g32",
             threads: int = 0, moe: str = "4096x2048x6", ort: bool = True, repeat: int = 20, report: str = "",

@@ -41,7 +41,10 @@ ENGINE_ARGS = """backend: auto | torch | triton | onnxruntime | a plugin's name.
             pg_backend: process-group backend with --ep: gloo (default) | nccl | hccl | ...
             timeout: seconds a collective waits for a peer with --ep (default 30).
             public_key: a signer's public key FILE: the bundle must carry a valid signature by it (flashport export
-                --sign), and every file's sha256 is checked (default: $FLASHPORT_PUBLIC_KEY)."""
+                --sign), and every file's sha256 is checked (default: $FLASHPORT_PUBLIC_KEY).
+            index_numerics: the lightning indexer's numerics: fp32 (transformers' indexer) | release (the release
+                code's Hadamard-rotated FP4, scored exactly; the long-context path) (default:
+                $FLASHPORT_INDEX_NUMERICS, else fp32)."""
 
 
 # what `generate --json` reports of the KV cache (flashport.kv's PrefillStats): where the prompt came from
@@ -67,7 +70,8 @@ class Cli:
                  backend_option: list[str] | None = None, device: str | None = None, deterministic: bool = False,
                  kv_dir: str | None = None, kv_strategy: str | None = None, kv_dtype: str | None = None,
                  max_device_memory: str | None = None, offload_tier: str | None = None, ep: int = 1,
-                 pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None):
+                 pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None,
+                 index_numerics: str | None = None):
         """Generate text from PATH (a checkpoint or bundle directory) after PROMPT.
 
         Args:
@@ -90,7 +94,7 @@ class Cli:
 
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
-                              pg_backend, timeout, public_key)
+                              pg_backend, timeout, public_key, index_numerics)
         needs_tokenizer(path, "generate")
         command = ["generate", path, *flags_of(Cli.generate, locals())]  # what each rank runs under --ep
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -121,7 +125,8 @@ class Cli:
              backend_option: list[str] | None = None, device: str | None = None, deterministic: bool = False,
              kv_dir: str | None = None, kv_strategy: str | None = None, kv_dtype: str | None = None,
              max_device_memory: str | None = None, offload_tier: str | None = None, ep: int = 1,
-             pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None):
+             pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None,
+             index_numerics: str | None = None):
         """Chat with PATH in the terminal (line editing and history; Ctrl-C stops a reply; /help for commands).
 
         Args:
@@ -145,7 +150,7 @@ class Cli:
                              "through a client")
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
-                              pg_backend, timeout, public_key)
+                              pg_backend, timeout, public_key, index_numerics)
         needs_tokenizer(path, "chat")
         print(f"flashport: loading {path} ...", file=sys.stderr, flush=True)
         sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -161,7 +166,8 @@ class Cli:
               backend_option: list[str] | None = None, device: str | None = None, deterministic: bool = False,
               kv_dir: str | None = None, kv_strategy: str | None = None, kv_dtype: str | None = None,
               max_device_memory: str | None = None, offload_tier: str | None = None, ep: int = 1,
-              pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None):
+              pg_backend: str | None = None, timeout: float | None = None, public_key: str | None = None,
+              index_numerics: str | None = None):
         """Serve PATH with an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
 
         Args:
@@ -195,7 +201,7 @@ class Cli:
             raise UsageError(f"--api-key-file: {api_key_file} does not exist")
         opts = engine_options(path, backend, execution_provider, plugin_ep_library, backend_option, device,
                               deterministic, kv_dir, kv_strategy, kv_dtype, max_device_memory, offload_tier, ep,
-                              pg_backend, timeout, public_key)
+                              pg_backend, timeout, public_key, index_numerics)
         needs_tokenizer(path, "serve")  # the OpenAI API returns text, so a server needs the tokenizer
         _needs_module("uvicorn", "serve")
         from .options import flags_of
@@ -490,7 +496,7 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
                    device: str | None = None, deterministic: bool = False, kv_dir: str | None = None,
                    kv_strategy: str | None = None, kv_dtype: str | None = None, max_device_memory: str | None = None,
                    offload_tier: str | None = None, ep: int = 1, pg_backend: str | None = None,
-                   timeout: float | None = None, public_key: str | None = None):
+                   timeout: float | None = None, public_key: str | None = None, index_numerics: str | None = None):
     """The EngineOptions of the engine flags of generate, chat and serve (flashport.options.engine_options, which
     serve_cli uses too), after the checks only the command line needs: PATH exists, the KV directory is not held
     by another process, and flags that only mean something beside another (--pg-backend without --ep) are
@@ -503,6 +509,8 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         raise UsageError(f"{'--pg-backend' if pg_backend is not None else '--timeout'} applies with --ep N (N >= 2)")
     if kv_dir is None and kv_dtype is not None:
         raise UsageError("--kv-dtype applies with --kv-dir DIR")
+    if index_numerics is not None:
+        one_of("--index-numerics", index_numerics, options.INDEX_NUMERICS)
     if plugin_ep_library is not None and execution_provider is None:
         raise UsageError("--plugin-ep-library needs --execution-provider NAME (the name the plugin registers)")
     if public_key is not None and not Path(public_key).is_file():
@@ -511,7 +519,8 @@ def engine_options(path: str, backend: str = "auto", execution_provider: str | N
         backend=backend, execution_provider=execution_provider, plugin_ep_library=plugin_ep_library,
         backend_option=backend_option, device=device, deterministic=deterministic, kv_dir=kv_dir,
         kv_strategy=kv_strategy, kv_dtype=kv_dtype, max_device_memory=max_device_memory, offload_tier=offload_tier,
-        ep=ep, pg_backend=pg_backend, timeout=timeout, public_key=public_key).items() if v is not None}
+        ep=ep, pg_backend=pg_backend, timeout=timeout, public_key=public_key,
+        index_numerics=index_numerics).items() if v is not None}
     return options.engine_options(**given)
 
 

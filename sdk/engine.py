@@ -34,7 +34,8 @@ from .kv import KVManager, PrefillStats, check_fits, check_not_in_use, chunk_spa
 from .loader import open_model
 from .model import PREFILL_CHUNK, Linear, SeqState, Transformer, default_prefill_chunk, stored_bytes
 from .offload import apply_offload, offload_keep_expert
-from .options import EngineOptions, KVOptions, OffloadOptions, OptionError, ParallelOptions
+from .options import (EngineOptions, KVOptions, OffloadOptions, OptionError, ParallelOptions, check_index_numerics,
+                      index_numerics_default)
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("flashport.engine")
@@ -100,7 +101,8 @@ class Engine:
     `flashport.load_engine`; `offload` (the expert cache) and `ep_runner` (expert parallelism) are set there."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, path: Path | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, deterministic: bool | None = None):
+                 prefill_chunk: int = PREFILL_CHUNK, deterministic: bool | None = None,
+                 index_numerics: str | None = None):
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
         self.cfg: ModelConfig = model.cfg
         self.prefill_chunk = prefill_chunk
@@ -108,6 +110,8 @@ class Engine:
         # deterministic: block-aligned prefill chunks (see flashport.kv.chunk_spans); bit-exact with the
         # backend's batch-invariant ops (torch backend, deterministic=True)
         self.deterministic = bool(caps and caps.deterministic) if deterministic is None else deterministic
+        # the lightning indexer's numerics for every new sequence (options.check_index_numerics)
+        self.index_numerics = check_index_numerics(index_numerics) or index_numerics_default()
         self.kv: KVManager | None = None
         self.offload = None    # flashport.offload.ExpertCache when experts are offloaded
         self.ep_runner = None  # flashport.distributed.EPRunner under expert parallelism
@@ -117,11 +121,12 @@ class Engine:
              device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
              offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
              public_key: str | Path | None = None, prefill_chunk: int | None = None, verify: bool | None = None,
-             progress: bool = False) -> "Engine":
+             progress: bool = False, index_numerics: str | None = None) -> "Engine":
         """The documented SDK call: the same as `flashport.load_engine` (see there)."""
         return load_engine(path, backend=backend, backend_options=backend_options, device=device,
                            deterministic=deterministic, kv=kv, offload=offload, parallel=parallel,
-                           public_key=public_key, prefill_chunk=prefill_chunk, verify=verify, progress=progress)
+                           public_key=public_key, prefill_chunk=prefill_chunk, verify=verify, progress=progress,
+                           index_numerics=index_numerics)
 
     def enable_kv(self, kv: KVOptions | str | Path | None = None) -> KVManager:
         """Attach a prefix cache (KVOptions, or a directory for the defaults; None or a KVOptions without a dir:
@@ -132,7 +137,8 @@ class Engine:
             self.kv.close()
             self.kv = None
         ns = model_identity(self.model, "det" if self.deterministic else "")
-        self.kv = KVManager(self.cfg, kv.dir, ns, kv.strategy, kv.capacity, kv.memory, fsync=kv.fsync, dtype=kv.dtype)
+        self.kv = KVManager(self.cfg, kv.dir, ns, kv.strategy, kv.capacity, kv.memory, fsync=kv.fsync, dtype=kv.dtype,
+                            official_index=self.index_numerics == "release")
         return self.kv
 
     def close(self) -> None:
@@ -150,9 +156,11 @@ class Engine:
 
     # -- low level -------------------------------------------------------------------------------------------
     def new_state(self) -> SeqState:
-        """An empty sequence; with a KV cache its compressed entries are kept in the cache's numerics
-        (KVOptions.dtype), so what the cache stores is exactly what the model used."""
-        return self.kv.new_state() if self.kv is not None else SeqState.empty(self.cfg)
+        """An empty sequence, its indexer in `index_numerics`; with a KV cache its compressed entries are kept in
+        the cache's numerics (KVOptions.dtype), so what the cache stores is exactly what the model used."""
+        if self.kv is not None:
+            return self.kv.new_state()
+        return SeqState.empty(self.cfg, official_index=self.index_numerics == "release")
 
     def _check_ids(self, ids: list[int], state: SeqState | None = None):
         if not ids:
@@ -303,7 +311,7 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
                 device: str | None = None, deterministic: bool = False, kv: KVOptions | str | Path | None = None,
                 offload: OffloadOptions | None = None, parallel: ParallelOptions | None = None,
                 public_key: str | Path | None = None, prefill_chunk: int | None = None, verify: bool | None = None,
-                progress: bool = False) -> Engine:
+                progress: bool = False, index_numerics: str | None = None) -> Engine:
     """Open a bundle, a release checkpoint or transformers' save_pretrained output and build an Engine.
 
     path: the model directory (its format is detected from the files: flashport.loader).
@@ -319,14 +327,19 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
       signature by it (docs/export.md, trust model). verify: check every file's sha256 (default FLASHPORT_VERIFY).
     prefill_chunk: tokens per prefill step; None: 1024, or less where one chunk's activations would be a large
       share of the weights' memory (`model.default_prefill_chunk`).
+    index_numerics: the lightning indexer's numerics, "fp32" (transformers' indexer) or "release" (the release
+      code's Hadamard-rotated FP4 queries and keys, scored exactly in integers: what makes a 1M-token prefill
+      affordable; docs/kv-runtime.md); None: $FLASHPORT_INDEX_NUMERICS, else fp32. Per-op backends only.
     Combinations that cannot work are refused before anything is loaded (`check_combination`). Raises
     OptionError, BackendError, CheckpointError / BundleError (files), OffloadError, EPError.
     """
     path = Path(path)
     if isinstance(kv, (str, Path)):
         kv = KVOptions(kv)
+    if index_numerics is None:
+        index_numerics = index_numerics_default()  # a bad environment value is refused before any work
     opts = EngineOptions(backend, dict(backend_options or {}), device, bool(deterministic), kv, offload, parallel,
-                         public_key)
+                         public_key, index_numerics)
     be = preflight(path, opts)
     whole_step = runs_whole_steps(be)
     ep = holders = keep = partition = None
@@ -350,7 +363,8 @@ def load_engine(path: str | Path, *, backend: str = "auto", backend_options: dic
         upload_weights(model, progress)
     if prefill_chunk is None:
         prefill_chunk = default_prefill_chunk(model.cfg, stored_bytes(model))
-    engine = Engine(model, loaded.tokenizer, path, prefill_chunk=prefill_chunk, deterministic=deterministic or None)
+    engine = Engine(model, loaded.tokenizer, path, prefill_chunk=prefill_chunk, deterministic=deterministic or None,
+                    index_numerics=index_numerics)
     engine.offload, engine.ep_runner = cache, runner
     if kv is not None and (ep is None or ep.rank == 0):  # followers never prefill: only the driver caches
         engine.enable_kv(kv)
@@ -445,6 +459,10 @@ def check_combination(opts: EngineOptions, whole_step: bool | None = None, launc
         if opts.parallel is not None and opts.parallel.ep > 1:
             raise OptionError(f"ep > 1 with backend {name}: {why}, so MoE layers cannot be split across ranks; "
                               "use a per-op backend (torch, triton or a plugin)")
+        if opts.index_numerics == "release":
+            raise OptionError(f"index numerics release with backend {name}: it runs whole decoder steps in its own "
+                              "graph, whose indexer is transformers' fp32 one; use a per-op backend (torch, triton "
+                              "or a plugin) or index numerics fp32")
     if opts.parallel is not None and opts.parallel.ep > 1 and "WORLD_SIZE" not in os.environ and not launching:
         raise OptionError(f"ep {opts.parallel.ep}: expert parallelism runs one process per rank under torchrun; "
                           f"use `flashport generate|serve PATH --ep {opts.parallel.ep}` (it starts torchrun) or "

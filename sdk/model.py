@@ -20,7 +20,6 @@ rows together, attention runs per sequence.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import weakref
 from collections import OrderedDict
@@ -37,6 +36,7 @@ from .backends.indexer_fp4 import rotate_quantize
 from .backends.indexer_fp4 import select as fp4_select
 from .backends.reference import topk_indices
 from .config import ModelConfig
+from .options import index_numerics_default
 from .quant.index_numerics import fp4_quantize, fp4_round, hadamard
 from .quant.kv_numerics import round_kv
 
@@ -279,16 +279,11 @@ class LayerState:
         return st
 
 
-INDEX_NUMERICS_ENV = "FLASHPORT_INDEX_NUMERICS"
-
-
 def official_index_default() -> bool:
-    """Whether new sequences use the release's indexer numerics (`Indexer`): FLASHPORT_INDEX_NUMERICS=release;
-    unset or fp32: transformers' fp32 indexer. Raises ValueError on another value."""
-    v = os.environ.get(INDEX_NUMERICS_ENV, "fp32")
-    if v not in ("fp32", "release"):
-        raise ValueError(f"{INDEX_NUMERICS_ENV} must be fp32 or release, not {v!r}")
-    return v == "release"
+    """Whether new sequences use the release's indexer numerics (`Indexer`) when nobody chose: the environment
+    variable FLASHPORT_INDEX_NUMERICS=release (an engine's `index_numerics` option overrides it); unset or fp32:
+    transformers' fp32 indexer. Raises OptionError (a ValueError) on another value."""
+    return index_numerics_default() == "release"
 
 
 @dataclass

@@ -120,6 +120,29 @@ class ParallelOptions:
             raise OptionError(f"timeout must be > 0 seconds, not {self.timeout!r}")
 
 
+INDEX_NUMERICS = ("fp32", "release")
+INDEX_NUMERICS_ENV = "FLASHPORT_INDEX_NUMERICS"
+
+
+def check_index_numerics(value: str | None) -> str | None:
+    """The lightning indexer's numerics: "fp32" (transformers' indexer), "release" (the release code's Hadamard
+    rotation and FP4 queries and keys, scored exactly in integers; docs/kv-runtime.md) or None (the environment
+    variable FLASHPORT_INDEX_NUMERICS, else fp32). Raises OptionError naming the value."""
+    if value is not None and value not in INDEX_NUMERICS:
+        raise OptionError(f"index numerics must be fp32 or release, not {value!r}")
+    return value
+
+
+def index_numerics_default() -> str:
+    """FLASHPORT_INDEX_NUMERICS (fp32 | release), else fp32. Raises OptionError naming the variable."""
+    import os
+
+    v = os.environ.get(INDEX_NUMERICS_ENV, "fp32")
+    if v not in INDEX_NUMERICS:
+        raise OptionError(f"{INDEX_NUMERICS_ENV} must be fp32 or release, not {v!r}")
+    return v
+
+
 def parse_backend_options(pairs: list[str] | tuple[str, ...] | str | None) -> dict[str, str]:
     """{"KEY": "VALUE"} from `--backend-option KEY=VALUE` flags (one string, or several). Raises OptionError."""
     if pairs is None or pairs == "":
@@ -147,6 +170,10 @@ class EngineOptions:
     offload: OffloadOptions | None = None
     parallel: ParallelOptions | None = None
     public_key: str | Path | None = None  # a signer's public key file: bundles must carry a valid signature
+    index_numerics: str | None = None  # the lightning indexer's numerics: fp32 | release (None: the environment's)
+
+    def __post_init__(self):
+        check_index_numerics(self.index_numerics)
 
     def kwargs(self) -> dict:
         """These options as keyword arguments of `flashport.load_engine`."""
@@ -158,7 +185,7 @@ def engine_options(backend: str = "auto", execution_provider: str = "", plugin_e
                    deterministic: bool = False, kv_dir: str = "", kv_strategy: str = "periodic:4096",
                    kv_dtype: str = "release", max_device_memory: str = "", offload_tier: str = "host",
                    ep: int = 1, pg_backend: str = "gloo", timeout: float = 30.0,
-                   public_key: str = "") -> EngineOptions:
+                   public_key: str = "", index_numerics: str = "") -> EngineOptions:
     """The EngineOptions that the engine flags of `flashport generate|chat|serve` and the benches describe
     (empty strings mean "not given"). Raises OptionError for a value that cannot work or a flag that needs
     another one (e.g. --execution-provider with a backend other than onnxruntime)."""
@@ -185,7 +212,7 @@ def engine_options(backend: str = "auto", execution_provider: str = "", plugin_e
     off = isinstance(ep, int) and not isinstance(ep, bool) and ep <= 1  # 0 or 1: one process
     parallel = None if off else ParallelOptions(ep, pg_backend, timeout)
     return EngineOptions(backend, options, device or None, bool(deterministic), kv, offload, parallel,
-                         public_key or None)
+                         public_key or None, index_numerics or None)
 
 
 def flags_of(fn, values: dict, skip: tuple[str, ...] = ()) -> list[str]:

@@ -244,7 +244,7 @@ def test_engine_flags_become_one_load_engine_call(tiny_release, tmp_path, monkey
     argv = ["generate", str(tiny_release), "--prompt", "hi", "--json", "--backend", "onnxruntime",
             "--execution-provider", "MyEP", "--plugin-ep-library", str(lib), "--backend-option", "threads=2",
             "--device", "cpu", "--deterministic", "--kv-dir", str(kv), "--kv-strategy", "full", "--kv-dtype", "bf16",
-            "--max-device-memory", "1GiB", "--offload-tier", "disk"]
+            "--max-device-memory", "1GiB", "--offload-tier", "disk", "--index-numerics", "fp32"]
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["text"] == "ok"
     (path, kw), = calls
@@ -252,7 +252,8 @@ def test_engine_flags_become_one_load_engine_call(tiny_release, tmp_path, monkey
     assert kw == dict(backend="onnxruntime", backend_options={"threads": "2", "ep": "MyEP",
                                                               "plugin_ep_library": str(lib)},
                       device="cpu", deterministic=True, kv=KVOptions(str(kv), "full", dtype="bf16"),
-                      offload=OffloadOptions(1 << 30, tier="disk"), parallel=None, public_key=None)
+                      offload=OffloadOptions(1 << 30, tier="disk"), parallel=None, public_key=None,
+                      index_numerics="fp32")
     # chat and serve build their options with the same helper
     calls.clear()
     from flashport import chat_cli

@@ -212,3 +212,54 @@ def test_a_cloned_state_owns_its_store_from_the_start():
     assert torch.equal(cidx.entries[:40], idx.entries[:40])
     assert torch.equal(cidx.fp4_keys().rows()[0][:40], idx.fp4_keys().rows()[0][:40])
     assert cidx.fp4_keys().n == idx.fp4_keys().n == 41
+
+
+def test_index_numerics_is_an_engine_option(tiny_release, tmp_path, monkeypatch):
+    """`index_numerics` (load_engine, EngineOptions, `--index-numerics`) chooses the indexer's numerics of every
+    new sequence with or without a KV cache, overrides FLASHPORT_INDEX_NUMERICS, names the cache's namespace
+    (caches of different indexer numerics never mix), and a bad value is refused before any weight is read."""
+    from flashport.engine import Engine
+    from flashport.options import EngineOptions, KVOptions, OptionError
+
+    monkeypatch.setenv("FLASHPORT_INDEX_NUMERICS", "release")
+    eng = Engine.load(tiny_release, index_numerics="fp32")
+    assert not eng.new_state().layers[2].index.official
+    monkeypatch.delenv("FLASHPORT_INDEX_NUMERICS")
+    eng = Engine.load(tiny_release)
+    assert eng.index_numerics == "fp32" and not eng.new_state().layers[2].index.official
+    namespaces = []
+    for numerics in ("release", "fp32"):
+        eng = Engine.load(tiny_release, index_numerics=numerics, kv=KVOptions(tmp_path / numerics))
+        st = eng.new_state()
+        assert st.layers[2].index.official == (numerics == "release")
+        namespaces.append(eng.kv.namespace)
+        ids = list(range(3, 3 + 2 * eng.cfg.kv_block_tokens + 5))
+        state, logits, stats = eng.prefill_cached(ids, progress=False)
+        assert state.layers[2].index.official == (numerics == "release")
+        eng.close()
+    assert namespaces[0] != namespaces[1] and namespaces[0].replace("-fp4index", "") == namespaces[1]
+    for bad in ("fp4", "FP32", 1):
+        with pytest.raises(OptionError, match="index numerics must be fp32 or release"):
+            Engine.load(tmp_path / "missing", index_numerics=bad)  # refused before the path is even looked at
+        with pytest.raises(OptionError, match="index numerics must be fp32 or release"):
+            EngineOptions(index_numerics=bad)
+    monkeypatch.setenv("FLASHPORT_INDEX_NUMERICS", "fp8")
+    with pytest.raises(OptionError, match="FLASHPORT_INDEX_NUMERICS must be fp32 or release"):
+        Engine.load(tmp_path / "missing")
+
+
+def test_index_numerics_flag(tiny_release, capsys):
+    """`--index-numerics` on generate: a typo is one line naming the flag and the closest value, exit 2; release
+    with a whole-step backend (its own graph has transformers' indexer) is refused naming both options."""
+    from flashport.cli import main
+
+    assert main(["generate", str(tiny_release), "--prompt", "hi", "--index-numerics", "relase"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--index-numerics" in err[0] and "did you mean release" in err[0]
+    assert main(["generate", str(tiny_release), "--prompt", "hi", "--max-new-tokens", "2", "--index-numerics",
+                 "release", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tiny_release), "--prompt", "hi", "--index-numerics", "release", "--backend",
+                 "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "index numerics release with backend onnxruntime" in err[0]

@@ -142,14 +142,18 @@ class KVManager:
 
     def __init__(self, cfg: ModelConfig, root: str | Path | None, namespace: str, strategy: str = "periodic:4096",
                  disk_capacity: int = 20 << 30, memory_capacity: int = 256 << 20, device: str = "cpu",
-                 device_capacity: int = 0, fsync: bool = True, dtype: str = "fp32"):
+                 device_capacity: int = 0, fsync: bool = True, dtype: str = "fp32",
+                 official_index: bool | None = None):
         """namespace: names the model (`model_identity`); the manager appends the KV numerics `dtype` ("release":
         FP8 e4m3 + BF16 RoPE dims, "bf16", "fp32"; flashport.quant.kv_numerics), so caches of different numerics
         never mix. Sequences it stores must be made with `new_state()` (their entries rounded to `dtype`).
+        official_index: the indexer in the release's numerics (the engine's `index_numerics`; None: the
+        environment's, `model.official_index_default`); part of the namespace too.
         Raises KVStoreBusy when another process holds `root`."""
         self.cfg, self.block = cfg, cfg.kv_block_tokens
         self.dtype = check_kv_dtype(dtype)
-        self.official_index = official_index_default()  # the indexer's keys in the release's numerics (model.py)
+        # the indexer's keys in the release's numerics (model.Indexer)
+        self.official_index = official_index_default() if official_index is None else bool(official_index)
         self.namespace = f"{namespace}{'-fp4index' if self.official_index else ''}-{dtype}"
         self.strategy = Strategy.parse(strategy, self.block)
         self.layout = kv_layout(cfg, dtype)
