@@ -165,13 +165,39 @@ def step_ms(path: str, threads: int = 1, prompt_len: int = 512, reps: int = 5, s
             "load": os.getloadavg()[0]}
 
 
+def extend_entries(state, cfg, n_tokens: int) -> None:
+    """Make `state` (a real sequence of t tokens, t a multiple of the HCA rate) look n_tokens long to decode: every
+    compressor's entries repeated to n_tokens // rate rows and the position set to n_tokens. The decode cost of a
+    step depends on how many entries there are (the indexer's scan, HCA attention), not on their values, so this
+    measures the cost at n_tokens without a prefill of n_tokens; the tokens it decodes mean nothing. Each copy
+    after the first flips the signs of a random set of dims, so that copies do not tie in the indexer's top-k (a
+    tie at the k-th place sends a query to the exact re-selection over its full row) and the values stay on the
+    grid of the KV's numerics (FP8, BF16, FP4 are sign-symmetric)."""
+    g = torch.Generator().manual_seed(0)
+    for i, ls in enumerate(state.layers):
+        rate = {"csa": cfg.csa_rate, "hca": cfg.hca_rate}.get(cfg.layer_kind(i))
+        for ps in (ls.comp, ls.index):
+            if ps is None or not rate or not ps.entries.shape[0]:
+                continue
+            rows, e = n_tokens // rate, ps.entries
+            copies = -(-rows // e.shape[0])
+            signs = torch.randint(0, 2, (copies, 1, e.shape[1]), generator=g).to(e.dtype) * 2 - 1
+            signs[0] = 1
+            ps.entries = (e[None] * signs).reshape(-1, e.shape[1])[:rows].contiguous()
+            ps.store = None  # rebuilt from the new entries at the first step
+    state.n_tokens = n_tokens
+
+
 def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 32768, 131072), decode_tokens: int = 16,
-                 threads: int = 0, seed: int = 0) -> str:
-    """Decode cost per token against the context length, fast CPU ops: the sliding window and the top-k
-    attention cost the same at every length; the indexer's scoring (one matmul over every compressed entry)
-    and the HCA layers' dense attention grow with it. Prefill (not timed) runs the fast ops too."""
-    from flashport.backends.dispatch import Ops
-    from flashport.backends.torch_fast import FastTorchBackend
+                 threads: int = 0, seed: int = 0, extend: bool = False, index_numerics: str = "") -> str:
+    """Decode cost per token against the context length: the sliding window and the top-k attention cost the
+    same at every length; the indexer's scoring (a scan of every compressed entry) and the HCA layers' dense
+    attention grow with it. Each row: a prefill of that many random tokens (not timed here), then `decode_tokens`
+    greedy steps; ms/token is the median of the steps after the first, in wall and in this process's CPU time.
+    extend: prefill only the first context and reach the longer ones with `extend_entries` (the cost at 1M
+    tokens of a model whose 1M-token prefill would take hours here)."""
+    import statistics
+
     from flashport.bench import checkpoint_or_preset
     from flashport.engine import Engine
 
@@ -179,26 +205,34 @@ def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 327
         torch.set_num_threads(threads)
     contexts = [int(x) for x in (contexts.split(",") if isinstance(contexts, str) else contexts)]
     with checkpoint_or_preset(path, preset, seed) as ck:
-        eng = Engine.load(ck)
-        eng.model.set_ops(Ops(FastTorchBackend()))
+        eng = Engine.load(ck, index_numerics=index_numerics or None)
         g = torch.Generator().manual_seed(seed)
-        lines = [f"decode cost vs context: {eng.cfg.name}, fast ops, {torch.get_num_threads()} threads, "
-                 f"{decode_tokens} decode steps",
+        lines = [f"decode cost vs context: {eng.cfg.name}, {torch.get_num_threads()} threads, index numerics "
+                 f"{eng.index_numerics}, {decode_tokens} decode steps"
+                 + (f" (contexts past {contexts[0]}: its entries repeated, extend_entries)" if extend else ""),
                  f"{'context':>8} {'prefill s':>9} {'decode ms/tok':>13} {'vs first':>8} {'cpu ms/tok':>10} "
-                 f"{'vs first':>8}   (cpu: this process's CPU time, steadier than wall time on a shared machine)"]
-        first = first_cpu = None
+                 f"{'vs first':>8}   (medians of the steps after the first; cpu: this process's CPU time, "
+                 f"steadier than wall time on a shared machine)"]
+        first = first_cpu = base = None
         for n in contexts:
-            state = eng.new_state()
-            t0 = time.perf_counter()
-            logits = eng.prefill(torch.randint(2, eng.cfg.vocab_size - 1, (n,), generator=g).tolist(), state)
-            t1 = time.perf_counter()
-            tok = int(logits.argmax())
-            t1, c1 = time.perf_counter(), time.process_time()
-            for _ in range(decode_tokens):
-                tok = int(eng.model.forward_batch([torch.tensor([tok])], [state], all_logits=False)[0][0].argmax())
-            per_tok = (time.perf_counter() - t1) / decode_tokens
-            cpu_tok = (time.process_time() - c1) / decode_tokens
+            if base is None or not extend:
+                state = eng.new_state()
+                t0 = time.perf_counter()
+                logits = eng.prefill(torch.randint(2, eng.cfg.vocab_size - 1, (n,), generator=g).tolist(), state)
+                prefill_s, base = time.perf_counter() - t0, (state, logits)
+                st = state
+            else:
+                st, logits, prefill_s = base[0].clone(), base[1], float("nan")
+                extend_entries(st, eng.cfg, n)
+            tok, wall, cpu = int(logits.argmax()), [], []
+            with torch.no_grad():
+                for _ in range(max(2, decode_tokens)):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    tok = int(eng.model.forward_batch([torch.tensor([tok])], [st], all_logits=False)[0][0].argmax())
+                    wall.append(time.perf_counter() - w0)
+                    cpu.append(time.process_time() - c0)
+            per_tok, cpu_tok = statistics.median(wall[1:]), statistics.median(cpu[1:])
             first, first_cpu = first or per_tok, first_cpu or cpu_tok
-            lines.append(f"{n:>8} {t1 - t0:>9.1f} {per_tok * 1e3:>13.2f} {per_tok / first:>7.2f}x "
+            lines.append(f"{n:>8} {prefill_s:>9.1f} {per_tok * 1e3:>13.2f} {per_tok / first:>7.2f}x "
                          f"{cpu_tok * 1e3:>10.2f} {cpu_tok / first_cpu:>7.2f}x")
     return "\n".join(lines)

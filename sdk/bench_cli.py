@@ -31,7 +31,8 @@ class Bench:
                    peer=peer, seed=seed)
 
     def decode_context(self, path: str = "", preset: str = "flash-small", contexts: str = "8192,32768,131072",
-                       decode_tokens: int = 16, threads: int = 0, seed: int = 0):
+                       decode_tokens: int = 16, threads: int = 0, seed: int = 0, extend: bool = False,
+                       index_numerics: str = ""):
         """Decode cost per token at several context lengths (sparse attention keeps it nearly flat).
 
         Args:
@@ -41,12 +42,21 @@ class Bench:
             decode_tokens: decode steps timed per context (>= 1).
             threads: torch intra-op threads (0: torch's default).
             seed: seed of the weights and the prompts.
+            extend: prefill only the first context; reach the longer ones by repeating its compressed entries
+                (decode's cost depends on their count, not their values: the cost at 1M of a model whose 1M
+                prefill would take hours here).
+            index_numerics: the lightning indexer's numerics: fp32 | release (default: $FLASHPORT_INDEX_NUMERICS,
+                else fp32).
         """
+        from flashport.options import INDEX_NUMERICS
+
         ctx = _common(path, preset, threads, seed, contexts=contexts, decode_tokens=decode_tokens)
+        if index_numerics:
+            one_of("--index-numerics", index_numerics, INDEX_NUMERICS)
         from flashport.bench.decode import run_contexts
 
         return run_contexts(path=path, preset=preset, contexts=ctx, decode_tokens=decode_tokens, threads=threads,
-                            seed=seed)
+                            seed=seed, extend=extend, index_numerics=index_numerics)
 
     def memory(self, path: str = "", preset: str = "flash-mini", prompt_len: int = 16, decode_tokens: int = 8,
                prefill_chunk: int = 0, threads: int = 0, seed: int = 0):

@@ -75,3 +75,32 @@ def test_long_context_bench_refuses_a_plot_that_is_not_svg(tmp_path):
                           "--plot", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         f"flashport: error: --plot: {tmp_path / 'p.png'} must be an .svg file"]
+
+
+def test_decode_context_extend_reaches_long_contexts_without_their_prefill(tiny_release):
+    """`bench decode-context --extend`: the state of a real prefill made to look n tokens long (every compressor's
+    entries repeated to n // rate rows, sign-flipped copies on the same value grid, position n), then decoded."""
+    import torch
+
+    from flashport.bench.decode import extend_entries, run_contexts
+    from flashport.engine import Engine
+
+    eng = Engine.load(tiny_release, index_numerics="release")
+    state = eng.new_state()
+    eng.prefill(list(range(3, 3 + 512)), state, progress=False)
+    before = {i: ls.comp.entries.clone() for i, ls in enumerate(state.layers) if ls.comp is not None}
+    extend_entries(state, eng.cfg, 8192)
+    assert state.n_tokens == 8192
+    for i, ls in enumerate(state.layers):
+        rate = {"csa": eng.cfg.csa_rate, "hca": eng.cfg.hca_rate}.get(eng.cfg.layer_kind(i))
+        if rate:
+            e = ls.comp.entries
+            assert e.shape[0] == 8192 // rate and torch.equal(e[:len(before[i])], before[i])
+            n = len(before[i])
+            assert torch.equal(e[n:2 * n].abs(), before[i].abs()) and not torch.equal(e[n:2 * n], before[i])
+    logits = eng.model.forward_batch([torch.tensor([5])], [state], all_logits=False)[0][0]
+    assert torch.isfinite(logits).all() and state.n_tokens == 8193
+    out = run_contexts(path=str(tiny_release), contexts="512,4096", decode_tokens=2, extend=True,
+                       index_numerics="release")
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["512", "4096"] and rows[1][1] == "nan" and rows[0][3] == "1.00x"
