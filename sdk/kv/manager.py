@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import threading
 from dataclasses import asdict, dataclass
@@ -166,6 +167,10 @@ class KVManager:
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self._shapes = self._block_shapes()
+        self._parts: dict[str, list[str]] = {}  # "3.comp" -> its packed parts' names ["3.comp.q", ...]
+        for name in self._shapes:
+            self._parts.setdefault(name.rpartition(".")[0], []).append(name)
+        self._packed_block_bytes = sum(math.prod(s) * d.itemsize for s, d in self._shapes.values())
         self.run_blocks = max(1, RUN_BYTES // max(1, self.layout.block_bytes))  # blocks per deferred run
 
     def new_state(self) -> SeqState:
@@ -303,17 +308,11 @@ class KVManager:
         """Build the state the plan starts from -> (state at plan.start, bytes read, tiers read). For a
         "window" plan the state holds every loaded entry and empty windows (prefill_cached replays the windows).
         A block or record that does not match this model's layout is evicted, then KVRestoreError is raised."""
-        r = self.cfg.qk_rope_head_dim
-        packed, n_read, sources = self._load_blocks(tracker, plan.load_blocks)
-        per_name: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in packed.items():  # "3.comp.q" -> per_name["3.comp"]["q"]
-            name, _, part = k.rpartition(".")
-            per_name.setdefault(name, {})[part] = v
+        entries, n_read, sources = self._load_blocks(tracker, plan.load_blocks)
         state = self.new_state()
         state.n_tokens = plan.start
-        for name, parts in per_name.items():  # one unpack per compressor: the blocks are one tensor per part
-            i, _, which = name.partition(".")
-            getattr(state.layers[int(i)], which).entries = unpack_kv(parts, self.dtype, r)
+        for (i, which), t in entries.items():
+            getattr(state.layers[i], which).entries = t
         if plan.path == "checkpoint":
             key = self.record_key(tracker.hashes[plan.load_blocks - 1])
             got = self._get(key)
@@ -329,21 +328,37 @@ class KVManager:
             sources.add(src)
         return state, n_read, "+".join(sorted(sources))
 
-    def _load_blocks(self, tracker: SeqTracker, n: int) -> tuple[dict[str, torch.Tensor], int, set[str]]:
-        """The packed parts of blocks 0..n-1, one tensor per part name in block order ("3.comp.q" -> [n * rows,
-        ...]), the bytes read and the tiers that served them. Each part's tensor is allocated once at its restored
-        length; blocks in a memory tier are copied in from there, the rest are read from disk in one
-        `DiskKVStore.read_batch` (a few large sequential reads of multi-block extents) and copied in part by part
-        (`ReadBatch.part`: one copy per part and run of blocks in one extent), without a tensor per block.
-        Disk blocks are not promoted into the memory tiers: the restored state holds them. A block that is gone
-        raises KVRestoreError; one that does not match this model's layout is evicted, then KVRestoreError is
-        raised."""
+    def _pools(self):
+        """(layer, "comp" | "index", rate, entry dim) of every compressor whose entries are stored in blocks."""
+        for i, kind, m in self._rates():
+            yield i, "comp", m, self.cfg.head_dim
+            if kind == "csa":
+                yield i, "index", m, self.cfg.index_head_dim
+
+    def _load_blocks(self, tracker: SeqTracker, n: int) -> tuple[dict[tuple[int, str], torch.Tensor], int, set[str]]:
+        """The entries of blocks 0..n-1 per compressor ((layer, "comp" | "index") -> float32 [n * B / m, dim]), the
+        packed bytes read and the tiers that served them. Each compressor's entries are allocated once at their
+        restored length (numpy's allocator: large ones get huge pages, a fraction of the page faults) and unpacked
+        into in place: blocks in a memory tier one by one; the rest, read from disk in one
+        `DiskKVStore.read_batch` (a few large sequential reads of multi-block extents), with one `unpack_kv` per
+        compressor and run of blocks in one extent, straight from the read buffer (`ReadBatch.rows`: no copy of
+        the packed bytes, no tensor per block). Disk blocks are not promoted into the memory tiers: the restored
+        state holds them. A block that is gone raises KVRestoreError; one that does not match this model's layout
+        is evicted, then KVRestoreError is raised."""
         if n == 0:
             return {}, 0, set()
-        keys = tracker.hashes[:n]
-        out = {name: torch.empty((n * shape[0], *shape[1:]), dtype=dtype) for name, (shape, dtype) in
-               self._shapes.items()}
+        B, r, keys = self.block, self.cfg.qk_rope_head_dim, tracker.hashes[:n]
+        pools = list(self._pools())
+        out = {(i, w): torch.from_numpy(numpy.empty((n * B // m, dim), numpy.float32)) for i, w, m, dim in pools}
         n_read, sources, on_disk = 0, set(), list(range(n))
+
+        def unpack(b: int, count: int, get) -> None:  # blocks b .. b + count - 1, `get(part name)` their parts
+            for i, w, m, _ in pools:
+                epb = B // m
+                name = f"{i}.{w}"
+                parts = {p.rpartition(".")[2]: get(p) for p in self._parts[name]}
+                unpack_kv(parts, self.dtype, r, out=out[(i, w)][b * epb:(b + count) * epb])
+
         if any(len(t) for t in self.tiers):  # a restarted process has empty memory tiers: no lookup per block
             on_disk = []
             for b, key in enumerate(keys):
@@ -354,26 +369,24 @@ class KVManager:
                 if not self._block_ok(got[1], {k: (tuple(v.shape), v.dtype) for k, v in got[0].items()}):
                     self._discard(key)
                     raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
-                for name, (shape, _) in self._shapes.items():
-                    out[name][b * shape[0]:(b + 1) * shape[0]] = got[0][name]
+                unpack(b, 1, lambda p: got[0][p].cpu())
                 n_read += nbytes(got[0])
                 sources.add(got[2])
         if on_disk:
             batch = self._read_disk_blocks(keys, on_disk)
-            rows = numpy.arange(len(on_disk))
+            blocks = numpy.asarray(on_disk)
             disk_bytes = 0
-            for name, t in out.items():
-                dst = t.view(torch.uint8).reshape(n, -1)  # this part's bytes, one row per block
-                try:
-                    if len(on_disk) == n:  # all of them: straight into the tensor
-                        batch.part(rows, name, dst.numpy())
-                    else:
-                        dst[torch.as_tensor(on_disk)] = torch.from_numpy(batch.part(rows, name))
-                except FormatError:  # the layouts were checked per extent: a writer bug, never served
-                    self._discard(keys[on_disk[0]])
-                    raise KVRestoreError(f"block {on_disk[0]} does not match this model's layout (evicted)") \
-                        from None
-                disk_bytes += len(on_disk) * dst.shape[1]
+            for a, e, _, _ in batch.spans(numpy.arange(len(on_disk))):
+                # cut where the blocks themselves are not consecutive (memory-tier blocks in between)
+                cuts = numpy.flatnonzero(numpy.diff(blocks[a:e]) != 1) + 1 + a
+                for lo, hi in zip([a, *cuts.tolist()], [*cuts.tolist(), e]):
+                    try:
+                        unpack(int(blocks[lo]), hi - lo, lambda p: batch.rows(lo, hi - lo, p))
+                    except (FormatError, ValueError):  # layouts were checked per extent: a writer bug, never served
+                        self._discard(keys[on_disk[lo]])
+                        raise KVRestoreError(f"block {on_disk[lo]} does not match this model's layout (evicted)") \
+                            from None
+                    disk_bytes += (hi - lo) * self._packed_block_bytes
             n_read += disk_bytes
             self._add("bytes_read_disk", disk_bytes)
             sources.add("disk")
@@ -395,7 +408,7 @@ class KVManager:
             raise KVRestoreError(f"block {gone} is no longer cached")
         expect = self._block_meta_bytes()
         # one representative entry per extent: the first of each run of one extent
-        firsts = numpy.flatnonzero(numpy.r_[True, batch.ext[1:] != batch.ext[:-1]]).tolist()
+        firsts = numpy.flatnonzero(numpy.concatenate([[True], batch.ext[1:] != batch.ext[:-1]])).tolist()
         checked = set()
         for j in firsts:
             x = batch.extent(j)

@@ -63,6 +63,12 @@ EXTENT_MAX = 4 << 20     # the writer cuts runs into extents of at most about th
 EXTENT_GAP = 256 << 10   # extents of one read closer than this are fetched in one read (the gap is read too)
 READ_PIECE = 1 << 20     # reads are cut (at extent boundaries) into pieces of about this size, read in parallel
 READ_THREADS = 8
+ALIGN = 64  # an extent's payload starts, and the extent ends, at a multiple of this from the extent's start
+
+
+def _aligned(n):
+    """n rounded up to a multiple of ALIGN (ints or int64 arrays)."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 class FormatError(ValueError):
@@ -96,13 +102,19 @@ def _encode(namespace: bytes, keys: list[bytes], tensors: dict, meta_json: bytes
     copying the payload)."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     body = _st_save(cpu)
+    # zero padding: the payload at a multiple of ALIGN (safetensors aligns each tensor to 8 within it, so every
+    # tensor of an extent read into an aligned buffer can be viewed in place), the extent a multiple of ALIGN
     key_part = b"".join(keys)
+    lead = HEADER.size + len(namespace) + len(key_part)
+    pad1 = bytes(_aligned(lead) - lead)
+    tail = _aligned(lead) + len(body) + len(meta_json)
+    pad2 = bytes(_aligned(tail) - tail)
     head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(namespace), len(keys[0]), len(keys), len(body),
                        len(meta_json), 0)
     crc = 0
-    for part in (head[:_CRC_OFFSET], namespace, key_part, body, meta_json):
+    for part in (head[:_CRC_OFFSET], namespace, key_part, pad1, body, meta_json, pad2):
         crc = crc32c.crc32c(part, crc)
-    return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key_part, body, meta_json]
+    return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key_part, pad1, body, meta_json, pad2]
 
 
 _MAGIC = numpy.frombuffer(MAGIC, numpy.uint8)
@@ -204,6 +216,30 @@ class ReadBatch:
             out[name] = torch.from_numpy(self.buf[a:a + per].copy()).view(dtype).reshape(shape)
         return out
 
+    def spans(self, idx) -> list[tuple[int, int, int, int]]:
+        """Runs of entries idx (found ones) lying at consecutive slots of one extent -> [(a, b, extent, first
+        slot)]: idx[a:b] are slots first .. first + b - a - 1 of that extent. The blocks of a prompt written
+        together are a few spans."""
+        idx = numpy.asarray(idx, dtype=numpy.int64)
+        ext, slot = self.ext[idx], self.slot[idx]
+        brk = numpy.ones(len(idx), bool)
+        brk[1:] = (ext[1:] != ext[:-1]) | (slot[1:] != slot[:-1] + 1)
+        starts = numpy.flatnonzero(brk).tolist()
+        return [(a, b, int(ext[a]), int(slot[a])) for a, b in zip(starts, starts[1:] + [len(idx)])]
+
+    def rows(self, i: int, count: int, name: str) -> torch.Tensor:
+        """Tensor `name` of entries i .. i + count - 1 of entry i's extent (consecutive slots: a `spans` run) as one
+        tensor [count * rows, ...], a view into the batch's buffer (no copy: valid while the batch lives).
+        FormatError if the extent lacks `name` or holds fewer entries."""
+        x, s = int(self.ext[i]), int(self.slot[i])
+        lay = self.entry_layout(i).get(name)
+        if lay is None or s + count > int(self.x_entries[x]):
+            raise FormatError(f"no tensor {name} for {count} entries")
+        dtype, shape, lo, hi = lay
+        per = (hi - lo) // int(self.x_entries[x])
+        a = int(self.x_body[x]) + lo + s * per
+        return torch.from_numpy(self.buf[a:a + count * per]).view(dtype).reshape(count * shape[0], *shape[1:])
+
     def part(self, idx, name: str, out: numpy.ndarray | None = None) -> numpy.ndarray:
         """uint8 [len(idx), bytes of one entry's rows of tensor `name`]: that tensor's rows of entries idx (found
         ones), in order, one copy per run of them lying in one extent at consecutive slots (the blocks of one
@@ -261,7 +297,7 @@ def _verify_extents(buf: numpy.ndarray, pos: numpy.ndarray, size: numpy.ndarray,
     nl, kl, nk = (field(a, b, t).astype(numpy.int64) for a, b, t in ((12, 14, "<u2"), (14, 16, "<u2"), (16, 20, "<u4")))
     tl = numpy.minimum(field(20, 28, "<u8"), numpy.uint64(1 << 62)).astype(numpy.int64)  # a huge one fails, no wrap
     ml = field(28, 32, "<u4").astype(numpy.int64)
-    failing(3, (nk == 0) | (HEADER.size + nl + nk * kl + tl + ml != size))
+    failing(3, (nk == 0) | (_aligned(_aligned(HEADER.size + nl + nk * kl) + tl + ml) != size))
     sized = fail > 3
     crc = numpy.zeros(n, numpy.uint32)
     mv = memoryview(buf)
@@ -743,9 +779,10 @@ class DiskKVStore:
         ents = [got[i] for i in hit]
         table = numpy.array([(e.seg, e.offset, e.size, e.slot) for e in ents], dtype=numpy.int64).reshape(-1, 4)
         # the extents: one per distinct (segment, offset), sorted; key_x: each hit's extent
-        xs, key_x = numpy.unique(table[:, :2], axis=0, return_inverse=True)
+        where, key_x = numpy.unique(table[:, 0] << 40 | table[:, 1], return_inverse=True)  # offsets < 1 TiB
         key_x = key_x.reshape(-1)
-        seg, off = xs[:, 0], xs[:, 1]
+        xs = where  # one per extent
+        seg, off = where >> 40, where & ((1 << 40) - 1)
         size = numpy.zeros(len(xs), numpy.int64)
         size[key_x] = table[:, 2]
         end = off + size
@@ -763,9 +800,11 @@ class DiskKVStore:
                 fds[s] = os.open(self._dir / _seg_name(s), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
                 fds[s] = err
-        bases = numpy.cumsum([0] + [p[2] for p in pieces]).tolist()
+        bases = numpy.cumsum([0] + [_aligned(p[2]) for p in pieces]).tolist()  # aligned as the extents are
         # uninitialised (numpy.empty): the reads fill it, a zero-fill first would cost a pass over memory
-        batch.buf = buf = numpy.empty(bases[-1], dtype=numpy.uint8)
+        raw = numpy.empty(bases[-1] + ALIGN, dtype=numpy.uint8)
+        skip = -raw.ctypes.data % ALIGN
+        batch.buf = buf = raw[skip:skip + bases[-1]]  # at an ALIGN boundary: tensors can be viewed in place
         at = numpy.zeros(len(xs), numpy.int64)  # each extent's offset in buf
         fail = numpy.full(len(xs), len(_CHECKS), numpy.int64)  # len(_CHECKS): not read
         fields = numpy.zeros((5, len(xs)), numpy.int64)  # nl, kl, nk, tl, ml
@@ -815,7 +854,7 @@ class DiskKVStore:
             good_key[sel] = _check_keys(buf, at[x] + HEADER.size + nl[x] + slot[sel] * kl[x], kl[x],
                                         [idents[i][1] for i in hit_a[sel].tolist()])
         ok = (code == passed) & good_key  # a failed key check reports _CHECKS[passed], "key mismatch"
-        batch.x_body = numpy.where(fail == passed, at + HEADER.size + nl + nk * kl, -1)
+        batch.x_body = numpy.where(fail == passed, at + _aligned(HEADER.size + nl + nk * kl), -1)
         batch.x_body_len, batch.x_meta_len, batch.x_entries = tl, ml, nk
         batch.ext[hit_a[ok]] = key_x[ok]
         batch.slot[hit_a[ok]] = slot[ok]
@@ -1186,7 +1225,15 @@ class DiskKVStore:
         rows = [ident for _, s in victims for ident in s.live]
         try:
             with self._db_lock:
-                self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", rows)
+                # one transaction: each autocommitted DELETE would append its own copies of the pages to the WAL
+                # (hundreds of KB for one segment of small entries, past the quota's slack)
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as e:
             self._io_error("index", e)  # rows of missing segments are dropped at the next start
         for seg, s in victims:
