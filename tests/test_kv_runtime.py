@@ -108,10 +108,16 @@ def test_restore_is_bit_identical_per_kv_dtype(det, prompts, tmp_path, dtype, st
     ns = model_identity(det.model, "det")
     det.kv = KVManager(det.cfg, tmp_path, ns, strategy, dtype=dtype, fsync=False)
     det.prefill_cached(prompts[0])
+    det.kv.flush()
+    # the prompt's 12 blocks (prefilled a block at a time) lie in one extent; the hit below ends inside it
+    where = {(e.seg, e.offset) for e in (det.kv.store._index[(det.kv.namespace, h)]
+                                         for h in det.kv.tracker(prompts[0]).hashes)}
+    assert len(where) == 1
     det.close()
     det.kv = KVManager(det.cfg, tmp_path, ns, strategy, dtype=dtype, fsync=False)  # a restart: disk only
     state, logits, hit = det.prefill_cached(prompts[1])
     assert hit.loaded_tokens > 0 and hit.read_from == "disk" and hit.error == ""
+    assert hit.hit_tokens == 11 * det.cfg.kv_block_tokens  # blocks 0..10 of the 12 of one extent
     ref_state = SeqState.empty(det.cfg, dtype)
     ref_logits = det.prefill(prompts[1], ref_state)
     ref, got = ref_state.clone().tensors(), state.tensors()
@@ -253,7 +259,7 @@ def test_store_errors_fall_back_to_recompute(tiny_release, tmp_path, monkeypatch
     kv.flush()
     kv.drop_memory()
     monkeypatch.setattr(kv.store, "get", lambda key: (_ for _ in ()).throw(OSError(5, "EIO")))
-    monkeypatch.setattr(kv.store, "read_many", lambda keys: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(kv.store, "read_batch", lambda keys: (_ for _ in ()).throw(OSError(5, "EIO")))
     _, logits, st = eng.prefill_cached(ids)
     assert st.path == "miss" and "no longer cached" in st.error and (logits - ref).abs().max() < 1e-4
     monkeypatch.undo()

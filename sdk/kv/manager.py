@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import logging
+import math
 import threading
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from ..config import ModelConfig
 from ..model import SeqState, official_index_default
 from ..quant.kv_numerics import check_kv_dtype, pack_kv, unpack_kv
 from .layout import format_bytes, kv_layout
-from .store import DiskKVStore, FormatError, ReadBatch, body_layout, chain_hashes
+from .store import DiskKVStore, FormatError, ReadBatch, chain_hashes
 from .strategies import Strategy
 from .tiers import MemoryTier, nbytes
 
@@ -57,12 +58,12 @@ class SeqTracker:
         self.n_tokens = 0
         self.hashes: list[bytes] = []
         self.stored_blocks = 0  # blocks known to be in the cache (put or loaded)
-        self._tail: list[int] = []  # tokens after the last complete block
+        self._tail = array("q")  # tokens after the last complete block (int64: hashed without a conversion)
         self.extend(ids)
 
     def extend(self, ids) -> None:
         tail = self._tail
-        tail.extend(map(int, ids))
+        tail.extend(ids if isinstance(ids, (list, tuple, array)) else map(int, ids))
         self.n_tokens = len(self.hashes) * self.block + len(tail)
         full = len(tail) // self.block * self.block
         if full:
@@ -373,58 +374,59 @@ class KVManager:
                 n_read += nbytes(got[0])
                 sources.add(got[2])
         if on_disk:
-            batch = self._read_disk_blocks(keys, on_disk)
             blocks = numpy.asarray(on_disk)
-            disk_bytes = 0
-            for a, e, _, _ in batch.spans(numpy.arange(len(on_disk))):
-                # cut where the blocks themselves are not consecutive (memory-tier blocks in between)
-                cuts = numpy.flatnonzero(numpy.diff(blocks[a:e]) != 1) + 1 + a
-                for lo, hi in zip([a, *cuts.tolist()], [*cuts.tolist(), e]):
-                    try:
-                        unpack(int(blocks[lo]), hi - lo, lambda p: batch.rows(lo, hi - lo, p))
-                    except (FormatError, ValueError):  # layouts were checked per extent: a writer bug, never served
-                        self._discard(keys[on_disk[lo]])
-                        raise KVRestoreError(f"block {on_disk[lo]} does not match this model's layout (evicted)") \
-                            from None
-                    disk_bytes += (hi - lo) * self._packed_block_bytes
-            n_read += disk_bytes
-            self._add("bytes_read_disk", disk_bytes)
+            lock, disk_bytes = threading.Lock(), [0]
+
+            def consume(batch: ReadBatch, idx: numpy.ndarray) -> None:  # on the store's reading threads
+                for a, e, x, _ in batch.spans(idx):
+                    self._check_extent(batch, int(idx[a]), keys, on_disk)
+                    # cut where the blocks themselves are not consecutive (memory-tier blocks in between)
+                    pos = idx[a:e]
+                    cuts = (numpy.flatnonzero(numpy.diff(blocks[pos]) != 1) + 1).tolist()
+                    for lo, hi in zip([0, *cuts], [*cuts, e - a]):
+                        j = int(pos[lo])
+                        try:
+                            unpack(int(blocks[j]), hi - lo, lambda p: batch.rows(j, hi - lo, p))
+                        except (FormatError, ValueError):  # layouts were checked per extent: a writer bug
+                            self._discard(keys[on_disk[j]])
+                            raise KVRestoreError(f"block {on_disk[j]} does not match this model's layout "
+                                                 "(evicted)") from None
+                        with lock:
+                            disk_bytes[0] += (hi - lo) * self._packed_block_bytes
+
+            batch = None
+            if self.store is not None:
+                try:  # the store unpacks each piece as soon as it is read and checked: reads and unpacking overlap
+                    batch = self.store.read_batch([keys[b] for b in on_disk], consume)
+                except KVRestoreError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+                    self.report_error("get", e)
+            if batch is None or not batch.found.all():
+                gone = on_disk[0] if batch is None else on_disk[int(numpy.flatnonzero(~batch.found)[0])]
+                raise KVRestoreError(f"block {gone} is no longer cached")
+            n_read += disk_bytes[0]
+            self._add("bytes_read_disk", disk_bytes[0])
             sources.add("disk")
         return out, n_read, sources
 
-    def _read_disk_blocks(self, keys: list, missing: list[int]) -> ReadBatch:
-        """Blocks `missing` (indices into keys) read from disk in one `DiskKVStore.read_batch` and checked extent
-        by extent (not block by block): each extent's entry layout must be this model's block layout and its meta
-        the bytes this manager writes for blocks (else it is decoded and checked, `_block_ok`). A block that is
-        gone raises KVRestoreError; one that does not match is evicted, then KVRestoreError is raised."""
-        batch = None
-        if self.store is not None:
-            try:
-                batch = self.store.read_batch([keys[b] for b in missing])
-            except Exception as e:  # noqa: BLE001 - a broken tier is a miss
-                self.report_error("get", e)
-        if batch is None or not batch.found.all():
-            gone = missing[0] if batch is None else missing[int(numpy.flatnonzero(~batch.found)[0])]
-            raise KVRestoreError(f"block {gone} is no longer cached")
-        expect = self._block_meta_bytes()
-        # one representative entry per extent: the first of each run of one extent
-        firsts = numpy.flatnonzero(numpy.concatenate([[True], batch.ext[1:] != batch.ext[:-1]])).tolist()
-        checked = set()
-        for j in firsts:
-            x = batch.extent(j)
-            if x in checked:
-                continue
-            checked.add(x)
-            try:
-                ok = {k: (v[1], v[0]) for k, v in batch.entry_layout(j).items()} == self._shapes and \
-                    (batch.meta_bytes(j) == expect or self._block_ok(batch.meta(j), None))
-            except FormatError:
-                ok = False
-            if not ok:
-                for jj in numpy.flatnonzero(batch.ext == x).tolist():
-                    self._discard(keys[missing[jj]])
-                raise KVRestoreError(f"block {missing[j]} does not match this model's layout (evicted)")
-        return batch
+    def _check_extent(self, batch: ReadBatch, j: int, keys: list, on_disk: list[int]) -> None:
+        """Check the extent of batch entry j once (not block by block): its entry layout must be this model's
+        block layout and its meta the bytes this manager writes for blocks (else it is decoded and checked,
+        `_block_ok`). One that does not match: its blocks are evicted, then KVRestoreError is raised."""
+        x = batch.extent(j)
+        if x in batch.checked:
+            return
+        try:
+            ok = {k: (v[1], v[0]) for k, v in batch.entry_layout(j).items()} == self._shapes and \
+                (batch.meta_bytes(j) == self._block_meta_bytes() or self._block_ok(batch.meta(j), None))
+        except FormatError:
+            ok = False
+        if not ok:
+            for jj in numpy.flatnonzero(batch.ext == x).tolist():
+                self._discard(keys[on_disk[jj]])
+            raise KVRestoreError(f"block {on_disk[j]} does not match this model's layout (evicted)")
+        batch.checked.add(x)
 
     def _block_meta(self) -> dict:
         """The meta of every block record (one per extent: a run of blocks shares it)."""

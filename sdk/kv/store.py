@@ -160,6 +160,7 @@ class ReadBatch:
         self.x_meta_len = numpy.zeros(0, numpy.int64)    # the meta follows the payload
         self.x_entries = numpy.zeros(0, numpy.int64)     # entries in the extent
         self._layouts: dict[int, dict] = {}
+        self.checked: set[int] = set()  # extents a reader has checked (for its own use)
 
     @property
     def found(self) -> numpy.ndarray:
@@ -413,16 +414,15 @@ def chain_hashes(token_ids: list[int], block_tokens: int, namespace: str, prev: 
     ns_part = struct.pack("<II", len(ns), block_tokens) + ns
     prev, out = (b"\x00" * 32 if prev is None else prev), []
     n = len(token_ids) // block_tokens * block_tokens
-    toks = array("q", token_ids[:n])  # int64, one conversion for every block
+    # int64, one conversion for every block (none for an int64 array: SeqTracker keeps its tokens in one)
+    toks = token_ids[:n] if isinstance(token_ids, array) and token_ids.typecode == "q" else array("q", token_ids[:n])
     if sys.byteorder != "little":
         toks.byteswap()
-    data, step = memoryview(toks).cast("B"), 8 * block_tokens
-    for start in range(0, 8 * n, step):
-        h = hashlib.blake2b(digest_size=32, person=b"flashport-kv-v1")
-        h.update(prev)
-        h.update(ns_part)
-        h.update(data[start:start + step])
-        prev = h.digest()
+    data, step = bytes(memoryview(toks).cast("B")), 8 * block_tokens
+    blake2b, join = hashlib.blake2b, b"".join
+    for start in range(0, 8 * n, step):  # one call per block: the same digest as updating with the three parts
+        prev = blake2b(join((prev, ns_part, data[start:start + step])), digest_size=32,
+                       person=b"flashport-kv-v1").digest()
         out.append(prev)
     return out
 
@@ -749,7 +749,7 @@ class DiskKVStore:
                 self._count("misses")
         return out
 
-    def read_batch(self, keys: list) -> "ReadBatch":
+    def read_batch(self, keys: list, consume=None) -> "ReadBatch":
         """The restore path: read and verify many entries with a few large reads and no Python work per entry
         beyond its index lookup -> a ReadBatch (one buffer; per key its extent and slot, -1 for a miss).
 
@@ -760,11 +760,16 @@ class DiskKVStore:
         per extent length, magic, version, sizes, CRC32C and namespace (vectorised over the extents of a piece,
         one CRC32C call per extent), per entry the key at its slot; an entry that fails one is dropped and is a
         miss, the others are served. The meta is not decoded here (`ReadBatch.meta`). A read refreshes the
-        recency of the segments it read (eviction drops whole segments)."""
-        with _gc_paused():  # tens of thousands of small objects: no collector passes over the heap meanwhile
-            return self._read_batch(keys)
+        recency of the segments it read (eviction drops whole segments).
 
-    def _read_batch(self, keys: list) -> "ReadBatch":
+        consume(batch, idx): called on the reading thread as soon as a piece is verified, with idx (int64) the
+        positions in `keys` of the entries it served, so that the caller's work on them (unpacking) overlaps
+        the reads of the other pieces; calls come from several threads at once, in no order. An exception it
+        raises is raised by read_batch once every piece is done."""
+        with _gc_paused():  # tens of thousands of small objects: no collector passes over the heap meanwhile
+            return self._read_batch(keys, consume)
+
+    def _read_batch(self, keys: list, consume=None) -> "ReadBatch":
         ns = self.namespace
         idents = [(ns, k if type(k) is bytes else _key_bytes(k)) for k in keys]
         batch = ReadBatch(len(keys))
@@ -781,18 +786,22 @@ class DiskKVStore:
         # the extents: one per distinct (segment, offset), sorted; key_x: each hit's extent
         where, key_x = numpy.unique(table[:, 0] << 40 | table[:, 1], return_inverse=True)  # offsets < 1 TiB
         key_x = key_x.reshape(-1)
-        xs = where  # one per extent
+        n_x = len(where)
         seg, off = where >> 40, where & ((1 << 40) - 1)
-        size = numpy.zeros(len(xs), numpy.int64)
+        size = numpy.zeros(n_x, numpy.int64)
         size[key_x] = table[:, 2]
         end = off + size
+        slot = table[:, 3]
+        hit_a = numpy.asarray(hit, dtype=numpy.int64)
+        by_x = numpy.argsort(key_x, kind="stable")  # the hits grouped by extent: a piece's are one slice of it
+        x_sorted = key_x[by_x]
         # a new read where the segment changes, extents overlap (never, for indexed ones) or a gap is large
-        new = numpy.ones(len(xs), bool)
+        new = numpy.ones(n_x, bool)
         new[1:] = (seg[1:] != seg[:-1]) | (off[1:] < end[:-1]) | (off[1:] > end[:-1] + EXTENT_GAP)
-        ext_start = off[numpy.maximum.accumulate(numpy.where(new, numpy.arange(len(xs)), 0))]
+        ext_start = off[numpy.maximum.accumulate(numpy.where(new, numpy.arange(n_x), 0))]
         piece_no = (off - ext_start) // READ_PIECE
         new[1:] |= piece_no[1:] != piece_no[:-1]
-        starts = numpy.flatnonzero(new).tolist() + [len(xs)]
+        starts = numpy.flatnonzero(new).tolist() + [n_x]
         pieces = [(int(seg[a]), int(off[a]), int(end[b - 1] - off[a]), a, b) for a, b in zip(starts, starts[1:])]
         fds: dict[int, int | BaseException] = {}
         for s in set(p[0] for p in pieces):
@@ -805,10 +814,14 @@ class DiskKVStore:
         raw = numpy.empty(bases[-1] + ALIGN, dtype=numpy.uint8)
         skip = -raw.ctypes.data % ALIGN
         batch.buf = buf = raw[skip:skip + bases[-1]]  # at an ALIGN boundary: tensors can be viewed in place
-        at = numpy.zeros(len(xs), numpy.int64)  # each extent's offset in buf
-        fail = numpy.full(len(xs), len(_CHECKS), numpy.int64)  # len(_CHECKS): not read
-        fields = numpy.zeros((5, len(xs)), numpy.int64)  # nl, kl, nk, tl, ml
+        passed = len(_CHECKS) - 1
+        at = numpy.zeros(n_x, numpy.int64)  # each extent's offset in buf
+        fail = numpy.full(n_x, len(_CHECKS), numpy.int64)  # len(_CHECKS): not read
+        batch.x_body = numpy.full(n_x, -1, numpy.int64)
+        batch.x_body_len, batch.x_meta_len, batch.x_entries = (numpy.zeros(n_x, numpy.int64) for _ in range(3))
+        code = numpy.full(len(hit), len(_CHECKS), numpy.int64)  # per hit: its first failed check
         failed: list = []  # (piece, error)
+        raised: list = []  # exceptions of consume
 
         def job(p: int) -> None:
             s, o, length, a, b = pieces[p]
@@ -821,7 +834,30 @@ class DiskKVStore:
                 failed.append((p, err))
                 return
             at[a:b] = off[a:b] + (bases[p] - o)
-            fail[a:b], fields[:, a:b] = _verify_extents(buf, at[a:b], size[a:b], self._ns)
+            fail[a:b], (nl, kl, nk, tl, ml) = _verify_extents(buf, at[a:b], size[a:b], self._ns)
+            batch.x_body[a:b] = numpy.where(fail[a:b] == passed, at[a:b] + _aligned(HEADER.size + nl + nk * kl), -1)
+            batch.x_body_len[a:b], batch.x_meta_len[a:b], batch.x_entries[a:b] = tl, ml, nk
+            # this piece's hits: their extent passed, their slot is inside it, the key at their slot is theirs
+            lo, hi = numpy.searchsorted(x_sorted, [a, b])
+            mine = by_x[lo:hi]
+            x = key_x[mine] - a
+            c = fail[a:b][x]
+            inside = numpy.flatnonzero((c == passed) & (slot[mine] < nk[x]))
+            good = numpy.zeros(len(mine), bool)
+            if len(inside):
+                xi = x[inside]
+                good[inside] = _check_keys(buf, at[a:b][xi] + HEADER.size + nl[xi] + slot[mine[inside]] * kl[xi],
+                                           kl[xi], [idents[i][1] for i in hit_a[mine[inside]].tolist()])
+            code[mine] = c  # a failed key check reports _CHECKS[passed], "key mismatch"
+            ok = mine[(c == passed) & good]
+            batch.slot[hit_a[ok]] = slot[ok]
+            batch.ext[hit_a[ok]] = key_x[ok]
+            code[ok] = len(_CHECKS)
+            if consume is not None and len(ok):
+                try:
+                    consume(batch, numpy.sort(hit_a[ok]))
+                except BaseException as err:  # noqa: BLE001 - raised on the caller's thread below
+                    raised.append(err)
 
         try:
             if len(pieces) == 1:
@@ -835,29 +871,15 @@ class DiskKVStore:
                     os.close(fd)
         unread = set()  # extents of pieces that could not be read: a missing or failing file is not corruption
         for p, err in failed:
+            a, b = pieces[p][3], pieces[p][4]
+            lo, hi = numpy.searchsorted(x_sorted, [a, b])
             if isinstance(err, FormatError):  # the segment ends inside the piece: its extents are not all there
-                fail[pieces[p][3]:pieces[p][4]] = 0
+                code[by_x[lo:hi]] = 0
                 continue
-            unread.update(range(pieces[p][3], pieces[p][4]))
+            unread.update(range(a, b))
             if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
                 self._io_error("read", err)
-        nl, kl, nk, tl, ml = fields
-        slot = table[:, 3]
-        hit_a = numpy.asarray(hit, dtype=numpy.int64)
-        passed = len(_CHECKS) - 1
-        # per entry: its extent passed, its slot is inside it, and the key stored at its slot is the key asked for
-        code = fail[key_x]
-        good_key = numpy.zeros(len(hit), bool)
-        sel = numpy.flatnonzero((code == passed) & (slot < nk[key_x]))
-        if len(sel):
-            x = key_x[sel]
-            good_key[sel] = _check_keys(buf, at[x] + HEADER.size + nl[x] + slot[sel] * kl[x], kl[x],
-                                        [idents[i][1] for i in hit_a[sel].tolist()])
-        ok = (code == passed) & good_key  # a failed key check reports _CHECKS[passed], "key mismatch"
-        batch.x_body = numpy.where(fail == passed, at + _aligned(HEADER.size + nl + nk * kl), -1)
-        batch.x_body_len, batch.x_meta_len, batch.x_entries = tl, ml, nk
-        batch.ext[hit_a[ok]] = key_x[ok]
-        batch.slot[hit_a[ok]] = slot[ok]
+        ok = code == len(_CHECKS)
         for j in numpy.flatnonzero(~ok).tolist():
             i, x = int(hit_a[j]), int(key_x[j])
             if x in unread:
@@ -871,12 +893,13 @@ class DiskKVStore:
         with self._lock:
             self._stats["hits"] += int(ok.sum())
             self._stats["misses"] += int((~ok).sum())
-            served = numpy.unique(key_x[ok])
-            self._stats["bytes_read"] += int(size[served].sum())
+            self._stats["bytes_read"] += int(size[numpy.unique(key_x[ok])].sum())
             self._stats["read_seconds"] += dt
             for i in last.values():
                 if self._index.get(idents[i]) is got[i]:
                     self._touch_locked(idents[i], got[i])
+        if raised:
+            raise raised[0]
         return batch
 
     def contains_many(self, keys: list) -> list[bool]:
