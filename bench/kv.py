@@ -254,8 +254,12 @@ def store_restore(presets: str = "flash-tiny,v4-flash", total: int = 64 << 20, d
                     if ps is not None:
                         m = cfg.csa_rate if cfg.layer_kind(i) == "csa" else cfg.hca_rate
                         ps.entries = round_kv(torch.randn(n // m, ps.entries.shape[1], generator=g), dtype, r)
-            state.n_tokens = n
-            kv.observe(kv.tracker(ids[:n]), state)
+            tracker = kv.tracker(ids[:n])
+            step = max(1, (1 << 20) // kv_layout(cfg, dtype).block_bytes)  # as a prefill puts them: ~1 MiB runs
+            for b in range(step, blocks + step, step):
+                state.n_tokens = min(b, blocks) * B
+                kv.observe(tracker, state)
+                kv.flush()
             kv.close()
             times, store_rates, disk_rates, nbytes = [], [], [], 0
             for _ in range(repeats):

@@ -893,7 +893,9 @@ class DiskKVStore:
         with self._lock:
             self._stats["hits"] += int(ok.sum())
             self._stats["misses"] += int((~ok).sum())
-            self._stats["bytes_read"] += int(size[numpy.unique(key_x[ok])].sum())
+            served = numpy.zeros(n_x, bool)
+            served[key_x[ok]] = True
+            self._stats["bytes_read"] += int(size[served].sum())
             self._stats["read_seconds"] += dt
             for i in last.values():
                 if self._index.get(idents[i]) is got[i]:
