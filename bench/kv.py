@@ -255,7 +255,7 @@ def store_restore(presets: str = "flash-tiny,v4-flash", total: int = 64 << 20, d
                         m = cfg.csa_rate if cfg.layer_kind(i) == "csa" else cfg.hca_rate
                         ps.entries = round_kv(torch.randn(n // m, ps.entries.shape[1], generator=g), dtype, r)
             tracker = kv.tracker(ids[:n])
-            step = max(1, (1 << 20) // kv_layout(cfg, dtype).block_bytes)  # as a prefill puts them: ~1 MiB runs
+            step = kv.run_blocks  # as a prefill puts them (`KVManager.observe(defer=True)`)
             for b in range(step, blocks + step, step):
                 state.n_tokens = min(b, blocks) * B
                 kv.observe(tracker, state)

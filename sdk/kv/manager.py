@@ -42,7 +42,7 @@ from .tiers import MemoryTier, nbytes
 log = logging.getLogger("flashport.kv")
 
 KV_FORMAT = 3  # layout of block / fixed-state records (names, shapes, packing, meta); part of the namespace
-RUN_BYTES = 1 << 20  # a prefill puts its blocks in runs of about this many bytes (one disk extent each)
+RUN_BYTES = 4 << 20  # a prefill puts its blocks in runs of about this many bytes (one disk extent each)
 
 
 class KVRestoreError(RuntimeError):
