@@ -703,6 +703,21 @@ def test_unusable_root_disables_the_tier_without_raising(tmp_path):
 ROUNDS, PER_ROUND, CRASH_NS = 24, 400, ("model-A", "model-B")
 
 
+RUN_EVERY, RUN_LEN = 10, 5  # the crash rounds also write a run of 5 entries (one extent) every 10 entries
+
+
+def run_keys(rnd: int, i: int) -> list[str]:
+    return [f"r{rnd}-run{i}-{k}" for k in range(RUN_LEN)]
+
+
+def expected_run(ns: str, rnd: int, i: int) -> tuple[dict, dict]:
+    """Deterministic content of the run written at entry i of round rnd: RUN_LEN entries of 3 rows each."""
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f"{ns}/{rnd}/{i}".encode(), digest_size=4).digest(),
+                                                     "little"))
+    return ({"kv": torch.randn(3 * RUN_LEN, 8, generator=g).to(torch.bfloat16),
+             "e": torch.randint(0, 255, (RUN_LEN, 2), generator=g, dtype=torch.uint8)}, {"run": i, "ns": ns})
+
+
 def _crash_child(root: str, ns: str, rnd: int, wfd: int) -> None:
     """Write entries forever-ish; after each flush report the durable watermark on the pipe."""
     s = DiskKVStore(root, 1 << 30, ns, queue_size=16, fsync=True)
@@ -713,6 +728,10 @@ def _crash_child(root: str, ns: str, rnd: int, wfd: int) -> None:
             assert s.put(key, t, m, sync=True)
         else:
             while not s.put(key, t, m):
+                s.flush()
+        if i % RUN_EVERY == 3:  # runs that follow each other: joined into one extent when in one batch
+            prev = run_keys(rnd, i - RUN_EVERY)[-1] if i >= RUN_EVERY else None
+            while not s.put_run(run_keys(rnd, i), *expected_run(ns, rnd, i), follows=prev):
                 s.flush()
         if i % 5 == 4 and s.flush():
             os.write(wfd, b"F%08d\n" % i)  # keys 0..i are stored (one small atomic pipe write)
@@ -769,13 +788,25 @@ def test_sigkill_during_writes_never_serves_bad_entries(tmp_path):
                     got = s.get(key)
                     if r["ns"] != ns:
                         assert got is None, f"{key} of {r['ns']} served under {ns}"
-                        continue
-                    if i <= r["flushed"]:
+                    elif i <= r["flushed"]:
                         assert got is not None, f"flushed entry {key} lost"
                     if got is not None:
                         served += 1
                         t, m = expected_entry(ns, key)
                         assert same(got[0], t) and got[1] == m
+                    if i % RUN_EVERY == 3:  # the run written here: all of it once flushed, never a wrong row
+                        t, m = expected_run(r["ns"], r["round"], i)
+                        for k, key in enumerate(run_keys(r["round"], i)):
+                            got = s.get(key)
+                            if r["ns"] != ns:
+                                assert got is None, f"{key} of {r['ns']} served under {ns}"
+                                continue
+                            if i <= r["flushed"]:
+                                assert got is not None, f"flushed run entry {key} lost"
+                            if got is not None:
+                                served += 1
+                                assert same(got[0], {n: v[k * (v.shape[0] // RUN_LEN):(k + 1) * (v.shape[0] // RUN_LEN)]
+                                                     for n, v in t.items()}) and got[1] == m
             st = s.stats()
             assert st["corrupt_dropped"] == 0 and st["hits"] == served
         assert not list((root / "data").rglob("*.tmp"))

@@ -2,17 +2,19 @@
 
 Entries (a dict of tensors plus a small JSON meta) are appended to segment files by a background thread, in
 batches (one fsync and one index transaction per batch), so that ``put`` never stalls decode (its queue is
-bounded: a full queue drops the put and counts it). Entries written together (the blocks of one prompt) lie
-next to each other, so a restore (``read_batch``) is a few large sequential reads, issued in parallel, with the
-records' checks vectorised. An entry becomes visible only after its bytes are durable and indexed; anything that
-fails a check on read is dropped and reported as a miss. The quota counts the segment files and the index with its
-WAL; eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
+bounded: a full queue drops the put and counts it). A run of entries (``put_run``: the consecutive blocks of a
+sequence) is one extent: one header, one checksum, one read, every entry still indexed under its own key (and
+its slot in the extent); runs that follow each other in a batch are joined. So a restore (``read_batch``) is a
+few large sequential reads, issued in parallel, with the extents' checks vectorised. An entry becomes visible
+only after its bytes are durable and indexed; anything that fails a check on read is dropped and reported as a
+miss. The quota counts the segment files and the index with its WAL; eviction drops whole segments, least
+recently used first; a full disk evicts and retries. See docs/kv-store.md.
 
 Layout under ``root``::
 
     LOCK                   flock'ed by the one process that owns the store (holds its pid)
-    index.sqlite           WAL-mode index: namespace, key -> segment, offset, size; last_access, created
-    segments/<n>.seg       append-only segment files of entry records, n = 16 hex digits, never reused
+    index.sqlite           WAL-mode index: namespace, key -> segment, offset, size, slot; last_access, created
+    segments/<n>.seg       append-only segment files of extents, n = 16 hex digits, never reused
 """
 
 from __future__ import annotations
