@@ -2,15 +2,15 @@
 
     flashport bench kv [--preset flash-mini] [--sizes 8192,32768] [--strategies full,periodic:4096,none]
                        [--decode-tokens 16] [--long-preset flash-tiny] [--long-sizes 4096,16384] [--dir D]
-                       [--restore-sizes 2242,533132] [--restore-mb 64] [--writer-tokens 48]
+                       [--restore-presets flash-tiny,v4-flash] [--restore-mb 64] [--writer-tokens 48]
 
 Per strategy and context size: bytes written per 1K tokens, time to first token after a hit served from disk
 (page cache dropped, store reopened as after a restart) against a full recompute of the same prompt, and the
 restore's read throughput as a fraction of the disk's sequential read bandwidth measured in the same run.
 Per size: prefill and decode cost per token. Long context: prefill time, KV memory and disk of `long-preset` at
 `long-sizes`, extrapolated linearly (compressed-entry work grows with the context; the sliding window does not)
-to 1M tokens. Restore against disk (`store_restore`): the store's restore path per block size (flash-tiny's and
-V4-Flash's) against cold sequential reads of the same files. Writer (`writer_stall`): decode ms/token with the
+to 1M tokens. Restore against disk (`store_restore`): the whole restore (hashes, plan, reads, checks, unpacking
+into the state) per block size (flash-tiny's and V4-Flash's) against cold sequential reads of the same files. Writer (`writer_stall`): decode ms/token with the
 disk writer busy against idle.
 """
 
@@ -71,7 +71,7 @@ def _du(root: Path) -> int:
 
 def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategies="full,periodic:4096,none",
         decode_tokens: int = 16, long_preset: str = "flash-tiny", long_sizes="4096,16384", dir: str = "",
-        threads: int = 0, seed: int = 0, restore_sizes="2242,533132", restore_mb: int = 64,
+        threads: int = 0, seed: int = 0, restore_presets="flash-tiny,v4-flash", restore_mb: int = 64,
         writer_tokens: int = 48) -> str:
     from flashport.checkpoint import make_checkpoint
     from flashport.engine import Engine
@@ -126,10 +126,11 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
         lines += ["", f"{'context':>8} {'prefill ms/tok':>14} {'decode ms/tok':>13} {'decode vs first':>15}"]
     for n, p, d in costs:
         lines.append(f"{n:>8} {p * 1e3:>14.2f} {d * 1e3:>13.1f} {d / costs[0][2]:>14.2f}x")
-    if restore_sizes:  # the restore path against the disk, per block size (2242 B: flash-tiny, 533132 B: V4-Flash)
-        lines += ["", f"restore (read_batch + gather) against cold sequential reads of the same files, {restore_mb} MB "
-                      f"per size, page cache dropped:",
-                  store_restore(restore_sizes, restore_mb << 20, str(work / "restore"))]
+    if restore_presets:  # the whole restore against the disk, per block size (flash-tiny's, V4-Flash's)
+        lines += ["", f"restore (hashes, plan, reads, checks, unpacking into the state) against cold sequential reads "
+                      f"of the same files, {restore_mb} MB of release-numerics KV per preset, page cache dropped, "
+                      f"median of 3:",
+                  store_restore(restore_presets, restore_mb << 20, str(work / "restore"))]
     if writer_tokens:
         lines += ["", writer_stall(long_preset, decode_tokens=writer_tokens, dir=str(work / "writer"), seed=seed)]
 
@@ -217,53 +218,88 @@ def numerics(path: str = "samples/models/flash-small", context: int = 8192, dtyp
     return "\n".join(rows)
 
 
-def store_restore(entry_bytes: str = "2242,65536,533132", total: int = 64 << 20, dir: str = "",
-                  repeats: int = 3) -> str:
-    """The disk tier's restore path alone against the disk: per entry size, `total` bytes of entries (one uint8
-    tensor each, 32-byte keys, written in one batch as a prompt's blocks are) read back as a restore reads them
-    (`DiskKVStore.read_batch`, then the tensor gathered out of every entry with `ReadBatch.gather`) after dropping
-    the page cache, against plain sequential 8 MiB reads of the same segment files, also cold, in the same run.
-    Best of `repeats` for each. The default sizes are a block of flash-tiny (2242 B) and of V4-Flash (533132 B),
-    release numerics, and one between."""
-    from flashport.kv.store import DiskKVStore, body_layout
+def store_restore(presets: str = "flash-tiny,v4-flash", total: int = 64 << 20, dir: str = "", repeats: int = 3,
+                  dtype: str = "release", seed: int = 0) -> str:
+    """The whole restore against the disk, per model preset (block size: flash-tiny's 32-token blocks of about
+    3.6 KB, V4-Flash's 128-token blocks of about 533 KB, release numerics): a sequence of about `total` bytes of
+    packed KV (random entries in `dtype`, made as a prefill makes them) is stored through `KVManager.observe`, then
+    restored by a fresh manager on the same directory, page cache dropped, as a restarted engine does: the
+    prompt's block hashes, the restore plan (index lookups), `KVManager.restore` (the store's reads and checks,
+    unpacking every block's entries into the sequence state); against plain sequential 8 MiB reads of the same
+    segment files, also cold, in the same run. Median of `repeats` for each; "store" is the store's reads and
+    checks alone (`DiskKVStore.read_batch` of the same blocks, cold, nothing unpacked). The restored entries are
+    checked bit for bit against the stored ones."""
+    import statistics
+
+    from flashport.config import ModelConfig
+    from flashport.kv import KVManager, RestorePlan, kv_layout
+    from flashport.quant.kv_numerics import round_kv
 
     work = Path(dir or tempfile.mkdtemp(prefix="flashport-bench-restore-"))
-    rows = [f"{'entry B':>9} {'entries':>7} {'MB':>7} {'restore MB/s':>12} {'disk MB/s':>9} {'ratio':>6}"]
+    rows = [f"{'preset':<11} {'block B':>8} {'blocks':>6} {'MB':>6} {'restore MB/s':>12} {'store MB/s':>10} "
+            f"{'disk MB/s':>9} {'ratio':>6}"]
     try:
-        for size in (int(x) for x in str(entry_bytes).split(",") if x):
-            n = max(1, total // size)
-            root = work / f"store-{size}"
+        for preset in (p for p in str(presets).split(",") if p):
+            cfg = ModelConfig.preset(preset)
+            B, r = cfg.kv_block_tokens, cfg.qk_rope_head_dim
+            blocks = max(1, total // kv_layout(cfg, dtype).block_bytes)
+            n = blocks * B
+            root = work / f"kv-{preset}"
             shutil.rmtree(root, ignore_errors=True)
-            g = torch.Generator().manual_seed(size)
-            keys = [hashlib.blake2b(i.to_bytes(8, "little"), digest_size=32).digest() for i in range(n)]
-            cap = 4 * total + (64 << 20)
-            with DiskKVStore(root, cap, "bench", queue_size=n + 1) as s:
-                for b, k in enumerate(keys):
-                    s.put(k, {"x": torch.randint(0, 255, (size,), dtype=torch.uint8, generator=g)}, {"block": b})
-                s.flush()
-            best_read = best_disk = 0.0
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(2, cfg.vocab_size - 1, (n + 1,), generator=g).tolist()
+            kv = KVManager(cfg, root, "bench", "none", disk_capacity=8 * total + (256 << 20), dtype=dtype)
+            state = kv.new_state()
+            for i, ls in enumerate(state.layers):
+                for ps in (ls.comp, ls.index):
+                    if ps is not None:
+                        m = cfg.csa_rate if cfg.layer_kind(i) == "csa" else cfg.hca_rate
+                        ps.entries = round_kv(torch.randn(n // m, ps.entries.shape[1], generator=g), dtype, r)
+            tracker = kv.tracker(ids[:n])
+            step = kv.run_blocks  # as a prefill puts them (`KVManager.observe(defer=True)`)
+            for b in range(step, blocks + step, step):
+                state.n_tokens = min(b, blocks) * B
+                kv.observe(tracker, state)
+                kv.flush()
+            kv.close()
+            times, store_rates, disk_rates, nbytes = [], [], [], 0
             for _ in range(repeats):
-                with DiskKVStore(root, cap, "bench") as s:
-                    drop_cache(root)
-                    t0 = time.perf_counter()
-                    batch = s.read_batch(keys)
-                    _, _, lo, hi = body_layout(batch.payload(0))["x"]
-                    x = torch.from_numpy(batch.gather(numpy.arange(n), lo, hi - lo))
-                    dt = time.perf_counter() - t0
-                    nbytes = s.stats()["bytes_read"]
-                assert batch.found.all() and x.shape == (n, size)
+                kv = KVManager(cfg, root, "bench", "none", disk_capacity=8 * total + (256 << 20), dtype=dtype)
+                drop_cache(root)
+                t0 = time.perf_counter()
+                tracker = kv.tracker(ids)
+                plan = kv.plan(tracker, len(ids))  # the index lookups; a short sequence's plan is a miss (it
+                # would recompute the windows from token 0), so the restore loads every block the plan found
+                got, _, _ = kv.restore(tracker, RestorePlan("window", plan.hit_blocks, plan.hit_blocks, n, n))
+                times.append(time.perf_counter() - t0)
+                nbytes = kv.store.stats()["bytes_read"]
+                kv.close()
+                # the store's reads and checks alone: the same blocks, cold again, nothing unpacked
+                kv = KVManager(cfg, root, "bench", "none", disk_capacity=8 * total + (256 << 20), dtype=dtype)
+                drop_cache(root)
+                t0 = time.perf_counter()
+                assert kv.store.read_batch(tracker.hashes[:blocks]).found.all()
+                store_rates.append(nbytes / (time.perf_counter() - t0))
+                kv.close()
+                assert plan.hit_blocks == blocks and all(
+                    torch.equal(getattr(a, w).entries, getattr(b, w).entries)
+                    for a, b in zip(got.layers, state.layers) for w in ("comp", "index") if getattr(a, w) is not None)
                 segs = sorted((root / "segments").iterdir())
                 drop_cache(root)
                 t0 = time.perf_counter()
-                disk = 0
+                read = 0
                 for p in segs:
                     with open(p, "rb", buffering=0) as f:
                         while chunk := f.read(8 << 20):
-                            disk += len(chunk)
-                ddt = time.perf_counter() - t0
-                best_read, best_disk = max(best_read, nbytes / dt), max(best_disk, disk / ddt)
-            rows.append(f"{size:>9} {n:>7} {n * size / 1e6:>7.1f} {best_read / 1e6:>12.0f} {best_disk / 1e6:>9.0f} "
-                        f"{best_read / best_disk:>6.2f}")
+                            read += len(chunk)
+                disk_rates.append(read / (time.perf_counter() - t0))
+            rate = nbytes / statistics.median(times)
+            disk_rate = statistics.median(disk_rates)
+            rows.append(f"{preset:<11} {kv_layout(cfg, dtype).block_bytes:>8} {blocks:>6} {nbytes / 1e6:>6.1f} "
+                        f"{rate / 1e6:>12.0f} {statistics.median(store_rates) / 1e6:>10.0f} {disk_rate / 1e6:>9.0f} "
+                        f"{rate / disk_rate:>6.2f}")
+            del state
+            shutil.rmtree(root, ignore_errors=True)
     finally:
         if not dir:
             shutil.rmtree(work, ignore_errors=True)

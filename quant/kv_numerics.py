@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -80,26 +81,77 @@ def pack_kv(x: Tensor, dtype: str, rope_dims: int) -> dict[str, Tensor]:
             "rope": x[:, nope_dims:].to(torch.bfloat16)}
 
 
-def unpack_kv(parts: dict[str, Tensor], dtype: str, rope_dims: int) -> Tensor:
-    """The packed parts of `dtype` -> float32 [n, d]. Raises ValueError on parts that do not fit together."""
+def unpack_kv(parts: dict[str, Tensor], dtype: str, rope_dims: int, out: Tensor | None = None) -> Tensor:
+    """The packed parts of `dtype` -> float32 [n, d], written into `out` when given (a float32 [n, d] tensor, e.g.
+    rows of a restored sequence's entries: no temporaries the size of the result). Raises ValueError on parts
+    that do not fit together (or with `out`)."""
     check_kv_dtype(dtype)
     if dtype != "release":
         v = parts["v"]
         if v.dtype != (torch.float32 if dtype == "fp32" else torch.bfloat16):
             raise ValueError(f"KV part of dtype {v.dtype} in a {dtype} entry")
-        return v.float()
+        out = _out(out, v.shape[0], v.shape[1], v.device)
+        _to_float(v, out)
+        return out
     q, e, rope = parts["q"], parts["e"], parts["rope"]
     n, nope_dims = q.shape
     nb = math.ceil(nope_dims / FP8_BLOCK)
     if q.dtype != torch.float8_e4m3fn or e.dtype != torch.uint8 or rope.dtype != torch.bfloat16 or \
             tuple(e.shape) != (n, nb) or rope.shape[0] != n or rope.shape[1] != rope_dims:
         raise ValueError("release KV parts do not fit together")
-    scale = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e.to(torch.int32) - 127)
-    vals = q.float()
-    if nb * FP8_BLOCK != nope_dims:
-        vals = torch.nn.functional.pad(vals, (0, nb * FP8_BLOCK - nope_dims))
-    vals = (vals.reshape(n, nb, FP8_BLOCK) * scale[..., None]).reshape(n, -1)[:, :nope_dims]
-    return torch.cat([vals, rope.float()], dim=1)
+    out = _out(out, n, nope_dims + rope_dims, q.device)
+    full = nope_dims // FP8_BLOCK  # whole blocks of 64, then a partial last one: value * its block's scale
+    if q.device.type == "cpu":
+        # numpy, one thread: table lookups give the exact value of each code (torch's conversions are slow on
+        # CPUs), and elementwise work this size gains nothing from torch's threads (it loses under contention)
+        vals = out.numpy()[:, :nope_dims]
+        # the lookup into a contiguous array (numpy's fast path: several times the speed of a strided one), then
+        # the scaling writes the rows of `out`
+        codes = numpy.take(_FP8_VALUES.numpy(), q.contiguous().view(torch.uint8).numpy(), mode="clip")
+        scale = numpy.take(_SCALES.numpy(), e.contiguous().numpy(), mode="clip")
+        w = full * FP8_BLOCK
+        if full:
+            numpy.multiply(codes[:, :w].reshape(n, full, FP8_BLOCK), scale[:, :full, None],
+                           out=vals[:, :w].reshape(n, full, FP8_BLOCK))  # a view: the rows of out are strided
+        if full < nb:
+            numpy.multiply(codes[:, w:], scale[:, full:], out=vals[:, w:])
+    else:
+        vals = out[:, :nope_dims]
+        vals.copy_(q)
+        scale = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=e.device), e.to(torch.int32) - 127)
+        if full:
+            vals[:, :full * FP8_BLOCK].unflatten(1, (full, FP8_BLOCK)).mul_(scale[:, :full, None])
+        if full < nb:
+            vals[:, full * FP8_BLOCK:].mul_(scale[:, full:])
+    _to_float(rope, out[:, nope_dims:])
+    return out
+
+
+def _out(out: Tensor | None, n: int, d: int, device) -> Tensor:
+    if out is None:
+        return torch.empty(n, d, dtype=torch.float32, device=device)
+    if out.dtype != torch.float32 or tuple(out.shape) != (n, d):
+        raise ValueError(f"unpack into a {out.dtype} tensor of {tuple(out.shape)}, not float32 of {(n, d)}")
+    return out
+
+
+def _to_float(v: Tensor, out: Tensor) -> None:
+    """out[...] = v (float32 or bfloat16) as float32, exactly. On the CPU a BF16 value is its 16 bits shifted into
+    the high half of a float32 (what the conversion is, without its slow strided path)."""
+    if v.dtype == torch.bfloat16 and v.device.type == "cpu":
+        bits = out.numpy().view(numpy.uint32)
+        bits[...] = v.contiguous().view(torch.int16).numpy().view(numpy.uint16)
+        bits <<= 16
+    elif v.device.type == "cpu" and out.device.type == "cpu":
+        out.numpy()[...] = v.numpy()
+    else:
+        out.copy_(v)
+
+
+# float32 [256]: the value of each float8_e4m3fn code, and 2 ** (k - 127) of each UE8M0 exponent byte k, as the
+# conversions above compute them
+_FP8_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+_SCALES = torch.ldexp(torch.ones(256), torch.arange(256, dtype=torch.int32) - 127)
 
 
 def round_kv(x: Tensor, dtype: str, rope_dims: int) -> Tensor:

@@ -82,7 +82,7 @@ class Bench:
     def kv(self, path: str = "", preset: str = "flash-mini", sizes: str = "8192,32768",
            strategies: str = "full,periodic:4096,none", decode_tokens: int = 16, long_preset: str = "flash-tiny",
            long_sizes: str = "4096,16384", dir: str = "", threads: int = 0, seed: int = 0,
-           restore_sizes: str = "2242,533132", restore_mb: int = 64, writer_tokens: int = 48):
+           restore_presets: str = "flash-tiny,v4-flash", restore_mb: int = 64, writer_tokens: int = 48):
         """Disk KV: bytes written per strategy, time-to-first-token after a hit vs recompute, restore bandwidth
         against the disk's per block size, decode with the disk writer busy against idle.
 
@@ -97,23 +97,25 @@ class Bench:
             dir: working directory for the KV stores (default: a temporary one).
             threads: torch intra-op threads (0: torch's default).
             seed: seed of the weights and the prompts.
-            restore_sizes: entry sizes in bytes of the restore-vs-disk rows, comma-separated (default: a block of
-                flash-tiny and of V4-Flash in release numerics).
+            restore_presets: presets of the restore-vs-disk rows, comma-separated (default: the block sizes of
+                flash-tiny and of V4-Flash; "" for none).
             restore_mb: megabytes of entries read per restore row (>= 1).
             writer_tokens: decode steps per round of the writer busy / idle rows (>= 1).
         """
         from flashport.options import KVOptions
 
         _common(path, preset, threads, seed, sizes=sizes, long_sizes=long_sizes, decode_tokens=decode_tokens,
-                restore_sizes=restore_sizes, restore_mb=restore_mb, writer_tokens=writer_tokens)
+                restore_mb=restore_mb, writer_tokens=writer_tokens)
         _preset("--long-preset", long_preset)
+        for p in (x for x in str(restore_presets).split(",") if x):
+            _preset("--restore-presets", p)
         for s in strategies.split(","):
             KVOptions(strategy=s.strip())  # OptionError names a bad strategy
         from flashport.bench.kv import run
 
         return run(path=path, preset=preset, sizes=sizes, strategies=strategies, decode_tokens=decode_tokens,
                    long_preset=long_preset, long_sizes=long_sizes, dir=dir, threads=threads, seed=seed,
-                   restore_sizes=restore_sizes, restore_mb=restore_mb, writer_tokens=writer_tokens)
+                   restore_presets=restore_presets, restore_mb=restore_mb, writer_tokens=writer_tokens)
 
     def long_context(self, preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "",
                      strategy: str = "periodic:4096", decode_tokens: int = 8, threads: int = 0, seed: int = 0,

@@ -108,10 +108,16 @@ def test_restore_is_bit_identical_per_kv_dtype(det, prompts, tmp_path, dtype, st
     ns = model_identity(det.model, "det")
     det.kv = KVManager(det.cfg, tmp_path, ns, strategy, dtype=dtype, fsync=False)
     det.prefill_cached(prompts[0])
+    det.kv.flush()
+    # the prompt's 12 blocks (prefilled a block at a time) lie in one extent; the hit below ends inside it
+    where = {(e.seg, e.offset) for e in (det.kv.store._index[(det.kv.namespace, h)]
+                                         for h in det.kv.tracker(prompts[0]).hashes)}
+    assert len(where) == 1
     det.close()
     det.kv = KVManager(det.cfg, tmp_path, ns, strategy, dtype=dtype, fsync=False)  # a restart: disk only
     state, logits, hit = det.prefill_cached(prompts[1])
     assert hit.loaded_tokens > 0 and hit.read_from == "disk" and hit.error == ""
+    assert hit.hit_tokens == 11 * det.cfg.kv_block_tokens  # blocks 0..10 of the 12 of one extent
     ref_state = SeqState.empty(det.cfg, dtype)
     ref_logits = det.prefill(prompts[1], ref_state)
     ref, got = ref_state.clone().tensors(), state.tensors()
@@ -253,7 +259,7 @@ def test_store_errors_fall_back_to_recompute(tiny_release, tmp_path, monkeypatch
     kv.flush()
     kv.drop_memory()
     monkeypatch.setattr(kv.store, "get", lambda key: (_ for _ in ()).throw(OSError(5, "EIO")))
-    monkeypatch.setattr(kv.store, "read_many", lambda keys: (_ for _ in ()).throw(OSError(5, "EIO")))
+    monkeypatch.setattr(kv.store, "read_batch", lambda keys: (_ for _ in ()).throw(OSError(5, "EIO")))
     _, logits, st = eng.prefill_cached(ids)
     assert st.path == "miss" and "no longer cached" in st.error and (logits - ref).abs().max() < 1e-4
     monkeypatch.undo()
@@ -409,3 +415,29 @@ def test_memory_tier_budget_and_memory_only_cache(tiny_release):
     assert tier["used_bytes"] <= 20_000 and tier["evictions"] > 0
     _, _, st = eng.prefill_cached(ids)  # early blocks were evicted: at most a partial hit, never an error
     assert st.error == "" and st.loaded_tokens < 10 * B
+
+
+@pytest.mark.parametrize("dim,rope", [(64, 16), (32, 16), (512, 64), (200, 64)])
+def test_unpack_into_rows_matches_the_dequantization(dim, rope):
+    """`unpack_kv` (table lookups on the CPU) writing into rows of a larger tensor (a restore unpacks each run of
+    blocks into its rows of the sequence's entries) gives the release dequantization bit for bit: e4m3 value times
+    2 ** (e - 127) per block of 64, partial last blocks included, BF16 RoPE dims widened; bf16 and fp32 alike.
+    Rows outside the slice are untouched."""
+    from flashport.quant.kv_numerics import FP8_BLOCK, pack_kv, unpack_kv
+
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(300, dim, generator=g) * torch.logspace(-6, 6, 300)[:, None]
+    x[7] = 0
+    p = pack_kv(x, "release", rope)
+    nope = dim - rope
+    vals = torch.nn.functional.pad(p["q"].float(), (0, -nope % FP8_BLOCK)).unflatten(1, (-1, FP8_BLOCK))
+    scale = torch.ldexp(torch.ones(p["e"].shape), p["e"].to(torch.int32) - 127)
+    ref = torch.cat([(vals * scale[..., None]).flatten(1)[:, :nope], p["rope"].float()], 1)
+    for dtype, parts, want in (("release", p, ref), ("bf16", pack_kv(x, "bf16", rope), x.bfloat16().float()),
+                               ("fp32", pack_kv(x, "fp32", rope), x)):
+        big = torch.full((310, dim), 7.0)
+        unpack_kv(parts, dtype, rope, out=big[4:304])
+        assert torch.equal(big[4:304].view(torch.int32), want.view(torch.int32)), dtype
+        assert (big[:4] == 7).all() and (big[304:] == 7).all()
+        with pytest.raises(ValueError):
+            unpack_kv(parts, dtype, rope, out=big[:10])

@@ -13,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -79,13 +80,25 @@ def test_roundtrip_dtypes_meta_and_stats(store):
 
 
 def test_file_header_layout(store):
+    """One extent as docs/kv-store.md draws it: a 36-byte header, namespace, keys, zero padding to 64, the
+    safetensors payload, the meta, zero padding to 64; a put is an extent of one entry."""
     store.put("key", {"x": torch.ones(3)}, {"a": 1}, sync=True)
+    store.put_run(["k1", "k2"], {"x": torch.arange(4.0)}, {"b": 2}, sync=True)
     (f,) = files(store.root)
     raw = f.read_bytes()
-    magic, ver, flags, nl, kl, tl, ml, _crc = kvstore.HEADER.unpack_from(raw)
-    assert (magic, ver, flags) == (b"FPKVBLK\x00", 2, 0)
-    assert raw[32 : 32 + nl] == NS.encode() and raw[32 + nl : 32 + nl + kl] == b"key"
-    assert json.loads(raw[32 + nl + kl + tl :]) == {"a": 1} and len(raw) == 32 + nl + kl + tl + ml
+    at = 0
+    for keys, meta, rows in ((b"key", {"a": 1}, [[1.0, 1.0, 1.0]]), (b"k1k2", {"b": 2}, [[0.0, 1.0], [2.0, 3.0]])):
+        magic, ver, flags, nl, kl, nk, tl, ml, _crc = kvstore.HEADER.unpack_from(raw, at)
+        assert (magic, ver, flags, nk * kl) == (b"FPKVBLK\x00", 3, 0, len(keys)) and kvstore.HEADER.size == 36
+        assert raw[at + 36:at + 36 + nl] == NS.encode() and raw[at + 36 + nl:at + 36 + nl + nk * kl] == keys
+        body = at + -(-(36 + nl + nk * kl) // 64) * 64
+        assert not any(raw[at + 36 + nl + nk * kl:body])  # zero padding
+        x = kvstore._decode_body(raw[body:body + tl])["x"]
+        assert x.reshape(nk, -1).tolist() == rows and json.loads(raw[body + tl:body + tl + ml]) == meta
+        end = at + -(-(body - at + tl + ml) // 64) * 64
+        assert not any(raw[body + tl + ml:end])
+        at = end
+    assert at == len(raw)
 
 
 def test_chain_hashes():
@@ -99,7 +112,7 @@ def test_chain_hashes():
     assert len(set(h)) == 7 and chain_hashes(toks, 128, NS) == h  # deterministic, distinct
 
 
-def test_read_many_is_one_sequential_read_per_run(tmp_path, monkeypatch):
+def test_read_batch_is_one_sequential_read_per_run(tmp_path, monkeypatch):
     """Entries written together lie together: reading 300 of them (in any order) is one positional read per
     segment, gaps of discarded entries included; each record is still verified on its own (a corrupt one is
     dropped, the others served) and the payloads are the stored bytes."""
@@ -120,16 +133,16 @@ def test_read_many_is_one_sequential_read_per_run(tmp_path, monkeypatch):
         real = kvstore._read_into
         monkeypatch.setattr(kvstore, "_read_into", lambda fd, buf, off: (reads.append(len(buf)), real(fd, buf, off)))
         order = keys[::-1]
-        got = s.read_many(order)
+        batch = s.read_batch(order)
         assert len(reads) == 1 and reads[0] == sum(p.stat().st_size for p in files(s.root))
-        for k, g in zip(order, got):
+        for j, k in enumerate(order):
             if k in ("b100", "b101", "b200"):
-                assert g is None
+                assert not batch.found[j]
                 continue
             t, m = expected_entry(NS, k)
-            assert g[1] == m and same(kvstore._decode_body(g[0]), t)
-            lay = kvstore.body_layout(g[0])
-            assert bytes(g[0][lay["kv"][2]:lay["kv"][3]]) == t["kv"].view(torch.uint8).numpy().tobytes()
+            assert batch.meta(j) == m and same(batch.entry(j), t)
+            assert batch.rows(j, 1, "kv").view(torch.uint8).numpy().tobytes() == \
+                t["kv"].view(torch.uint8).numpy().tobytes()
         st = s.stats()
         assert st["corrupt_dropped"] == 1 and not s.contains("b200") and st["hits"] == 297
         assert [x is None for x in s.get_many(["b000", "b200", "zzz"])] == [False, True, True]
@@ -142,14 +155,14 @@ def test_read_many_is_one_sequential_read_per_run(tmp_path, monkeypatch):
         reads = []
         real = kvstore._read_into
         monkeypatch.setattr(kvstore, "_read_into", lambda fd, buf, off: (reads.append(len(buf)), real(fd, buf, off)))
-        assert all(g is not None for g in s.read_many(keys))
+        assert s.read_batch(keys).found.all()
         assert len(reads) == s.stats()["segments"] > 3
 
 
 def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
     """A restore's records are checked vectorised, piece by piece, in parallel: a record too short for a header, or
     with a bad magic, version, length field, checksum, namespace or key (the last two with a valid CRC) is dropped
-    alone; every other record of the same run is served with its stored bytes, and `gather` copies one tensor out
+    alone; every other record of the same run is served with its stored bytes, and `part` copies one tensor out
     of all of them at once."""
     import crc32c
 
@@ -167,15 +180,15 @@ def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
             return e.offset, e.size
 
         def recrc(off, size):  # a record whose checksum is right for its (wrong) contents
-            crc = crc32c.crc32c(bytes(data[off + 32:off + size]), crc32c.crc32c(bytes(data[off:off + 28])))
-            data[off + 28:off + 32] = crc.to_bytes(4, "little")
+            crc = crc32c.crc32c(bytes(data[off + 36:off + size]), crc32c.crc32c(bytes(data[off:off + 32])))
+            data[off + 32:off + 36] = crc.to_bytes(4, "little")
 
         off, _ = rec("b010"); data[off] ^= 1                       # magic
-        off, _ = rec("b050"); data[off + 8] = 3                    # version
-        off, _ = rec("b090"); data[off + 24] ^= 1                  # meta length: sizes disagree
-        off, size = rec("b130"); data[off + size - 2] ^= 1        # a byte of the meta: checksum
-        off, size = rec("b170"); data[off + 32] ^= 1; recrc(off, size)                 # namespace, valid CRC
-        off, size = rec("b210"); data[off + 32 + len(NS)] ^= 1; recrc(off, size)      # key, valid CRC
+        off, _ = rec("b050"); data[off + 8] = 2                    # version (2: the previous format)
+        off, _ = rec("b090"); data[off + 29] ^= 1                  # meta length: sizes disagree
+        off, size = rec("b130"); data[off + size - 70] ^= 1       # a byte near the end: checksum
+        off, size = rec("b170"); data[off + 36] ^= 1; recrc(off, size)                 # namespace, valid CRC
+        off, size = rec("b210"); data[off + 36 + len(NS)] ^= 1; recrc(off, size)      # key, valid CRC
         seg.write_bytes(bytes(data))
         s._index[(NS, b"b250")].size = 20  # an index row shorter than a header
         order = keys[::-1]
@@ -191,15 +204,93 @@ def test_read_batch_checks_every_record_of_a_run(tmp_path, monkeypatch, caplog):
         for j in served:
             t, m = expected_entry(NS, order[j])
             assert batch.meta(j) == m and same(kvstore._decode_body(batch.payload(j)), t)
-        lay = kvstore.body_layout(batch.payload(served[0]))
-        lo, hi = lay["kv"][2], lay["kv"][3]
-        alike = [j for j in served if kvstore.body_layout(batch.payload(j))["kv"][2:] == (lo, hi)]
-        got = batch.gather(alike, lo, hi - lo)  # entries of one layout: one copy
-        assert len(alike) > 1 and got.shape == (len(alike), hi - lo)
+        n_kv = batch.entry_layout(served[0])["kv"][1]
+        alike = [j for j in served if batch.entry_layout(j)["kv"][1] == n_kv]
+        got = batch.part(alike, "kv")  # entries of one layout: one copy each (one entry per extent here)
+        assert len(alike) > 1 and got.shape == (len(alike), 2 * n_kv[0])
         for row, j in zip(got, alike):
             assert row.tobytes() == expected_entry(NS, order[j])[0]["kv"].view(torch.uint8).numpy().tobytes()
         st = s.stats()
         assert st["corrupt_dropped"] == 7 and st["hits"] == 393 and not any(s.contains(k) for k in rotten)
+
+def run_tensors(n: int, seed: int) -> dict:
+    """A run of n blocks' tensors (rows per block: 3 of fp8 [*, 6], 1 of bf16 [*, 4])."""
+    g = torch.Generator().manual_seed(seed)
+    return {"q": torch.randn(3 * n, 6, generator=g).to(torch.float8_e4m3fn),
+            "rope": torch.randn(n, 4, generator=g).to(torch.bfloat16)}
+
+
+def block_of_run(t: dict, n: int, a: int, b: int) -> dict:
+    """Blocks a .. b - 1 of a run of n blocks' tensors."""
+    return {k: v[a * (v.shape[0] // n):b * (v.shape[0] // n)] for k, v in t.items()}
+
+
+def test_runs_are_joined_into_extents_and_read_from_any_block(tmp_path, monkeypatch):
+    """Runs that follow each other in one writer batch (same meta, same rows per entry) become one extent, cut at
+    EXTENT_MAX; a read of keys starting inside an extent (a prefix hit at a block inside it) serves exactly those
+    blocks' rows; a run with other meta, or that follows nothing, starts its own extent."""
+    keys = [hashlib.blake2b(b"%d" % i, digest_size=32).digest() for i in range(40)]
+    t = run_tensors(40, 0)
+    with DiskKVStore(tmp_path / "kv", 1 << 26, NS, fsync=False) as s:
+        monkeypatch.setattr(kvstore, "EXTENT_MAX", 30 * (18 + 8 + 32))  # 30 blocks (and their keys) per extent
+        items = [(tuple(keys[a:b]), block_of_run(t, 40, a, b), b'{"kind":"block"}', keys[a - 1] if a else None)
+                 for a, b in ((0, 10), (10, 25), (25, 40))]
+        assert s._store_batch(items) == 40
+        ext = [(s._index[(NS, k)].offset, s._index[(NS, k)].slot) for k in keys]
+        assert len({o for o, _ in ext}) == 2 and [x for _, x in ext] == list(range(30)) + list(range(10))
+        assert s.put_run(keys[:3], block_of_run(t, 40, 0, 3), sync=True)  # stored already: a no-op
+        assert s.stats()["entries"] == 40 and len(files(s.root)) == 1
+        batch = s.read_batch(keys[7:35])  # from block 7, across the extents' border
+        assert batch.found.all() and [x[1:] for x in batch.spans(range(28))] == [(23, 0, 7), (28, 1, 0)]
+        q = batch.part(range(28), "q")
+        assert q.tobytes() == t["q"][21:105].view(torch.uint8).numpy().tobytes()
+        assert torch.equal(batch.rows(0, 23, "rope").view(torch.int16), t["rope"][7:30].view(torch.int16))
+        for i in (0, 7, 29, 30, 39):
+            got, meta = s.get(keys[i])
+            assert same(got, block_of_run(t, 40, i, i + 1)) and meta == {"kind": "block"}
+        # other meta, or no `follows`: separate extents
+        more = [hashlib.blake2b(b"x%d" % i, digest_size=32).digest() for i in range(3)]
+        assert s._store_batch([((more[0],), block_of_run(t, 40, 0, 1), b"{}", None),
+                               ((more[1],), block_of_run(t, 40, 1, 2), b'{"a":1}', more[0]),
+                               ((more[2],), block_of_run(t, 40, 2, 3), b'{"a":1}', None)]) == 3
+        assert len({s._index[(NS, k)].offset for k in more}) == 3
+        with pytest.raises(ValueError):
+            s.put_run([b"a", b"b"], {"x": torch.zeros(3)})  # 3 rows do not split into 2 entries
+        with pytest.raises(ValueError):
+            s.put_run([b"a", b"bb"], {"x": torch.zeros(2)})  # keys of one extent have one length
+
+
+def test_torn_extent_is_detected_and_no_block_of_it_served(tmp_path):
+    """An extent whose bytes are not what was written (a byte rots; a torn write: the file ends inside it) is
+    caught by its checksum or length: none of its blocks is served, each one asked for is dropped from the index,
+    and the blocks of the other extents still are."""
+    keys = [hashlib.blake2b(b"%d" % i, digest_size=32).digest() for i in range(20)]
+    t = run_tensors(20, 1)
+    root = tmp_path / "kv"
+    with DiskKVStore(root, 1 << 26, NS, fsync=False) as s:
+        assert s.put_run(keys[:10], block_of_run(t, 20, 0, 10), {"kind": "block"}, sync=True)
+        assert s.put_run(keys[10:], block_of_run(t, 20, 10, 20), {"kind": "block"}, sync=True)
+        first, second = s._index[(NS, keys[0])], s._index[(NS, keys[10])]
+    (seg,) = files(root)
+    data = bytearray(seg.read_bytes())
+    data[first.offset + first.size - 100] ^= 0x10  # a byte of the first extent
+    seg.write_bytes(bytes(data))
+    with DiskKVStore(root, 1 << 26, NS, fsync=False) as s:
+        batch = s.read_batch(keys[3:])
+        assert not batch.found[:7].any() and batch.found[7:].all()
+        assert s.stats()["corrupt_dropped"] == 7 and not s.contains(keys[3]) and s.contains(keys[12])
+    # torn at rest: the file ends inside the second extent; recovery drops its rows
+    os.truncate(seg, second.offset + second.size // 2)
+    with DiskKVStore(root, 1 << 26, NS, fsync=False) as s:
+        assert not any(s.contains(k) for k in keys[10:])
+    # torn under a live store: the rows are there, the bytes are not
+    with DiskKVStore(tmp_path / "live", 1 << 26, NS, fsync=False) as s:
+        assert s.put_run(keys[:10], block_of_run(t, 20, 0, 10), sync=True)
+        e = s._index[(NS, keys[0])]
+        os.truncate(files(s.root)[0], e.offset + e.size - 64)
+        assert not s.read_batch(keys[4:10]).found.any() and not s.contains(keys[5])
+        assert s.stats()["corrupt_dropped"] == 6
+
 
 def test_eviction_drops_whole_least_recently_used_segments(tmp_path):
     """Over the quota, the segment whose most recent access is oldest goes, all of it; a read keeps a segment."""
@@ -370,26 +461,36 @@ def test_recovery_rules(tmp_path, caplog):
         s.close()
 
 
-def test_old_format_directory_starts_empty(tmp_path, caplog):
-    """A directory of the one-file-per-entry store (index user_version 1, files under data/) is never misread:
-    the store starts empty in its own format, says so in one line, and removes the old files."""
+@pytest.mark.parametrize("old", [1, 2])
+def test_old_format_directory_starts_empty(tmp_path, caplog, old):
+    """A directory of an earlier store is never misread: format 1 (one file per entry under data/, index
+    user_version 1) and format 2 (one record per entry in segments, user_version 2, records of version 2). The
+    store starts empty in its own format, says so in one line, and removes the old files."""
     root = tmp_path / "kv"
-    (root / "data" / "ab").mkdir(parents=True)
-    (root / "data" / "ab" / "ab12.kv").write_bytes(b"FPKVBLK\x00\x01\x00" + bytes(100))
-    db = sqlite3.connect(root / "index.sqlite")
-    db.execute("CREATE TABLE entries (namespace TEXT, key BLOB, path TEXT, size INTEGER, last_access REAL,"
-               " created REAL, PRIMARY KEY(namespace, key))")
-    db.execute("INSERT INTO entries VALUES (?, ?, 'ab/ab12.kv', 116, 0, 0)", (NS, b"k"))
-    db.execute("PRAGMA user_version=1")
+    db = sqlite3.connect(root / "index.sqlite") if root.mkdir() is None else None
+    if old == 1:
+        (root / "data" / "ab").mkdir(parents=True)
+        (root / "data" / "ab" / "ab12.kv").write_bytes(b"FPKVBLK\x00\x01\x00" + bytes(100))
+        db.execute("CREATE TABLE entries (namespace TEXT, key BLOB, path TEXT, size INTEGER, last_access REAL,"
+                   " created REAL, PRIMARY KEY(namespace, key))")
+        db.execute("INSERT INTO entries VALUES (?, ?, 'ab/ab12.kv', 116, 0, 0)", (NS, b"k"))
+    else:
+        (root / "segments").mkdir()
+        (root / "segments" / f"{1:016x}.seg").write_bytes(b"FPKVBLK\x00\x02\x00" + bytes(118))
+        db.execute("CREATE TABLE entries (namespace TEXT NOT NULL, key BLOB NOT NULL, segment INTEGER NOT NULL,"
+                   " offset INTEGER NOT NULL, size INTEGER NOT NULL, last_access REAL NOT NULL,"
+                   " created REAL NOT NULL, PRIMARY KEY (namespace, key))")
+        db.execute("INSERT INTO entries VALUES (?, ?, 1, 0, 128, 0, 0)", (NS, b"k"))
+    db.execute(f"PRAGMA user_version={old}")
     db.commit()
     db.close()
     with caplog.at_level(logging.WARNING, logger="flashport.kv.store"):
         s = DiskKVStore(root, 1 << 24, NS, fsync=False)
     try:
         assert [r.getMessage() for r in caplog.records] == [
-            f"kvstore: {root} holds a KV store of format 1; starting empty in format 2"]
+            f"kvstore: {root} holds a KV store of format {old}; starting empty in format 3"]
         assert s.stats()["entries"] == 0 and not s.contains("k") and s.get("k") is None
-        assert not (root / "data").exists()
+        assert not (root / "data").exists() and not files(root)
         assert s.put("k", *expected_entry(NS, "k"), sync=True) and s.get("k") is not None
     finally:
         s.close()
@@ -602,6 +703,21 @@ def test_unusable_root_disables_the_tier_without_raising(tmp_path):
 ROUNDS, PER_ROUND, CRASH_NS = 24, 400, ("model-A", "model-B")
 
 
+RUN_EVERY, RUN_LEN = 10, 5  # the crash rounds also write a run of 5 entries (one extent) every 10 entries
+
+
+def run_keys(rnd: int, i: int) -> list[str]:
+    return [f"r{rnd}-run{i}-{k}" for k in range(RUN_LEN)]
+
+
+def expected_run(ns: str, rnd: int, i: int) -> tuple[dict, dict]:
+    """Deterministic content of the run written at entry i of round rnd: RUN_LEN entries of 3 rows each."""
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f"{ns}/{rnd}/{i}".encode(), digest_size=4).digest(),
+                                                     "little"))
+    return ({"kv": torch.randn(3 * RUN_LEN, 8, generator=g).to(torch.bfloat16),
+             "e": torch.randint(0, 255, (RUN_LEN, 2), generator=g, dtype=torch.uint8)}, {"run": i, "ns": ns})
+
+
 def _crash_child(root: str, ns: str, rnd: int, wfd: int) -> None:
     """Write entries forever-ish; after each flush report the durable watermark on the pipe."""
     s = DiskKVStore(root, 1 << 30, ns, queue_size=16, fsync=True)
@@ -612,6 +728,10 @@ def _crash_child(root: str, ns: str, rnd: int, wfd: int) -> None:
             assert s.put(key, t, m, sync=True)
         else:
             while not s.put(key, t, m):
+                s.flush()
+        if i % RUN_EVERY == 3:  # runs that follow each other: joined into one extent when in one batch
+            prev = run_keys(rnd, i - RUN_EVERY)[-1] if i >= RUN_EVERY else None
+            while not s.put_run(run_keys(rnd, i), *expected_run(ns, rnd, i), follows=prev):
                 s.flush()
         if i % 5 == 4 and s.flush():
             os.write(wfd, b"F%08d\n" % i)  # keys 0..i are stored (one small atomic pipe write)
@@ -668,13 +788,25 @@ def test_sigkill_during_writes_never_serves_bad_entries(tmp_path):
                     got = s.get(key)
                     if r["ns"] != ns:
                         assert got is None, f"{key} of {r['ns']} served under {ns}"
-                        continue
-                    if i <= r["flushed"]:
+                    elif i <= r["flushed"]:
                         assert got is not None, f"flushed entry {key} lost"
                     if got is not None:
                         served += 1
                         t, m = expected_entry(ns, key)
                         assert same(got[0], t) and got[1] == m
+                    if i % RUN_EVERY == 3:  # the run written here: all of it once flushed, never a wrong row
+                        t, m = expected_run(r["ns"], r["round"], i)
+                        for k, key in enumerate(run_keys(r["round"], i)):
+                            got = s.get(key)
+                            if r["ns"] != ns:
+                                assert got is None, f"{key} of {r['ns']} served under {ns}"
+                                continue
+                            if i <= r["flushed"]:
+                                assert got is not None, f"flushed run entry {key} lost"
+                            if got is not None:
+                                served += 1
+                                assert same(got[0], {n: v[k * (v.shape[0] // RUN_LEN):(k + 1) * (v.shape[0] // RUN_LEN)]
+                                                     for n, v in t.items()}) and got[1] == m
             st = s.stats()
             assert st["corrupt_dropped"] == 0 and st["hits"] == served
         assert not list((root / "data").rglob("*.tmp"))
@@ -690,12 +822,15 @@ def test_writer_thread_yields_the_cpu_to_decode(tmp_path):
 
 
 def test_bench_restore_rows_compare_each_block_size_with_the_disk(tmp_path):
-    """`flashport bench kv`'s restore rows: per block size (flash-tiny's and V4-Flash's), the entries read back
-    through read_batch + gather and the same files read plainly, both cold, with their ratio."""
+    """`flashport bench kv`'s restore rows: per block size (flash-tiny's and V4-Flash's), a sequence stored through
+    the KV manager, restored whole (hashes, plan, reads, checks, unpacking into the state; checked bit for bit
+    inside) and the same files read plainly, both cold, with their ratio."""
     from flashport.bench.kv import store_restore
 
-    rows = store_restore("2242,533132", total=2 << 20, dir=str(tmp_path), repeats=1).splitlines()
-    assert rows[0].split() == ["entry", "B", "entries", "MB", "restore", "MB/s", "disk", "MB/s", "ratio"]
-    got = {int(r.split()[0]): [float(x) for x in r.split()[1:]] for r in rows[1:]}
-    assert set(got) == {2242, 533132} and got[2242][0] == (2 << 20) // 2242
-    assert all(v[2] > 0 and v[3] > 0 and abs(v[4] - v[2] / v[3]) < 0.01 for v in got.values())
+    rows = store_restore("flash-tiny,v4-flash", total=2 << 20, dir=str(tmp_path), repeats=1).splitlines()
+    assert rows[0].split() == ["preset", "block", "B", "blocks", "MB", "restore", "MB/s", "store", "MB/s", "disk",
+                               "MB/s", "ratio"]
+    got = {r.split()[0]: [float(x) for x in r.split()[1:]] for r in rows[1:]}
+    assert set(got) == {"flash-tiny", "v4-flash"} and got["v4-flash"][0] > 100 * got["flash-tiny"][0]
+    assert all(v[1] == (2 << 20) // v[0] and v[4] > 0 and v[5] > 0 and abs(v[6] - v[3] / v[5]) < 0.01
+               for v in got.values())

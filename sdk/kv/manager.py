@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,13 +35,14 @@ from ..config import ModelConfig
 from ..model import SeqState, official_index_default
 from ..quant.kv_numerics import check_kv_dtype, pack_kv, unpack_kv
 from .layout import format_bytes, kv_layout
-from .store import DiskKVStore, FormatError, ReadBatch, body_layout, chain_hashes
+from .store import DiskKVStore, FormatError, ReadBatch, chain_hashes
 from .strategies import Strategy
 from .tiers import MemoryTier, nbytes
 
 log = logging.getLogger("flashport.kv")
 
-KV_FORMAT = 2  # layout of block / fixed-state records (names, shapes, packing, meta); part of the namespace
+KV_FORMAT = 3  # layout of block / fixed-state records (names, shapes, packing, meta); part of the namespace
+RUN_BYTES = 4 << 20  # a prefill puts its blocks in runs of about this many bytes (one disk extent each)
 
 
 class KVRestoreError(RuntimeError):
@@ -55,12 +58,12 @@ class SeqTracker:
         self.n_tokens = 0
         self.hashes: list[bytes] = []
         self.stored_blocks = 0  # blocks known to be in the cache (put or loaded)
-        self._tail: list[int] = []  # tokens after the last complete block
+        self._tail = array("q")  # tokens after the last complete block (int64: hashed without a conversion)
         self.extend(ids)
 
     def extend(self, ids) -> None:
         tail = self._tail
-        tail.extend(map(int, ids))
+        tail.extend(ids if isinstance(ids, (list, tuple, array)) else map(int, ids))
         self.n_tokens = len(self.hashes) * self.block + len(tail)
         full = len(tail) // self.block * self.block
         if full:
@@ -169,6 +172,11 @@ class KVManager:
         self._lock = threading.Lock()
         self._logged: set[str] = set()
         self._shapes = self._block_shapes()
+        self._parts: dict[str, list[str]] = {}  # "3.comp" -> its packed parts' names ["3.comp.q", ...]
+        for name in self._shapes:
+            self._parts.setdefault(name.rpartition(".")[0], []).append(name)
+        self._packed_block_bytes = sum(math.prod(s) * d.itemsize for s, d in self._shapes.values())
+        self.run_blocks = max(1, RUN_BYTES // max(1, self.layout.block_bytes))  # blocks per deferred run
 
     def new_state(self) -> SeqState:
         """An empty sequence whose compressed entries are kept in this cache's numerics."""
@@ -305,17 +313,11 @@ class KVManager:
         """Build the state the plan starts from -> (state at plan.start, bytes read, tiers read). For a
         "window" plan the state holds every loaded entry and empty windows (prefill_cached replays the windows).
         A block or record that does not match this model's layout is evicted, then KVRestoreError is raised."""
-        r = self.cfg.qk_rope_head_dim
-        packed, n_read, sources = self._load_blocks(tracker, plan.load_blocks)
-        per_name: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in packed.items():  # "3.comp.q" -> per_name["3.comp"]["q"]
-            name, _, part = k.rpartition(".")
-            per_name.setdefault(name, {})[part] = v
+        entries, n_read, sources = self._load_blocks(tracker, plan.load_blocks)
         state = self.new_state()
         state.n_tokens = plan.start
-        for name, parts in per_name.items():
-            i, _, which = name.partition(".")
-            getattr(state.layers[int(i)], which).entries = unpack_kv(parts, self.dtype, r)
+        for (i, which), t in entries.items():
+            getattr(state.layers[i], which).entries = t
         if plan.path == "checkpoint":
             key = self.record_key(tracker.hashes[plan.load_blocks - 1])
             got = self._get(key)
@@ -331,104 +333,117 @@ class KVManager:
             sources.add(src)
         return state, n_read, "+".join(sorted(sources))
 
-    def _load_blocks(self, tracker: SeqTracker, n: int) -> tuple[dict[str, torch.Tensor], int, set[str]]:
-        """The packed parts of blocks 0..n-1, concatenated per part name in block order ("3.comp.q" -> [n * rows,
-        ...]), the bytes read and the tiers that served them. Blocks in a memory tier come from there; the rest are
-        read from disk in one `DiskKVStore.read_batch` (a few large sequential reads) and gathered part by part
-        from its buffer (`ReadBatch.gather`: one copy per part and run of blocks), without a tensor per block.
-        Disk blocks are not promoted into the memory tiers: the restored state holds them. A block that is gone
-        raises KVRestoreError; one that does not match this model's layout is evicted, then KVRestoreError is
-        raised."""
+    def _pools(self):
+        """(layer, "comp" | "index", rate, entry dim) of every compressor whose entries are stored in blocks."""
+        for i, kind, m in self._rates():
+            yield i, "comp", m, self.cfg.head_dim
+            if kind == "csa":
+                yield i, "index", m, self.cfg.index_head_dim
+
+    def _load_blocks(self, tracker: SeqTracker, n: int) -> tuple[dict[tuple[int, str], torch.Tensor], int, set[str]]:
+        """The entries of blocks 0..n-1 per compressor ((layer, "comp" | "index") -> float32 [n * B / m, dim]), the
+        packed bytes read and the tiers that served them. Each compressor's entries are allocated once at their
+        restored length (numpy's allocator: large ones get huge pages, a fraction of the page faults) and unpacked
+        into in place: blocks in a memory tier one by one; the rest, read from disk in one
+        `DiskKVStore.read_batch` (a few large sequential reads of multi-block extents), with one `unpack_kv` per
+        compressor and run of blocks in one extent, straight from the read buffer (`ReadBatch.rows`: no copy of
+        the packed bytes, no tensor per block). Disk blocks are not promoted into the memory tiers: the restored
+        state holds them. A block that is gone raises KVRestoreError; one that does not match this model's layout
+        is evicted, then KVRestoreError is raised."""
         if n == 0:
             return {}, 0, set()
-        keys = tracker.hashes[:n]
-        mem: list = [None] * n  # (tensors, tier name) of blocks found in a memory tier
-        for b, key in enumerate(keys):
-            got = self._get_memory(key)
-            if got is not None:
-                if not self._block_ok(b, got[1], {k: (tuple(v.shape), v.dtype) for k, v in got[0].items()}):
+        B, r, keys = self.block, self.cfg.qk_rope_head_dim, tracker.hashes[:n]
+        pools = list(self._pools())
+        out = {(i, w): torch.from_numpy(numpy.empty((n * B // m, dim), numpy.float32)) for i, w, m, dim in pools}
+        n_read, sources, on_disk = 0, set(), list(range(n))
+
+        def unpack(b: int, count: int, get) -> None:  # blocks b .. b + count - 1, `get(part name)` their parts
+            for i, w, m, _ in pools:
+                epb = B // m
+                name = f"{i}.{w}"
+                parts = {p.rpartition(".")[2]: get(p) for p in self._parts[name]}
+                unpack_kv(parts, self.dtype, r, out=out[(i, w)][b * epb:(b + count) * epb])
+
+        if any(len(t) for t in self.tiers):  # a restarted process has empty memory tiers: no lookup per block
+            on_disk = []
+            for b, key in enumerate(keys):
+                got = self._get_memory(key)
+                if got is None:
+                    on_disk.append(b)
+                    continue
+                if not self._block_ok(got[1], {k: (tuple(v.shape), v.dtype) for k, v in got[0].items()}):
                     self._discard(key)
                     raise KVRestoreError(f"block {b} does not match this model's layout (evicted)")
-                mem[b] = (got[0], got[2])
-        missing = [b for b in range(n) if mem[b] is None]
-        batch, layout = self._read_disk_blocks(keys, missing) if missing else (None, None)
-        where = {b: j for j, b in enumerate(missing)}  # block -> its entry in the batch
-        out: dict[str, list[torch.Tensor]] = {name: [] for name in self._shapes}
-        n_read, sources, b = 0, set(), 0
-        while b < n:
-            if mem[b] is not None:
-                for name in out:
-                    out[name].append(mem[b][0][name].cpu())
-                n_read += nbytes(mem[b][0])
-                sources.add(mem[b][1])
-                b += 1
-                continue
-            e = b
-            while e < n and mem[e] is None:
-                e += 1
-            rows = numpy.arange(where[b], where[b] + e - b)
-            for name, (shape, dtype) in self._shapes.items():  # one copy per part over the run of disk blocks
-                _, _, lo, hi = layout[name]
-                data = torch.from_numpy(batch.gather(rows, lo, hi - lo).reshape(-1))
-                n_read += data.numel()
-                out[name].append(data.view(dtype).reshape(-1, *shape[1:]))
+                unpack(b, 1, lambda p: got[0][p].cpu())
+                n_read += nbytes(got[0])
+                sources.add(got[2])
+        if on_disk:
+            blocks = numpy.asarray(on_disk)
+            lock, disk_bytes = threading.Lock(), [0]
+
+            def consume(batch: ReadBatch, idx: numpy.ndarray) -> None:  # on the store's reading threads
+                for a, e, x, _ in batch.spans(idx):
+                    self._check_extent(batch, int(idx[a]), keys, on_disk)
+                    # cut where the blocks themselves are not consecutive (memory-tier blocks in between)
+                    pos = idx[a:e]
+                    cuts = (numpy.flatnonzero(numpy.diff(blocks[pos]) != 1) + 1).tolist()
+                    for lo, hi in zip([0, *cuts], [*cuts, e - a]):
+                        j = int(pos[lo])
+                        try:
+                            unpack(int(blocks[j]), hi - lo, lambda p: batch.rows(j, hi - lo, p))
+                        except (FormatError, ValueError):  # layouts were checked per extent: a writer bug
+                            self._discard(keys[on_disk[j]])
+                            raise KVRestoreError(f"block {on_disk[j]} does not match this model's layout "
+                                                 "(evicted)") from None
+                        with lock:
+                            disk_bytes[0] += (hi - lo) * self._packed_block_bytes
+
+            batch = None
+            if self.store is not None:
+                try:  # the store unpacks each piece as soon as it is read and checked: reads and unpacking overlap
+                    batch = self.store.read_batch([keys[b] for b in on_disk], consume)
+                except KVRestoreError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+                    self.report_error("get", e)
+            if batch is None or not batch.found.all():
+                gone = on_disk[0] if batch is None else on_disk[int(numpy.flatnonzero(~batch.found)[0])]
+                raise KVRestoreError(f"block {gone} is no longer cached")
+            n_read += disk_bytes[0]
+            self._add("bytes_read_disk", disk_bytes[0])
             sources.add("disk")
-            b = e
-        if missing:
-            self._add("bytes_read_disk", n_read - sum(nbytes(m[0]) for m in mem if m is not None))
-        return {name: v[0] if len(v) == 1 else torch.cat(v) for name, v in out.items()}, n_read, sources
+        return out, n_read, sources
 
-    def _read_disk_blocks(self, keys: list, missing: list[int]) -> tuple[ReadBatch, dict]:
-        """Blocks `missing` (indices into keys) read from disk in one `DiskKVStore.read_batch` and checked as a
-        whole -> (the batch, the payload layout every one of them has). The checks are vectorised: every payload
-        must have the bytes of one safetensors header, whose layout is this model's block layout, and every meta
-        the bytes this manager writes for the block; an entry that differs is decoded and checked on its own
-        (`_block_ok`: e.g. a block another strategy wrote). A block that is gone raises KVRestoreError; one that
-        does not match is evicted, then KVRestoreError is raised."""
-        batch = None
-        if self.store is not None:
-            try:
-                batch = self.store.read_batch([keys[b] for b in missing])
-            except Exception as e:  # noqa: BLE001 - a broken tier is a miss
-                self.report_error("get", e)
-        if batch is None or not batch.found.all():
-            gone = missing[0] if batch is None else missing[int(numpy.flatnonzero(~batch.found)[0])]
-            raise KVRestoreError(f"block {gone} is no longer cached")
-
-        def reject(j: int):
-            self._discard(keys[missing[j]])
-            return KVRestoreError(f"block {missing[j]} does not match this model's layout (evicted)")
-
+    def _check_extent(self, batch: ReadBatch, j: int, keys: list, on_disk: list[int]) -> None:
+        """Check the extent of batch entry j once (not block by block): its entry layout must be this model's
+        block layout and its meta the bytes this manager writes for blocks (else it is decoded and checked,
+        `_block_ok`). One that does not match: its blocks are evicted, then KVRestoreError is raised."""
+        x = batch.extent(j)
+        if x in batch.checked:
+            return
         try:
-            layout = body_layout(batch.payload(0))
+            ok = {k: (v[1], v[0]) for k, v in batch.entry_layout(j).items()} == self._shapes and \
+                (batch.meta_bytes(j) == self._block_meta_bytes() or self._block_ok(batch.meta(j), None))
         except FormatError:
-            raise reject(0) from None
-        if {k: (v[1], v[0]) for k, v in layout.items()} != self._shapes:
-            raise reject(0)
-        head = 8 + int.from_bytes(batch.payload(0)[:8], "little")
-        rows = numpy.arange(len(missing))
-        heads = batch.gather(rows, 0, head)
-        same = (batch.body_len == batch.body_len[0]) & (heads == heads[0]).all(1)
-        pre = json.dumps({"v": KV_FORMAT, "kind": "block", "strategy": str(self.strategy), "dtype": self.dtype},
-                         separators=(",", ":"))[:-1] + ',"block":'
-        B = self.block
-        for j in rows.tolist():
-            b = missing[j]
-            if not same[j]:  # safetensors writes one header per layout: another header is another layout
-                raise reject(j)
-            if batch.meta_bytes(j) != f'{pre}{b},"tokens":{(b + 1) * B}}}'.encode():
-                try:
-                    ok = self._block_ok(b, batch.meta(j), None)
-                except FormatError:
-                    ok = False
-                if not ok:
-                    raise reject(j)
-        return batch, layout
+            ok = False
+        if not ok:
+            for jj in numpy.flatnonzero(batch.ext == x).tolist():
+                self._discard(keys[on_disk[jj]])
+            raise KVRestoreError(f"block {on_disk[j]} does not match this model's layout (evicted)")
+        batch.checked.add(x)
 
-    def _block_ok(self, b: int, meta: dict, shapes: dict | None) -> bool:
-        """Whether block b's meta (and, unless None, its part shapes and dtypes) are this model's."""
-        return meta.get("v") == KV_FORMAT and meta.get("kind") == "block" and meta.get("block") == b and \
-            meta.get("dtype") == self.dtype and (shapes is None or shapes == self._shapes)
+    def _block_meta(self) -> dict:
+        """The meta of every block record (one per extent: a run of blocks shares it)."""
+        return {"v": KV_FORMAT, "kind": "block", "dtype": self.dtype}
+
+    def _block_meta_bytes(self) -> bytes:
+        return json.dumps(self._block_meta(), separators=(",", ":")).encode()
+
+    def _block_ok(self, meta: dict, shapes: dict | None) -> bool:
+        """Whether a block's meta (and, unless None, its part shapes and dtypes) are this model's. A block's place
+        in its sequence is its key (a chain hash names the whole prefix), so the meta does not repeat it."""
+        return meta.get("v") == KV_FORMAT and meta.get("kind") == "block" and meta.get("dtype") == self.dtype and \
+            (shapes is None or shapes == self._shapes)
 
     def _get_memory(self, key: bytes) -> tuple[dict, dict, str] | None:
         """A memory tier's copy of key (promoted into the tiers above it) -> (tensors, meta, tier name)."""
@@ -463,31 +478,80 @@ class KVManager:
                         rec[f"{i}.{part}.overlap_gate"].cpu()
 
     # -- storing ---------------------------------------------------------------------------------------------
-    def observe(self, tracker: SeqTracker, state: SeqState) -> None:
+    def observe(self, tracker: SeqTracker, state: SeqState, defer: bool = False) -> None:
         """Call after every forward step of a sequence whose state is exact: puts the blocks it completed and, at a
-        record boundary of the strategy, its fixed-state record. Only enqueues (the disk writer does the I/O)."""
-        B, n, r = self.block, state.n_tokens, self.cfg.qk_rope_head_dim
+        record boundary of the strategy, its fixed-state record. Only enqueues (the disk writer does the I/O).
+
+        The blocks go in one run (`DiskKVStore.put_run`: one extent on disk, read back with one read). defer=True
+        (a prefill in progress) holds them until about RUN_BYTES of them are complete, so that a prompt lies on
+        disk as a few large extents; the caller then ends with a call without defer, which puts the rest."""
+        B, n = self.block, state.n_tokens
         if not self._numerics_match(state):
             return
         nb = min(n // B, len(tracker.hashes))
-        for b in range(tracker.stored_blocks, nb):
-            key = tracker.hashes[b]
-            if not self._has(key):
-                rows = {}
-                for i, kind, m in self._rates():
-                    lo, hi = b * B // m, (b + 1) * B // m
-                    ls = state.layers[i]
-                    for name in ("comp", "index") if kind == "csa" else ("comp",):
-                        # packed anew (a copy: don't pin the growing tensor); the entries were rounded to
-                        # self.dtype as they were made, so unpacking gives back exactly these values
-                        packed = pack_kv(getattr(ls, name).entries[lo:hi], self.dtype, r)
-                        rows.update({f"{i}.{name}.{part}": v.clone() for part, v in packed.items()})
-                self._put(key, rows, {"block": b, "tokens": (b + 1) * B}, "block")
-        tracker.stored_blocks = max(tracker.stored_blocks, nb)
+        first = tracker.stored_blocks
+        if nb > first and (not defer or nb - first >= self.run_blocks):
+            self._put_blocks(tracker, state, first, nb)
+            tracker.stored_blocks = nb
         if n % B == 0 and nb == n // B and self.strategy.checkpoint_at(n):
             key = self.record_key(tracker.hashes[nb - 1])
             if not self._has(key):
                 self._put(key, self._record(state), {"tokens": n}, "record")
+
+    def _put_blocks(self, tracker: SeqTracker, state: SeqState, first: int, end: int) -> None:
+        """Put blocks first..end-1 of `state` not cached yet, one run per stretch of them, each part packed once
+        per run (not per block)."""
+        B, r, keys = self.block, self.cfg.qk_rope_head_dim, tracker.hashes
+        have = self._cached_flags(keys[first:end])
+        b = first
+        while b < end:
+            if have[b - first]:
+                b += 1
+                continue
+            e = b
+            while e < end and not have[e - first]:
+                e += 1
+            rows = {}
+            for i, kind, m in self._rates():
+                ls = state.layers[i]
+                for name in ("comp", "index") if kind == "csa" else ("comp",):
+                    # the entries were rounded to self.dtype as they were made, so unpacking gives back exactly
+                    # these values; fp32 is packed as a view of the growing tensor: copied, not pinned
+                    packed = pack_kv(getattr(ls, name).entries[b * B // m:e * B // m], self.dtype, r)
+                    rows.update({f"{i}.{name}.{part}": v.clone() if self.dtype == "fp32" else v
+                                 for part, v in packed.items()})
+            self._put_run(keys[b:e], rows, keys[b - 1] if b else None)
+            b = e
+
+    def _cached_flags(self, keys: list[bytes]) -> list[bool]:
+        """Per key: cached in some tier (one store lookup for all of them)."""
+        on_disk = [False] * len(keys)
+        if self.store is not None:
+            try:
+                on_disk = self.store.contains_many(keys)
+            except Exception as e:  # noqa: BLE001 - a broken tier is a miss
+                self.report_error("contains", e)
+        return [d or any(k in t for t in self.tiers) for k, d in zip(keys, on_disk)]
+
+    def _put_run(self, keys: list[bytes], tensors: dict, follows: bytes | None) -> None:
+        """Put a run of blocks: each block into the memory tiers (its own copy, so that a tier's budget counts what
+        it holds), the run as one entry of the disk store's queue."""
+        n, meta = len(keys), self._block_meta()
+        for tier in self.tiers:
+            for j, key in enumerate(keys):
+                tier.put(key, {k: v[j * (v.shape[0] // n):(j + 1) * (v.shape[0] // n)].clone()
+                               for k, v in tensors.items()}, meta)
+        ok = True
+        if self.store is not None:
+            try:
+                ok = self.store.put_run(keys, tensors, meta, follows=follows)
+            except Exception as e:  # noqa: BLE001
+                self.report_error("put", e)
+                ok = False
+        with self._lock:
+            self._m["blocks_written"] += n
+            self._m["bytes_written_blocks"] += nbytes(tensors)
+            self._m["puts_dropped"] += not ok
 
     def _numerics_match(self, state: SeqState) -> bool:
         """Only a sequence made in this cache's numerics may be stored: its bytes must be the bytes it used."""

@@ -88,8 +88,8 @@ def prefill_cached(model, kv: KVManager | None, ids: list[int], chunk: int = 102
         nonlocal logits
         for lo, hi in chunk_spans(a, b, chunk, cfg.kv_block_tokens, deterministic, period if store else 0):
             logits = model.forward_batch([torch.tensor(ids[lo:hi])], [state], all_logits=False)[0][0]
-            if store and kv is not None:
-                kv.observe(tracker, state)
+            if store and kv is not None:  # blocks in runs of about RUN_BYTES (one disk extent each)
+                kv.observe(tracker, state, defer=hi < b)
             bar.update(hi - lo)
 
     if plan.path == "window":  # rebuild the windows over [start, hit) with the loaded entries, then continue

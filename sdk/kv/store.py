@@ -2,17 +2,19 @@
 
 Entries (a dict of tensors plus a small JSON meta) are appended to segment files by a background thread, in
 batches (one fsync and one index transaction per batch), so that ``put`` never stalls decode (its queue is
-bounded: a full queue drops the put and counts it). Entries written together (the blocks of one prompt) lie
-next to each other, so a restore (``read_batch``) is a few large sequential reads, issued in parallel, with the
-records' checks vectorised. An entry becomes visible only after its bytes are durable and indexed; anything that
-fails a check on read is dropped and reported as a miss. The quota counts the segment files and the index with its
-WAL; eviction drops whole segments, least recently used first; a full disk evicts and retries. See docs/kv-store.md.
+bounded: a full queue drops the put and counts it). A run of entries (``put_run``: the consecutive blocks of a
+sequence) is one extent: one header, one checksum, one read, every entry still indexed under its own key (and
+its slot in the extent); runs that follow each other in a batch are joined. So a restore (``read_batch``) is a
+few large sequential reads, issued in parallel, with the extents' checks vectorised. An entry becomes visible
+only after its bytes are durable and indexed; anything that fails a check on read is dropped and reported as a
+miss. The quota counts the segment files and the index with its WAL; eviction drops whole segments, least
+recently used first; a full disk evicts and retries. See docs/kv-store.md.
 
 Layout under ``root``::
 
     LOCK                   flock'ed by the one process that owns the store (holds its pid)
-    index.sqlite           WAL-mode index: namespace, key -> segment, offset, size; last_access, created
-    segments/<n>.seg       append-only segment files of entry records, n = 16 hex digits, never reused
+    index.sqlite           WAL-mode index: namespace, key -> segment, offset, size, slot; last_access, created
+    segments/<n>.seg       append-only segment files of extents, n = 16 hex digits, never reused
 """
 
 from __future__ import annotations
@@ -52,16 +54,23 @@ __all__ = ["DiskKVStore", "KVStoreBusy", "chain_hashes", "FormatError", "FORMAT_
 
 # ----------------------------------------------------------------------------- format
 
-FORMAT_VERSION = 2  # 1: one file per entry (data/xx/<h>.kv); 2: records appended to segment files
+FORMAT_VERSION = 3  # 1: one file per entry (data/xx/<h>.kv); 2: one record per entry in segments; 3: extents
 MAGIC = b"FPKVBLK\x00"
-# magic, version, flags, namespace_len, key_len, tensors_len, meta_len, crc32c
-HEADER = struct.Struct("<8sHHHHQII")  # 32 bytes, little-endian
+# magic, version, flags, namespace_len, key_len, n_keys, tensors_len, meta_len, crc32c
+HEADER = struct.Struct("<8sHHHHIQII")  # 36 bytes, little-endian
 _CRC_OFFSET = HEADER.size - 4
-INDEX_SCHEMA = 2  # PRAGMA user_version of index.sqlite (1: the one-file-per-entry store)
+INDEX_SCHEMA = 3  # PRAGMA user_version of index.sqlite (1: one file per entry; 2: one record per entry)
 SEGMENT_MAX = 256 << 20  # a segment is sealed past this (or past capacity / 16, whichever is smaller)
-EXTENT_GAP = 256 << 10   # entries of one read closer than this are fetched in one read (the gap is read too)
-READ_PIECE = 1 << 20     # extents are read (and verified) in pieces of about this size, in parallel
+EXTENT_MAX = 4 << 20     # the writer cuts runs into extents of at most about this many bytes (one entry at least)
+EXTENT_GAP = 256 << 10   # extents of one read closer than this are fetched in one read (the gap is read too)
+READ_PIECE = 1 << 20     # reads are cut (at extent boundaries) into pieces of about this size, read in parallel
 READ_THREADS = 8
+ALIGN = 64  # an extent's payload starts, and the extent ends, at a multiple of this from the extent's start
+
+
+def _aligned(n):
+    """n rounded up to a multiple of ALIGN (ints or int64 arrays)."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 class FormatError(ValueError):
@@ -90,19 +99,29 @@ def check_not_in_use(root: str | Path) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _encode(namespace: bytes, key: bytes, tensors: dict, meta_json: bytes) -> list[bytes]:
-    """Serialize one record into chunks (no concatenation: avoids copying the payload)."""
+def _encode(namespace: bytes, keys: list[bytes], tensors: dict, meta_json: bytes) -> list[bytes]:
+    """Serialize one extent (the entries of `keys`, all of one length) into chunks (no concatenation: avoids
+    copying the payload)."""
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     body = _st_save(cpu)
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(namespace), len(key), len(body), len(meta_json), 0)
+    # zero padding: the payload at a multiple of ALIGN (safetensors aligns each tensor to 8 within it, so every
+    # tensor of an extent read into an aligned buffer can be viewed in place), the extent a multiple of ALIGN
+    key_part = b"".join(keys)
+    lead = HEADER.size + len(namespace) + len(key_part)
+    pad1 = bytes(_aligned(lead) - lead)
+    tail = _aligned(lead) + len(body) + len(meta_json)
+    pad2 = bytes(_aligned(tail) - tail)
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(namespace), len(keys[0]), len(keys), len(body),
+                       len(meta_json), 0)
     crc = 0
-    for part in (head[:_CRC_OFFSET], namespace, key, body, meta_json):
+    for part in (head[:_CRC_OFFSET], namespace, key_part, pad1, body, meta_json, pad2):
         crc = crc32c.crc32c(part, crc)
-    return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key, body, meta_json]
+    return [head[:_CRC_OFFSET] + struct.pack("<I", crc), namespace, key_part, pad1, body, meta_json, pad2]
 
 
 _MAGIC = numpy.frombuffer(MAGIC, numpy.uint8)
-# the checks of a record, in the order they are reported (the first that fails names the error)
+# the checks of an extent, in the order they are reported (the first that fails names the error); the last is
+# per entry: the key at the entry's slot must be the key asked for
 _CHECKS = ("truncated record", "bad magic", "unsupported format version", "size mismatch", "checksum mismatch",
            "namespace mismatch", "key mismatch")
 
@@ -128,31 +147,45 @@ def _rows(buf: numpy.ndarray, at: numpy.ndarray, length: int) -> numpy.ndarray:
 
 
 class ReadBatch:
-    """Entries read by `DiskKVStore.read_batch`: one buffer holding every record read and, per requested key,
-    where its tensor payload (a safetensors buffer) and its meta (JSON) lie in it; `body[i] == -1` for a miss.
-    There is no object per entry: `gather` copies one tensor's bytes out of many entries at once."""
+    """Entries read by `DiskKVStore.read_batch`: one buffer holding every extent read and, per requested key, its
+    extent and its slot in it (`ext[i] == -1` for a miss); per extent, where its tensor payload (a safetensors
+    buffer) and its meta (JSON) lie in the buffer and how many entries it holds. Entry `slot` of an extent of n
+    entries is rows slot * r .. (slot + 1) * r - 1 of each of its tensors (r = rows / n). There is no object per
+    entry: `part` copies one tensor's rows of many entries with one copy per run of them in one extent."""
 
     def __init__(self, n: int):
         self.buf = numpy.empty(0, numpy.uint8)
-        self.body = numpy.full(n, -1, numpy.int64)      # offset of each entry's payload in buf
-        self.body_len = numpy.zeros(n, numpy.int64)
-        self.meta_len = numpy.zeros(n, numpy.int64)     # the meta follows the payload
+        self.ext = numpy.full(n, -1, numpy.int64)        # per key: its extent (index into the x_* arrays), -1: miss
+        self.slot = numpy.zeros(n, numpy.int64)          # per key: its entry's place in the extent
+        self.x_body = numpy.zeros(0, numpy.int64)        # per extent: offset of its payload in buf, -1 if it failed
+        self.x_body_len = numpy.zeros(0, numpy.int64)
+        self.x_meta_len = numpy.zeros(0, numpy.int64)    # the meta follows the payload
+        self.x_entries = numpy.zeros(0, numpy.int64)     # entries in the extent
+        self._layouts: dict[int, dict] = {}
+        self.checked: set[int] = set()  # extents a reader has checked (for its own use)
 
     @property
     def found(self) -> numpy.ndarray:
         """bool [n]: the entries that were read and passed every check."""
-        return self.body >= 0
+        return self.ext >= 0
+
+    def extent(self, i: int) -> int:
+        return int(self.ext[i])
 
     def payload(self, i: int) -> memoryview:
-        a = int(self.body[i])
-        return memoryview(self.buf)[a:a + int(self.body_len[i])]
+        """The tensor payload (safetensors bytes) of entry i's whole extent."""
+        x = int(self.ext[i])
+        a = int(self.x_body[x])
+        return memoryview(self.buf)[a:a + int(self.x_body_len[x])]
 
     def meta_bytes(self, i: int) -> bytes:
-        a = int(self.body[i] + self.body_len[i])
-        return self.buf[a:a + int(self.meta_len[i])].tobytes()
+        """The meta of entry i's extent (one meta per extent: `DiskKVStore.put_run`)."""
+        x = int(self.ext[i])
+        a = int(self.x_body[x] + self.x_body_len[x])
+        return self.buf[a:a + int(self.x_meta_len[x])].tobytes()
 
     def meta(self, i: int) -> dict:
-        """Entry i's meta, decoded; FormatError when it is not a JSON object."""
+        """Entry i's (extent's) meta, decoded; FormatError when it is not a JSON object."""
         try:
             meta = json.loads(self.meta_bytes(i))
         except ValueError as e:
@@ -161,63 +194,141 @@ class ReadBatch:
             raise FormatError("meta is not an object")
         return meta
 
-    def gather(self, idx, start: int, length: int) -> numpy.ndarray:
-        """uint8 [len(idx), length]: bytes start .. start + length of the payloads of entries idx (found ones),
-        one copy. With `body_layout`'s offsets this is one tensor part of many entries."""
-        return _rows(self.buf, self.body[numpy.asarray(idx, dtype=numpy.int64)] + start, length)
+    def entry_layout(self, i: int) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        """name -> (dtype, shape of one entry's rows, start, end of the whole tensor in the payload) for entry i's
+        extent (the safetensors header parsed once per distinct header). FormatError if it is malformed or a
+        tensor's rows do not split evenly among the extent's entries."""
+        x = int(self.ext[i])
+        got = self._layouts.get(x)
+        if got is None:
+            n, got = int(self.x_entries[x]), {}
+            for name, (dtype, shape, lo, hi) in body_layout(self.payload(i)).items():
+                if not shape or shape[0] % n:
+                    raise FormatError(f"tensor {name} of {shape} rows does not split into {n} entries")
+                got[name] = (dtype, (shape[0] // n, *shape[1:]), lo, hi)
+            self._layouts[x] = got
+        return got
+
+    def entry(self, i: int) -> dict[str, torch.Tensor]:
+        """Entry i's tensors, decoded (copies: they do not hold the batch's buffer)."""
+        x, s = int(self.ext[i]), int(self.slot[i])
+        out = {}
+        for name, (dtype, shape, lo, hi) in self.entry_layout(i).items():
+            per = (hi - lo) // int(self.x_entries[x])
+            a = int(self.x_body[x]) + lo + s * per
+            out[name] = torch.from_numpy(self.buf[a:a + per].copy()).view(dtype).reshape(shape)
+        return out
+
+    def spans(self, idx) -> list[tuple[int, int, int, int]]:
+        """Runs of entries idx (found ones) lying at consecutive slots of one extent -> [(a, b, extent, first
+        slot)]: idx[a:b] are slots first .. first + b - a - 1 of that extent. The blocks of a prompt written
+        together are a few spans."""
+        idx = numpy.asarray(idx, dtype=numpy.int64)
+        ext, slot = self.ext[idx], self.slot[idx]
+        brk = numpy.ones(len(idx), bool)
+        brk[1:] = (ext[1:] != ext[:-1]) | (slot[1:] != slot[:-1] + 1)
+        starts = numpy.flatnonzero(brk).tolist()
+        return [(a, b, int(ext[a]), int(slot[a])) for a, b in zip(starts, starts[1:] + [len(idx)])]
+
+    def rows(self, i: int, count: int, name: str) -> torch.Tensor:
+        """Tensor `name` of entries i .. i + count - 1 of entry i's extent (consecutive slots: a `spans` run) as one
+        tensor [count * rows, ...], a view into the batch's buffer (no copy: valid while the batch lives).
+        FormatError if the extent lacks `name` or holds fewer entries."""
+        x, s = int(self.ext[i]), int(self.slot[i])
+        lay = self.entry_layout(i).get(name)
+        if lay is None or s + count > int(self.x_entries[x]):
+            raise FormatError(f"no tensor {name} for {count} entries")
+        dtype, shape, lo, hi = lay
+        per = (hi - lo) // int(self.x_entries[x])
+        a = int(self.x_body[x]) + lo + s * per
+        return torch.from_numpy(self.buf[a:a + count * per]).view(dtype).reshape(count * shape[0], *shape[1:])
+
+    def part(self, idx, name: str, out: numpy.ndarray | None = None) -> numpy.ndarray:
+        """uint8 [len(idx), bytes of one entry's rows of tensor `name`]: that tensor's rows of entries idx (found
+        ones), in order, one copy per run of them lying in one extent at consecutive slots (the blocks of one
+        prompt, written together). Into `out` if given (a uint8 array of that shape, e.g. a tensor's bytes).
+        FormatError if an extent lacks `name` or holds it at another size per entry."""
+        idx = numpy.asarray(idx, dtype=numpy.int64)
+        ext, slot = self.ext[idx], self.slot[idx]
+        brk = numpy.ones(len(idx), bool)
+        brk[1:] = (ext[1:] != ext[:-1]) | (slot[1:] != slot[:-1] + 1)
+        starts = numpy.flatnonzero(brk).tolist() + [len(idx)]
+        per = None
+        for a, b in zip(starts, starts[1:]):
+            lay = self.entry_layout(int(idx[a])).get(name)
+            if lay is None:
+                raise FormatError(f"no tensor {name}")
+            x = int(ext[a])
+            p = (lay[3] - lay[2]) // int(self.x_entries[x])
+            if per is None:
+                per = p
+                if out is None:
+                    out = numpy.empty((len(idx), per), numpy.uint8)
+                elif out.shape != (len(idx), per):
+                    raise FormatError(f"tensor {name}: {per} bytes per entry, not {out.shape[1:]}")
+            elif p != per:
+                raise FormatError(f"tensor {name}: {p} bytes per entry in one extent, {per} in another")
+            src = int(self.x_body[x]) + lay[2] + int(slot[a]) * p
+            out[a:b].reshape(-1)[:] = self.buf[src:src + (b - a) * p]
+        if out is None:
+            out = numpy.empty((0, 0), numpy.uint8)
+        return out
 
 
-def _verify_records(buf: numpy.ndarray, idx: numpy.ndarray, pos: numpy.ndarray, size: numpy.ndarray, want: list,
-                    namespace: bytes, batch: ReadBatch) -> list:
-    """Check records of buf as one vectorised pass: record j lies at pos[j] (size[j] bytes, as indexed) and is
-    entry idx[j] of the batch, whose key is want[j]. Checks length, magic, version, sizes, CRC32C (one call per
-    record: the only per-record Python), namespace and key. Fills batch.body / body_len / meta_len of the records
-    that pass; returns [(idx, FormatError)] for those that do not."""
-    n = len(idx)
-    fail = numpy.full(n, len(_CHECKS), numpy.int64)  # index into _CHECKS of the first failed check
+def _verify_extents(buf: numpy.ndarray, pos: numpy.ndarray, size: numpy.ndarray, namespace: bytes) -> numpy.ndarray:
+    """Check extents of buf as one vectorised pass: extent j lies at pos[j] (size[j] bytes, as indexed). Checks
+    length, magic, version, sizes, CRC32C (one call per extent: the only per-extent Python) and namespace ->
+    (int64 [n]: per extent the index into _CHECKS of the first failed check, len(_CHECKS) - 1 when all pass (the
+    key check is per entry: `_check_keys`); int64 [5, n]: the header's namespace, key and payload lengths, entry
+    count and meta length, NL, KL, NK, TL, ML)."""
+    n = len(pos)
+    passed = len(_CHECKS) - 1
+    fail = numpy.full(n, passed, numpy.int64)
 
     def failing(code: int, bad: numpy.ndarray) -> None:
-        numpy.minimum(fail, numpy.where(bad, code, len(_CHECKS)), out=fail)
+        numpy.minimum(fail, numpy.where(bad, code, passed), out=fail)
 
     whole = size >= HEADER.size
     failing(0, ~whole)
-    h = _rows(buf, numpy.where(whole, pos, 0), HEADER.size)  # [n, 32]: the fields of HEADER, little-endian
+    h = _rows(buf, numpy.where(whole, pos, 0), HEADER.size)  # [n, 36]: the fields of HEADER, little-endian
 
     def field(a: int, b: int, dtype: str) -> numpy.ndarray:
         return numpy.ascontiguousarray(h[:, a:b]).view(dtype)[:, 0]
 
     failing(1, (h[:, :8] != _MAGIC).any(1))
     failing(2, field(8, 10, "<u2") != FORMAT_VERSION)
-    nl, kl, ml = field(12, 14, "<u2").astype(numpy.int64), field(14, 16, "<u2").astype(numpy.int64), \
-        field(24, 28, "<u4").astype(numpy.int64)
-    tl = numpy.minimum(field(16, 24, "<u8"), numpy.uint64(1 << 62)).astype(numpy.int64)  # a huge one fails, no wrap
-    failing(3, HEADER.size + nl + kl + tl + ml != size)
+    nl, kl, nk = (field(a, b, t).astype(numpy.int64) for a, b, t in ((12, 14, "<u2"), (14, 16, "<u2"), (16, 20, "<u4")))
+    tl = numpy.minimum(field(20, 28, "<u8"), numpy.uint64(1 << 62)).astype(numpy.int64)  # a huge one fails, no wrap
+    ml = field(28, 32, "<u4").astype(numpy.int64)
+    failing(3, (nk == 0) | (_aligned(_aligned(HEADER.size + nl + nk * kl) + tl + ml) != size))
     sized = fail > 3
     crc = numpy.zeros(n, numpy.uint32)
     mv = memoryview(buf)
     rows = numpy.flatnonzero(sized)
     crc[rows] = [crc32c.crc32c(mv[a + HEADER.size:a + s], crc32c.crc32c(mv[a:a + _CRC_OFFSET]))
                  for a, s in zip(pos[rows].tolist(), size[rows].tolist())]
-    failing(4, sized & (crc != field(28, 32, "<u4")))
+    failing(4, sized & (crc != field(32, 36, "<u4")))
     ns = numpy.frombuffer(namespace, numpy.uint8)
     ns_ok = sized & (nl == len(ns))
     good_ns = numpy.zeros(n, bool)
     good_ns[ns_ok] = (_rows(buf, pos[ns_ok] + HEADER.size, len(ns)) == ns).all(1)
     failing(5, sized & ~good_ns)
+    return fail, numpy.stack([nl, kl, nk, tl, ml])
+
+
+def _check_keys(buf: numpy.ndarray, at: numpy.ndarray, key_len: numpy.ndarray, want: list) -> numpy.ndarray:
+    """bool [n]: whether the stored key of entry j (key_len[j] bytes at buf[at[j]:]) is want[j]; keys of one
+    length are compared at once."""
+    n = len(at)
     want_len = numpy.fromiter(map(len, want), numpy.int64, n)
-    good_key = numpy.zeros(n, bool)
-    for L in sorted(set(want_len.tolist())):  # keys of one length (all block keys) compared at once
-        sel = numpy.flatnonzero(sized & good_ns & (want_len == L) & (kl == L))
+    good = numpy.zeros(n, bool)
+    for L in sorted(set(want_len.tolist())):
+        sel = numpy.flatnonzero((want_len == L) & (key_len == L))
         if len(sel):
             joined = b"".join(want) if len(sel) == n else b"".join([want[j] for j in sel.tolist()])
             exp = numpy.frombuffer(joined, numpy.uint8).reshape(len(sel), L)
-            good_key[sel] = (_rows(buf, pos[sel] + HEADER.size + len(ns), L) == exp).all(1)
-    failing(6, sized & ~good_key)
-    ok = fail == len(_CHECKS)
-    batch.body[idx[ok]] = (pos + HEADER.size + nl + kl)[ok]
-    batch.body_len[idx[ok]] = tl[ok]
-    batch.meta_len[idx[ok]] = ml[ok]
-    return [(int(idx[j]), FormatError(_CHECKS[fail[j]])) for j in numpy.flatnonzero(~ok).tolist()]
+            good[sel] = (_rows(buf, at[sel], L) == exp).all(1)
+    return good
 
 
 def _decode_body(body) -> dict[str, torch.Tensor]:
@@ -305,16 +416,15 @@ def chain_hashes(token_ids: list[int], block_tokens: int, namespace: str, prev: 
     ns_part = struct.pack("<II", len(ns), block_tokens) + ns
     prev, out = (b"\x00" * 32 if prev is None else prev), []
     n = len(token_ids) // block_tokens * block_tokens
-    toks = array("q", token_ids[:n])  # int64, one conversion for every block
+    # int64, one conversion for every block (none for an int64 array: SeqTracker keeps its tokens in one)
+    toks = token_ids[:n] if isinstance(token_ids, array) and token_ids.typecode == "q" else array("q", token_ids[:n])
     if sys.byteorder != "little":
         toks.byteswap()
-    data, step = memoryview(toks).cast("B"), 8 * block_tokens
-    for start in range(0, 8 * n, step):
-        h = hashlib.blake2b(digest_size=32, person=b"flashport-kv-v1")
-        h.update(prev)
-        h.update(ns_part)
-        h.update(data[start:start + step])
-        prev = h.digest()
+    data, step = bytes(memoryview(toks).cast("B")), 8 * block_tokens
+    blake2b, join = hashlib.blake2b, b"".join
+    for start in range(0, 8 * n, step):  # one call per block: the same digest as updating with the three parts
+        prev = blake2b(join((prev, ns_part, data[start:start + step])), digest_size=32,
+                       person=b"flashport-kv-v1").digest()
         out.append(prev)
     return out
 
@@ -363,8 +473,9 @@ def _unlink_quiet(path: Path) -> None:
 @dataclass(slots=True)  # one per stored block: a million-token prefix holds tens of thousands
 class _Entry:
     seg: int      # segment number
-    offset: int   # byte offset of the record in its segment
-    size: int     # record bytes
+    offset: int   # byte offset of the entry's extent in its segment
+    size: int     # extent bytes
+    slot: int     # the entry's place in its extent
     last_access: float
     created: float
 
@@ -501,14 +612,15 @@ class DiskKVStore:
             db.execute(f"PRAGMA journal_size_limit={self._index_budget // 2}")  # WAL size after a checkpoint
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, INDEX_SCHEMA):
-                # another format (1: one file per entry under data/): a cache may forget, never misread
+                # another format (1: one file per entry under data/, 2: one record per entry): a cache may
+                # forget, never misread. Its segments are named by no row now: recovery deletes them.
                 log.warning("kvstore: %s holds a KV store of format %d; starting empty in format %d",
                             self.root, version, INDEX_SCHEMA)
                 db.execute("DROP TABLE IF EXISTS entries")
                 shutil.rmtree(self.root / "data", ignore_errors=True)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS entries (namespace TEXT NOT NULL, key BLOB NOT NULL,"
-                " segment INTEGER NOT NULL, offset INTEGER NOT NULL, size INTEGER NOT NULL,"
+                " segment INTEGER NOT NULL, offset INTEGER NOT NULL, size INTEGER NOT NULL, slot INTEGER NOT NULL,"
                 " last_access REAL NOT NULL, created REAL NOT NULL, PRIMARY KEY (namespace, key))"
             )
             db.execute(f"PRAGMA user_version={INDEX_SCHEMA}")
@@ -530,15 +642,15 @@ class DiskKVStore:
                 _unlink_quiet(f)  # not ours (or a leftover of a newer writer): a cache may forget
                 continue
             on_disk[seg] = f.stat().st_size
-        rows = self._db.execute("SELECT namespace, key, segment, offset, size, last_access, created FROM entries"
-                                " ORDER BY last_access").fetchall()
+        rows = self._db.execute("SELECT namespace, key, segment, offset, size, slot, last_access, created"
+                                " FROM entries ORDER BY last_access").fetchall()
         stale, ends = [], {}
-        for ns, key, seg, off, size, last_access, created in rows:
-            if seg not in on_disk or off < 0 or size <= 0 or off + size > on_disk[seg]:
+        for ns, key, seg, off, size, slot, last_access, created in rows:
+            if seg not in on_disk or off < 0 or size <= 0 or slot < 0 or off + size > on_disk[seg]:
                 stale.append((ns, key))  # its bytes never reached the disk, or the segment is gone
                 continue
             ident = (ns, bytes(key))
-            self._index[ident] = _Entry(seg, off, size, last_access, created)
+            self._index[ident] = _Entry(seg, off, size, slot, last_access, created)
             s = self._segs.setdefault(seg, _Segment())
             s.live.add(ident)
             s.last_access = max(s.last_access, last_access)
@@ -575,27 +687,47 @@ class DiskKVStore:
         The tensors are referenced, not copied: do not modify them after ``put``.
         Keys are content addresses: re-putting a stored or queued key is a no-op.
         """
-        k = _key_bytes(key)
+        return self.put_run([key], tensors, meta, sync)
+
+    def put_run(self, keys: list, tensors: dict[str, torch.Tensor], meta: dict | None = None, sync: bool = False,
+                follows: bytes | str | None = None) -> bool:
+        """Store a run of n entries in one extent (one header, one checksum, one read): entry i is rows
+        i * r .. (i + 1) * r - 1 of every tensor (each tensor has n * r rows), all of them under one `meta`; a get
+        of key i returns entry i's rows and that meta. The keys must be of one length (block hashes).
+
+        follows: the last key of the run this one continues (the blocks before it of the same sequence): the writer
+        joins runs that follow each other in one batch, with the same meta and the same rows per entry, into one
+        extent (cut at about EXTENT_MAX bytes), so a sequence stored a few blocks at a time still reads back as a
+        few large extents. Returns as `put` (one queue slot for the whole run; already stored keys are not
+        written again, the others are). Raises TypeError / ValueError on malformed input.
+        """
+        ks = [_key_bytes(k) for k in keys]
+        if not ks or len({len(k) for k in ks}) != 1 or len(ks[0]) > 0xFFFF:
+            raise ValueError("a run needs one key at least, all of one length (< 64 KiB)")
         if not all(isinstance(n, str) and isinstance(t, torch.Tensor) for n, t in tensors.items()):
             raise TypeError("tensors must be a dict[str, torch.Tensor]")
+        if len(ks) > 1 and any(t.dim() == 0 or t.shape[0] % len(ks) for t in tensors.values()):
+            raise ValueError(f"every tensor of a run of {len(ks)} entries needs a multiple of {len(ks)} rows")
         meta_json = json.dumps(meta or {}, separators=(",", ":")).encode("utf-8")  # TypeError early
+        item = (tuple(ks), dict(tensors), meta_json, None if follows is None else _key_bytes(follows))
         if not self._accepting():
             self._count("puts_dropped")
             return False
         if sync:
-            return self._store_batch([(k, dict(tensors), meta_json)]) == 1
+            return self._store_batch([item]) == len(ks)
         with self._lock:
-            if (self.namespace, k) in self._index or k in self._queued:
+            new = [k for k in ks if (self.namespace, k) not in self._index and k not in self._queued]
+            if not new:
                 return True
-            self._queued.add(k)
+            self._queued.update(new)
         with self._drained:
             self._pending += 1
         try:
-            self._q.put_nowait((k, dict(tensors), meta_json))
+            self._q.put_nowait(item)
             return True
         except queue.Full:
             with self._lock:
-                self._queued.discard(k)
+                self._queued.difference_update(new)
             self._done_one()
             self._count("puts_dropped")
             self._log_once("queue_full", logging.WARNING, "write queue full; dropping puts (counted in puts_dropped)")
@@ -603,108 +735,131 @@ class DiskKVStore:
 
     def get(self, key: bytes | str) -> tuple[dict[str, torch.Tensor], dict] | None:
         """Return (tensors, meta) or None. Any failed check drops the entry and returns None."""
-        got = self.read_many([key])[0]
-        if got is None:
-            return None
-        try:
-            return _decode_body(got[0]), got[1]
-        except FormatError as err:
-            self._corrupt((self.namespace, _key_bytes(key)), err)
-            return None
+        return self.get_many([key])[0]
 
     def get_many(self, keys: list) -> list[tuple[dict[str, torch.Tensor], dict] | None]:
-        """`get` for many keys with the reads of `read_many`."""
-        out = []
-        for key, got in zip(keys, self.read_many(keys)):
-            try:
-                out.append(None if got is None else (_decode_body(got[0]), got[1]))
-            except FormatError as err:
-                self._corrupt((self.namespace, _key_bytes(key)), err)
-                out.append(None)
-        return out
-
-    def read_many(self, keys: list) -> list[tuple[memoryview, dict] | None]:
-        """Read and verify many entries at once -> per key (tensor payload, meta) or None.
-
-        `read_batch` with each entry's payload as a memoryview (`body_layout` says where each tensor lies, `get`
-        decodes it) and its meta decoded; an entry whose meta does not decode is dropped (a miss)."""
+        """`get` for many keys, read in one `read_batch`; an entry whose payload or meta does not decode is dropped
+        (a miss)."""
         batch = self.read_batch(keys)
         out: list = [None] * len(keys)
         for i in numpy.flatnonzero(batch.found).tolist():
             try:
-                out[i] = (batch.payload(i), batch.meta(i))
+                out[i] = (batch.entry(i), batch.meta(i))
             except FormatError as err:  # the checksum passed, so a writer bug: never served
                 self._corrupt((self.namespace, _key_bytes(keys[i])), err)
                 self._count("hits", -1)
                 self._count("misses")
         return out
 
-    def read_batch(self, keys: list) -> "ReadBatch":
+    def read_batch(self, keys: list, consume=None) -> "ReadBatch":
         """The restore path: read and verify many entries with a few large reads and no Python work per entry
-        beyond its index lookup and its CRC call -> a ReadBatch (one buffer; per key the offsets of its payload
-        and meta, -1 for a miss).
+        beyond its index lookup -> a ReadBatch (one buffer; per key its extent and slot, -1 for a miss).
 
-        The entries' records are sorted by (segment, offset); records closer than EXTENT_GAP form one extent (the
-        gap is read too), cut at record boundaries into pieces of about READ_PIECE bytes; each piece is read
-        (positional reads, GIL released) and then verified by one of READ_THREADS threads, so the checks of one
-        piece overlap the reads of the next. The checks are those of every read (length, magic, version, CRC32C,
-        namespace, key), vectorised over the records of a piece (numpy); a record that fails one is dropped and is a
+        The extents holding the entries are read once each, sorted by (segment, offset); extents closer than
+        EXTENT_GAP form one read (the gap is read too), cut at extent boundaries into pieces of about READ_PIECE
+        bytes; each piece is read (positional reads, GIL released) and then verified by one of READ_THREADS
+        threads, so the checks of one piece overlap the reads of the next. The checks are those of every read:
+        per extent length, magic, version, sizes, CRC32C and namespace (vectorised over the extents of a piece,
+        one CRC32C call per extent), per entry the key at its slot; an entry that fails one is dropped and is a
         miss, the others are served. The meta is not decoded here (`ReadBatch.meta`). A read refreshes the
-        recency of the segments it read (eviction drops whole segments)."""
-        with _gc_paused():  # tens of thousands of small objects: no collector passes over the heap meanwhile
-            return self._read_batch(keys)
+        recency of the segments it read (eviction drops whole segments).
 
-    def _read_batch(self, keys: list) -> "ReadBatch":
+        consume(batch, idx): called on the reading thread as soon as a piece is verified, with idx (int64) the
+        positions in `keys` of the entries it served, so that the caller's work on them (unpacking) overlaps
+        the reads of the other pieces; calls come from several threads at once, in no order. An exception it
+        raises is raised by read_batch once every piece is done."""
+        with _gc_paused():  # tens of thousands of small objects: no collector passes over the heap meanwhile
+            return self._read_batch(keys, consume)
+
+    def _read_batch(self, keys: list, consume=None) -> "ReadBatch":
         ns = self.namespace
         idents = [(ns, k if type(k) is bytes else _key_bytes(k)) for k in keys]
         batch = ReadBatch(len(keys))
         with self._lock:
             live = None if self._closed or self._degraded else self._index
-            got = [live.get(x) for x in idents] if live is not None else []
+            got = list(map(live.get, idents)) if live is not None else []
         hit = [i for i, e in enumerate(got) if e is not None]
         self._count("misses", len(keys) - len(hit))
         if not hit:
             return batch
         t0 = time.perf_counter()
         ents = [got[i] for i in hit]
-        table = numpy.array([(e.seg, e.offset, e.size) for e in ents], dtype=numpy.int64).reshape(-1, 3)
-        order = numpy.lexsort((table[:, 1], table[:, 0]))
-        seg, off, size = table[order, 0], table[order, 1], table[order, 2]
+        table = numpy.array([(e.seg, e.offset, e.size, e.slot) for e in ents], dtype=numpy.int64).reshape(-1, 4)
+        # the extents: one per distinct (segment, offset), sorted; key_x: each hit's extent
+        where, key_x = numpy.unique(table[:, 0] << 40 | table[:, 1], return_inverse=True)  # offsets < 1 TiB
+        key_x = key_x.reshape(-1)
+        n_x = len(where)
+        seg, off = where >> 40, where & ((1 << 40) - 1)
+        size = numpy.zeros(n_x, numpy.int64)
+        size[key_x] = table[:, 2]
         end = off + size
-        # a new extent where the segment changes, records overlap (never, for indexed records) or a gap is large
-        new = numpy.ones(len(order), bool)
+        slot = table[:, 3]
+        hit_a = numpy.asarray(hit, dtype=numpy.int64)
+        by_x = numpy.argsort(key_x, kind="stable")  # the hits grouped by extent: a piece's are one slice of it
+        x_sorted = key_x[by_x]
+        # a new read where the segment changes, extents overlap (never, for indexed ones) or a gap is large
+        new = numpy.ones(n_x, bool)
         new[1:] = (seg[1:] != seg[:-1]) | (off[1:] < end[:-1]) | (off[1:] > end[:-1] + EXTENT_GAP)
-        ext_start = off[numpy.maximum.accumulate(numpy.where(new, numpy.arange(len(order)), 0))]
+        ext_start = off[numpy.maximum.accumulate(numpy.where(new, numpy.arange(n_x), 0))]
         piece_no = (off - ext_start) // READ_PIECE
         new[1:] |= piece_no[1:] != piece_no[:-1]
-        starts = numpy.flatnonzero(new).tolist() + [len(order)]
+        starts = numpy.flatnonzero(new).tolist() + [n_x]
         pieces = [(int(seg[a]), int(off[a]), int(end[b - 1] - off[a]), a, b) for a, b in zip(starts, starts[1:])]
-        key_of = numpy.asarray(hit, dtype=numpy.int64)[order]  # sorted record -> index into keys
         fds: dict[int, int | BaseException] = {}
         for s in set(p[0] for p in pieces):
             try:
                 fds[s] = os.open(self._dir / _seg_name(s), os.O_RDONLY | os.O_CLOEXEC)
             except OSError as err:
                 fds[s] = err
-        bases = numpy.cumsum([0] + [p[2] for p in pieces]).tolist()
+        bases = numpy.cumsum([0] + [_aligned(p[2]) for p in pieces]).tolist()  # aligned as the extents are
         # uninitialised (numpy.empty): the reads fill it, a zero-fill first would cost a pass over memory
-        batch.buf = buf = numpy.empty(bases[-1], dtype=numpy.uint8)
+        raw = numpy.empty(bases[-1] + ALIGN, dtype=numpy.uint8)
+        skip = -raw.ctypes.data % ALIGN
+        batch.buf = buf = raw[skip:skip + bases[-1]]  # at an ALIGN boundary: tensors can be viewed in place
+        passed = len(_CHECKS) - 1
+        at = numpy.zeros(n_x, numpy.int64)  # each extent's offset in buf
+        fail = numpy.full(n_x, len(_CHECKS), numpy.int64)  # len(_CHECKS): not read
+        batch.x_body = numpy.full(n_x, -1, numpy.int64)
+        batch.x_body_len, batch.x_meta_len, batch.x_entries = (numpy.zeros(n_x, numpy.int64) for _ in range(3))
+        code = numpy.full(len(hit), len(_CHECKS), numpy.int64)  # per hit: its first failed check
         failed: list = []  # (piece, error)
-        bad: list = []  # (key index, FormatError)
+        raised: list = []  # exceptions of consume
 
-        def job(x: int) -> None:
-            s, o, length, a, b = pieces[x]
+        def job(p: int) -> None:
+            s, o, length, a, b = pieces[p]
             fd = fds[s]
             try:
                 if isinstance(fd, BaseException):
                     raise fd
-                _read_into(fd, memoryview(buf)[bases[x]:bases[x] + length], o)
+                _read_into(fd, memoryview(buf)[bases[p]:bases[p] + length], o)
             except (OSError, FormatError) as err:
-                failed.append((x, err))
+                failed.append((p, err))
                 return
-            ks = key_of[a:b]
-            bad.extend(_verify_records(buf, ks, off[a:b] + (bases[x] - o), size[a:b],
-                                       [idents[i][1] for i in ks.tolist()], self._ns, batch))
+            at[a:b] = off[a:b] + (bases[p] - o)
+            fail[a:b], (nl, kl, nk, tl, ml) = _verify_extents(buf, at[a:b], size[a:b], self._ns)
+            batch.x_body[a:b] = numpy.where(fail[a:b] == passed, at[a:b] + _aligned(HEADER.size + nl + nk * kl), -1)
+            batch.x_body_len[a:b], batch.x_meta_len[a:b], batch.x_entries[a:b] = tl, ml, nk
+            # this piece's hits: their extent passed, their slot is inside it, the key at their slot is theirs
+            lo, hi = numpy.searchsorted(x_sorted, [a, b])
+            mine = by_x[lo:hi]
+            x = key_x[mine] - a
+            c = fail[a:b][x]
+            inside = numpy.flatnonzero((c == passed) & (slot[mine] < nk[x]))
+            good = numpy.zeros(len(mine), bool)
+            if len(inside):
+                xi = x[inside]
+                good[inside] = _check_keys(buf, at[a:b][xi] + HEADER.size + nl[xi] + slot[mine[inside]] * kl[xi],
+                                           kl[xi], [idents[i][1] for i in hit_a[mine[inside]].tolist()])
+            code[mine] = c  # a failed key check reports _CHECKS[passed], "key mismatch"
+            ok = mine[(c == passed) & good]
+            batch.slot[hit_a[ok]] = slot[ok]
+            batch.ext[hit_a[ok]] = key_x[ok]
+            code[ok] = len(_CHECKS)
+            if consume is not None and len(ok):
+                try:
+                    consume(batch, numpy.sort(hit_a[ok]))
+                except BaseException as err:  # noqa: BLE001 - raised on the caller's thread below
+                    raised.append(err)
 
         try:
             if len(pieces) == 1:
@@ -716,29 +871,39 @@ class DiskKVStore:
             for fd in fds.values():
                 if isinstance(fd, int):
                     os.close(fd)
-        for x, err in failed:
-            for i in key_of[pieces[x][3]:pieces[x][4]].tolist():
-                if isinstance(err, FormatError):
-                    bad.append((i, err))
-                    continue
-                if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
-                    self._io_error("read", err)
+        unread = set()  # extents of pieces that could not be read: a missing or failing file is not corruption
+        for p, err in failed:
+            a, b = pieces[p][3], pieces[p][4]
+            lo, hi = numpy.searchsorted(x_sorted, [a, b])
+            if isinstance(err, FormatError):  # the segment ends inside the piece: its extents are not all there
+                code[by_x[lo:hi]] = 0
+                continue
+            unread.update(range(a, b))
+            if not isinstance(err, FileNotFoundError):  # a missing segment: evicted since the lookup
+                self._io_error("read", err)
+        ok = code == len(_CHECKS)
+        for j in numpy.flatnonzero(~ok).tolist():
+            i, x = int(hit_a[j]), int(key_x[j])
+            if x in unread:
                 self._drop(idents[i], got[i])  # no-op when a concurrent eviction already removed it
-        for i, ferr in bad:
-            self._corrupt(idents[i], ferr, got[i])
-        ok = batch.found[key_of]
-        last = {}  # segment -> its last record served: refreshes the segment's recency
-        for i in key_of[ok].tolist():
-            last[got[i].seg] = i
+            else:
+                self._corrupt(idents[i], FormatError(_CHECKS[int(code[j])]), got[i])
+        last = {}  # segment -> its last entry served: refreshes the segment's recency
+        for j in numpy.flatnonzero(ok).tolist():
+            last[int(seg[key_x[j]])] = int(hit_a[j])
         dt = time.perf_counter() - t0
         with self._lock:
             self._stats["hits"] += int(ok.sum())
             self._stats["misses"] += int((~ok).sum())
-            self._stats["bytes_read"] += int(size[ok].sum())
+            served = numpy.zeros(n_x, bool)
+            served[key_x[ok]] = True
+            self._stats["bytes_read"] += int(size[served].sum())
             self._stats["read_seconds"] += dt
             for i in last.values():
                 if self._index.get(idents[i]) is got[i]:
                     self._touch_locked(idents[i], got[i])
+        if raised:
+            raise raised[0]
         return batch
 
     def contains_many(self, keys: list) -> list[bool]:
@@ -843,33 +1008,51 @@ class DiskKVStore:
             finally:
                 with self._lock:
                     for it in batch:
-                        self._queued.discard(it[0])
+                        self._queued.difference_update(it[0])
                 for _ in batch:
                     self._done_one()
             if stop:
                 return
 
-    def _store_batch(self, items: list[tuple[bytes, dict, bytes]]) -> int:
+    def _store_batch(self, items: list[tuple[tuple, dict, bytes, bytes | None]]) -> int:
         """Append entries to the active segment(s), fsync, then index them in one transaction. Returns how many
-        are stored (already stored keys count)."""
+        are stored (already stored keys count). Runs that follow each other (`put_run`'s follows) with the same
+        meta and rows per entry are joined, then cut into extents of about EXTENT_MAX bytes."""
         with self._write_lock:
             t0 = time.perf_counter()
-            done, todo, seen = 0, [], set()
-            for key, tensors, meta_json in items:
-                ident = (self.namespace, key)
+            done, groups, seen = 0, [], set()
+            for keys, tensors, meta_json, follows in items:
                 with self._lock:
                     if self._closed:
                         return done
-                    if ident in self._index:
-                        self._touch_locked(ident, self._index[ident])
-                        done += 1
-                        continue
-                if key in seen:
-                    done += 1
+                    fresh = []
+                    for k in keys:
+                        ident = (self.namespace, k)
+                        e = self._index.get(ident)
+                        if e is not None:
+                            self._touch_locked(ident, e)
+                        elif k not in seen:
+                            fresh.append(k)
+                done += len(keys) - len(fresh)  # stored already, or earlier in this batch
+                if not fresh:
                     continue
-                seen.add(key)
+                seen.update(fresh)
+                n = len(keys)
+                sig = (len(keys[0]), meta_json,
+                       tuple((name, t.dtype, tuple(t.shape[1:]), t.shape[0] // n) for name, t in tensors.items()))
+                g = groups[-1] if groups else None
+                if g is not None and follows is not None and g["keys"][-1] == follows and g["sig"] == sig:
+                    g["keys"] += keys
+                    g["parts"].append(tensors)
+                    g["fresh"].update(fresh)
+                else:
+                    groups.append({"keys": list(keys), "parts": [tensors], "fresh": set(fresh), "sig": sig,
+                                   "meta": meta_json})
+            todo = []  # (keys to index with their slots, chunks)
+            cap = min(EXTENT_MAX, self.segment_max)
+            for g in groups:
                 try:
-                    todo.append((key, _encode(self._ns, key, tensors, meta_json)))
+                    todo += self._encode_group(g, cap)
                 except Exception as e:  # noqa: BLE001 - e.g. a dtype safetensors cannot store
                     self._count("write_errors")
                     self._log_once("encode", logging.ERROR, f"cannot serialize entry: {e}")
@@ -878,14 +1061,14 @@ class DiskKVStore:
             self._checkpoint_if_large()
             limit = self._entry_limit()
             sized = []
-            for key, chunks in todo:
+            for rows, chunks in todo:
                 size = sum(map(len, chunks))
                 if size > limit:
                     self._count("puts_dropped")
                     self._log_once("too_large", logging.WARNING,
                                    f"entry of {size} B exceeds the capacity of {self.capacity} B; refused")
                 else:
-                    sized.append((key, chunks, size))
+                    sized.append((rows, chunks, size))
             # Account before writing: make room (whole LRU segments) and reserve, so disk use (segments, index
             # and WAL) stays under the cap while the batch is appended. What does not fit is written next time.
             total, accepted = 0, []
@@ -896,15 +1079,15 @@ class DiskKVStore:
                 else:
                     self._count("puts_dropped")
             self._delete_segments(self._pop_lru(limit, total))
-            written, touched = [], set()  # (key, seg, offset, size)
-            for key, chunks, size in accepted:
+            written, touched = [], set()  # (rows, seg, offset, size)
+            for rows, chunks, size in accepted:
                 try:
                     seg, off = self._append_record(chunks, size, touched)
                 except OSError as e:
                     self._unreserve(size)
                     self._io_error("write", e)
                     continue
-                written.append((key, seg, off, size))
+                written.append((rows, seg, off, size))
             try:
                 for seg in touched:
                     if self._fsync:
@@ -922,8 +1105,9 @@ class DiskKVStore:
                 with self._db_lock:
                     self._db.execute("BEGIN")
                     try:
-                        self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?)",
-                                             [(self.namespace, k, s, o, n, now, now) for k, s, o, n in written])
+                        self._db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?)",
+                                             [(self.namespace, k, s, o, n, slot, now, now)
+                                              for rows, s, o, n in written for k, slot in rows])
                         self._db.execute("COMMIT")
                     except BaseException:
                         self._db.execute("ROLLBACK")
@@ -932,17 +1116,35 @@ class DiskKVStore:
                 self._io_error("index", e)  # the appended bytes stay dead in their segment (counted in the quota)
                 return done
             with self._lock:  # visible only now: complete, durable and indexed
-                for k, s, o, n in written:
-                    ident = (self.namespace, k)
-                    self._index[ident] = _Entry(s, o, n, now, now)
+                for rows, s, o, n in written:
                     seg = self._segs[s]
-                    seg.live.add(ident)
+                    for k, slot in rows:
+                        ident = (self.namespace, k)
+                        self._index[ident] = _Entry(s, o, n, slot, now, now)
+                        seg.live.add(ident)
                     seg.last_access = now
                     self._segs.move_to_end(s)
                     self._stats["bytes_written"] += n
                 self._stats["write_seconds"] += time.perf_counter() - t0
             self._errors_in_row = 0
-            return done + len(written)
+            return done + sum(len(w[0]) for w in written)
+
+    def _encode_group(self, g: dict, cap: int) -> list[tuple[list[tuple[bytes, int]], list[bytes]]]:
+        """Joined runs -> extents of at most about `cap` bytes (one entry at least): per extent the (key, slot)
+        rows to index (its keys not stored already) and its encoded chunks."""
+        keys, parts, n = g["keys"], g["parts"], len(g["keys"])
+        tensors = parts[0] if len(parts) == 1 else {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        per_row = {name: t.shape[0] // n for name, t in tensors.items()}
+        per_entry = sum(t.numel() * t.element_size() for t in tensors.values()) // n + len(keys[0])
+        step = max(1, cap // max(per_entry, 1))
+        out = []
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            chunk = {name: t[a * per_row[name]:b * per_row[name]] for name, t in tensors.items()}
+            rows = [(k, j) for j, k in enumerate(keys[a:b]) if k in g["fresh"]]
+            if rows:
+                out.append((rows, _encode(self._ns, keys[a:b], chunk, g["meta"])))
+        return out
 
     def _append_record(self, chunks: list[bytes], size: int, touched: set) -> tuple[int, int]:
         """Append one record to the active segment (a new one when it is full); on a full disk evict and retry
@@ -1050,7 +1252,15 @@ class DiskKVStore:
         rows = [ident for _, s in victims for ident in s.live]
         try:
             with self._db_lock:
-                self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", rows)
+                # one transaction: each autocommitted DELETE would append its own copies of the pages to the WAL
+                # (hundreds of KB for one segment of small entries, past the quota's slack)
+                self._db.execute("BEGIN")
+                try:
+                    self._db.executemany("DELETE FROM entries WHERE namespace=? AND key=?", rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
         except sqlite3.Error as e:
             self._io_error("index", e)  # rows of missing segments are dropped at the next start
         for seg, s in victims:

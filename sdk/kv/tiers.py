@@ -23,6 +23,9 @@ class MemoryTier:
         self._lock = threading.Lock()
         self.used = self.hits = self.misses = self.evictions = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def __contains__(self, key: bytes) -> bool:
         with self._lock:
             return key in self._items
