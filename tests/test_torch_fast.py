@@ -511,6 +511,57 @@ def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release):
     assert set(calls) == set(FUSED) and min(calls.values()) > 0
 
 
+def _moe_layer(fmt, k, T, hashed, ties, seed=0):
+    """A model.MoE (16 routed experts of 64 x 128 in `fmt`, the shared one in FP8) with its inputs; ties: every
+    router score equal (zero gate weights and bias: torch.topk's own tie rule decides the picks)."""
+    from flashport.config import PRESETS, ModelConfig
+    from flashport.model import MoE
+
+    cfg = ModelConfig(**{**PRESETS["flash-tiny"], "n_routed_experts": 16, "num_experts_per_tok": k})
+    moe = MoE(cfg, 0 if hashed else cfg.num_hash_layers)
+    gen = torch.Generator().manual_seed(seed)
+    moe.gate.weight.data.copy_(torch.randn(16, 128, generator=gen) * (0.0 if ties else 0.3))
+    if hashed:  # a token's row may name one expert twice: that expert then gets more rows than tokens
+        moe.gate.tid2eid.copy_(torch.randint(0, 16, moe.gate.tid2eid.shape, generator=gen))
+    else:
+        moe.gate.bias.data.copy_(torch.zeros(16) if ties else torch.randn(16, generator=gen) * 0.1)
+    for i, lin in enumerate(m for m in moe.modules() if type(m).__name__ == "Linear"):
+        shared = any(lin is getattr(moe.shared_experts, n) for n in ("w1", "w2", "w3"))
+        lin.packed = quant("fp8-e4m3-block128-ue8m0" if shared else fmt, *lin.weight.shape, seed=seed + i)
+    return moe, torch.randn(T, 128, generator=gen), torch.randint(0, 8192, (T,), generator=gen)
+
+
+_MOE_FORMATS = ["mxfp4", "fp8-e4m3-block128-ue8m0", "int4-g32"]
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt,k,T,threads", [
+    *((f, k, T, 1) for f in _MOE_FORMATS for k in (1, 4, 6, 8) for T in (1, 3, cpu_quant.GEMV_MAX_ROWS + 4)),
+    # 2 threads: each parallel region waits for a descheduled thread on a loaded machine, so fewer cases
+    ("mxfp4", 6, 1, 2), ("fp8-e4m3-block128-ue8m0", 4, 3, 2), ("int4-g32", 8, 1, 2)])
+def test_gated_moe_bit_identical_to_the_ops(fmt, k, T, threads):
+    """The fused gated_moe (its router in C++, the experts' GEMVs in two parallel regions with w2 split by rows)
+    equals model.Gate + the moe op for the routed experts + the moe op for the shared one, bit for bit: biased and
+    hash routers (a hash row may repeat an expert), every score tied (torch.topk's tie rule, by the fallback),
+    k below and at 8 (ATen's sum order), decode and prefill rows, 1 and 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for hashed, ties in ((False, False), (False, True), (True, False)):
+            moe, x, ids = _moe_layer(fmt, k, T, hashed, ties, seed=k * 10 + T)
+            with torch.no_grad():
+                moe.apply(lambda m: setattr(m, "ops", Ops(_unfused_backend())))
+                want = moe(x, ids)
+                ops = Ops(torch_fast.FastTorchBackend())
+                moe.apply(lambda m: setattr(m, "ops", ops))
+                got = ops.gated_moe(x, ids, moe.gate.weight, moe.gate.tid2eid if hashed else None,
+                                    None if hashed else moe.gate.bias, k, moe.gate.cfg.routed_scaling_factor,
+                                    moe.experts, moe.shared_experts, moe.limit)
+            assert got is not None and torch.equal(got, want), (hashed, ties)
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_ext
 def test_router_hooks_still_fire_on_the_fast_path(tiny_release):
     """A forward hook on a router (offload's prefetcher, calibration) sees every call: the MoE then runs op by

@@ -59,6 +59,9 @@ struct QW {
 // The routed (or shared) experts of one MoE layer, resolved once (built by torch_fast._expert_set): w1/w3/w2[e] of expert e
 struct ExpertSet {
   std::vector<QW> w1, w3, w2;
+  // gated_moe's cache: w2[e] split into w2_parts row ranges (one per thread), built on first use (fused_ops.cpp)
+  mutable std::vector<std::vector<QW>> w2_split;
+  mutable int64_t w2_parts = 0;
 };
 
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -75,6 +78,7 @@ Tensor linear(const Tensor& x, const QW& q, bool bf16 = false);  // bf16: the op
 Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit, bool bf16 = false);
+void gemv_into(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy);  // T <= MAX_ROWS, no F32
 
 // fused_ops.cpp: the final mHC collapse and the fused decode sequences (each the sequence of the kernels it names)
 Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,

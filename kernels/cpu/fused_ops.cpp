@@ -298,34 +298,247 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
   return linear(o.flatten(1), wo_b);
 }
 
-// model.MoE on x [T, D]: the router (scores = sqrt(softplus(x gate_w^T)); the top-k of scores + bias, or the given
-// idx [T, k] on hash layers; weights = the picks' scores renormalised to 1 times route_scale) with the same ATen
-// operators as model.Gate, then the routed experts and the shared expert (weight 1) through `moe`, summed.
-Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+// The router of model.Gate for T rows, bit for bit: scores = sqrt(softplus(x gate_w^T)) (mm, softplus and sqrt by
+// ATen, as model.Gate calls them: softplus's threshold rule and torch's vectorised exp/log1p/sqrt, which are not
+// libm's: torch's fp32 sqrt differs from std::sqrt in the last bit now and then); picks = the top-k of scores +
+// bias, or idx (hash layers); weights = the picks' scores / (their sum + 1e-20) * route_scale. The selection is
+// plain C++ (a partial insertion sort, descending like torch.topk), so a row whose top k+1 biased scores hold a tie
+// or a NaN, where torch.topk's own tie rule decides which win and in which order (reference.topk_indices), takes
+// at::topk instead. The sum over the k picks follows ATen's inner-sum order for k < 8 (4 partial sums of every 4th
+// pick, the rest added to the first, then the 4 joined left to right: SumKernel.cpp's row_sum); k >= 8 takes
+// at::sum. -> ip [T*k] expert ids, wp [T*k] weights.
+static void route(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+                  const c10::optional<Tensor>& idx_, int64_t k, double route_scale, std::vector<int64_t>& ip,
+                  std::vector<float>& wp) {
+  const int64_t T = x.size(0), E = gate_w.size(0);
+  Tensor scores = at::softplus(at::mm(x, gate_w.t())).sqrt_().contiguous();  // [T, E]
+  const float* sp = scores.data_ptr<float>();
+  ip.assign(T * k, 0);
+  wp.assign(T * k, 0.f);
+  if (idx_.has_value() && idx_->defined()) {
+    Tensor il = idx_->contiguous().to(at::kLong);
+    std::copy(il.data_ptr<int64_t>(), il.data_ptr<int64_t>() + T * k, ip.begin());
+  } else {
+    Tensor bt = bias->contiguous();
+    const float* bp = bt.data_ptr<float>();
+    std::vector<float> top(k + 1);
+    std::vector<int64_t> at_(k + 1);
+    const int64_t kk = std::min(k + 1, E);  // the k picks and the first one left out (a tie there decides the set)
+    bool fallback = false;
+    for (int64_t t = 0; t < T && !fallback; t++) {
+      int64_t m = 0;
+      for (int64_t e = 0; e < E; e++) {
+        const float v = sp[t * E + e] + bp[e];
+        if (std::isnan(v)) { fallback = true; break; }
+        if (m == kk && !(v > top[m - 1])) continue;  // not above the smallest kept (equal: a tie, checked below)
+        int64_t j = m < kk ? m++ : m - 1;
+        for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1], at_[j] = at_[j - 1];
+        top[j] = v, at_[j] = e;
+      }
+      for (int64_t j = 0; j + 1 < m && !fallback; j++) fallback = top[j] == top[j + 1];
+      if (!fallback && m == kk && kk == k + 1) {  // a value equal to the (k+1)-th, seen after it, was skipped
+        int64_t eq = 0;
+        for (int64_t e = 0; e < E; e++) eq += sp[t * E + e] + bp[e] == top[k];
+        fallback = eq > 1;
+      }
+      std::copy(at_.begin(), at_.begin() + k, ip.begin() + t * k);
+    }
+    if (fallback) {  // torch's own selection, as model.Gate makes it
+      Tensor il = std::get<1>(at::topk(at::add(scores, bt), k)).contiguous();
+      std::copy(il.data_ptr<int64_t>(), il.data_ptr<int64_t>() + T * k, ip.begin());
+    }
+  }
+  for (int64_t i = 0; i < T * k; i++)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < E, "gated_moe: expert id ", ip[i], " out of range (", E, " experts)");
+  if (k >= 8) {  // ATen's vectorised inner sum: its own order
+    Tensor w = at::gather(scores, 1, at::from_blob(ip.data(), {T, k}, at::kLong));
+    w = at::mul(at::div(w, at::add(at::sum(w, {-1}, true), 1e-20)), route_scale).contiguous();
+    std::copy(w.data_ptr<float>(), w.data_ptr<float>() + T * k, wp.begin());
+    return;
+  }
+  const float scale = float(route_scale);
+  for (int64_t t = 0; t < T; t++) {
+    float* w = wp.data() + t * k;
+    for (int64_t j = 0; j < k; j++) w[j] = sp[t * E + ip[t * k + j]];
+    float s;
+    if (k < 4) {
+      s = w[0];
+      for (int64_t j = 1; j < k; j++) s += w[j];
+    } else {
+      float p[4] = {w[0], w[1], w[2], w[3]};
+      for (int64_t j = 4; j < k; j++) p[0] += w[j];
+      s = ((p[0] + p[1]) + p[2]) + p[3];
+    }
+    const float d = s + 1e-20f;
+    for (int64_t j = 0; j < k; j++) w[j] = w[j] / d * scale;
+  }
+}
+
+// Rows [n0, n1) of a weight as a weight of their own (views: no copy), or false when the layout cannot be split
+// there (FP8: n0 must start a 128-row scale block; an unknown layout: never).
+static bool weight_rows(const QW& q, int64_t n0, int64_t n1, QW& out) {
+  const int64_t n = n1 - n0;
+  out = QW{q.fmt, n, q.K, q.group, q.w.narrow(0, n0, n), Tensor(), Tensor()};
+  if (q.fmt == FMT_FP8) {
+    if (n0 % FP8_BLOCK) return false;
+    const int64_t b0 = n0 / FP8_BLOCK, b1 = (n1 + FP8_BLOCK - 1) / FP8_BLOCK;
+    out.scale = q.scale.narrow(0, b0, b1 - b0);
+    return true;
+  }
+  if (q.fmt == FMT_MXFP4 || q.fmt == FMT_I8 || q.fmt == FMT_I4) {
+    out.scale = q.scale.narrow(0, n0, n);
+    if (q.zp.defined()) out.zp = q.zp.narrow(0, n0, n);
+    return true;
+  }
+  return q.fmt == FMT_BF16;
+}
+
+// w2 of every expert split into `parts` row ranges (multiples of 4 rows, the decode kernels' row blocks, or of an
+// FP8 scale block), cached in the set; a weight that cannot be split keeps one part.
+static const std::vector<std::vector<QW>>& w2_split(const ExpertSet& s, int64_t parts) {
+  if (s.w2_parts != parts) {
+    std::vector<std::vector<QW>> split(s.w2.size());
+    for (size_t e = 0; e < s.w2.size(); e++) {
+      const QW& q = s.w2[e];
+      const int64_t align = q.fmt == FMT_FP8 ? FP8_BLOCK : 4;
+      const int64_t step = (q.N + parts * align - 1) / (parts * align) * align;
+      std::vector<QW>& out = split[e];
+      for (int64_t n0 = 0; n0 < q.N; n0 += step) {
+        QW part;
+        if (!weight_rows(q, n0, std::min(q.N, n0 + step), part)) { out.assign(1, q); break; }
+        out.push_back(part);
+      }
+    }
+    s.w2_split = std::move(split);
+    s.w2_parts = parts;
+  }
+  return s.w2_split;
+}
+
+// model.MoE on x [T, D]: the router (`route` above: model.Gate bit for bit), the routed experts and the shared expert
+// (weight 1), summed. For T <= MAX_ROWS (decode) with compact weights the experts run in two parallel regions,
+// whatever their number: (1) every picked expert's w1 and w3 GEMVs (one unit each), (2) every expert's SwiGLU and
+// w2 GEMV, w2 split by rows into one part per thread; then the outputs are summed on one thread in the order of
+// `moe` (routed experts ascending, then the shared expert added). Each output row comes from the same GEMV kernel
+// as in `moe` and every sum keeps its order, so the result is BIT-IDENTICAL to `moe` (routed) + `moe` (shared),
+// the ops one by one, at any thread count. More rows (prefill) or an fp32 weight: exactly those two `moe` calls.
+Tensor gated_moe(const Tensor& x_, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx_, int64_t k, double route_scale, const ExpertSet& routed,
-                 const ExpertSet& shared, double limit) {
-  const int64_t T = x.size(0);
-  Tensor scores = at::sqrt(at::softplus(at::mm(x, gate_w.t())));  // [T, E]
-  Tensor idx = idx_.has_value() && idx_->defined() ? *idx_ : std::get<1>(at::topk(at::add(scores, *bias), k));
-  Tensor w = at::gather(scores, 1, idx);
-  w = at::mul(at::div(w, at::add(at::sum(w, {-1}, true), 1e-20)), route_scale);
-  Tensor il = idx.contiguous().to(at::kLong);
-  const int64_t* ip = il.data_ptr<int64_t>();
-  std::vector<int64_t> ids(ip, ip + il.numel());
+                 const ExpertSet& shared, double limit_) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), D = x.size(1);
+  std::vector<int64_t> ip;
+  std::vector<float> wp;
+  route(x, gate_w, bias, idx_, k, route_scale, ip, wp);
+  std::vector<int64_t> ids(ip);
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  std::vector<QW> w1, w3, w2;
-  const int64_t E = routed.w1.size();
+  // the experts of this step: the routed ones ascending, then the shared one (every row, weight 1)
+  struct Job { const QW *w1, *w3, *w2; std::vector<int64_t> rows; std::vector<float> c; };
+  std::vector<Job> jobs;
   for (int64_t e : ids) {
-    TORCH_CHECK(e >= 0 && e < E, "gated_moe: expert id out of range");
-    w1.push_back(routed.w1[e]);
-    w3.push_back(routed.w3[e]);
-    w2.push_back(routed.w2[e]);
+    Job j{&routed.w1[e], &routed.w3[e], &routed.w2[e], {}, {}};
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t s = 0; s < k; s++)
+        if (ip[t * k + s] == e) j.rows.push_back(t), j.c.push_back(wp[t * k + s]);
+    jobs.push_back(std::move(j));
   }
-  Tensor out = moe(x, w, il, ids, w1, w3, w2, limit);
-  Tensor sh = moe(x, at::ones({T, 1}, at::kFloat), at::zeros({T, 1}, at::kLong), {0}, shared.w1, shared.w3, shared.w2,
-                  limit);
-  return out.add_(sh);
+  bool compact = T <= MAX_ROWS && shared.w1.size() == 1;
+  if (compact) {
+    Job sj{&shared.w1[0], &shared.w3[0], &shared.w2[0], {}, std::vector<float>(T, 1.f)};
+    for (int64_t t = 0; t < T; t++) sj.rows.push_back(t);
+    jobs.push_back(std::move(sj));
+  }
+  for (size_t j = 0; j < jobs.size() && compact; j++)  // moe's GEMV path: <= MAX_ROWS rows (a hash table may repeat
+    compact = int64_t(jobs[j].rows.size()) <= MAX_ROWS && jobs[j].w1->fmt != FMT_F32 &&  // an expert in a row)
+              jobs[j].w3->fmt != FMT_F32 && jobs[j].w2->fmt != FMT_F32;
+  if (!compact) {
+    std::vector<QW> w1, w3, w2;
+    for (int64_t e : ids) w1.push_back(routed.w1[e]), w3.push_back(routed.w3[e]), w2.push_back(routed.w2[e]);
+    Tensor out = moe(x, at::from_blob(wp.data(), {T, k}, at::kFloat), at::from_blob(ip.data(), {T, k}, at::kLong),
+                     ids, w1, w3, w2, limit_);
+    Tensor sh = moe(x, at::ones({T, 1}, at::kFloat), at::zeros({T, 1}, at::kLong), {0}, shared.w1, shared.w3,
+                    shared.w2, limit_);
+    return out.add_(sh);
+  }
+  const int64_t J = jobs.size();
+  // w2 in one row range per thread
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 8));
+  const auto& split = w2_split(routed, parts);
+  const auto& split_sh = w2_split(shared, parts);
+  auto consecutive = [](const std::vector<int64_t>& r) {  // r[0], r[0] + 1, ... (a hash row may repeat an expert)
+    for (size_t i = 1; i < r.size(); i++)
+      if (r[i] != r[0] + int64_t(i)) return false;
+    return true;
+  };
+  // per job: its rows of x (consecutive rows read in place, others gathered), w1 x and w3 x [n, I], the output [n, D]
+  const float* xp = x.data_ptr<float>();
+  std::vector<const float*> xin(J);
+  std::vector<int64_t> go(J), yo(J);
+  int64_t xs = 0, gs = 0, ys = 0;
+  for (int64_t j = 0; j < J; j++) {
+    const std::vector<int64_t>& r = jobs[j].rows;
+    const int64_t n = r.size();
+    go[j] = gs, gs += n * jobs[j].w1->N;
+    yo[j] = ys, ys += n * D;
+    if (!consecutive(r)) xs += n * D;
+  }
+  std::vector<float> xbuf(xs), gbuf(gs), ubuf(gs), ybuf(ys);
+  for (int64_t j = 0, off = 0; j < J; j++) {
+    const std::vector<int64_t>& r = jobs[j].rows;
+    const int64_t n = r.size();
+    if (consecutive(r)) { xin[j] = xp + r.front() * D; continue; }
+    for (int64_t i = 0; i < n; i++) std::memcpy(xbuf.data() + off + i * D, xp + r[i] * D, D * sizeof(float));
+    xin[j] = xbuf.data() + off, off += n * D;
+  }
+  at::parallel_for(0, 2 * J, 1, [&](int64_t a0, int64_t a1) {  // (1) w1 and w3 of every expert
+    for (int64_t a = a0; a < a1; a++) {
+      const Job& b = jobs[a / 2];
+      const QW& q = a % 2 ? *b.w3 : *b.w1;
+      gemv_into(q, xin[a / 2], b.rows.size(), D, (a % 2 ? ubuf : gbuf).data() + go[a / 2], q.N);
+    }
+  });
+  std::vector<const std::vector<QW>*> w2(J);  // each job's w2 parts
+  std::vector<int64_t> unit_job, unit_part;
+  for (int64_t j = 0; j < J; j++) {
+    w2[j] = j + 1 < J ? &split[jobs[j].w2 - routed.w2.data()] : &split_sh[0];
+    for (size_t p = 0; p < w2[j]->size(); p++) unit_job.push_back(j), unit_part.push_back(p);
+  }
+  const float limit = float(limit_);
+  at::parallel_for(0, int64_t(unit_job.size()), 1, [&](int64_t a0, int64_t a1) {  // (2) SwiGLU and w2 (parts)
+    std::vector<float> act;
+    for (int64_t a = a0; a < a1; a++) {
+      const int64_t j = unit_job[a];
+      const Job& b = jobs[j];
+      const int64_t I = b.w1->N, n = b.rows.size();
+      act.resize(n * I);
+      const float *g = gbuf.data() + go[j], *u = ubuf.data() + go[j];
+      for (int64_t i = 0; i < n * I; i++) {  // moe's SwiGLU, statement for statement
+        const float c = std::min(g[i], limit);
+        const float v = std::min(std::max(u[i], -limit), limit);
+        act[i] = c / (1.f + std::exp(-c)) * v;
+      }
+      const std::vector<QW>& parts_j = *w2[j];
+      int64_t row0 = 0;
+      for (int64_t p = 0; p < unit_part[a]; p++) row0 += parts_j[p].N;
+      gemv_into(parts_j[unit_part[a]], act.data(), n, I, ybuf.data() + yo[j] + row0, D);
+    }
+  });
+  Tensor out = at::zeros({T, D}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t j = 0; j + 1 < J; j++) {  // routed, ascending: moe's accumulation
+    const Job& b = jobs[j];
+    for (size_t r = 0; r < b.rows.size(); r++) {
+      const float c = b.c[r];
+      float* dst = op + b.rows[r] * D;
+      const float* src = ybuf.data() + yo[j] + r * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) dst[d] += src[d] * c;
+    }
+  }
+  const float* sy = ybuf.data() + yo[J - 1];  // the shared expert: moe's (0 + y * 1), then added
+  for (int64_t i = 0; i < T * D; i++) op[i] += 0.f + sy[i] * 1.f;
+  return out;
 }
 
 // -- prefill attention: online softmax over key tiles -----------------------------------------------------------
