@@ -14,9 +14,9 @@ Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
                  differently; exact ties follow the reference's rule (reference.topk_indices); with
                  n <= k (all visible entries chosen) it is exact
-The fused sequences (contract.FUSED: hc_pre_norm, hc_post_pre_norm, attn_project, attn_output, gated_moe) are
-BIT-IDENTICAL to the ops above run one by one (one C++ call running the same kernels, and for the router the same
-ATen operators as model.Gate, in the same order; tested with torch.equal), so tolerance-bound against the
+The fused sequences (contract.FUSED: hc_pre_norm, hc_post_pre_norm, attn_project, attn_output, gated_moe,
+compress_project) are BIT-IDENTICAL to the ops above run one by one (one C++ call running the same kernels; the
+router gives model.Gate's weights and picks bit for bit; tested with torch.equal), so tolerance-bound against the
 reference exactly as those ops are; each returns None (the model then runs the ops one by one) off the fast path.
 Off the CPU (cuda, npu...) or without the C++ extension every op runs a torch path (the reference, or the
 vectorised torch code below), so the backend works everywhere.
@@ -189,6 +189,13 @@ def attn_output(q, keys, sink, scale, cos, sin, wo_a, groups, wo_b):
     if q.shape[0] > cpu_quant.GEMV_MAX_ROWS:
         return None
     return mod and w and mod.attn_output(q, keys, sink, scale, cos, sin, w[0], groups, w[1])
+
+
+def compress_project(x, kv, gate, wkv, wgate):
+    """(cat([kv, linear(x, wkv)]), cat([gate, linear(x, wgate)])): x [T, D], kv / gate [b, C] (the compressor's
+    buffered rows) -> [b + T, C] each; the GEMVs write into the new rows (no cat), both in one parallel region."""
+    mod, w = _fast(x, kv, gate), _natives(wkv, wgate)
+    return mod and w and tuple(mod.compress_project(x, kv, gate, w[0], w[1]))
 
 
 def _expert_set(mod, view):

@@ -370,7 +370,8 @@ class Compressor(Module):
     def forward(self, x: Tensor, ps: PoolState, rope: RopeTable) -> Tensor:
         """x [T, D] -> all entries so far [n, dim]; appends this chunk's full windows to ps in place."""
         m, d = self.rate, self.dim
-        kv, gate = torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)])  # [buffered + T, C]
+        proj = self.ops.compress_project(x, ps.kv, ps.gate, self.wkv, self.wgate)  # the cats below, fused
+        kv, gate = proj or (torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)]))  # [b + T, C]
         w = kv.shape[0] // m
         ps.kv, ps.gate = kv[w * m:], gate[w * m:]
         if w == 0:

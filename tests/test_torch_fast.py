@@ -472,6 +472,27 @@ def test_fused_attention_sequences_bit_identical_to_the_ops(fmt, T):
     assert f.attn_output(q.double(), keys, sink, 1.0, cos, sin, up["wo_a"], G, up["wo_b"]) is None
 
 
+@needs_ext
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "bf16", "int4-g32"])
+@pytest.mark.parametrize("T,b", [(1, 0), (1, 3), (3, 2), (cpu_quant.GEMV_MAX_ROWS + 4, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_compress_project_bit_identical_to_the_ops(fmt, T, b, threads):
+    """compress_project = (cat([kv, linear(x, wkv)]), cat([gate, linear(x, wgate)])) bit for bit, with and without
+    buffered rows, decode and prefill rows, 1 and 2 threads (its two GEMVs share one parallel region)."""
+    f, D, C = torch_fast, 128, 96
+    wkv, wgate = cpu_quant.upload(quant(fmt, C, D, seed=1)), cpu_quant.upload(quant(fmt, C, D, seed=2))
+    x, kv, gate = randn(T, D), randn(b, C), randn(b, C)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = f.compress_project(x, kv, gate, wkv, wgate)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], torch.cat([kv, f.linear(x, wkv)]))
+    assert torch.equal(got[1], torch.cat([gate, f.linear(x, wgate)]))
+    assert f.compress_project(x, kv, gate, wkv.dequantize(), wgate) is None  # not on the fast path
+
+
 def _unfused_backend():
     be = torch_fast.FastTorchBackend()
     for name in FUSED:

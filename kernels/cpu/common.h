@@ -93,6 +93,8 @@ std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& 
                                  double eps);
 Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
                    const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b);
+std::vector<Tensor> compress_project(const Tensor& x, const Tensor& kv, const Tensor& gate, const QW& wkv,
+                                     const QW& wgate);
 Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx, int64_t k, double route_scale, const ExpertSet& routed,
                  const ExpertSet& shared, double limit);

@@ -12,6 +12,7 @@
 
 // the few ATen operators the fused MoE gate calls (the same kernels as model.Gate's torch code)
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/gather.h>
 #include <ATen/ops/mul.h>
@@ -296,6 +297,27 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
   o = rope(o, cos, sin, true);
   o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
   return linear(o.flatten(1), wo_b);
+}
+
+// A compressor's projections of x [T, D] appended to its buffered rows kv / gate [b, C]: (cat([kv, linear(x, wkv)]),
+// cat([gate, linear(x, wgate)])) [b + T, C] each. Decode rows run the GEMV kernel straight into the new rows (the
+// two GEMVs in one parallel region); more rows: linear and cat. BIT-IDENTICAL to those ops.
+std::vector<Tensor> compress_project(const Tensor& x_, const Tensor& kv, const Tensor& gate, const QW& wkv,
+                                     const QW& wgate) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), b = kv.size(0), C = wkv.N;
+  TORCH_CHECK(wgate.N == C && kv.size(1) == C && gate.size(0) == b && gate.size(1) == C,
+              "compress_project: kv, gate [b, C], wkv, wgate [C, D]");
+  if (T > MAX_ROWS || wkv.fmt == FMT_F32 || wgate.fmt == FMT_F32)
+    return {at::cat({kv, linear(x, wkv)}), at::cat({gate, linear(x, wgate)})};
+  Tensor out[2] = {at::empty({b + T, C}, at::kFloat), at::empty({b + T, C}, at::kFloat)};
+  out[0].narrow(0, 0, b).copy_(kv);
+  out[1].narrow(0, 0, b).copy_(gate);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, 2, 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; a++) gemv_into(a ? wgate : wkv, xp, T, x.size(1), out[a].data_ptr<float>() + b * C, C);
+  });
+  return {out[0], out[1]};
 }
 
 // The router of model.Gate for T rows, bit for bit: scores = sqrt(softplus(x gate_w^T)) (mm, softplus and sqrt by
