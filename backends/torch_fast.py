@@ -26,6 +26,8 @@ Use: `FastTorchBackend()` (a TorchBackend whose ops come from here), or take the
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -177,18 +179,43 @@ def hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm
                                               weight_eps))
 
 
+_PARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CpuWeight -> {(parts, rows): its C++ parts}
+
+
+def _parts(w, rows: int = 0) -> list:
+    """The uploaded weight w as row ranges for the threads of a fused sequence (C++ `weight_parts`: views, built
+    once per weight and thread count); [] on one thread, where the sequence runs its GEMVs one by one as before.
+    rows > 0: ranges of that many rows (a grouped projection's groups)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        return []
+    cache = _PARTS.get(w)
+    if cache is None:
+        cache = _PARTS[w] = {}
+    key = (n, rows)
+    parts = cache.get(key)
+    if parts is None:
+        parts = cache[key] = cpu_quant.ext().weight_parts(w.native, n, rows)
+    return parts
+
+
 def attn_project(x, wq_a, q_norm, wq_b, wkv, kv_norm, cos, sin, heads, eps):
-    """(qr, q, kv) = (q_norm(wq_a x), rope(rms_norm(wq_b qr as [T, H, Dh])), rope(kv_norm(wkv x)))."""
+    """(qr, q, kv) = (q_norm(wq_a x), rope(rms_norm(wq_b qr as [T, H, Dh])), rope(kv_norm(wkv x))). On more than one
+    thread, wq_a and wkv run split by rows in one parallel region and wq_b in a second (the same rows, the same
+    kernels: the same bits as one thread)."""
     mod, w = _fast(x, q_norm, kv_norm, cos, sin), _natives(wq_a, wq_b, wkv)
-    return mod and w and tuple(mod.attn_project(x, w[0], q_norm, w[1], w[2], kv_norm, cos, sin, heads, eps))
+    return mod and w and tuple(mod.attn_project(x, w[0], q_norm, w[1], w[2], kv_norm, cos, sin, heads, eps,
+                                                _parts(wq_a), _parts(wq_b), _parts(wkv)))
 
 
 def attn_output(q, keys, sink, scale, cos, sin, wo_a, groups, wo_b):
-    """Decode (T <= GEMV_MAX_ROWS, every key visible): wo_b(wo_a(rope^-1(attention(q, keys, 0, sink))))."""
+    """Decode (T <= GEMV_MAX_ROWS, every key visible): wo_b(wo_a(rope^-1(attention(q, keys, 0, sink)))). On more
+    than one thread, wo_a's groups run in one parallel region and wo_b split by rows in a second (same bits)."""
     mod, w = _fast(q, keys, sink, cos, sin), _natives(wo_a, wo_b)
     if q.shape[0] > cpu_quant.GEMV_MAX_ROWS:
         return None
-    return mod and w and mod.attn_output(q, keys, sink, scale, cos, sin, w[0], groups, w[1])
+    return mod and w and mod.attn_output(q, keys, sink, scale, cos, sin, w[0], groups, w[1],
+                                         _parts(wo_a, wo_a.shape[0] // groups), _parts(wo_b))
 
 
 def compress_project(x, kv, gate, wkv, wgate):

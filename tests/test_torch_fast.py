@@ -449,22 +449,29 @@ def test_fused_mhc_sequences_bit_identical_to_the_ops(T):
 @needs_ext
 @pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "bf16", "int4-g32"])
 @pytest.mark.parametrize("T", [1, 3])
-def test_fused_attention_sequences_bit_identical_to_the_ops(fmt, T):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_attention_sequences_bit_identical_to_the_ops(fmt, T, threads):
     """attn_project (wq_a, q_norm, wq_b, head norm, rope; wkv, kv_norm, rope) and attn_output (decode attention,
-    inverse rope, grouped wo_a, wo_b) equal the fast ops one by one bit for bit, in every weight format."""
-    f, D, R, H, Dh, G, S = torch_fast, 128, 64, 4, 32, 2, 37
+    inverse rope, grouped wo_a, wo_b) equal the fast ops one by one bit for bit, in every weight format, on one
+    thread and split by rows over 2 or 3 (FP8's 128-row scale blocks: wq_b and wo_a's groups split, the rest not)."""
+    f, D, R, H, Dh, G, S = torch_fast, 128, 64, 4, 64, 2, 37
     up = {name: cpu_quant.upload(quant(fmt, *shape, seed=i)) for i, (name, shape) in enumerate(
-        {"wq_a": (R, D), "wq_b": (H * Dh, R), "wkv": (Dh, D), "wo_a": (G * 64, H * Dh // G),
-         "wo_b": (D, G * 64)}.items())}
+        {"wq_a": (R, D), "wq_b": (H * Dh, R), "wkv": (Dh, D), "wo_a": (G * 128, H * Dh // G),
+         "wo_b": (D, G * 128)}.items())}
     x, qn, kvn, ang = randn(T, D), randn(R), randn(Dh), randn(T, 8)
     cos, sin = ang.cos(), ang.sin()
-    qr, q, kv = f.attn_project(x, up["wq_a"], qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        qr, q, kv = f.attn_project(x, up["wq_a"], qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6)
+        keys, sink = randn(S, Dh), randn(H)
+        out = f.attn_output(q, keys, sink, Dh ** -0.5, cos, sin, up["wo_a"], G, up["wo_b"])
+    finally:
+        torch.set_num_threads(before)
     qr1 = f.rms_norm(f.linear(x, up["wq_a"]), qn, 1e-6)
     q1 = f.rope(f.rms_norm(f.linear(qr1, up["wq_b"]).view(T, H, Dh), None, 1e-6), cos, sin)
     kv1 = f.rope(f.rms_norm(f.linear(x, up["wkv"]), kvn, 1e-6), cos, sin)
     assert torch.equal(qr, qr1) and torch.equal(q, q1) and torch.equal(kv, kv1)
-    keys, sink = randn(S, Dh), randn(H)
-    out = f.attn_output(q, keys, sink, Dh ** -0.5, cos, sin, up["wo_a"], G, up["wo_b"])
     o = f.rope(f.attention(q, keys, torch.zeros(T, S), sink, Dh ** -0.5), cos, sin, inverse=True)
     assert torch.equal(out, f.linear(f.grouped_linear(o.reshape(T, G, -1), up["wo_a"]).flatten(1), up["wo_b"]))
     # not on the fast path: None, and the model runs the ops one by one
@@ -501,11 +508,23 @@ def _unfused_backend():
 
 
 @needs_ext
-def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release, threads):
     """A whole model (flash-tiny: hash and biased routers, SWA / CSA / HCA layers) with every fused sequence
     (gated_moe included) gives bit-identical logits and decode state to the same fast ops run one by one, over a
-    prefill and decode steps; every fused sequence ran."""
+    prefill and decode steps, on 1 thread and on 2 (the fused sequences' GEMVs split by rows); every fused sequence
+    ran."""
     from flashport.engine import Engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _fused_decode_equals_the_ops(tiny_release, Engine)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fused_decode_equals_the_ops(tiny_release, Engine):
 
     eng = Engine.load(tiny_release, backend="torch")
     fused_be, calls = torch_fast.FastTorchBackend(), {}

@@ -78,7 +78,8 @@ Tensor linear(const Tensor& x, const QW& q, bool bf16 = false);  // bf16: the op
 Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit, bool bf16 = false);
-void gemv_into(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy);  // T <= MAX_ROWS, no F32
+// T <= MAX_ROWS, no F32; rows_per_group > 0: grouped_linear's kernels
+void gemv_into(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy, int64_t rows_per_group = 0);
 
 // fused_ops.cpp: the final mHC collapse and the fused decode sequences (each the sequence of the kernels it names)
 Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,
@@ -90,9 +91,12 @@ std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, c
                                      double eps, double norm_eps, const Tensor& weight, double weight_eps);
 std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
                                  const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
-                                 double eps);
+                                 double eps, const std::vector<QW>& wq_a_parts, const std::vector<QW>& wq_b_parts,
+                                 const std::vector<QW>& wkv_parts);
 Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
-                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b);
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b,
+                   const std::vector<QW>& wo_a_groups, const std::vector<QW>& wo_b_parts);
+std::vector<QW> weight_parts(const QW& q, int64_t parts, int64_t rows);  // row ranges (views) for parallel GEMVs
 std::vector<Tensor> compress_project(const Tensor& x, const Tensor& kv, const Tensor& gate, const QW& wkv,
                                      const QW& wgate);
 Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,

@@ -276,27 +276,129 @@ std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, c
   return {s, r[0], r[1], r[2]};
 }
 
+// Rows [n0, n1) of a weight as a weight of their own (views: no copy), or false when the layout cannot be split
+// there (FP8: n0 must start a 128-row scale block; an unknown layout: never).
+static bool weight_rows(const QW& q, int64_t n0, int64_t n1, QW& out) {
+  const int64_t n = n1 - n0;
+  out = QW{q.fmt, n, q.K, q.group, q.w.narrow(0, n0, n), Tensor(), Tensor()};
+  if (q.fmt == FMT_FP8) {
+    if (n0 % FP8_BLOCK) return false;
+    const int64_t b0 = n0 / FP8_BLOCK, b1 = (n1 + FP8_BLOCK - 1) / FP8_BLOCK;
+    out.scale = q.scale.narrow(0, b0, b1 - b0);
+    return true;
+  }
+  if (q.fmt == FMT_MXFP4 || q.fmt == FMT_I8 || q.fmt == FMT_I4) {
+    out.scale = q.scale.narrow(0, n0, n);
+    if (q.zp.defined()) out.zp = q.zp.narrow(0, n0, n);
+    return true;
+  }
+  return q.fmt == FMT_BF16;
+}
+
+// A weight as consecutive row ranges for `parts` threads (views: no copy), or {q} when it cannot be split: each
+// range a multiple of PART_ROWS rows (FP8: of its 128-row scale block), so every row meets the same kernel, in the
+// same row block, as in one GEMV over the whole weight (the decode kernels take rows in blocks of 4 from the first:
+// the same bits either way). rows > 0: ranges of exactly that many rows (a grouped projection's groups).
+constexpr int64_t PART_ROWS = 16;
+std::vector<QW> weight_parts(const QW& q, int64_t parts, int64_t rows) {
+  const int64_t align = q.fmt == FMT_FP8 ? FP8_BLOCK : PART_ROWS;
+  int64_t step = rows > 0 ? rows : (q.N + parts * align - 1) / (parts * align) * align;
+  std::vector<QW> out;
+  if (rows > 0 && (q.N % rows || rows % align)) return {q};
+  for (int64_t n0 = 0; n0 < q.N; n0 += step) {
+    QW part;
+    if (!weight_rows(q, n0, std::min(q.N, n0 + step), part)) return {q};
+    out.push_back(part);
+  }
+  return out;
+}
+
+// One GEMV over a row range of a weight: y[t * ldy + n] = x_t . W[n] (x rows ldx apart), T rows; grouped: a
+// grouped projection's group (grouped_linear's kernels, which differ from linear's for int4)
+struct Unit {
+  const QW* q;
+  const float* x;
+  int64_t ldx;
+  float* y;
+  int64_t ldy;
+  bool grouped = false;
+};
+
+// Every unit in one parallel region (one unit per thread's share: a decode step's GEMVs are too small to split
+// each of them over threads, every parallel region waking the others)
+static void run_units(const std::vector<Unit>& u, int64_t T) {
+  at::parallel_for(0, int64_t(u.size()), 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; a++) {
+      const Unit& v = u[a];
+      gemv_into(*v.q, v.x, T, v.ldx, v.y, v.ldy, v.grouped ? v.q->N : 0);  // one group: its rows read x as given
+    }
+  });
+}
+
+// The units of y [T, N] = x [T, K] @ W.T over W's parts (consecutive row ranges)
+static void add_units(std::vector<Unit>& u, const std::vector<QW>& parts, const float* x, int64_t ldx, float* y,
+                      int64_t ldy) {
+  int64_t row0 = 0;
+  for (const QW& p : parts) {
+    u.push_back(Unit{&p, x, ldx, y + row0, ldy});
+    row0 += p.N;
+  }
+}
+
 // The attention's projections of x [T, D]: qr = q_norm(wq_a x) [T, q_lora]; q = rope(rms_norm(wq_b qr as
 // [T, H, Dh])) ; kv = rope(kv_norm(wkv x)) [T, Dh]; every RMSNorm with eps. -> (qr, q, kv)
-std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
-                                 const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
-                                 double eps) {
-  const int64_t T = x.size(0);
-  Tensor qr = rms_norm(linear(x, wq_a), q_norm, eps);
-  Tensor q = rope(rms_norm(linear(qr, wq_b).view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
-  Tensor kv = rope(rms_norm(linear(x, wkv), kv_norm, eps), cos, sin, false);
+std::vector<Tensor> attn_project(const Tensor& x_, const QW& wq_a, const Tensor& q_norm, const QW& wq_b,
+                                 const QW& wkv, const Tensor& kv_norm, const Tensor& cos, const Tensor& sin,
+                                 int64_t heads, double eps, const std::vector<QW>& wq_a_parts,
+                                 const std::vector<QW>& wq_b_parts, const std::vector<QW>& wkv_parts) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), D = x.size(1);
+  if (wq_a_parts.empty() || wq_b_parts.empty() || wkv_parts.empty() || T > MAX_ROWS) {
+    Tensor qr = rms_norm(linear(x, wq_a), q_norm, eps);
+    Tensor q = rope(rms_norm(linear(qr, wq_b).view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
+    Tensor kv = rope(rms_norm(linear(x, wkv), kv_norm, eps), cos, sin, false);
+    return {qr, q, kv};
+  }
+  // the parts (one per thread): wq_a and wkv in one parallel region, wq_b in a second
+  Tensor qa = at::empty({T, wq_a.N}, at::kFloat), kva = at::empty({T, wkv.N}, at::kFloat);
+  std::vector<Unit> u;
+  add_units(u, wq_a_parts, x.data_ptr<float>(), D, qa.data_ptr<float>(), wq_a.N);
+  add_units(u, wkv_parts, x.data_ptr<float>(), D, kva.data_ptr<float>(), wkv.N);
+  run_units(u, T);
+  Tensor qr = rms_norm(qa, q_norm, eps), qb = at::empty({T, wq_b.N}, at::kFloat);
+  u.clear();
+  add_units(u, wq_b_parts, qr.data_ptr<float>(), wq_b.K, qb.data_ptr<float>(), wq_b.N);
+  run_units(u, T);
+  Tensor q = rope(rms_norm(qb.view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
+  Tensor kv = rope(rms_norm(kva, kv_norm, eps), cos, sin, false);
   return {qr, q, kv};
 }
 
 // Decode attention over keys every query sees (bias 0), RoPE rotated back, the grouped wo_a over `groups` groups and
-// wo_b: q [T, H, Dh], keys [S, Dh], sink [H] -> [T, D]
+// wo_b: q [T, H, Dh], keys [S, Dh], sink [H] -> [T, D]. With parts (more than one thread): wo_a's groups in one
+// parallel region, wo_b's parts in a second.
 Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
-                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b) {
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b,
+                   const std::vector<QW>& wo_a_groups, const std::vector<QW>& wo_b_parts) {
   const int64_t T = q.size(0);
   Tensor o = attention(q, keys, at::zeros({T, keys.size(0)}, at::kFloat), sink, scale);
   o = rope(o, cos, sin, true);
-  o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
-  return linear(o.flatten(1), wo_b);
+  if (int64_t(wo_a_groups.size()) != groups || wo_b_parts.empty() || T > MAX_ROWS) {
+    o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
+    return linear(o.flatten(1), wo_b);
+  }
+  const int64_t I = wo_a.K, GR = wo_a.N;  // group g: rows g * GR / groups.. of wo_a against o's columns g * I..
+  TORCH_CHECK(o.numel() == T * groups * I, "attn_output: wo_a [G * R, H * Dh / G]");
+  Tensor oa = at::empty({T, GR}, at::kFloat), out = at::empty({T, wo_b.N}, at::kFloat);
+  std::vector<Unit> u;
+  for (int64_t g = 0; g < groups; g++)
+    u.push_back(Unit{&wo_a_groups[g], o.data_ptr<float>() + g * I, groups * I, oa.data_ptr<float>() + g * (GR / groups),
+                     GR, true});
+  run_units(u, T);
+  u.clear();
+  add_units(u, wo_b_parts, oa.data_ptr<float>(), GR, out.data_ptr<float>(), wo_b.N);
+  run_units(u, T);
+  return out;
 }
 
 // A compressor's projections of x [T, D] appended to its buffered rows kv / gate [b, C]: (cat([kv, linear(x, wkv)]),
@@ -396,41 +498,11 @@ static void route(const Tensor& x, const Tensor& gate_w, const c10::optional<Ten
   }
 }
 
-// Rows [n0, n1) of a weight as a weight of their own (views: no copy), or false when the layout cannot be split
-// there (FP8: n0 must start a 128-row scale block; an unknown layout: never).
-static bool weight_rows(const QW& q, int64_t n0, int64_t n1, QW& out) {
-  const int64_t n = n1 - n0;
-  out = QW{q.fmt, n, q.K, q.group, q.w.narrow(0, n0, n), Tensor(), Tensor()};
-  if (q.fmt == FMT_FP8) {
-    if (n0 % FP8_BLOCK) return false;
-    const int64_t b0 = n0 / FP8_BLOCK, b1 = (n1 + FP8_BLOCK - 1) / FP8_BLOCK;
-    out.scale = q.scale.narrow(0, b0, b1 - b0);
-    return true;
-  }
-  if (q.fmt == FMT_MXFP4 || q.fmt == FMT_I8 || q.fmt == FMT_I4) {
-    out.scale = q.scale.narrow(0, n0, n);
-    if (q.zp.defined()) out.zp = q.zp.narrow(0, n0, n);
-    return true;
-  }
-  return q.fmt == FMT_BF16;
-}
-
-// w2 of every expert split into `parts` row ranges (multiples of 4 rows, the decode kernels' row blocks, or of an
-// FP8 scale block), cached in the set; a weight that cannot be split keeps one part.
+// w2 of every expert split into `parts` row ranges (weight_parts), cached in the set
 static const std::vector<std::vector<QW>>& w2_split(const ExpertSet& s, int64_t parts) {
   if (s.w2_parts != parts) {
     std::vector<std::vector<QW>> split(s.w2.size());
-    for (size_t e = 0; e < s.w2.size(); e++) {
-      const QW& q = s.w2[e];
-      const int64_t align = q.fmt == FMT_FP8 ? FP8_BLOCK : 4;
-      const int64_t step = (q.N + parts * align - 1) / (parts * align) * align;
-      std::vector<QW>& out = split[e];
-      for (int64_t n0 = 0; n0 < q.N; n0 += step) {
-        QW part;
-        if (!weight_rows(q, n0, std::min(q.N, n0 + step), part)) { out.assign(1, q); break; }
-        out.push_back(part);
-      }
-    }
+    for (size_t e = 0; e < s.w2.size(); e++) split[e] = weight_parts(s.w2[e], parts, 0);
     s.w2_split = std::move(split);
     s.w2_parts = parts;
   }
