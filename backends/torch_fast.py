@@ -111,11 +111,16 @@ SCORE_ELEMENTS = 1 << 22  # the indexer's [rows, Hi, n] head scores are built at
 
 def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: int) -> Tensor:
     """The scores as one matmul [T*Hi, Di] x [Di, n] plus one bmm for the head weights (instead of the reference's
-    einsum); the selection with the reference's tie rule (reference.topk_indices over the same [T, n] rows)."""
+    einsum), or for T <= GEMV_MAX_ROWS (decode) one C++ call (`indexer_scores`: per entry, no [T, Hi, n] tensor);
+    the selection with the reference's tie rule (reference.topk_indices over the same [T, n] rows)."""
     T, Hi, Di = q.shape
     n = keys.shape[0]
     if n <= k:  # everything visible is chosen: no scoring needed
         return visible.clone()
+    mod = _fast(q, keys, weights) if T <= cpu_quant.GEMV_MAX_ROWS else None
+    if mod is not None:  # decode: one C++ call for the scores, then the same selection
+        scores = mod.indexer_scores(q, keys, weights * Di ** -0.5).masked_fill_(~visible, float("-inf"))
+        return torch.zeros_like(visible).scatter_(1, reference.topk_indices(scores, k), True) & visible
     w = (weights * Di ** -0.5)[:, None, :]  # [T, 1, Hi]
     step = max(1, SCORE_ELEMENTS // (Hi * n))  # rows per block: a long prefill chunk would need GBs at once
     # in-place ReLU on the fresh matmul output: an out-of-place one costs ~5x the matmul at n = 32K (a second

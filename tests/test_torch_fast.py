@@ -152,6 +152,24 @@ def test_indexer_topk_ties_at_kth_score_and_short_context():
                        reference.indexer_topk(q, keys[:k], weights, short, k))
 
 
+@needs_ext
+def test_indexer_decode_scores_kernel(monkeypatch):
+    """Decode rows (T <= GEMV_MAX_ROWS) score in one C++ call (`indexer_scores`), within 1e-5 of the reference's
+    einsum; the selection over those scores equals the reference's."""
+    T, Hi, Di, n, k = 2, 16, 64, 300, 20
+    q, keys, weights = randn(T, Hi, Di), randn(n, Di), randn(T, Hi).abs()
+    w = weights * Di ** -0.5
+    want = (torch.einsum("thd,nd->thn", q, keys).relu() * w[..., None]).sum(1)
+    close(cpu_quant.ext().indexer_scores(q, keys, w), want)
+    calls = []
+    real = cpu_quant.ext().indexer_scores
+    monkeypatch.setattr(torch_fast, "_fast", lambda *t: type("M", (), {
+        "indexer_scores": staticmethod(lambda *a: calls.append(1) or real(*a))})())
+    visible = torch.arange(n)[None] < torch.tensor([n, 200])[:, None]
+    assert torch.equal(torch_fast.indexer_topk(q, keys, weights, visible, k),
+                       reference.indexer_topk(q, keys, weights, visible, k)) and calls
+
+
 def test_indexer_topk_scores_in_row_blocks(monkeypatch):
     monkeypatch.setattr(torch_fast, "SCORE_ELEMENTS", 4 * 8 * 40)  # 4 rows per block
     T, Hi, Di, n, k = 11, 8, 16, 40, 6

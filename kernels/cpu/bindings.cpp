@@ -40,6 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hc_post", &flashport::hc_post);
   m.def("attention", &flashport::attention);
   m.def("flash_attention", &flashport::flash_attention);
+  m.def("indexer_scores", &flashport::indexer_scores);
   m.def("indexer_fp4_scores", &flashport::indexer_fp4_scores);
   m.def("indexer_fp4_topk", &flashport::indexer_fp4_topk);
   m.def("fp4_rotate_quantize", &flashport::fp4_rotate_quantize);

@@ -111,6 +111,7 @@ std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor
 Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
 Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
 Tensor flash_attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
+Tensor indexer_scores(const Tensor& q, const Tensor& keys, const Tensor& weights);
 
 // indexer_fp4.cpp: the lightning indexer in the release's FP4 numerics (torch reference:
 // quant/index_numerics.py index_scores, backends/indexer_fp4.py select)

@@ -223,6 +223,30 @@ Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, con
   return out;
 }
 
+// The lightning indexer's scores for a few queries (decode): q [T, Hi, Di], keys [n, Di], weights [T, Hi] (the head
+// weights, the 1/sqrt(Di) already in) -> [T, n] = sum_h weights[t, h] * ReLU(q[t, h] . keys[s]); the reference's
+// math (reference.indexer_topk) per (query, entry), no [T, Hi, n] tensor. TOLERANCE-BOUND (another summation order).
+Tensor indexer_scores(const Tensor& q_, const Tensor& keys_, const Tensor& weights_) {
+  Tensor q = q_.contiguous(), keys = keys_.contiguous(), w = weights_.contiguous();
+  const int64_t T = q.size(0), Hi = q.size(1), Di = q.size(2), n = keys.size(0);
+  TORCH_CHECK(keys.size(1) == Di && w.size(0) == T && w.size(1) == Hi,
+              "indexer_scores: q [T, Hi, Di], keys [n, Di], weights [T, Hi]");
+  Tensor out = at::empty({T, n}, at::kFloat);
+  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(T * Hi * Di, 1)),
+                   [&](int64_t s0, int64_t s1) {
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t s = s0; s < s1; s++) {
+        const float* k = kp + s * Di;
+        float acc = 0.f;
+        for (int64_t h = 0; h < Hi; h++) acc += wp[t * Hi + h] * std::max(dot(qp + (t * Hi + h) * Di, k, Di), 0.f);
+        op[t * n + s] = acc;
+      }
+  });
+  return out;
+}
+
 // Final collapse of the N streams: streams [T, N, D], fn [N, N*D], base [N], scale [1] -> [T, D]. The reference's
 // math per token (mix = rms_norm(streams) . fn, pre = sigmoid(mix * scale + base) + eps, sum of pre * streams);
 // TOLERANCE-BOUND (another summation order, libm's exp).
