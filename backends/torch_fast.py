@@ -146,8 +146,20 @@ def hc_post(out: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     return mod.hc_post(out, streams, post, comb) if mod else reference.hc_post(out, streams, post, comb)
 
 
+SPLIT_MIN = 1 << 16  # multiply-adds of a decode GEMV from which it is split over the threads (a region: ~2 us)
+
+
 def linear(x: Tensor, w) -> Tensor:
-    return cpu_quant.linear(x, w) if isinstance(w, cpu_quant.CpuWeight) else reference.linear(x, w)
+    """cpu_quant.linear; on more than one thread a decode GEMV of SPLIT_MIN multiply-adds or more runs split by
+    rows (`_parts`) in one parallel region: the same kernel per row, the same bits (cpu_quant.linear threads only
+    weights above its PARALLEL_MIN, 16x larger)."""
+    if not isinstance(w, cpu_quant.CpuWeight):
+        return reference.linear(x, w)
+    if x.shape[0] <= cpu_quant.GEMV_MAX_ROWS and w.shape[0] * w.shape[1] >= SPLIT_MIN and w.native is not None:
+        parts = _fast(x) and _parts(w)
+        if parts and len(parts) > 1:
+            return cpu_quant.ext().linear_parts(x, parts)
+    return cpu_quant.linear(x, w)
 
 
 def grouped_linear(x: Tensor, w) -> Tensor:

@@ -227,6 +227,30 @@ def quant(fmt, N, K, seed=0):
     return QuantWeight(fmt, (N, K), get_format(fmt).pack(w))
 
 
+@needs_ext
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "mxfp4", "bf16", "int8", "int4-g32", "fp32"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decode_linear_split_over_threads_bit_identical(fmt, threads):
+    """On more than one thread a decode GEMV of torch_fast.SPLIT_MIN multiply-adds or more runs split by rows in one
+    parallel region: the same bits as on one thread (an fp32 weight, which cannot be split, as before)."""
+    N, K = 392, 200  # FP8: three 128-row scale blocks and a partial fourth
+    w = cpu_quant.upload(quant(fmt, N, K, seed=3))
+    assert N * K >= torch_fast.SPLIT_MIN
+    for T in (1, 3):
+        x = randn(T, K)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            want = torch_fast.linear(x, w)
+            torch.set_num_threads(threads)
+            got = torch_fast.linear(x, w)
+            parts = torch_fast._parts(w)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(got, want) and torch.equal(want, cpu_quant.linear(x, w))
+        assert (len(parts) == 1) == (fmt == "fp32")
+
+
 def linear_bound(x, w):
     """|y - y_ref| <= 1e-5 * (|x| @ |W|.T) + 1e-6: fp32 accumulation in another order."""
     return 1e-5 * (x.abs() @ w.abs().T) + 1e-6

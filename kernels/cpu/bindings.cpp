@@ -34,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_moe", &flashport::gated_moe);
   m.def("compress_project", &flashport::compress_project);
   m.def("weight_parts", &flashport::weight_parts);
+  m.def("linear_parts", &flashport::linear_parts);
   m.def("rms_norm", &flashport::rms_norm);
   m.def("rope", &flashport::rope);
   m.def("hc_pre", &flashport::hc_pre);

@@ -97,6 +97,7 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
                    const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b,
                    const std::vector<QW>& wo_a_groups, const std::vector<QW>& wo_b_parts);
 std::vector<QW> weight_parts(const QW& q, int64_t parts, int64_t rows);  // row ranges (views) for parallel GEMVs
+Tensor linear_parts(const Tensor& x, const std::vector<QW>& parts);  // linear over weight_parts, one region
 std::vector<Tensor> compress_project(const Tensor& x, const Tensor& kv, const Tensor& gate, const QW& wkv,
                                      const QW& wgate);
 Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,

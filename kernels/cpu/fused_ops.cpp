@@ -369,6 +369,21 @@ static void add_units(std::vector<Unit>& u, const std::vector<QW>& parts, const 
   }
 }
 
+// linear(x, W) for decode rows over W's parts (weight_parts: consecutive row ranges), one parallel region: x [T, K]
+// (T <= MAX_ROWS) -> [T, N]. BIT-IDENTICAL to linear (the same kernel per row).
+Tensor linear_parts(const Tensor& x_, const std::vector<QW>& parts) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0);
+  int64_t N = 0;
+  for (const QW& p : parts) N += p.N;
+  TORCH_CHECK(T <= MAX_ROWS && !parts.empty() && x.size(1) == parts[0].K, "linear_parts: x [T <= MAX_ROWS, K]");
+  Tensor y = at::empty({T, N}, at::kFloat);
+  std::vector<Unit> u;
+  add_units(u, parts, x.data_ptr<float>(), x.size(1), y.data_ptr<float>(), N);
+  run_units(u, T);
+  return y;
+}
+
 // The attention's projections of x [T, D]: qr = q_norm(wq_a x) [T, q_lora]; q = rope(rms_norm(wq_b qr as
 // [T, H, Dh])) ; kv = rope(kv_norm(wkv x)) [T, Dh]; every RMSNorm with eps. -> (qr, q, kv)
 std::vector<Tensor> attn_project(const Tensor& x_, const QW& wq_a, const Tensor& q_norm, const QW& wq_b,
