@@ -180,6 +180,8 @@ Tensor hc_post(const Tensor& out_, const Tensor& streams_, const Tensor& post_, 
   return res;
 }
 
+constexpr int64_t HEADS_SPLIT_MIN = 1 << 16;  // multiply-adds of decode attention from which heads go to threads
+
 // Sink attention for a few queries (decode): q [T, H, Dh], keys [S, Dh] (K = V), bias [T, S], sink [H] -> [T, H, Dh].
 // The reference's math per (t, h): logits = q . keys * scale + bias, softmax over [logits, sink], the probabilities
 // of the keys times the keys; one pass over the keys per query row with the logits in a buffer, no tensors
@@ -194,7 +196,9 @@ Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, con
               *sp = sink.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = float(scale_);
-  at::parallel_for(0, T * H, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(2 * S * Dh, 1)),
+  // heads over the threads from HEADS_SPLIT_MIN multiply-adds (a decode step's few heads are worth one region;
+  // each (t, h) is computed alone: the same bits on any number of threads)
+  at::parallel_for(0, T * H, std::max<int64_t>(1, HEADS_SPLIT_MIN / std::max<int64_t>(2 * S * Dh, 1)),
                    [&](int64_t a0, int64_t a1) {
     std::vector<float> p(S);
     for (int64_t a = a0; a < a1; a++) {
