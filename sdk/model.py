@@ -373,9 +373,10 @@ class Compressor(Module):
         proj = self.ops.compress_project(x, ps.kv, ps.gate, self.wkv, self.wgate)  # the cats below, fused
         kv, gate = proj or (torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)]))  # [b + T, C]
         w = kv.shape[0] // m
-        ps.kv, ps.gate = kv[w * m:], gate[w * m:]
-        if w == 0:
+        if w == 0:  # no window completes (most decode steps): all rows stay buffered
+            ps.kv, ps.gate = kv, gate
             return ps.entries
+        ps.kv, ps.gate = kv[w * m:], gate[w * m:]
         kv, gate = kv[: w * m].view(w, m, -1), gate[: w * m].view(w, m, -1) + self.ape  # [w, m, C]
         if self.overlap:
             prev_kv = torch.zeros(1, m, d) if ps.overlap_kv is None else ps.overlap_kv[None]
