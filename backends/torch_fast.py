@@ -26,6 +26,8 @@ Use: `FastTorchBackend()` (a TorchBackend whose ops come from here), or take the
 
 from __future__ import annotations
 
+import os
+import time
 import weakref
 
 import torch
@@ -91,7 +93,7 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
             out.append(reference.attention(q[rows], keys[cols], bias[rows, cols], sink, scale))
         return torch.cat(out)
     if mod is not None:
-        return mod.attention(q, keys, bias, sink, scale)
+        return mod.attention(q, keys, bias, sink, scale, _split_threads() > 1)
     return sdpa_attention(q, keys, bias, sink, scale)
 
 
@@ -196,14 +198,36 @@ def hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm
                                               weight_eps))
 
 
+# Decode GEMVs split over the threads (the fused sequences, linear, the attention's heads): True / False always /
+# never; None: while the machine has a core for each of our threads (1-minute load average <= cores + 0.5, checked
+# at most once a second). On an oversubscribed machine every parallel region waits for a descheduled thread: a
+# flash-mini step at 2 threads measured 40-250 ms split and 28-42 ms not split at load 6, ~4 ms on a quiet one.
+DECODE_SPLIT: bool | None = None
+_LOAD = [float("-inf"), True]  # [when last checked (time.monotonic), whether the machine had room]
+
+
+def _split_threads() -> int:
+    """The threads decode GEMVs are split over now: torch's thread count, or 1 (see DECODE_SPLIT)."""
+    n = torch.get_num_threads()
+    if n == 1 or DECODE_SPLIT is False:
+        return 1
+    if DECODE_SPLIT is None:
+        now = time.monotonic()
+        if now - _LOAD[0] > 1.0:
+            _LOAD[0], _LOAD[1] = now, os.getloadavg()[0] <= (os.cpu_count() or 1) + 0.5
+        if not _LOAD[1]:
+            return 1
+    return n
+
+
 _PARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CpuWeight -> {(parts, rows): its C++ parts}
 
 
 def _parts(w, rows: int = 0) -> list:
     """The uploaded weight w as row ranges for the threads of a fused sequence (C++ `weight_parts`: views, built
-    once per weight and thread count); [] on one thread, where the sequence runs its GEMVs one by one as before.
-    rows > 0: ranges of that many rows (a grouped projection's groups)."""
-    n = torch.get_num_threads()
+    once per weight and thread count); [] when decode runs on one thread (`_split_threads`), where the sequence runs
+    its GEMVs one by one as before. rows > 0: ranges of that many rows (a grouped projection's groups)."""
+    n = _split_threads()
     if n == 1:
         return []
     cache = _PARTS.get(w)
@@ -239,7 +263,7 @@ def compress_project(x, kv, gate, wkv, wgate):
     """(cat([kv, linear(x, wkv)]), cat([gate, linear(x, wgate)])): x [T, D], kv / gate [b, C] (the compressor's
     buffered rows) -> [b + T, C] each; the GEMVs write into the new rows (no cat), both in one parallel region."""
     mod, w = _fast(x, kv, gate), _natives(wkv, wgate)
-    return mod and w and tuple(mod.compress_project(x, kv, gate, w[0], w[1]))
+    return mod and w and tuple(mod.compress_project(x, kv, gate, w[0], w[1], _split_threads() > 1))
 
 
 def _expert_set(mod, view):
@@ -257,8 +281,9 @@ def _expert_set(mod, view):
 
 def gated_moe(x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shared, limit):
     """model.MoE in one call: the router (the top-k of scores + bias, or tid2eid[token_ids] on hash layers: exactly
-    one of tid2eid / bias is given), the routed experts and the shared expert (weight 1), summed. experts /
-    shared: dispatch's expert views."""
+    one of tid2eid / bias is given), the routed experts and the shared expert (weight 1), summed, the experts'
+    GEMVs in two parallel regions over `_split_threads()` threads (the same bits on any). experts / shared:
+    dispatch's expert views."""
     mod = _fast(x, gate_w) if bias is None else _fast(x, gate_w, bias)
     if mod is None:
         return None
@@ -266,7 +291,7 @@ def gated_moe(x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shar
     if routed is None or sh is None:
         return None
     idx = None if tid2eid is None else tid2eid[token_ids]
-    return mod.gated_moe(x, gate_w, bias, idx, k, float(route_scale), routed, sh, float(limit))
+    return mod.gated_moe(x, gate_w, bias, idx, k, float(route_scale), routed, sh, float(limit), _split_threads())
 
 
 class FastTorchBackend(TorchBackend):

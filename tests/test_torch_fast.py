@@ -36,6 +36,36 @@ def close(out, ref, atol=1e-5, rtol=1e-5):
 needs_ext = pytest.mark.skipif(cpu_quant.ext() is None, reason="the C++ kernels did not build here")
 
 
+@pytest.fixture(autouse=True)
+def _decode_split_always(monkeypatch):
+    """Decode GEMVs split over the threads whatever the machine's load (torch_fast.DECODE_SPLIT), so the tests on 2+
+    threads run the split paths on a busy machine too."""
+    monkeypatch.setattr(torch_fast, "DECODE_SPLIT", True)
+
+
+def test_decode_split_follows_the_machine_load(monkeypatch):
+    """DECODE_SPLIT None: decode splits over torch's threads while the 1-minute load average leaves a core per
+    thread (<= cores + 0.5), else runs on one; True / False force it; one thread never splits."""
+    monkeypatch.setattr(torch_fast, "DECODE_SPLIT", None)
+    monkeypatch.setattr(torch_fast.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for load, want in ((1.9, 2), (2.4, 2), (6.0, 1)):
+            monkeypatch.setattr(torch_fast.os, "getloadavg", lambda load=load: (load, load, load))
+            monkeypatch.setattr(torch_fast, "_LOAD", [float("-inf"), True])  # re-check now
+            assert torch_fast._split_threads() == want
+        monkeypatch.setattr(torch_fast, "DECODE_SPLIT", True)
+        assert torch_fast._split_threads() == 2
+        monkeypatch.setattr(torch_fast, "DECODE_SPLIT", False)
+        assert torch_fast._split_threads() == 1 and torch_fast._parts(object()) == []
+        torch.set_num_threads(1)
+        monkeypatch.setattr(torch_fast, "DECODE_SPLIT", True)
+        assert torch_fast._split_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- weightless ops
 @pytest.mark.parametrize("shape", [(1, 64), (5, 4, 64), (3, 32)])
 @pytest.mark.parametrize("inverse", [False, True])

@@ -39,7 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &flashport::rope);
   m.def("hc_pre", &flashport::hc_pre);
   m.def("hc_post", &flashport::hc_post);
-  m.def("attention", &flashport::attention);
+  m.def("attention", &flashport::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("bias"),
+        pybind11::arg("sink"), pybind11::arg("scale"), pybind11::arg("split_heads") = false);
   m.def("flash_attention", &flashport::flash_attention);
   m.def("indexer_scores", &flashport::indexer_scores);
   m.def("indexer_fp4_scores", &flashport::indexer_fp4_scores);

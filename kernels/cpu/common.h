@@ -99,10 +99,10 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
 std::vector<QW> weight_parts(const QW& q, int64_t parts, int64_t rows);  // row ranges (views) for parallel GEMVs
 Tensor linear_parts(const Tensor& x, const std::vector<QW>& parts);  // linear over weight_parts, one region
 std::vector<Tensor> compress_project(const Tensor& x, const Tensor& kv, const Tensor& gate, const QW& wkv,
-                                     const QW& wgate);
+                                     const QW& wgate, bool split);
 Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx, int64_t k, double route_scale, const ExpertSet& routed,
-                 const ExpertSet& shared, double limit);
+                 const ExpertSet& shared, double limit, int64_t threads);
 
 // fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
 Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);
@@ -110,7 +110,8 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
 std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
                            int64_t iters, double eps, double norm_eps);
 Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
-Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
+Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale,
+                 bool split_heads = false);
 Tensor flash_attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
 Tensor indexer_scores(const Tensor& q, const Tensor& keys, const Tensor& weights);
 

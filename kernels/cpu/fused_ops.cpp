@@ -180,13 +180,14 @@ Tensor hc_post(const Tensor& out_, const Tensor& streams_, const Tensor& post_, 
   return res;
 }
 
-constexpr int64_t HEADS_SPLIT_MIN = 1 << 16;  // multiply-adds of decode attention from which heads go to threads
+constexpr int64_t HEADS_SPLIT_MIN = 1 << 16;  // split_heads: multiply-adds from which heads go to the threads
 
 // Sink attention for a few queries (decode): q [T, H, Dh], keys [S, Dh] (K = V), bias [T, S], sink [H] -> [T, H, Dh].
 // The reference's math per (t, h): logits = q . keys * scale + bias, softmax over [logits, sink], the probabilities
 // of the keys times the keys; one pass over the keys per query row with the logits in a buffer, no tensors
 // allocated but the output. TOLERANCE-BOUND (another summation order, libm's exp).
-Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_, double scale_) {
+Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_, double scale_,
+                 bool split_heads) {
   Tensor q = q_.contiguous(), keys = keys_.contiguous(), bias = bias_.contiguous(), sink = sink_.contiguous();
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), S = keys.size(0);
   TORCH_CHECK(keys.size(1) == Dh && bias.size(0) == T && bias.size(1) == S && sink.numel() == H,
@@ -196,9 +197,10 @@ Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, con
               *sp = sink.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = float(scale_);
-  // heads over the threads from HEADS_SPLIT_MIN multiply-adds (a decode step's few heads are worth one region;
-  // each (t, h) is computed alone: the same bits on any number of threads)
-  at::parallel_for(0, T * H, std::max<int64_t>(1, HEADS_SPLIT_MIN / std::max<int64_t>(2 * S * Dh, 1)),
+  // split_heads: heads over the threads from HEADS_SPLIT_MIN multiply-adds (a decode step's few heads are worth one
+  // region), else from PARALLEL_MIN; each (t, h) is computed alone: the same bits on any number of threads
+  const int64_t min_work = split_heads ? HEADS_SPLIT_MIN : PARALLEL_MIN;
+  at::parallel_for(0, T * H, std::max<int64_t>(1, min_work / std::max<int64_t>(2 * S * Dh, 1)),
                    [&](int64_t a0, int64_t a1) {
     std::vector<float> p(S);
     for (int64_t a = a0; a < a1; a++) {
@@ -424,7 +426,7 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
                    const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b,
                    const std::vector<QW>& wo_a_groups, const std::vector<QW>& wo_b_parts) {
   const int64_t T = q.size(0);
-  Tensor o = attention(q, keys, at::zeros({T, keys.size(0)}, at::kFloat), sink, scale);
+  Tensor o = attention(q, keys, at::zeros({T, keys.size(0)}, at::kFloat), sink, scale, !wo_b_parts.empty());
   o = rope(o, cos, sin, true);
   if (int64_t(wo_a_groups.size()) != groups || wo_b_parts.empty() || T > MAX_ROWS) {
     o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
@@ -446,9 +448,9 @@ Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, doub
 
 // A compressor's projections of x [T, D] appended to its buffered rows kv / gate [b, C]: (cat([kv, linear(x, wkv)]),
 // cat([gate, linear(x, wgate)])) [b + T, C] each. Decode rows run the GEMV kernel straight into the new rows (the
-// two GEMVs in one parallel region); more rows: linear and cat. BIT-IDENTICAL to those ops.
+// two GEMVs in one parallel region when `split`); more rows: linear and cat. BIT-IDENTICAL to those ops.
 std::vector<Tensor> compress_project(const Tensor& x_, const Tensor& kv, const Tensor& gate, const QW& wkv,
-                                     const QW& wgate) {
+                                     const QW& wgate, bool split) {
   Tensor x = x_.contiguous();
   const int64_t T = x.size(0), b = kv.size(0), C = wkv.N;
   TORCH_CHECK(wgate.N == C && kv.size(1) == C && gate.size(0) == b && gate.size(1) == C,
@@ -459,7 +461,7 @@ std::vector<Tensor> compress_project(const Tensor& x_, const Tensor& kv, const T
   out[0].narrow(0, 0, b).copy_(kv);
   out[1].narrow(0, 0, b).copy_(gate);
   const float* xp = x.data_ptr<float>();
-  at::parallel_for(0, 2, 1, [&](int64_t a0, int64_t a1) {
+  at::parallel_for(0, 2, split ? 1 : 2, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; a++) gemv_into(a ? wgate : wkv, xp, T, x.size(1), out[a].data_ptr<float>() + b * C, C);
   });
   return {out[0], out[1]};
@@ -553,15 +555,16 @@ static const std::vector<std::vector<QW>>& w2_split(const ExpertSet& s, int64_t 
 }
 
 // model.MoE on x [T, D]: the router (`route` above: model.Gate bit for bit), the routed experts and the shared expert
-// (weight 1), summed. For T <= MAX_ROWS (decode) with compact weights the experts run in two parallel regions,
-// whatever their number: (1) every picked expert's w1 and w3 GEMVs (one unit each), (2) every expert's SwiGLU and
-// w2 GEMV, w2 split by rows into one part per thread; then the outputs are summed on one thread in the order of
+// (weight 1), summed. For T <= MAX_ROWS (decode) with compact weights and threads > 1 the experts run in two
+// parallel regions, whatever their number: (1) every picked expert's w1 and w3 GEMVs (one unit each), (2) every
+// expert's SwiGLU and w2 GEMV, w2 split by rows into one part per thread (threads = 1: the same units in order, on
+// the calling thread); then the outputs are summed on one thread in the order of
 // `moe` (routed experts ascending, then the shared expert added). Each output row comes from the same GEMV kernel
 // as in `moe` and every sum keeps its order, so the result is BIT-IDENTICAL to `moe` (routed) + `moe` (shared),
 // the ops one by one, at any thread count. More rows (prefill) or an fp32 weight: exactly those two `moe` calls.
 Tensor gated_moe(const Tensor& x_, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx_, int64_t k, double route_scale, const ExpertSet& routed,
-                 const ExpertSet& shared, double limit_) {
+                 const ExpertSet& shared, double limit_, int64_t threads) {
   Tensor x = x_.contiguous();
   const int64_t T = x.size(0), D = x.size(1);
   std::vector<int64_t> ip;
@@ -600,7 +603,7 @@ Tensor gated_moe(const Tensor& x_, const Tensor& gate_w, const c10::optional<Ten
   }
   const int64_t J = jobs.size();
   // w2 in one row range per thread
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), 8));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, 8)), grain = parts > 1 ? 1 : 1 << 30;
   const auto& split = w2_split(routed, parts);
   const auto& split_sh = w2_split(shared, parts);
   auto consecutive = [](const std::vector<int64_t>& r) {  // r[0], r[0] + 1, ... (a hash row may repeat an expert)
@@ -628,7 +631,7 @@ Tensor gated_moe(const Tensor& x_, const Tensor& gate_w, const c10::optional<Ten
     for (int64_t i = 0; i < n; i++) std::memcpy(xbuf.data() + off + i * D, xp + r[i] * D, D * sizeof(float));
     xin[j] = xbuf.data() + off, off += n * D;
   }
-  at::parallel_for(0, 2 * J, 1, [&](int64_t a0, int64_t a1) {  // (1) w1 and w3 of every expert
+  at::parallel_for(0, 2 * J, grain, [&](int64_t a0, int64_t a1) {  // (1) w1 and w3 of every expert
     for (int64_t a = a0; a < a1; a++) {
       const Job& b = jobs[a / 2];
       const QW& q = a % 2 ? *b.w3 : *b.w1;
@@ -642,7 +645,7 @@ Tensor gated_moe(const Tensor& x_, const Tensor& gate_w, const c10::optional<Ten
     for (size_t p = 0; p < w2[j]->size(); p++) unit_job.push_back(j), unit_part.push_back(p);
   }
   const float limit = float(limit_);
-  at::parallel_for(0, int64_t(unit_job.size()), 1, [&](int64_t a0, int64_t a1) {  // (2) SwiGLU and w2 (parts)
+  at::parallel_for(0, int64_t(unit_job.size()), grain, [&](int64_t a0, int64_t a1) {  // (2) SwiGLU and w2 (parts)
     std::vector<float> act;
     for (int64_t a = a0; a < a1; a++) {
       const int64_t j = unit_job[a];
