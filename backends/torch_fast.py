@@ -199,8 +199,8 @@ def hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm
 
 
 # Decode GEMVs split over the threads (the fused sequences, linear, the attention's heads): True / False always /
-# never; None: while the machine has a core for each of our threads (1-minute load average <= cores + 0.5, checked
-# at most once a second). On an oversubscribed machine every parallel region waits for a descheduled thread: a
+# never; None: while the machine is not oversubscribed (1-minute load average <= cores + 1, our own threads
+# included, checked at most once a second). On an oversubscribed machine every parallel region waits for a descheduled thread: a
 # flash-mini step at 2 threads measured 40-250 ms split and 28-42 ms not split at load 6, ~4 ms on a quiet one.
 DECODE_SPLIT: bool | None = None
 _LOAD = [float("-inf"), True]  # [when last checked (time.monotonic), whether the machine had room]
@@ -214,7 +214,7 @@ def _split_threads() -> int:
     if DECODE_SPLIT is None:
         now = time.monotonic()
         if now - _LOAD[0] > 1.0:
-            _LOAD[0], _LOAD[1] = now, os.getloadavg()[0] <= (os.cpu_count() or 1) + 0.5
+            _LOAD[0], _LOAD[1] = now, os.getloadavg()[0] <= (os.cpu_count() or 1) + 1
         if not _LOAD[1]:
             return 1
     return n
