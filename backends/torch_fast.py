@@ -199,8 +199,8 @@ def hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm
 
 
 # Decode GEMVs split over the threads (the fused sequences, linear, the attention's heads): True / False always /
-# never; None: while the machine is not oversubscribed (1-minute load average <= cores + 1, our own threads
-# included, checked at most once a second). On an oversubscribed machine every parallel region waits for a descheduled thread: a
+# never; None: while the machine is not oversubscribed (1-minute load average <= cores + 1, our own threads included,
+# checked at most once a second). On an oversubscribed machine every parallel region waits for a descheduled thread: a
 # flash-mini step at 2 threads measured 40-250 ms split and 28-42 ms not split at load 6, ~4 ms on a quiet one.
 DECODE_SPLIT: bool | None = None
 _LOAD = [float("-inf"), True]  # [when last checked (time.monotonic), whether the machine had room]
