@@ -65,6 +65,8 @@ FUSED: dict[str, str] = {
     "attn_project": "the attention's projections: wq_a, rms_norm, wq_b, per-head rms_norm, rope; wkv, rms_norm, rope",
     "attn_output": "decode attention (every key visible), inverse rope, grouped wo_a, wo_b",
     "gated_moe": "the MoE router (model.Gate), the routed experts and the shared expert, summed",
+    "compress_project": "a compressor's two projections, each appended to its buffered rows: (cat([kv, linear(x, "
+                        "wkv)]), cat([gate, linear(x, wgate)]))",
 }
 
 # the weight formats (flashport.quant.formats is their one definition; re-exported here for plugin authors)

@@ -182,6 +182,10 @@ class Ops:
         return f and self._fused("attn_output", f, q, keys, sink, scale, cos, sin, self.handle(wo_a), groups,
                                  self.handle(wo_b))
 
+    def compress_project(self, x, kv, gate, wkv, wgate):
+        f = self._fused_fn("compress_project")
+        return f and self._fused("compress_project", f, x, kv, gate, self.handle(wkv), self.handle(wgate))
+
     def gated_moe(self, x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shared, limit):
         """Only for a model's own experts (an nn.ModuleList): an offload container runs op by op."""
         f = self._fused_fn("gated_moe")

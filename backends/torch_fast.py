@@ -14,9 +14,9 @@ Exactness against the reference, per op (tested in tests/test_torch_fast.py):
   indexer_topk   the scores are tolerance-bound, so an entry within ~1e-6 of the k-th score may be chosen
                  differently; exact ties follow the reference's rule (reference.topk_indices); with
                  n <= k (all visible entries chosen) it is exact
-The fused sequences (contract.FUSED: hc_pre_norm, hc_post_pre_norm, attn_project, attn_output, gated_moe) are
-BIT-IDENTICAL to the ops above run one by one (one C++ call running the same kernels, and for the router the same
-ATen operators as model.Gate, in the same order; tested with torch.equal), so tolerance-bound against the
+The fused sequences (contract.FUSED: hc_pre_norm, hc_post_pre_norm, attn_project, attn_output, gated_moe,
+compress_project) are BIT-IDENTICAL to the ops above run one by one (one C++ call running the same kernels; the
+router gives model.Gate's weights and picks bit for bit; tested with torch.equal), so tolerance-bound against the
 reference exactly as those ops are; each returns None (the model then runs the ops one by one) off the fast path.
 Off the CPU (cuda, npu...) or without the C++ extension every op runs a torch path (the reference, or the
 vectorised torch code below), so the backend works everywhere.
@@ -25,6 +25,10 @@ Use: `FastTorchBackend()` (a TorchBackend whose ops come from here), or take the
 """
 
 from __future__ import annotations
+
+import os
+import time
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -91,9 +95,9 @@ def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float)
             out.append(reference.attention(q[rows], keys[cols], bias[rows, cols], sink, scale))
         return torch.cat(out)
     if mod is not None and T == 1 and not bias.any():  # one row that sees every key (HCA, gathered top-k)
-        return mod.decode_attention(q, keys, sink, scale)
+        return mod.decode_attention(q, keys, sink, scale, _split_threads() > 1)
     if mod is not None:
-        return mod.attention(q, keys, bias, sink, scale)
+        return mod.attention(q, keys, bias, sink, scale, _split_threads() > 1)
     return sdpa_attention(q, keys, bias, sink, scale)
 
 
@@ -113,11 +117,16 @@ SCORE_ELEMENTS = 1 << 22  # the indexer's [rows, Hi, n] head scores are built at
 
 def indexer_topk(q: Tensor, keys: Tensor, weights: Tensor, visible: Tensor, k: int) -> Tensor:
     """The scores as one matmul [T*Hi, Di] x [Di, n] plus one bmm for the head weights (instead of the reference's
-    einsum); the selection with the reference's tie rule (reference.topk_indices over the same [T, n] rows)."""
+    einsum), or for T <= GEMV_MAX_ROWS (decode) one C++ call (`indexer_scores`: per entry, no [T, Hi, n] tensor);
+    the selection with the reference's tie rule (reference.topk_indices over the same [T, n] rows)."""
     T, Hi, Di = q.shape
     n = keys.shape[0]
     if n <= k:  # everything visible is chosen: no scoring needed
         return visible.clone()
+    mod = _fast(q, keys, weights) if T <= cpu_quant.GEMV_MAX_ROWS else None
+    if mod is not None:  # decode: one C++ call for the scores, then the same selection
+        scores = mod.indexer_scores(q, keys, weights * Di ** -0.5).masked_fill_(~visible, float("-inf"))
+        return torch.zeros_like(visible).scatter_(1, reference.topk_indices(scores, k), True) & visible
     w = (weights * Di ** -0.5)[:, None, :]  # [T, 1, Hi]
     step = max(1, SCORE_ELEMENTS // (Hi * n))  # rows per block: a long prefill chunk would need GBs at once
     # in-place ReLU on the fresh matmul output: an out-of-place one costs ~5x the matmul at n = 32K (a second
@@ -143,8 +152,20 @@ def hc_post(out: Tensor, streams: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     return mod.hc_post(out, streams, post, comb) if mod else reference.hc_post(out, streams, post, comb)
 
 
+SPLIT_MIN = 1 << 16  # multiply-adds of a decode GEMV from which it is split over the threads (a region: ~2 us)
+
+
 def linear(x: Tensor, w) -> Tensor:
-    return cpu_quant.linear(x, w) if isinstance(w, cpu_quant.CpuWeight) else reference.linear(x, w)
+    """cpu_quant.linear; on more than one thread a decode GEMV of SPLIT_MIN multiply-adds or more runs split by
+    rows (`_parts`) in one parallel region: the same kernel per row, the same bits (cpu_quant.linear threads only
+    weights above its PARALLEL_MIN, 16x larger)."""
+    if not isinstance(w, cpu_quant.CpuWeight):
+        return reference.linear(x, w)
+    if x.shape[0] <= cpu_quant.GEMV_MAX_ROWS and w.shape[0] * w.shape[1] >= SPLIT_MIN and w.native is not None:
+        parts = _fast(x) and _parts(w)
+        if parts and len(parts) > 1:
+            return cpu_quant.ext().linear_parts(x, parts)
+    return cpu_quant.linear(x, w)
 
 
 def grouped_linear(x: Tensor, w) -> Tensor:
@@ -181,18 +202,72 @@ def hc_post_pre_norm(out, streams, post, comb, fn, base, scale, iters, eps, norm
                                               weight_eps))
 
 
+# Decode GEMVs split over the threads (the fused sequences, linear, the attention's heads): True / False always /
+# never; None: while the machine is not oversubscribed (1-minute load average <= cores + 1, our own threads included,
+# checked at most once a second). On an oversubscribed machine every parallel region waits for a descheduled thread: a
+# flash-mini step at 2 threads measured 40-250 ms split and 28-42 ms not split at load 6, ~4 ms on a quiet one.
+DECODE_SPLIT: bool | None = None
+_LOAD = [float("-inf"), True]  # [when last checked (time.monotonic), whether the machine had room]
+
+
+def _split_threads() -> int:
+    """The threads decode GEMVs are split over now: torch's thread count, or 1 (see DECODE_SPLIT)."""
+    n = torch.get_num_threads()
+    if n == 1 or DECODE_SPLIT is False:
+        return 1
+    if DECODE_SPLIT is None:
+        now = time.monotonic()
+        if now - _LOAD[0] > 1.0:
+            _LOAD[0], _LOAD[1] = now, os.getloadavg()[0] <= (os.cpu_count() or 1) + 1
+        if not _LOAD[1]:
+            return 1
+    return n
+
+
+_PARTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # CpuWeight -> {(parts, rows): its C++ parts}
+
+
+def _parts(w, rows: int = 0) -> list:
+    """The uploaded weight w as row ranges for the threads of a fused sequence (C++ `weight_parts`: views, built
+    once per weight and thread count); [] when decode runs on one thread (`_split_threads`), where the sequence runs
+    its GEMVs one by one as before. rows > 0: ranges of that many rows (a grouped projection's groups)."""
+    n = _split_threads()
+    if n == 1:
+        return []
+    cache = _PARTS.get(w)
+    if cache is None:
+        cache = _PARTS[w] = {}
+    key = (n, rows)
+    parts = cache.get(key)
+    if parts is None:
+        parts = cache[key] = cpu_quant.ext().weight_parts(w.native, n, rows)
+    return parts
+
+
 def attn_project(x, wq_a, q_norm, wq_b, wkv, kv_norm, cos, sin, heads, eps):
-    """(qr, q, kv) = (q_norm(wq_a x), rope(rms_norm(wq_b qr as [T, H, Dh])), rope(kv_norm(wkv x)))."""
+    """(qr, q, kv) = (q_norm(wq_a x), rope(rms_norm(wq_b qr as [T, H, Dh])), rope(kv_norm(wkv x))). On more than one
+    thread, wq_a and wkv run split by rows in one parallel region and wq_b in a second (the same rows, the same
+    kernels: the same bits as one thread)."""
     mod, w = _fast(x, q_norm, kv_norm, cos, sin), _natives(wq_a, wq_b, wkv)
-    return mod and w and tuple(mod.attn_project(x, w[0], q_norm, w[1], w[2], kv_norm, cos, sin, heads, eps))
+    return mod and w and tuple(mod.attn_project(x, w[0], q_norm, w[1], w[2], kv_norm, cos, sin, heads, eps,
+                                                _parts(wq_a), _parts(wq_b), _parts(wkv)))
 
 
 def attn_output(q, keys, sink, scale, cos, sin, wo_a, groups, wo_b):
-    """Decode (T <= GEMV_MAX_ROWS, every key visible): wo_b(wo_a(rope^-1(attention(q, keys, 0, sink))))."""
+    """Decode (T <= GEMV_MAX_ROWS, every key visible): wo_b(wo_a(rope^-1(attention(q, keys, 0, sink)))). On more
+    than one thread, wo_a's groups run in one parallel region and wo_b split by rows in a second (same bits)."""
     mod, w = _fast(q, keys, sink, cos, sin), _natives(wo_a, wo_b)
     if q.shape[0] > cpu_quant.GEMV_MAX_ROWS:
         return None
-    return mod and w and mod.attn_output(q, keys, sink, scale, cos, sin, w[0], groups, w[1])
+    return mod and w and mod.attn_output(q, keys, sink, scale, cos, sin, w[0], groups, w[1],
+                                         _parts(wo_a, wo_a.shape[0] // groups), _parts(wo_b))
+
+
+def compress_project(x, kv, gate, wkv, wgate):
+    """(cat([kv, linear(x, wkv)]), cat([gate, linear(x, wgate)])): x [T, D], kv / gate [b, C] (the compressor's
+    buffered rows) -> [b + T, C] each; the GEMVs write into the new rows (no cat), both in one parallel region."""
+    mod, w = _fast(x, kv, gate), _natives(wkv, wgate)
+    return mod and w and tuple(mod.compress_project(x, kv, gate, w[0], w[1], _split_threads() > 1))
 
 
 def _expert_set(mod, view):
@@ -210,8 +285,9 @@ def _expert_set(mod, view):
 
 def gated_moe(x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shared, limit):
     """model.MoE in one call: the router (the top-k of scores + bias, or tid2eid[token_ids] on hash layers: exactly
-    one of tid2eid / bias is given), the routed experts and the shared expert (weight 1), summed. experts /
-    shared: dispatch's expert views."""
+    one of tid2eid / bias is given), the routed experts and the shared expert (weight 1), summed, the experts'
+    GEMVs in two parallel regions over `_split_threads()` threads (the same bits on any). experts / shared:
+    dispatch's expert views."""
     mod = _fast(x, gate_w) if bias is None else _fast(x, gate_w, bias)
     if mod is None:
         return None
@@ -219,7 +295,7 @@ def gated_moe(x, token_ids, gate_w, tid2eid, bias, k, route_scale, experts, shar
     if routed is None or sh is None:
         return None
     idx = None if tid2eid is None else tid2eid[token_ids]
-    return mod.gated_moe(x, gate_w, bias, idx, k, float(route_scale), routed, sh, float(limit))
+    return mod.gated_moe(x, gate_w, bias, idx, k, float(route_scale), routed, sh, float(limit), _split_threads())
 
 
 class FastTorchBackend(TorchBackend):

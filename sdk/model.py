@@ -428,11 +428,13 @@ class Compressor(Module):
     def forward(self, x: Tensor, ps: PoolState, rope: RopeTable) -> Tensor:
         """x [T, D] -> all entries so far [n, dim]; appends this chunk's full windows to ps in place."""
         m, d = self.rate, self.dim
-        kv, gate = torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)])  # [buffered + T, C]
+        proj = self.ops.compress_project(x, ps.kv, ps.gate, self.wkv, self.wgate)  # the cats below, fused
+        kv, gate = proj or (torch.cat([ps.kv, self.wkv(x)]), torch.cat([ps.gate, self.wgate(x)]))  # [b + T, C]
         w = kv.shape[0] // m
-        ps.kv, ps.gate = kv[w * m:], gate[w * m:]
-        if w == 0:
+        if w == 0:  # no window completes (most decode steps): all rows stay buffered
+            ps.kv, ps.gate = kv, gate
             return ps.entries
+        ps.kv, ps.gate = kv[w * m:], gate[w * m:]
         kv, gate = kv[: w * m].view(w, m, -1), gate[: w * m].view(w, m, -1) + self.ape  # [w, m, C]
         if self.overlap:
             prev_kv = torch.zeros(1, m, d) if ps.overlap_kv is None else ps.overlap_kv[None]
@@ -645,26 +647,44 @@ class Block(Module):
 
     def forward(self, streams: Tensor, token_ids: Tensor, seqs: list[tuple[slice, Tensor, LayerState]]) -> Tensor:
         """streams [T, N, D] for the rows of every sequence in `seqs` (rows, positions, layer state)."""
+        streams, out, post, comb = self.step(streams, token_ids, seqs)
+        return self.ops.hc_post(out, streams, post, comb)
+
+    def step(self, streams: Tensor, token_ids: Tensor, seqs: list[tuple[slice, Tensor, LayerState]],
+             prev: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The block without its last stream mix: -> (streams, out, post, comb), where forward's result is
+        hc_post(out, streams, post, comb). prev: the previous block's (out, post, comb) still to be mixed into
+        `streams` (Transformer.forward_batch): that mix and this block's first one then run as one fused call."""
         cfg, ops = self.cfg, self.ops
         hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
         attn_mix = (self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
         ffn_mix = (self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
-        fused = ops.hc_pre_norm(streams, *attn_mix, *hc, self.attn_norm.weight, self.attn_norm.eps)
+        attn_norm, ffn_norm = self.attn_norm, self.ffn_norm
+        if prev is None:
+            fused = ops.hc_pre_norm(streams, *attn_mix, *hc, attn_norm.weight, attn_norm.eps)
+        else:
+            fused = ops.hc_post_pre_norm(prev[0], streams, prev[1], prev[2], *attn_mix, *hc, attn_norm.weight,
+                                         attn_norm.eps)
+            if fused is None:
+                streams = ops.hc_post(prev[0], streams, prev[1], prev[2])
+            else:
+                streams, fused = fused[0], fused[1:]
         if fused is None:
             x, post, comb = ops.hc_pre(streams, *attn_mix, *hc)
-            x = self.attn_norm(x)
+            x = attn_norm(x)
         else:
             x, post, comb = fused
-        a = [self.attn(x[rows], pos, st) for rows, pos, st in seqs]  # attention runs per sequence
+        attn = self.attn
+        a = [attn(x[rows], pos, st) for rows, pos, st in seqs]  # attention runs per sequence
         a = a[0] if len(a) == 1 else torch.cat(a)
-        fused = ops.hc_post_pre_norm(a, streams, post, comb, *ffn_mix, *hc, self.ffn_norm.weight, self.ffn_norm.eps)
+        fused = ops.hc_post_pre_norm(a, streams, post, comb, *ffn_mix, *hc, ffn_norm.weight, ffn_norm.eps)
         if fused is None:
             streams = ops.hc_post(a, streams, post, comb)
             x, post, comb = ops.hc_pre(streams, *ffn_mix, *hc)
-            x = self.ffn_norm(x)
+            x = ffn_norm(x)
         else:
             streams, x, post, comb = fused
-        return ops.hc_post(self.ffn(x, token_ids), streams, post, comb)
+        return streams, self.ffn(x, token_ids), post, comb
 
 
 class MTP(Block):
@@ -721,8 +741,11 @@ class Transformer(Module):
             start += len(ids)
         token_ids = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         streams = self.embed(token_ids)[:, None, :].expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, N, D]
+        prev = None  # each block's last stream mix runs fused with the next block's first (Block.step)
         for i, layer in enumerate(self.layers):
-            streams = layer(streams, token_ids, [(rows, pos, st.layers[i]) for rows, pos, st in seqs])
+            streams, *prev = layer.step(streams, token_ids, [(rows, pos, st.layers[i]) for rows, pos, st in seqs], prev)
+        if prev is not None:
+            streams = self.ops.hc_post(prev[0], streams, prev[1], prev[2])
         for (rows, pos, st), ids in zip(seqs, chunks):
             st.n_tokens += len(ids)
         self.last_streams = streams  # [T, N, D]: what an MTP draft starts from

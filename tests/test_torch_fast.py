@@ -36,6 +36,36 @@ def close(out, ref, atol=1e-5, rtol=1e-5):
 needs_ext = pytest.mark.skipif(cpu_quant.ext() is None, reason="the C++ kernels did not build here")
 
 
+@pytest.fixture(autouse=True)
+def _decode_split_always(monkeypatch):
+    """Decode GEMVs split over the threads whatever the machine's load (torch_fast.DECODE_SPLIT), so the tests on 2+
+    threads run the split paths on a busy machine too."""
+    monkeypatch.setattr(torch_fast, "DECODE_SPLIT", True)
+
+
+def test_decode_split_follows_the_machine_load(monkeypatch):
+    """DECODE_SPLIT None: decode splits over torch's threads while the 1-minute load average says the machine is
+    not oversubscribed (<= cores + 1), else runs on one; True / False force it; one thread never splits."""
+    monkeypatch.setattr(torch_fast, "DECODE_SPLIT", None)
+    monkeypatch.setattr(torch_fast.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for load, want in ((1.9, 2), (2.9, 2), (3.2, 1), (6.0, 1)):
+            monkeypatch.setattr(torch_fast.os, "getloadavg", lambda load=load: (load, load, load))
+            monkeypatch.setattr(torch_fast, "_LOAD", [float("-inf"), True])  # re-check now
+            assert torch_fast._split_threads() == want
+        monkeypatch.setattr(torch_fast, "DECODE_SPLIT", True)
+        assert torch_fast._split_threads() == 2
+        monkeypatch.setattr(torch_fast, "DECODE_SPLIT", False)
+        assert torch_fast._split_threads() == 1 and torch_fast._parts(object()) == []
+        torch.set_num_threads(1)
+        monkeypatch.setattr(torch_fast, "DECODE_SPLIT", True)
+        assert torch_fast._split_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------- weightless ops
 @pytest.mark.parametrize("shape", [(1, 64), (5, 4, 64), (3, 32)])
 @pytest.mark.parametrize("inverse", [False, True])
@@ -85,7 +115,14 @@ def test_decode_attention_runs_the_kernel(monkeypatch):
     monkeypatch.setattr(torch_fast, "sdpa_attention", None)  # would raise if the decode path fell back to it
     q, keys, sink = randn(1, 8, 128), randn(130, 128), randn(8)
     bias = torch.zeros(1, 130)
-    close(torch_fast.attention(q, keys, bias, sink, 128 ** -0.5), reference.attention(q, keys, bias, sink, 128 ** -0.5))
+    out = torch_fast.attention(q, keys, bias, sink, 128 ** -0.5)
+    close(out, reference.attention(q, keys, bias, sink, 128 ** -0.5))
+    before = torch.get_num_threads()  # the heads split over 2 threads: each head computed alone, the same bits
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        assert torch.equal(torch_fast.attention(q, keys, bias, sink, 128 ** -0.5), out)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_ext
@@ -93,7 +130,8 @@ def test_decode_attention_runs_the_kernel(monkeypatch):
 def test_decode_attention_kernel(S, H, Dh):
     """The decode kernel (split-K over segments of 1024 keys, merged in segment order) within 1e-5 relative of the
     reference, a partial last tile and segment, heads not a multiple of the group of 4, growing logits (the
-    running max moves), and the same bits at 1 and 2 threads (the segments do not depend on the thread count)."""
+    running max moves), and the same bits at 1 and 2 threads, split or not (the items, a segment of keys for a group
+    of heads, do not depend on the thread count)."""
     mod = cpu_quant.ext()
     q, keys, sink = randn(1, H, Dh), randn(S, Dh) * torch.linspace(0.2, 3.0, S)[:, None], randn(H)
     q += keys.mean(0)
@@ -105,6 +143,7 @@ def test_decode_attention_kernel(S, H, Dh):
         one = mod.decode_attention(q, keys, sink, Dh ** -0.5)
         torch.set_num_threads(2)
         assert torch.equal(one, mod.decode_attention(q, keys, sink, Dh ** -0.5))
+        assert torch.equal(one, mod.decode_attention(q, keys, sink, Dh ** -0.5, True))  # items split from 64K
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(torch_fast.attention(q, keys, torch.zeros(1, S), sink, Dh ** -0.5), out)  # the op's path
@@ -172,6 +211,24 @@ def test_indexer_topk_ties_at_kth_score_and_short_context():
     short = visible[:, :k]  # n <= k: every visible entry is chosen, without scoring
     assert torch.equal(torch_fast.indexer_topk(q, keys[:k], weights, short, k),
                        reference.indexer_topk(q, keys[:k], weights, short, k))
+
+
+@needs_ext
+def test_indexer_decode_scores_kernel(monkeypatch):
+    """Decode rows (T <= GEMV_MAX_ROWS) score in one C++ call (`indexer_scores`), within 1e-5 of the reference's
+    einsum; the selection over those scores equals the reference's."""
+    T, Hi, Di, n, k = 2, 16, 64, 300, 20
+    q, keys, weights = randn(T, Hi, Di), randn(n, Di), randn(T, Hi).abs()
+    w = weights * Di ** -0.5
+    want = (torch.einsum("thd,nd->thn", q, keys).relu() * w[..., None]).sum(1)
+    close(cpu_quant.ext().indexer_scores(q, keys, w), want)
+    calls = []
+    real = cpu_quant.ext().indexer_scores
+    monkeypatch.setattr(torch_fast, "_fast", lambda *t: type("M", (), {
+        "indexer_scores": staticmethod(lambda *a: calls.append(1) or real(*a))})())
+    visible = torch.arange(n)[None] < torch.tensor([n, 200])[:, None]
+    assert torch.equal(torch_fast.indexer_topk(q, keys, weights, visible, k),
+                       reference.indexer_topk(q, keys, weights, visible, k)) and calls
 
 
 def test_indexer_topk_scores_in_row_blocks(monkeypatch):
@@ -251,6 +308,30 @@ def quant(fmt, N, K, seed=0):
     if fmt == "fp32":
         return QuantWeight("fp32", (N, K), {"weight": w})
     return QuantWeight(fmt, (N, K), get_format(fmt).pack(w))
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "mxfp4", "bf16", "int8", "int4-g32", "fp32"])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decode_linear_split_over_threads_bit_identical(fmt, threads):
+    """On more than one thread a decode GEMV of torch_fast.SPLIT_MIN multiply-adds or more runs split by rows in one
+    parallel region: the same bits as on one thread (an fp32 weight, which cannot be split, as before)."""
+    N, K = 392, 200  # FP8: three 128-row scale blocks and a partial fourth
+    w = cpu_quant.upload(quant(fmt, N, K, seed=3))
+    assert N * K >= torch_fast.SPLIT_MIN
+    for T in (1, 3):
+        x = randn(T, K)
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            want = torch_fast.linear(x, w)
+            torch.set_num_threads(threads)
+            got = torch_fast.linear(x, w)
+            parts = torch_fast._parts(w)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(got, want) and torch.equal(want, cpu_quant.linear(x, w))
+        assert (len(parts) == 1) == (fmt == "fp32")
 
 
 def linear_bound(x, w):
@@ -493,27 +574,55 @@ def test_fused_mhc_sequences_bit_identical_to_the_ops(T):
 @needs_ext
 @pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "bf16", "int4-g32"])
 @pytest.mark.parametrize("T", [1, 3])
-def test_fused_attention_sequences_bit_identical_to_the_ops(fmt, T):
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_attention_sequences_bit_identical_to_the_ops(fmt, T, threads):
     """attn_project (wq_a, q_norm, wq_b, head norm, rope; wkv, kv_norm, rope) and attn_output (decode attention,
-    inverse rope, grouped wo_a, wo_b) equal the fast ops one by one bit for bit, in every weight format."""
-    f, D, R, H, Dh, G, S = torch_fast, 128, 64, 4, 32, 2, 37
+    inverse rope, grouped wo_a, wo_b) equal the fast ops one by one bit for bit, in every weight format, on one
+    thread and split by rows over 2 or 3 (FP8's 128-row scale blocks: wq_b and wo_a's groups split, the rest not)."""
+    f, D, R, H, Dh, G, S = torch_fast, 128, 64, 4, 64, 2, 37
     up = {name: cpu_quant.upload(quant(fmt, *shape, seed=i)) for i, (name, shape) in enumerate(
-        {"wq_a": (R, D), "wq_b": (H * Dh, R), "wkv": (Dh, D), "wo_a": (G * 64, H * Dh // G),
-         "wo_b": (D, G * 64)}.items())}
+        {"wq_a": (R, D), "wq_b": (H * Dh, R), "wkv": (Dh, D), "wo_a": (G * 128, H * Dh // G),
+         "wo_b": (D, G * 128)}.items())}
     x, qn, kvn, ang = randn(T, D), randn(R), randn(Dh), randn(T, 8)
     cos, sin = ang.cos(), ang.sin()
-    qr, q, kv = f.attn_project(x, up["wq_a"], qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        qr, q, kv = f.attn_project(x, up["wq_a"], qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6)
+        keys, sink = randn(S, Dh), randn(H)
+        out = f.attn_output(q, keys, sink, Dh ** -0.5, cos, sin, up["wo_a"], G, up["wo_b"])
+    finally:
+        torch.set_num_threads(before)
     qr1 = f.rms_norm(f.linear(x, up["wq_a"]), qn, 1e-6)
     q1 = f.rope(f.rms_norm(f.linear(qr1, up["wq_b"]).view(T, H, Dh), None, 1e-6), cos, sin)
     kv1 = f.rope(f.rms_norm(f.linear(x, up["wkv"]), kvn, 1e-6), cos, sin)
     assert torch.equal(qr, qr1) and torch.equal(q, q1) and torch.equal(kv, kv1)
-    keys, sink = randn(S, Dh), randn(H)
-    out = f.attn_output(q, keys, sink, Dh ** -0.5, cos, sin, up["wo_a"], G, up["wo_b"])
     o = f.rope(f.attention(q, keys, torch.zeros(T, S), sink, Dh ** -0.5), cos, sin, inverse=True)
     assert torch.equal(out, f.linear(f.grouped_linear(o.reshape(T, G, -1), up["wo_a"]).flatten(1), up["wo_b"]))
     # not on the fast path: None, and the model runs the ops one by one
     assert f.attn_project(x, up["wq_a"].dequantize(), qn, up["wq_b"], up["wkv"], kvn, cos, sin, H, 1e-6) is None
     assert f.attn_output(q.double(), keys, sink, 1.0, cos, sin, up["wo_a"], G, up["wo_b"]) is None
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "bf16", "int4-g32"])
+@pytest.mark.parametrize("T,b", [(1, 0), (1, 3), (3, 2), (cpu_quant.GEMV_MAX_ROWS + 4, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_compress_project_bit_identical_to_the_ops(fmt, T, b, threads):
+    """compress_project = (cat([kv, linear(x, wkv)]), cat([gate, linear(x, wgate)])) bit for bit, with and without
+    buffered rows, decode and prefill rows, 1 and 2 threads (its two GEMVs share one parallel region)."""
+    f, D, C = torch_fast, 128, 96
+    wkv, wgate = cpu_quant.upload(quant(fmt, C, D, seed=1)), cpu_quant.upload(quant(fmt, C, D, seed=2))
+    x, kv, gate = randn(T, D), randn(b, C), randn(b, C)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = f.compress_project(x, kv, gate, wkv, wgate)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], torch.cat([kv, f.linear(x, wkv)]))
+    assert torch.equal(got[1], torch.cat([gate, f.linear(x, wgate)]))
+    assert f.compress_project(x, kv, gate, wkv.dequantize(), wgate) is None  # not on the fast path
 
 
 def _unfused_backend():
@@ -524,11 +633,23 @@ def _unfused_backend():
 
 
 @needs_ext
-def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release, threads):
     """A whole model (flash-tiny: hash and biased routers, SWA / CSA / HCA layers) with every fused sequence
     (gated_moe included) gives bit-identical logits and decode state to the same fast ops run one by one, over a
-    prefill and decode steps; every fused sequence ran."""
+    prefill and decode steps, on 1 thread and on 2 (the fused sequences' GEMVs split by rows); every fused sequence
+    ran."""
     from flashport.engine import Engine
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _fused_decode_equals_the_ops(tiny_release, Engine)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fused_decode_equals_the_ops(tiny_release, Engine):
 
     eng = Engine.load(tiny_release, backend="torch")
     fused_be, calls = torch_fast.FastTorchBackend(), {}
@@ -553,6 +674,57 @@ def test_fused_decode_bit_identical_to_the_ops_one_by_one(tiny_release):
     assert all(torch.equal(a, b) for a, b in zip(fo, po))
     assert fs.keys() == ps.keys() and all(torch.equal(fs[k], ps[k]) for k in fs)
     assert set(calls) == set(FUSED) and min(calls.values()) > 0
+
+
+def _moe_layer(fmt, k, T, hashed, ties, seed=0):
+    """A model.MoE (16 routed experts of 64 x 128 in `fmt`, the shared one in FP8) with its inputs; ties: every
+    router score equal (zero gate weights and bias: torch.topk's own tie rule decides the picks)."""
+    from flashport.config import PRESETS, ModelConfig
+    from flashport.model import MoE
+
+    cfg = ModelConfig(**{**PRESETS["flash-tiny"], "n_routed_experts": 16, "num_experts_per_tok": k})
+    moe = MoE(cfg, 0 if hashed else cfg.num_hash_layers)
+    gen = torch.Generator().manual_seed(seed)
+    moe.gate.weight.data.copy_(torch.randn(16, 128, generator=gen) * (0.0 if ties else 0.3))
+    if hashed:  # a token's row may name one expert twice: that expert then gets more rows than tokens
+        moe.gate.tid2eid.copy_(torch.randint(0, 16, moe.gate.tid2eid.shape, generator=gen))
+    else:
+        moe.gate.bias.data.copy_(torch.zeros(16) if ties else torch.randn(16, generator=gen) * 0.1)
+    for i, lin in enumerate(m for m in moe.modules() if type(m).__name__ == "Linear"):
+        shared = any(lin is getattr(moe.shared_experts, n) for n in ("w1", "w2", "w3"))
+        lin.packed = quant("fp8-e4m3-block128-ue8m0" if shared else fmt, *lin.weight.shape, seed=seed + i)
+    return moe, torch.randn(T, 128, generator=gen), torch.randint(0, 8192, (T,), generator=gen)
+
+
+_MOE_FORMATS = ["mxfp4", "fp8-e4m3-block128-ue8m0", "int4-g32"]
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt,k,T,threads", [
+    *((f, k, T, 1) for f in _MOE_FORMATS for k in (1, 4, 6, 8) for T in (1, 3, cpu_quant.GEMV_MAX_ROWS + 4)),
+    # 2 threads: each parallel region waits for a descheduled thread on a loaded machine, so fewer cases
+    ("mxfp4", 6, 1, 2), ("fp8-e4m3-block128-ue8m0", 4, 3, 2), ("int4-g32", 8, 1, 2)])
+def test_gated_moe_bit_identical_to_the_ops(fmt, k, T, threads):
+    """The fused gated_moe (its router in C++, the experts' GEMVs in two parallel regions with w2 split by rows)
+    equals model.Gate + the moe op for the routed experts + the moe op for the shared one, bit for bit: biased and
+    hash routers (a hash row may repeat an expert), every score tied (torch.topk's tie rule, by the fallback),
+    k below and at 8 (ATen's sum order), decode and prefill rows, 1 and 2 threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for hashed, ties in ((False, False), (False, True), (True, False)):
+            moe, x, ids = _moe_layer(fmt, k, T, hashed, ties, seed=k * 10 + T)
+            with torch.no_grad():
+                moe.apply(lambda m: setattr(m, "ops", Ops(_unfused_backend())))
+                want = moe(x, ids)
+                ops = Ops(torch_fast.FastTorchBackend())
+                moe.apply(lambda m: setattr(m, "ops", ops))
+                got = ops.gated_moe(x, ids, moe.gate.weight, moe.gate.tid2eid if hashed else None,
+                                    None if hashed else moe.gate.bias, k, moe.gate.cfg.routed_scaling_factor,
+                                    moe.experts, moe.shared_experts, moe.limit)
+            assert got is not None and torch.equal(got, want), (hashed, ties)
+    finally:
+        torch.set_num_threads(before)
 
 
 @needs_ext

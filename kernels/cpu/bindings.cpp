@@ -32,13 +32,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_project", &flashport::attn_project);
   m.def("attn_output", &flashport::attn_output);
   m.def("gated_moe", &flashport::gated_moe);
+  m.def("compress_project", &flashport::compress_project);
+  m.def("weight_parts", &flashport::weight_parts);
+  m.def("linear_parts", &flashport::linear_parts);
   m.def("rms_norm", &flashport::rms_norm);
   m.def("rope", &flashport::rope);
   m.def("hc_pre", &flashport::hc_pre);
   m.def("hc_post", &flashport::hc_post);
-  m.def("attention", &flashport::attention);
+  m.def("attention", &flashport::attention, pybind11::arg("q"), pybind11::arg("keys"), pybind11::arg("bias"),
+        pybind11::arg("sink"), pybind11::arg("scale"), pybind11::arg("split_heads") = false);
   m.def("flash_attention", &flashport::flash_attention);
-  m.def("decode_attention", &flashport::decode_attention);
+  m.def("decode_attention", &flashport::decode_attention, pybind11::arg("q"), pybind11::arg("keys"),
+        pybind11::arg("sink"), pybind11::arg("scale"), pybind11::arg("split") = false);
+  m.def("indexer_scores", &flashport::indexer_scores);
   m.def("indexer_fp4_scores", &flashport::indexer_fp4_scores);
   m.def("indexer_fp4_topk", &flashport::indexer_fp4_topk);
   m.def("fp4_rotate_quantize", &flashport::fp4_rotate_quantize);

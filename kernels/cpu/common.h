@@ -59,6 +59,9 @@ struct QW {
 // The routed (or shared) experts of one MoE layer, resolved once (built by torch_fast._expert_set): w1/w3/w2[e] of expert e
 struct ExpertSet {
   std::vector<QW> w1, w3, w2;
+  // gated_moe's cache: w2[e] split into w2_parts row ranges (one per thread), built on first use (fused_ops.cpp)
+  mutable std::vector<std::vector<QW>> w2_split;
+  mutable int64_t w2_parts = 0;
 };
 
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -75,6 +78,8 @@ Tensor linear(const Tensor& x, const QW& q, bool bf16 = false);  // bf16: the op
 Tensor grouped_linear(const Tensor& x, const QW& q);
 Tensor moe(const Tensor& x, const Tensor& weights, const Tensor& idx, const std::vector<int64_t>& ids,
            const std::vector<QW>& w1, const std::vector<QW>& w3, const std::vector<QW>& w2, double limit, bool bf16 = false);
+// T <= MAX_ROWS, no F32; rows_per_group > 0: grouped_linear's kernels
+void gemv_into(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy, int64_t rows_per_group = 0);
 
 // fused_ops.cpp: the final mHC collapse and the fused decode sequences (each the sequence of the kernels it names)
 Tensor hc_head(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale, double eps,
@@ -86,12 +91,18 @@ std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, c
                                      double eps, double norm_eps, const Tensor& weight, double weight_eps);
 std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
                                  const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
-                                 double eps);
+                                 double eps, const std::vector<QW>& wq_a_parts, const std::vector<QW>& wq_b_parts,
+                                 const std::vector<QW>& wkv_parts);
 Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
-                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b);
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b,
+                   const std::vector<QW>& wo_a_groups, const std::vector<QW>& wo_b_parts);
+std::vector<QW> weight_parts(const QW& q, int64_t parts, int64_t rows);  // row ranges (views) for parallel GEMVs
+Tensor linear_parts(const Tensor& x, const std::vector<QW>& parts);  // linear over weight_parts, one region
+std::vector<Tensor> compress_project(const Tensor& x, const Tensor& kv, const Tensor& gate, const QW& wkv,
+                                     const QW& wgate, bool split);
 Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx, int64_t k, double route_scale, const ExpertSet& routed,
-                 const ExpertSet& shared, double limit);
+                 const ExpertSet& shared, double limit, int64_t threads);
 
 // fused_ops.cpp: RMSNorm, RoPE, the mHC mixes and few-query sink attention (torch references: backends/reference.py)
 Tensor rms_norm(const Tensor& x, const c10::optional<Tensor>& weight, double eps);
@@ -99,9 +110,11 @@ Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
 std::vector<Tensor> hc_pre(const Tensor& streams, const Tensor& fn, const Tensor& base, const Tensor& scale,
                            int64_t iters, double eps, double norm_eps);
 Tensor hc_post(const Tensor& out, const Tensor& streams, const Tensor& post, const Tensor& comb);
-Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
+Tensor attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale,
+                 bool split_heads = false);
 Tensor flash_attention(const Tensor& q, const Tensor& keys, const Tensor& bias, const Tensor& sink, double scale);
-Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale);
+Tensor decode_attention(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, bool split = false);
+Tensor indexer_scores(const Tensor& q, const Tensor& keys, const Tensor& weights);
 
 // indexer_fp4.cpp: the lightning indexer in the release's FP4 numerics (torch reference:
 // quant/index_numerics.py index_scores, backends/indexer_fp4.py select)

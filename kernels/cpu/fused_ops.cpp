@@ -12,6 +12,7 @@
 
 // the few ATen operators the fused MoE gate calls (the same kernels as model.Gate's torch code)
 #include <ATen/ops/add.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/gather.h>
 #include <ATen/ops/mul.h>
@@ -179,11 +180,14 @@ Tensor hc_post(const Tensor& out_, const Tensor& streams_, const Tensor& post_, 
   return res;
 }
 
+constexpr int64_t HEADS_SPLIT_MIN = 1 << 16;  // split_heads: multiply-adds from which heads go to the threads
+
 // Sink attention for a few queries (decode): q [T, H, Dh], keys [S, Dh] (K = V), bias [T, S], sink [H] -> [T, H, Dh].
 // The reference's math per (t, h): logits = q . keys * scale + bias, softmax over [logits, sink], the probabilities
 // of the keys times the keys; one pass over the keys per query row with the logits in a buffer, no tensors
 // allocated but the output. TOLERANCE-BOUND (another summation order, libm's exp).
-Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_, double scale_) {
+Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, const Tensor& sink_, double scale_,
+                 bool split_heads) {
   Tensor q = q_.contiguous(), keys = keys_.contiguous(), bias = bias_.contiguous(), sink = sink_.contiguous();
   const int64_t T = q.size(0), H = q.size(1), Dh = q.size(2), S = keys.size(0);
   TORCH_CHECK(keys.size(1) == Dh && bias.size(0) == T && bias.size(1) == S && sink.numel() == H,
@@ -193,7 +197,10 @@ Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, con
               *sp = sink.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = float(scale_);
-  at::parallel_for(0, T * H, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(2 * S * Dh, 1)),
+  // split_heads: heads over the threads from HEADS_SPLIT_MIN multiply-adds (a decode step's few heads are worth one
+  // region), else from PARALLEL_MIN; each (t, h) is computed alone: the same bits on any number of threads
+  const int64_t min_work = split_heads ? HEADS_SPLIT_MIN : PARALLEL_MIN;
+  at::parallel_for(0, T * H, std::max<int64_t>(1, min_work / std::max<int64_t>(2 * S * Dh, 1)),
                    [&](int64_t a0, int64_t a1) {
     std::vector<float> p(S);
     for (int64_t a = a0; a < a1; a++) {
@@ -218,6 +225,30 @@ Tensor attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias_, con
         for (int64_t d = 0; d < Dh; d++) o[d] += w * k[d];
       }
     }
+  });
+  return out;
+}
+
+// The lightning indexer's scores for a few queries (decode): q [T, Hi, Di], keys [n, Di], weights [T, Hi] (the head
+// weights, the 1/sqrt(Di) already in) -> [T, n] = sum_h weights[t, h] * ReLU(q[t, h] . keys[s]); the reference's
+// math (reference.indexer_topk) per (query, entry), no [T, Hi, n] tensor. TOLERANCE-BOUND (another summation order).
+Tensor indexer_scores(const Tensor& q_, const Tensor& keys_, const Tensor& weights_) {
+  Tensor q = q_.contiguous(), keys = keys_.contiguous(), w = weights_.contiguous();
+  const int64_t T = q.size(0), Hi = q.size(1), Di = q.size(2), n = keys.size(0);
+  TORCH_CHECK(keys.size(1) == Di && w.size(0) == T && w.size(1) == Hi,
+              "indexer_scores: q [T, Hi, Di], keys [n, Di], weights [T, Hi]");
+  Tensor out = at::empty({T, n}, at::kFloat);
+  const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, std::max<int64_t>(1, PARALLEL_MIN / std::max<int64_t>(T * Hi * Di, 1)),
+                   [&](int64_t s0, int64_t s1) {
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t s = s0; s < s1; s++) {
+        const float* k = kp + s * Di;
+        float acc = 0.f;
+        for (int64_t h = 0; h < Hi; h++) acc += wp[t * Hi + h] * std::max(dot(qp + (t * Hi + h) * Di, k, Di), 0.f);
+        op[t * n + s] = acc;
+      }
   });
   return out;
 }
@@ -275,58 +306,380 @@ std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, c
   return {s, r[0], r[1], r[2]};
 }
 
+// Rows [n0, n1) of a weight as a weight of their own (views: no copy), or false when the layout cannot be split
+// there (FP8: n0 must start a 128-row scale block; an unknown layout: never).
+static bool weight_rows(const QW& q, int64_t n0, int64_t n1, QW& out) {
+  const int64_t n = n1 - n0;
+  out = QW{q.fmt, n, q.K, q.group, q.w.narrow(0, n0, n), Tensor(), Tensor()};
+  if (q.fmt == FMT_FP8) {
+    if (n0 % FP8_BLOCK) return false;
+    const int64_t b0 = n0 / FP8_BLOCK, b1 = (n1 + FP8_BLOCK - 1) / FP8_BLOCK;
+    out.scale = q.scale.narrow(0, b0, b1 - b0);
+    return true;
+  }
+  if (q.fmt == FMT_MXFP4 || q.fmt == FMT_I8 || q.fmt == FMT_I4) {
+    out.scale = q.scale.narrow(0, n0, n);
+    if (q.zp.defined()) out.zp = q.zp.narrow(0, n0, n);
+    return true;
+  }
+  return q.fmt == FMT_BF16;
+}
+
+// A weight as consecutive row ranges for `parts` threads (views: no copy), or {q} when it cannot be split: each
+// range a multiple of PART_ROWS rows (FP8: of its 128-row scale block), so every row meets the same kernel, in the
+// same row block, as in one GEMV over the whole weight (the decode kernels take rows in blocks of 4 from the first:
+// the same bits either way). rows > 0: ranges of exactly that many rows (a grouped projection's groups).
+constexpr int64_t PART_ROWS = 16;
+std::vector<QW> weight_parts(const QW& q, int64_t parts, int64_t rows) {
+  const int64_t align = q.fmt == FMT_FP8 ? FP8_BLOCK : PART_ROWS;
+  int64_t step = rows > 0 ? rows : (q.N + parts * align - 1) / (parts * align) * align;
+  std::vector<QW> out;
+  if (rows > 0 && (q.N % rows || rows % align)) return {q};
+  for (int64_t n0 = 0; n0 < q.N; n0 += step) {
+    QW part;
+    if (!weight_rows(q, n0, std::min(q.N, n0 + step), part)) return {q};
+    out.push_back(part);
+  }
+  return out;
+}
+
+// One GEMV over a row range of a weight: y[t * ldy + n] = x_t . W[n] (x rows ldx apart), T rows; grouped: a
+// grouped projection's group (grouped_linear's kernels, which differ from linear's for int4)
+struct Unit {
+  const QW* q;
+  const float* x;
+  int64_t ldx;
+  float* y;
+  int64_t ldy;
+  bool grouped = false;
+};
+
+// Every unit in one parallel region (one unit per thread's share: a decode step's GEMVs are too small to split
+// each of them over threads, every parallel region waking the others)
+static void run_units(const std::vector<Unit>& u, int64_t T) {
+  at::parallel_for(0, int64_t(u.size()), 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; a++) {
+      const Unit& v = u[a];
+      gemv_into(*v.q, v.x, T, v.ldx, v.y, v.ldy, v.grouped ? v.q->N : 0);  // one group: its rows read x as given
+    }
+  });
+}
+
+// The units of y [T, N] = x [T, K] @ W.T over W's parts (consecutive row ranges)
+static void add_units(std::vector<Unit>& u, const std::vector<QW>& parts, const float* x, int64_t ldx, float* y,
+                      int64_t ldy) {
+  int64_t row0 = 0;
+  for (const QW& p : parts) {
+    u.push_back(Unit{&p, x, ldx, y + row0, ldy});
+    row0 += p.N;
+  }
+}
+
+// linear(x, W) for decode rows over W's parts (weight_parts: consecutive row ranges), one parallel region: x [T, K]
+// (T <= MAX_ROWS) -> [T, N]. BIT-IDENTICAL to linear (the same kernel per row).
+Tensor linear_parts(const Tensor& x_, const std::vector<QW>& parts) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0);
+  int64_t N = 0;
+  for (const QW& p : parts) N += p.N;
+  TORCH_CHECK(T <= MAX_ROWS && !parts.empty() && x.size(1) == parts[0].K, "linear_parts: x [T <= MAX_ROWS, K]");
+  Tensor y = at::empty({T, N}, at::kFloat);
+  std::vector<Unit> u;
+  add_units(u, parts, x.data_ptr<float>(), x.size(1), y.data_ptr<float>(), N);
+  run_units(u, T);
+  return y;
+}
+
 // The attention's projections of x [T, D]: qr = q_norm(wq_a x) [T, q_lora]; q = rope(rms_norm(wq_b qr as
 // [T, H, Dh])) ; kv = rope(kv_norm(wkv x)) [T, Dh]; every RMSNorm with eps. -> (qr, q, kv)
-std::vector<Tensor> attn_project(const Tensor& x, const QW& wq_a, const Tensor& q_norm, const QW& wq_b, const QW& wkv,
-                                 const Tensor& kv_norm, const Tensor& cos, const Tensor& sin, int64_t heads,
-                                 double eps) {
-  const int64_t T = x.size(0);
-  Tensor qr = rms_norm(linear(x, wq_a), q_norm, eps);
-  Tensor q = rope(rms_norm(linear(qr, wq_b).view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
-  Tensor kv = rope(rms_norm(linear(x, wkv), kv_norm, eps), cos, sin, false);
+std::vector<Tensor> attn_project(const Tensor& x_, const QW& wq_a, const Tensor& q_norm, const QW& wq_b,
+                                 const QW& wkv, const Tensor& kv_norm, const Tensor& cos, const Tensor& sin,
+                                 int64_t heads, double eps, const std::vector<QW>& wq_a_parts,
+                                 const std::vector<QW>& wq_b_parts, const std::vector<QW>& wkv_parts) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), D = x.size(1);
+  if (wq_a_parts.empty() || wq_b_parts.empty() || wkv_parts.empty() || T > MAX_ROWS) {
+    Tensor qr = rms_norm(linear(x, wq_a), q_norm, eps);
+    Tensor q = rope(rms_norm(linear(qr, wq_b).view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
+    Tensor kv = rope(rms_norm(linear(x, wkv), kv_norm, eps), cos, sin, false);
+    return {qr, q, kv};
+  }
+  // the parts (one per thread): wq_a and wkv in one parallel region, wq_b in a second
+  Tensor qa = at::empty({T, wq_a.N}, at::kFloat), kva = at::empty({T, wkv.N}, at::kFloat);
+  std::vector<Unit> u;
+  add_units(u, wq_a_parts, x.data_ptr<float>(), D, qa.data_ptr<float>(), wq_a.N);
+  add_units(u, wkv_parts, x.data_ptr<float>(), D, kva.data_ptr<float>(), wkv.N);
+  run_units(u, T);
+  Tensor qr = rms_norm(qa, q_norm, eps), qb = at::empty({T, wq_b.N}, at::kFloat);
+  u.clear();
+  add_units(u, wq_b_parts, qr.data_ptr<float>(), wq_b.K, qb.data_ptr<float>(), wq_b.N);
+  run_units(u, T);
+  Tensor q = rope(rms_norm(qb.view({T, heads, -1}), c10::nullopt, eps), cos, sin, false);
+  Tensor kv = rope(rms_norm(kva, kv_norm, eps), cos, sin, false);
   return {qr, q, kv};
 }
 
 // Decode attention over keys every query sees (bias 0; one row: decode_attention, below), RoPE rotated back, the
-// grouped wo_a over `groups` groups and wo_b: q [T, H, Dh], keys [S, Dh], sink [H] -> [T, D]
+// grouped wo_a over `groups` groups and wo_b: q [T, H, Dh], keys [S, Dh], sink [H] -> [T, D]. With parts (more than
+// one thread): wo_a's groups in one parallel region, wo_b's parts in a second.
 Tensor attn_output(const Tensor& q, const Tensor& keys, const Tensor& sink, double scale, const Tensor& cos,
-                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b) {
+                   const Tensor& sin, const QW& wo_a, int64_t groups, const QW& wo_b,
+                   const std::vector<QW>& wo_a_groups, const std::vector<QW>& wo_b_parts) {
   const int64_t T = q.size(0);
-  Tensor o = T == 1 ? decode_attention(q, keys, sink, scale)
-                   : attention(q, keys, at::zeros({T, keys.size(0)}, at::kFloat), sink, scale);
+  Tensor o = T == 1 ? decode_attention(q, keys, sink, scale, !wo_b_parts.empty())
+                   : attention(q, keys, at::zeros({T, keys.size(0)}, at::kFloat), sink, scale, !wo_b_parts.empty());
   o = rope(o, cos, sin, true);
-  o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
-  return linear(o.flatten(1), wo_b);
+  if (int64_t(wo_a_groups.size()) != groups || wo_b_parts.empty() || T > MAX_ROWS) {
+    o = grouped_linear(o.reshape({T, groups, -1}), wo_a);
+    return linear(o.flatten(1), wo_b);
+  }
+  const int64_t I = wo_a.K, GR = wo_a.N;  // group g: rows g * GR / groups.. of wo_a against o's columns g * I..
+  TORCH_CHECK(o.numel() == T * groups * I, "attn_output: wo_a [G * R, H * Dh / G]");
+  Tensor oa = at::empty({T, GR}, at::kFloat), out = at::empty({T, wo_b.N}, at::kFloat);
+  std::vector<Unit> u;
+  for (int64_t g = 0; g < groups; g++)
+    u.push_back(Unit{&wo_a_groups[g], o.data_ptr<float>() + g * I, groups * I, oa.data_ptr<float>() + g * (GR / groups),
+                     GR, true});
+  run_units(u, T);
+  u.clear();
+  add_units(u, wo_b_parts, oa.data_ptr<float>(), GR, out.data_ptr<float>(), wo_b.N);
+  run_units(u, T);
+  return out;
 }
 
-// model.MoE on x [T, D]: the router (scores = sqrt(softplus(x gate_w^T)); the top-k of scores + bias, or the given
-// idx [T, k] on hash layers; weights = the picks' scores renormalised to 1 times route_scale) with the same ATen
-// operators as model.Gate, then the routed experts and the shared expert (weight 1) through `moe`, summed.
-Tensor gated_moe(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+// A compressor's projections of x [T, D] appended to its buffered rows kv / gate [b, C]: (cat([kv, linear(x, wkv)]),
+// cat([gate, linear(x, wgate)])) [b + T, C] each. Decode rows run the GEMV kernel straight into the new rows (the
+// two GEMVs in one parallel region when `split`); more rows: linear and cat. BIT-IDENTICAL to those ops.
+std::vector<Tensor> compress_project(const Tensor& x_, const Tensor& kv, const Tensor& gate, const QW& wkv,
+                                     const QW& wgate, bool split) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), b = kv.size(0), C = wkv.N;
+  TORCH_CHECK(wgate.N == C && kv.size(1) == C && gate.size(0) == b && gate.size(1) == C,
+              "compress_project: kv, gate [b, C], wkv, wgate [C, D]");
+  if (T > MAX_ROWS || wkv.fmt == FMT_F32 || wgate.fmt == FMT_F32)
+    return {at::cat({kv, linear(x, wkv)}), at::cat({gate, linear(x, wgate)})};
+  Tensor out[2] = {at::empty({b + T, C}, at::kFloat), at::empty({b + T, C}, at::kFloat)};
+  out[0].narrow(0, 0, b).copy_(kv);
+  out[1].narrow(0, 0, b).copy_(gate);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, 2, split ? 1 : 2, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; a++) gemv_into(a ? wgate : wkv, xp, T, x.size(1), out[a].data_ptr<float>() + b * C, C);
+  });
+  return {out[0], out[1]};
+}
+
+// The router of model.Gate for T rows, bit for bit: scores = sqrt(softplus(x gate_w^T)) (mm, softplus and sqrt by
+// ATen, as model.Gate calls them: softplus's threshold rule and torch's vectorised exp/log1p/sqrt, which are not
+// libm's: torch's fp32 sqrt differs from std::sqrt in the last bit now and then); picks = the top-k of scores +
+// bias, or idx (hash layers); weights = the picks' scores / (their sum + 1e-20) * route_scale. The selection is
+// plain C++ (a partial insertion sort, descending like torch.topk), so a row whose top k+1 biased scores hold a tie
+// or a NaN, where torch.topk's own tie rule decides which win and in which order (reference.topk_indices), takes
+// at::topk instead. The sum over the k picks follows ATen's inner-sum order for k < 8 (4 partial sums of every 4th
+// pick, the rest added to the first, then the 4 joined left to right: SumKernel.cpp's row_sum); k >= 8 takes
+// at::sum. -> ip [T*k] expert ids, wp [T*k] weights.
+static void route(const Tensor& x, const Tensor& gate_w, const c10::optional<Tensor>& bias,
+                  const c10::optional<Tensor>& idx_, int64_t k, double route_scale, std::vector<int64_t>& ip,
+                  std::vector<float>& wp) {
+  const int64_t T = x.size(0), E = gate_w.size(0);
+  Tensor scores = at::softplus(at::mm(x, gate_w.t())).sqrt_().contiguous();  // [T, E]
+  const float* sp = scores.data_ptr<float>();
+  ip.assign(T * k, 0);
+  wp.assign(T * k, 0.f);
+  if (idx_.has_value() && idx_->defined()) {
+    Tensor il = idx_->contiguous().to(at::kLong);
+    std::copy(il.data_ptr<int64_t>(), il.data_ptr<int64_t>() + T * k, ip.begin());
+  } else {
+    Tensor bt = bias->contiguous();
+    const float* bp = bt.data_ptr<float>();
+    std::vector<float> top(k + 1);
+    std::vector<int64_t> at_(k + 1);
+    const int64_t kk = std::min(k + 1, E);  // the k picks and the first one left out (a tie there decides the set)
+    bool fallback = false;
+    for (int64_t t = 0; t < T && !fallback; t++) {
+      int64_t m = 0;
+      for (int64_t e = 0; e < E; e++) {
+        const float v = sp[t * E + e] + bp[e];
+        if (std::isnan(v)) { fallback = true; break; }
+        if (m == kk && !(v > top[m - 1])) continue;  // not above the smallest kept (equal: a tie, checked below)
+        int64_t j = m < kk ? m++ : m - 1;
+        for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1], at_[j] = at_[j - 1];
+        top[j] = v, at_[j] = e;
+      }
+      for (int64_t j = 0; j + 1 < m && !fallback; j++) fallback = top[j] == top[j + 1];
+      if (!fallback && m == kk && kk == k + 1) {  // a value equal to the (k+1)-th, seen after it, was skipped
+        int64_t eq = 0;
+        for (int64_t e = 0; e < E; e++) eq += sp[t * E + e] + bp[e] == top[k];
+        fallback = eq > 1;
+      }
+      std::copy(at_.begin(), at_.begin() + k, ip.begin() + t * k);
+    }
+    if (fallback) {  // torch's own selection, as model.Gate makes it
+      Tensor il = std::get<1>(at::topk(at::add(scores, bt), k)).contiguous();
+      std::copy(il.data_ptr<int64_t>(), il.data_ptr<int64_t>() + T * k, ip.begin());
+    }
+  }
+  for (int64_t i = 0; i < T * k; i++)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < E, "gated_moe: expert id ", ip[i], " out of range (", E, " experts)");
+  if (k >= 8) {  // ATen's vectorised inner sum: its own order
+    Tensor w = at::gather(scores, 1, at::from_blob(ip.data(), {T, k}, at::kLong));
+    w = at::mul(at::div(w, at::add(at::sum(w, {-1}, true), 1e-20)), route_scale).contiguous();
+    std::copy(w.data_ptr<float>(), w.data_ptr<float>() + T * k, wp.begin());
+    return;
+  }
+  const float scale = float(route_scale);
+  for (int64_t t = 0; t < T; t++) {
+    float* w = wp.data() + t * k;
+    for (int64_t j = 0; j < k; j++) w[j] = sp[t * E + ip[t * k + j]];
+    float s;
+    if (k < 4) {
+      s = w[0];
+      for (int64_t j = 1; j < k; j++) s += w[j];
+    } else {
+      float p[4] = {w[0], w[1], w[2], w[3]};
+      for (int64_t j = 4; j < k; j++) p[0] += w[j];
+      s = ((p[0] + p[1]) + p[2]) + p[3];
+    }
+    const float d = s + 1e-20f;
+    for (int64_t j = 0; j < k; j++) w[j] = w[j] / d * scale;
+  }
+}
+
+// w2 of every expert split into `parts` row ranges (weight_parts), cached in the set
+static const std::vector<std::vector<QW>>& w2_split(const ExpertSet& s, int64_t parts) {
+  if (s.w2_parts != parts) {
+    std::vector<std::vector<QW>> split(s.w2.size());
+    for (size_t e = 0; e < s.w2.size(); e++) split[e] = weight_parts(s.w2[e], parts, 0);
+    s.w2_split = std::move(split);
+    s.w2_parts = parts;
+  }
+  return s.w2_split;
+}
+
+// model.MoE on x [T, D]: the router (`route` above: model.Gate bit for bit), the routed experts and the shared expert
+// (weight 1), summed. For T <= MAX_ROWS (decode) with compact weights and threads > 1 the experts run in two
+// parallel regions, whatever their number: (1) every picked expert's w1 and w3 GEMVs (one unit each), (2) every
+// expert's SwiGLU and w2 GEMV, w2 split by rows into one part per thread (threads = 1: the same units in order, on
+// the calling thread); then the outputs are summed on one thread in the order of
+// `moe` (routed experts ascending, then the shared expert added). Each output row comes from the same GEMV kernel
+// as in `moe` and every sum keeps its order, so the result is BIT-IDENTICAL to `moe` (routed) + `moe` (shared),
+// the ops one by one, at any thread count. More rows (prefill) or an fp32 weight: exactly those two `moe` calls.
+Tensor gated_moe(const Tensor& x_, const Tensor& gate_w, const c10::optional<Tensor>& bias,
                  const c10::optional<Tensor>& idx_, int64_t k, double route_scale, const ExpertSet& routed,
-                 const ExpertSet& shared, double limit) {
-  const int64_t T = x.size(0);
-  Tensor scores = at::sqrt(at::softplus(at::mm(x, gate_w.t())));  // [T, E]
-  Tensor idx = idx_.has_value() && idx_->defined() ? *idx_ : std::get<1>(at::topk(at::add(scores, *bias), k));
-  Tensor w = at::gather(scores, 1, idx);
-  w = at::mul(at::div(w, at::add(at::sum(w, {-1}, true), 1e-20)), route_scale);
-  Tensor il = idx.contiguous().to(at::kLong);
-  const int64_t* ip = il.data_ptr<int64_t>();
-  std::vector<int64_t> ids(ip, ip + il.numel());
+                 const ExpertSet& shared, double limit_, int64_t threads) {
+  Tensor x = x_.contiguous();
+  const int64_t T = x.size(0), D = x.size(1);
+  std::vector<int64_t> ip;
+  std::vector<float> wp;
+  route(x, gate_w, bias, idx_, k, route_scale, ip, wp);
+  std::vector<int64_t> ids(ip);
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-  std::vector<QW> w1, w3, w2;
-  const int64_t E = routed.w1.size();
+  // the experts of this step: the routed ones ascending, then the shared one (every row, weight 1)
+  struct Job { const QW *w1, *w3, *w2; std::vector<int64_t> rows; std::vector<float> c; };
+  std::vector<Job> jobs;
   for (int64_t e : ids) {
-    TORCH_CHECK(e >= 0 && e < E, "gated_moe: expert id out of range");
-    w1.push_back(routed.w1[e]);
-    w3.push_back(routed.w3[e]);
-    w2.push_back(routed.w2[e]);
+    Job j{&routed.w1[e], &routed.w3[e], &routed.w2[e], {}, {}};
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t s = 0; s < k; s++)
+        if (ip[t * k + s] == e) j.rows.push_back(t), j.c.push_back(wp[t * k + s]);
+    jobs.push_back(std::move(j));
   }
-  Tensor out = moe(x, w, il, ids, w1, w3, w2, limit);
-  Tensor sh = moe(x, at::ones({T, 1}, at::kFloat), at::zeros({T, 1}, at::kLong), {0}, shared.w1, shared.w3, shared.w2,
-                  limit);
-  return out.add_(sh);
+  bool compact = T <= MAX_ROWS && shared.w1.size() == 1;
+  if (compact) {
+    Job sj{&shared.w1[0], &shared.w3[0], &shared.w2[0], {}, std::vector<float>(T, 1.f)};
+    for (int64_t t = 0; t < T; t++) sj.rows.push_back(t);
+    jobs.push_back(std::move(sj));
+  }
+  for (size_t j = 0; j < jobs.size() && compact; j++)  // moe's GEMV path: <= MAX_ROWS rows (a hash table may repeat
+    compact = int64_t(jobs[j].rows.size()) <= MAX_ROWS && jobs[j].w1->fmt != FMT_F32 &&  // an expert in a row)
+              jobs[j].w3->fmt != FMT_F32 && jobs[j].w2->fmt != FMT_F32;
+  if (!compact) {
+    std::vector<QW> w1, w3, w2;
+    for (int64_t e : ids) w1.push_back(routed.w1[e]), w3.push_back(routed.w3[e]), w2.push_back(routed.w2[e]);
+    Tensor out = moe(x, at::from_blob(wp.data(), {T, k}, at::kFloat), at::from_blob(ip.data(), {T, k}, at::kLong),
+                     ids, w1, w3, w2, limit_);
+    Tensor sh = moe(x, at::ones({T, 1}, at::kFloat), at::zeros({T, 1}, at::kLong), {0}, shared.w1, shared.w3,
+                    shared.w2, limit_);
+    return out.add_(sh);
+  }
+  const int64_t J = jobs.size();
+  // w2 in one row range per thread
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, 8)), grain = parts > 1 ? 1 : 1 << 30;
+  const auto& split = w2_split(routed, parts);
+  const auto& split_sh = w2_split(shared, parts);
+  auto consecutive = [](const std::vector<int64_t>& r) {  // r[0], r[0] + 1, ... (a hash row may repeat an expert)
+    for (size_t i = 1; i < r.size(); i++)
+      if (r[i] != r[0] + int64_t(i)) return false;
+    return true;
+  };
+  // per job: its rows of x (consecutive rows read in place, others gathered), w1 x and w3 x [n, I], the output [n, D]
+  const float* xp = x.data_ptr<float>();
+  std::vector<const float*> xin(J);
+  std::vector<int64_t> go(J), yo(J);
+  int64_t xs = 0, gs = 0, ys = 0;
+  for (int64_t j = 0; j < J; j++) {
+    const std::vector<int64_t>& r = jobs[j].rows;
+    const int64_t n = r.size();
+    go[j] = gs, gs += n * jobs[j].w1->N;
+    yo[j] = ys, ys += n * D;
+    if (!consecutive(r)) xs += n * D;
+  }
+  std::vector<float> xbuf(xs), gbuf(gs), ubuf(gs), ybuf(ys);
+  for (int64_t j = 0, off = 0; j < J; j++) {
+    const std::vector<int64_t>& r = jobs[j].rows;
+    const int64_t n = r.size();
+    if (consecutive(r)) { xin[j] = xp + r.front() * D; continue; }
+    for (int64_t i = 0; i < n; i++) std::memcpy(xbuf.data() + off + i * D, xp + r[i] * D, D * sizeof(float));
+    xin[j] = xbuf.data() + off, off += n * D;
+  }
+  at::parallel_for(0, 2 * J, grain, [&](int64_t a0, int64_t a1) {  // (1) w1 and w3 of every expert
+    for (int64_t a = a0; a < a1; a++) {
+      const Job& b = jobs[a / 2];
+      const QW& q = a % 2 ? *b.w3 : *b.w1;
+      gemv_into(q, xin[a / 2], b.rows.size(), D, (a % 2 ? ubuf : gbuf).data() + go[a / 2], q.N);
+    }
+  });
+  std::vector<const std::vector<QW>*> w2(J);  // each job's w2 parts
+  std::vector<int64_t> unit_job, unit_part;
+  for (int64_t j = 0; j < J; j++) {
+    w2[j] = j + 1 < J ? &split[jobs[j].w2 - routed.w2.data()] : &split_sh[0];
+    for (size_t p = 0; p < w2[j]->size(); p++) unit_job.push_back(j), unit_part.push_back(p);
+  }
+  const float limit = float(limit_);
+  at::parallel_for(0, int64_t(unit_job.size()), grain, [&](int64_t a0, int64_t a1) {  // (2) SwiGLU and w2 (parts)
+    std::vector<float> act;
+    for (int64_t a = a0; a < a1; a++) {
+      const int64_t j = unit_job[a];
+      const Job& b = jobs[j];
+      const int64_t I = b.w1->N, n = b.rows.size();
+      act.resize(n * I);
+      const float *g = gbuf.data() + go[j], *u = ubuf.data() + go[j];
+      for (int64_t i = 0; i < n * I; i++) {  // moe's SwiGLU, statement for statement
+        const float c = std::min(g[i], limit);
+        const float v = std::min(std::max(u[i], -limit), limit);
+        act[i] = c / (1.f + std::exp(-c)) * v;
+      }
+      const std::vector<QW>& parts_j = *w2[j];
+      int64_t row0 = 0;
+      for (int64_t p = 0; p < unit_part[a]; p++) row0 += parts_j[p].N;
+      gemv_into(parts_j[unit_part[a]], act.data(), n, I, ybuf.data() + yo[j] + row0, D);
+    }
+  });
+  Tensor out = at::zeros({T, D}, at::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t j = 0; j + 1 < J; j++) {  // routed, ascending: moe's accumulation
+    const Job& b = jobs[j];
+    for (size_t r = 0; r < b.rows.size(); r++) {
+      const float c = b.c[r];
+      float* dst = op + b.rows[r] * D;
+      const float* src = ybuf.data() + yo[j] + r * D;
+      #pragma omp simd
+      for (int64_t d = 0; d < D; d++) dst[d] += src[d] * c;
+    }
+  }
+  const float* sy = ybuf.data() + yo[J - 1];  // the shared expert: moe's (0 + y * 1), then added
+  for (int64_t i = 0; i < T * D; i++) op[i] += 0.f + sy[i] * 1.f;
+  return out;
 }
 
 // -- prefill attention: online softmax over key tiles -----------------------------------------------------------
@@ -599,48 +952,57 @@ static inline void da_logits(const float* qp, int64_t H, const float* k, int64_t
     for (int64_t s = 0; s < n; s++) lg[h * FA_KT + s] = dot(qp + h * Dh, k + s * Dh, Dh) * scale;
 }
 
-Tensor decode_attention(const Tensor& q_, const Tensor& keys_, const Tensor& sink_, double scale_) {
+Tensor decode_attention(const Tensor& q_, const Tensor& keys_, const Tensor& sink_, double scale_, bool split) {
   Tensor q = q_.contiguous(), keys = keys_.contiguous(), sink = sink_.contiguous();
   const int64_t H = q.size(1), Dh = q.size(2), S = keys.size(0);
   TORCH_CHECK(q.size(0) == 1 && keys.size(1) == Dh && sink.numel() == H,
               "decode_attention: q [1, H, Dh], keys [S, Dh], sink [H]");
   const float *qp = q.data_ptr<float>(), *kp = keys.data_ptr<float>(), *sp = sink.data_ptr<float>();
   const float scale = float(scale_);
-  const int64_t nseg = std::max<int64_t>(1, (S + DA_SEG - 1) / DA_SEG);
+  constexpr int NP = 4;  // heads per group: the logits and the weighted sum read a key once for NP heads
+  const int64_t nseg = std::max<int64_t>(1, (S + DA_SEG - 1) / DA_SEG), ngr = (H + NP - 1) / NP;
   std::vector<float> M(nseg * H), L(nseg * H), acc(nseg * H * Dh, 0.f);
-  constexpr int NP = 4;
-  auto segment = [&](int64_t sg) {
+  // one work item: a segment of keys for a group of NP heads. Each head's arithmetic is the same in any item
+  // layout and on any thread, so the result does not depend on how the items are spread.
+  auto item = [&](int64_t it) {
+    const int64_t sg = it / ngr, h0 = it % ngr * NP, nh = std::min<int64_t>(NP, H - h0);
     float *Ms = M.data() + sg * H, *Ls = L.data() + sg * H, *as = acc.data() + sg * H * Dh;
-    for (int64_t h = 0; h < H; h++)  // the sink joins once, as segment 0's initial state (flash_attention's)
+    for (int64_t h = h0; h < h0 + nh; h++)  // the sink joins once, as segment 0's initial state (flash_attention's)
       Ms[h] = sg == 0 ? sp[h] : -INFINITY, Ls[h] = sg == 0 ? 1.f : 0.f;
-    std::vector<float> lg(H * FA_KT);
-    std::vector<float*> o(H);
-    for (int64_t h = 0; h < H; h++) o[h] = as + h * Dh;
+    alignas(64) float lg[NP * FA_KT];
+    float* o[NP];
+    for (int64_t i = 0; i < nh; i++) o[i] = as + (h0 + i) * Dh;
     const int64_t end = std::min(S, (sg + 1) * DA_SEG);
     for (int64_t s0 = sg * DA_SEG; s0 < end; s0 += FA_KT) {
       const int64_t n = std::min(FA_KT, end - s0);
       const float* k = kp + s0 * Dh;
-      da_logits(qp, H, k, n, Dh, scale, lg.data());
-      for (int64_t h = 0; h < H; h++) {
-        float* l = lg.data() + h * FA_KT;
+      da_logits(qp + h0 * Dh, nh, k, n, Dh, scale, lg);
+      for (int64_t i = 0; i < nh; i++) {
+        const int64_t h = h0 + i;
+        float* l = lg + i * FA_KT;
         const float mx = *std::max_element(l, l + n);
         if (mx > Ms[h]) {  // the max grew: rescale what was summed so far
           const float c = std::exp(Ms[h] - mx);
           Ls[h] *= c;
-          for (int64_t d = 0; d < Dh; d++) o[h][d] *= c;
+          for (int64_t d = 0; d < Dh; d++) o[i][d] *= c;
           Ms[h] = mx;
         }
         Ls[h] += fa_exp(l, Ms[h]);
       }
-      int64_t g = 0;
-      for (; g + NP <= H; g += NP) fa_accumulate<NP>(lg.data() + g * FA_KT, k, n, Dh, &o[g]);
-      for (; g < H; g++) fa_accumulate<1>(lg.data() + g * FA_KT, k, n, Dh, &o[g]);
+      if (nh == NP) {
+        fa_accumulate<NP>(lg, k, n, Dh, o);
+      } else {
+        for (int64_t i = 0; i < nh; i++) fa_accumulate<1>(lg + i * FA_KT, k, n, Dh, &o[i]);
+      }
     }
   };
-  if (nseg == 1 || S * H * Dh < PARALLEL_MIN) {
-    for (int64_t sg = 0; sg < nseg; sg++) segment(sg);
+  // split (decode on more than one thread, torch_fast's rule): items over the threads from HEADS_SPLIT_MIN
+  // multiply-adds, else from PARALLEL_MIN
+  const int64_t work = S * H * Dh, items = nseg * ngr;
+  if (items > 1 && work >= (split ? HEADS_SPLIT_MIN : PARALLEL_MIN)) {
+    at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) { for (int64_t it = a; it < b; it++) item(it); });
   } else {
-    at::parallel_for(0, nseg, 1, [&](int64_t a, int64_t b) { for (int64_t sg = a; sg < b; sg++) segment(sg); });
+    for (int64_t it = 0; it < items; it++) item(it);
   }
   Tensor out = at::empty({1, H, Dh}, at::kFloat);
   float* op = out.data_ptr<float>();

@@ -595,3 +595,16 @@ Tensor moe(const Tensor& x_, const Tensor& weights_, const Tensor& idx_, const s
 }
 
 }  // namespace flashport
+
+namespace flashport {
+
+// For fused callers (fused_ops.cpp) that run several GEMVs in one parallel region: y[t*ldy + n] = x_t . W[n] for
+// T <= MAX_ROWS rows of x (ldx apart), written in place, nothing allocated. The same kernels as `linear` (so the
+// same bits), or with rows_per_group > 0 as `grouped_linear`'s (row n reads x's group n / rows_per_group); called
+// inside a parallel region, gemv's own region runs on the calling thread.
+void gemv_into(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, int64_t ldy, int64_t rows_per_group) {
+  TORCH_CHECK(T >= 1 && T <= MAX_ROWS && q.fmt != FMT_F32, "gemv_into: 1..MAX_ROWS activation rows, a compact weight");
+  gemv(q, x, T, ldx, y, ldy, rows_per_group);
+}
+
+}  // namespace flashport
