@@ -217,6 +217,17 @@ static inline __m512 load_e4m3_x256(const uint8_t* w) {
   return _mm512_cvtph_ps(_mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000))));
 }
 
+// 32 codes at once, the same bits as two load_e4m3_x256 in one op fewer per 16: the code sign-extended to 16 bits
+// and shifted left by 7 has exponent and mantissa in place and the sign in bits 15 and 14; clearing bit 14 leaves
+// (s << 15) | (em << 7). The shift and the mask run on 32 codes per instruction.
+static inline void load_e4m3_x512(const uint8_t* w, __m512& lo, __m512& hi) {
+  const __m512i t = _mm512_and_si512(
+      _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 7),
+      _mm512_set1_epi16(short(0xBF80)));
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(t));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(t, 1));
+}
+
 // FP8 with 128x128 block scales; the R rows share one scale block row (sc). Per scale block two chains of 16-wide
 // partial sums, joined and scaled into the row's accumulator; the block's tail columns (K % 32) summed in scalar.
 template <int R, int T>
@@ -236,7 +247,8 @@ __attribute__((noinline)) static void rows_fp8(const uint8_t* w, int64_t ldw, co
       if (R > 1 && (k & 63) == 0)
         for (int r = 0; r < R; r++) prefetch(w + r * ldw + k);
       for (int r = 0; r < R; r++) {
-        const __m512 w0 = load_e4m3_x256(w + r * ldw + k), w1 = load_e4m3_x256(w + r * ldw + k + 16);
+        __m512 w0, w1;
+        load_e4m3_x512(w + r * ldw + k, w0, w1);
         for (int t = 0; t < T; t++) {
           p0[r][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx + k), p0[r][t]);
           p1[r][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + k + 16), p1[r][t]);
