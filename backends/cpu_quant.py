@@ -33,13 +33,13 @@ fp32 sums; 4.5x the fp32 GEMM): NOT within 1e-5, measured ~1e-3 relative per lin
 Decode rows (<= GEMV_MAX_ROWS) run the exact-weight fp32 kernels by default.
 
 Opt-in per upload, `decode_activations="int8"` (the torch backend's option, `--backend-option
-decode_activations=int8`): the decode GEMVs of int8 and int4 (group 32, 64 or 128) weights, grouped projections and
-the fused MoE's experts included, quantize their activation rows once per GEMV to int8, per block of 32 columns,
+decode_activations=int8`): the decode GEMVs of int8, int4 (group 32, 64 or 128) and MXFP4 weights (the release's
+experts), grouped projections and the fused MoE's experts included, quantize their activation rows once per GEMV to int8, per block of 32 columns,
 symmetric with one fp32 scale per block (s_b = max|x_b| / 127, as llama.cpp's Q8_0 and ONNX Runtime's MatMulNBits
 accuracy_level 4), and take the dot products with the stored integer codes in AVX-512 VNNI (VPDPBUSD; see
 kernels/cpu/quant_gemv.cpp). NOT bit-exact: |y - y_ref| <= sum_b (s_b / 2) * sum_{k in b} |W[n, k]| + fp32
 rounding (half a quantization step per activation), measured ~5e-3 of max|y| on random inputs
-(tests/test_torch_fast.py). Other formats (FP8, MXFP4, bf16), prefill rows, a CPU without AVX-512 VNNI and the
+(tests/test_cpu_quant_int8_act.py). Other formats (FP8, bf16), prefill rows, a CPU without AVX-512 VNNI and the
 torch paths without the extension keep the exact path.
 """
 
@@ -211,7 +211,7 @@ def _bytes(t: Tensor) -> Tensor:
 def upload(w: QuantWeight, prefill_matmul: str = "fp32", decode_activations: str = "fp32") -> CpuWeight:
     """w in its compact CPU layout; prefill_matmul ("fp32" | "bf16", PREFILL_MATMULS): the GEMM its rows >
     GEMV_MAX_ROWS run; decode_activations ("fp32" | "int8", DECODE_ACTIVATIONS): the activations of its GEMV rows
-    (<= GEMV_MAX_ROWS) as they are, or quantized to int8 for int8 / int4 weights (see the module docstring).
+    (<= GEMV_MAX_ROWS) as they are, or quantized to int8 for int8 / int4 / MXFP4 weights (see the module docstring).
     Raises ValueError for another value."""
     if prefill_matmul not in PREFILL_MATMULS:
         raise ValueError(f"prefill_matmul must be one of {', '.join(PREFILL_MATMULS)}, got {prefill_matmul!r}")

@@ -224,7 +224,7 @@ class FastTorchBackend(TorchBackend):
     prefill_matmul: "fp32" (default: tolerance 1e-5) or "bf16" (opt-in, ~1e-3 relative) for the GEMMs of more than
     cpu_quant.GEMV_MAX_ROWS rows (cpu_quant's module docstring); `--backend-option prefill_matmul=bf16`.
     decode_activations: "fp32" (default: the exact-weight fp32 GEMV, tolerance 1e-5) or "int8" (opt-in: the decode
-    GEMVs of int8 / int4 weights, the fused MoE's included, quantize their activations to int8 per block of 32 and
+    GEMVs of int8 / int4 / MXFP4 weights, the fused MoE's included, quantize their activations to int8 per block of 32 and
     run VNNI dot products; ~5e-3 relative per linear, bound in cpu_quant's module docstring);
     `--backend-option decode_activations=int8`."""
 

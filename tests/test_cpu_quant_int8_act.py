@@ -14,7 +14,7 @@ needs_vnni = pytest.mark.skipif(
     reason="the int8-activation kernels need the C++ extension on an AVX-512 VNNI CPU")
 
 QBLOCK = 32  # activation columns per int8 scale (quant_gemv.cpp)
-INT_FORMATS = ["int8", "int4-g32", "int4-g64-asym", "int4-g128", "int4-g32-asym"]
+INT_FORMATS = ["int8", "int4-g32", "int4-g64-asym", "int4-g128", "int4-g32-asym", "mxfp4"]
 
 
 def quant(fmt, N, K, seed=0):
@@ -74,7 +74,7 @@ def test_int8_activations_compute_the_stated_math_within_the_bound(fmt, N, K):
 
 @needs_vnni
 def test_int8_activations_in_grouped_linear_and_the_fused_moe():
-    """Grouped projections quantize each group's segment on its own; the fused MoE (several experts, int4 and int8)
+    """Grouped projections quantize each group's segment on its own; the fused MoE (experts in int4, int8, MXFP4)
     runs every expert's GEMV on the int8 path: each equals the emulation of its math."""
     qw = quant("int4-g32", 64, 96, seed=4)
     dense = qw.dequantize()
@@ -86,7 +86,7 @@ def test_int8_activations_in_grouped_linear_and_the_fused_moe():
         assert (y[:, g] - want).abs().max() <= 2e-6 * want.abs().max()
 
     D, I = 96, 64
-    fmts = ["int4-g32", "int8", "int4-g64-asym"]
+    fmts = ["int4-g32", "int8", "mxfp4"]
     packs = [tuple(quant(f, *s, seed=10 + e) for s in ((I, D), (I, D), (D, I))) for e, f in enumerate(fmts)]
     dense = [tuple(q.dequantize() for q in e) for e in packs]
     x = randn(2, D, seed=5)
@@ -108,9 +108,9 @@ def test_int8_activations_in_grouped_linear_and_the_fused_moe():
 
 @needs_vnni
 def test_exact_path_untouched_by_the_option():
-    """The option leaves the default exact: FP8 / MXFP4 / bf16 weights and every prefill row (T > GEMV_MAX_ROWS) give
-    the same bits with and without it; only int8 / int4 decode rows change."""
-    for fmt in ("fp8-e4m3-block128-ue8m0", "bf16", "mxfp4"):
+    """The option leaves the default exact: FP8 / bf16 weights and every prefill row (T > GEMV_MAX_ROWS) give the
+    same bits with and without it; only int8 / int4 / MXFP4 decode rows change."""
+    for fmt in ("fp8-e4m3-block128-ue8m0", "bf16"):
         qw = quant(fmt, 40, 256)
         x = randn(2, 256)
         assert torch.equal(cpu_quant.linear(x, cpu_quant.upload(qw, decode_activations="int8")),

@@ -331,6 +331,7 @@ static_assert(MAX_ROWS == 8, "FLASHPORT_DISPATCH_T instantiates the row kernels 
 //     symmetric format (z = 8) -z sum q starts the block's int32 accumulator, for zero points it is taken out per
 //     row after the loop. The activations are laid out per 128 columns as the 64 even then the 64 odd columns
 //     (16 of each per block of 32), so the low and high nibbles of 64 weight bytes meet 64 contiguous q each.
+//   MXFP4 (the release's experts): see rows_mx_q8.
 //   NaN / inf activations: the block's scale becomes NaN / inf, so the outputs they reach are not finite (as the
 //     fp32 path's).
 constexpr int64_t QBLOCK = 32;
@@ -349,9 +350,10 @@ struct ActI8 {
   std::vector<float> corr;   // int8: [nseg] 128 sum_b s_b sum(q_b)
 };
 
-// Quantizes x (T rows of G segments of K columns, rows ldx apart) into a (int4: the even / odd layout, symmetric
-// zero point z, 0 for asymmetric weights)
-static void quantize_act(const float* x, int64_t T, int64_t ldx, int64_t G, int64_t K, bool i4, int z, ActI8& a) {
+// Quantizes x (T rows of G segments of K columns, rows ldx apart) into a (i4: the even / odd layout of int4 and
+// MXFP4, symmetric zero point z, 0 for asymmetric weights; lane_mul: a power of two the lane scales carry, exactly)
+static void quantize_act(const float* x, int64_t T, int64_t ldx, int64_t G, int64_t K, bool i4, int z, float lane_mul,
+                         ActI8& a) {
   const int64_t Kp = (K + 127) / 128 * 128, nseg = T * G, nbk = Kp / QBLOCK;
   a.Kp = Kp;
   a.nseg = nseg;
@@ -401,7 +403,7 @@ static void quantize_act(const float* x, int64_t T, int64_t ldx, int64_t G, int6
       // lane scales: int8 weights: 16 lanes per 64 columns, 8 per block; int4: 16 lanes per 128 columns, 4 per block
       float* ln = a.lane.data() + sg * (Kp / 4);
       if (i4) {
-        for (int j = 0; j < 4; j++) ln[(b / 4) * 16 + (b % 4) * 4 + j] = s;
+        for (int j = 0; j < 4; j++) ln[(b / 4) * 16 + (b % 4) * 4 + j] = s * lane_mul;
         a.c[sg * (Kp / 8) + (b / 4) * 16 + (b % 4) * 4] = -z * sum;
       } else {
         for (int j = 0; j < 8; j++) ln[b * 8 + j] = s;
@@ -547,6 +549,71 @@ __attribute__((noinline)) static void rows_i4_q8(const uint8_t* B, int64_t ldb, 
       y[t * ldy + r] = s;
     }
 }
+
+// MXFP4 (e2m1 nibbles, low = even column, one UE8M0 byte per block of 32) x int8 activations, the int4 layout: twice
+// each e2m1 magnitude {0, 0.5, ..., 6} is an integer {0, 1, ..., 12}, looked up exactly per byte (VPSHUFB); the
+// code's sign bit negates the activation it meets (q in [-127, 127]: exact), so VPDPBUSD sums |2 v| * (+-q); the
+// lane scale is 2^(e - 127) (the exponent byte shifted into a float's exponent) times s_b / 2 (quantize_act's
+// lane_mul). A scale byte of 0 (2^-127, a float subnormal) reads as 0 and 255 (NaN) as inf: the block's products
+// are then 0 (below 1e-37 anyway) or not finite.
+template <int R, int T>
+__attribute__((noinline)) static void rows_mx_q8(const uint8_t* w, int64_t ldw, const uint8_t* sc, int64_t ldsc,
+                                                 int64_t nb, const ActI8& a, const int64_t* seg, float* y,
+                                                 int64_t ldy) {
+  constexpr int U = R * T >= 4 ? 1 : 2;
+  __m512 acc[U][R][T];
+  for (int u = 0; u < U; u++)
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(15), sign = _mm512_set1_epi8(8);
+  const __m512i mag = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12));
+  const __m512i gidx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const int64_t row_bytes = nb * (MXFP4_BLOCK / 2), nc = (row_bytes + 63) / 64;
+  const int8_t* xq[T];
+  const float* xs[T];
+  for (int t = 0; t < T; t++) {
+    xq[t] = a.q.data() + seg[t] * a.Kp;
+    xs[t] = a.lane.data() + seg[t] * (a.Kp / 4);
+  }
+  RowPrefetch pf(w, ldw, R);
+  auto step = [&](int64_t c, __m512 (&ac)[R][T], bool full) __attribute__((always_inline)) {
+    if (R > 1) pf.step(R);
+    const __mmask64 m = full ? ~__mmask64(0) : byte_mask(row_bytes - c * 64);
+    const __mmask16 bm = full ? __mmask16(15) : __mmask16((1u << std::min<int64_t>(4, nb - c * 4)) - 1);
+    __m512i lo[R], hi[R];
+    __mmask64 nlo[R], nhi[R];
+    __m512 ws[R];
+    for (int r = 0; r < R; r++) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, w + r * ldw + c * 64);
+      const __m512i l = _mm512_and_si512(v, low), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      nlo[r] = _mm512_test_epi8_mask(l, sign);
+      nhi[r] = _mm512_test_epi8_mask(h, sign);
+      lo[r] = _mm512_shuffle_epi8(mag, l);
+      hi[r] = _mm512_shuffle_epi8(mag, h);
+      const __m512i e = _mm512_permutexvar_epi32(gidx, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(bm, sc + r * ldsc + c * 4)));
+      ws[r] = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    }
+    for (int t = 0; t < T; t++) {
+      const __m512i xe = _mm512_loadu_si512(xq[t] + c * 128), xo = _mm512_loadu_si512(xq[t] + c * 128 + 64);
+      const __m512 sv = _mm512_loadu_ps(xs[t] + c * 16);
+      for (int r = 0; r < R; r++) {
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo[r], _mm512_mask_sub_epi8(xe, nlo[r], z, xe)),
+                                              hi[r], _mm512_mask_sub_epi8(xo, nhi[r], z, xo));
+        ac[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], sv), ac[r][t]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + U <= row_bytes / 64; c += U)
+    for (int u = 0; u < U; u++) step(c + u, acc[u], true);
+  for (; c < nc; c++) step(c, acc[0], (c + 1) * 64 <= row_bytes);
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
+      y[t * ldy + r] = _mm512_reduce_add_ps(acc[0][r][t]);
+    }
+}
 #define FLASHPORT_VNNI 1
 #endif
 
@@ -595,14 +662,16 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
   }
 #endif
 #ifdef FLASHPORT_VNNI
-  // the opt-in int8-activation path (QW::act_i8): int8 and int4 with groups of 32, 64 or 128
-  const bool q8 = q.act_i8 && (q.fmt == FMT_I8 || (q.fmt == FMT_I4 && (q.group == 32 || q.group == 64 || q.group == 128)));
+  // the opt-in int8-activation path (QW::act_i8): int8, MXFP4, and int4 with groups of 32, 64 or 128
+  const bool q8 = q.act_i8 && (q.fmt == FMT_I8 || q.fmt == FMT_MXFP4 ||
+                                (q.fmt == FMT_I4 && (q.group == 32 || q.group == 64 || q.group == 128)));
   static thread_local ActI8 act_buf;
   ActI8& act = act_buf;  // this thread's buffers, read by the pool's threads below (a thread_local named in the
                          // lambda would be each worker's own, empty one)
   const int64_t G = rows_per_group > 0 ? q.N / rows_per_group : 1;
   if (q8)
-    quantize_act(x, T, ldx, G, K, q.fmt == FMT_I4, q.fmt == FMT_I4 && !q.zp.defined() ? INT4_ZERO_POINT : 0, act);
+    quantize_act(x, T, ldx, G, K, q.fmt != FMT_I8, q.fmt == FMT_I4 && !q.zp.defined() ? INT4_ZERO_POINT : 0,
+                 q.fmt == FMT_MXFP4 ? 0.5f : 1.f, act);
 #endif
   // Threads only for big weights: each parallel region costs a wake-up of the other threads, which on a loaded
   // machine can cost more than a small expert's whole GEMV (~10 us single-threaded). Chunks are multiples of 4 rows
@@ -623,6 +692,16 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
         // although faster on cached weights.
         const bool four4 = T == 1 && n + 3 < n1 && K > Q8_LONG_ROW &&
                            (rows_per_group == 0 || n / rows_per_group == (n + 3) / rows_per_group);
+        if (q.fmt == FMT_MXFP4) {
+          const int64_t nb = q.scale.size(1), ldw = nb * (MXFP4_BLOCK / 2);
+          const uint8_t* w = q.w.data_ptr<uint8_t>() + n * ldw;
+          const uint8_t* sc = q.scale.data_ptr<uint8_t>() + n * nb;
+          if (four4) { rows_mx_q8<4, 1>(w, ldw, sc, nb, nb, act, seg, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_mx_q8<1, TT>(w, ldw, sc, nb, nb, act, seg, y + n, ldy)
+          FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+          continue;
+        }
         if (q.fmt == FMT_I8) {
           const int8_t* w = q.w.data_ptr<int8_t>() + n * K;
           const float* s = q.scale.data_ptr<float>() + n;
