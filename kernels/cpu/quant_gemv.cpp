@@ -614,7 +614,7 @@ __attribute__((noinline)) static void rows_mx_q8(const uint8_t* w, int64_t ldw, 
       y[t * ldy + r] = _mm512_reduce_add_ps(acc[0][r][t]);
     }
 }
-#define FLASHPORT_VNNI 1
+#define FLASHPORT_AVX512_VNNI 1
 #endif
 
 // int4 activations deinterleaved per 32 columns (see rows_i4), zero padded to Kp = nb * g columns, then the nb
@@ -661,7 +661,7 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
     xd = xd_buf.data();
   }
 #endif
-#ifdef FLASHPORT_VNNI
+#ifdef FLASHPORT_AVX512_VNNI
   // the opt-in int8-activation path (QW::act_i8): int8, MXFP4, and int4 with groups of 32, 64 or 128
   const bool q8 = q.act_i8 && (q.fmt == FMT_I8 || q.fmt == FMT_MXFP4 ||
                                 (q.fmt == FMT_I4 && (q.group == 32 || q.group == 64 || q.group == 128)));
@@ -682,7 +682,7 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
     alignas(64) float buf[CHUNK + 256];
     for (int64_t n = n0; n < n1; n++) {
       const int64_t xoff = rows_per_group > 0 ? (n / rows_per_group) * K : 0;
-#ifdef FLASHPORT_VNNI
+#ifdef FLASHPORT_AVX512_VNNI
       if (q8) {
         int64_t seg[MAX_ROWS];
         for (int64_t t = 0; t < T; t++) seg[t] = t * G + (rows_per_group > 0 ? n / rows_per_group : 0);
