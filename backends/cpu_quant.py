@@ -30,7 +30,17 @@ Rows > GEMV_MAX_ROWS (prefill) dequantize the weight to fp32 and run oneDNN's fp
 mkldnn::_linear_pointwise; same tolerance, 2.2x torch's matmul on the project's AMD CPU). Opt-in per upload,
 `prefill_matmul="bf16"` (the torch backend's option): that GEMM in bf16 (activations and weights rounded to bf16,
 fp32 sums; 4.5x the fp32 GEMM): NOT within 1e-5, measured ~1e-3 relative per linear (docs/performance.md, Round 4).
-Decode rows (<= GEMV_MAX_ROWS) always run the exact-weight fp32 kernels.
+Decode rows (<= GEMV_MAX_ROWS) run the exact-weight fp32 kernels by default.
+
+Opt-in per upload, `decode_activations="int8"` (the torch backend's option, `--backend-option
+decode_activations=int8`): the decode GEMVs of int8, int4 (group 32, 64 or 128) and MXFP4 weights (the release's
+experts), grouped projections and the fused MoE's experts included, quantize their activation rows once per GEMV to int8, per block of 32 columns,
+symmetric with one fp32 scale per block (s_b = max|x_b| / 127, as llama.cpp's Q8_0 and ONNX Runtime's MatMulNBits
+accuracy_level 4), and take the dot products with the stored integer codes in AVX-512 VNNI (VPDPBUSD; see
+kernels/cpu/quant_gemv.cpp). NOT bit-exact: |y - y_ref| <= sum_b (s_b / 2) * sum_{k in b} |W[n, k]| + fp32
+rounding (half a quantization step per activation), measured ~5e-3 of max|y| on random inputs
+(tests/test_cpu_quant_int8_act.py). Other formats (FP8, bf16), prefill rows, a CPU without AVX-512 VNNI and the
+torch paths without the extension keep the exact path.
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ log = logging.getLogger("flashport.backends")
 
 GEMV_MAX_ROWS = 8  # up to this many activation rows, weights stream once through the GEMV kernel
 PREFILL_MATMULS = ("fp32", "bf16")  # the GEMM of rows > GEMV_MAX_ROWS: fp32 (default, tolerance 1e-5) or bf16
+DECODE_ACTIVATIONS = ("fp32", "int8")  # the GEMV of rows <= GEMV_MAX_ROWS: fp32 (default) or int8 activations
 
 FMT_F32, FMT_BF16, FMT_I8, FMT_I4, FMT_FP8, FMT_MXFP4 = 0, 1, 2, 3, 4, 5
 
@@ -197,13 +208,20 @@ def _bytes(t: Tensor) -> Tensor:
     return t.contiguous().view(torch.uint8)
 
 
-def upload(w: QuantWeight, prefill_matmul: str = "fp32") -> CpuWeight:
+def upload(w: QuantWeight, prefill_matmul: str = "fp32", decode_activations: str = "fp32") -> CpuWeight:
     """w in its compact CPU layout; prefill_matmul ("fp32" | "bf16", PREFILL_MATMULS): the GEMM its rows >
-    GEMV_MAX_ROWS run (see the module docstring). Raises ValueError for another value."""
+    GEMV_MAX_ROWS run; decode_activations ("fp32" | "int8", DECODE_ACTIVATIONS): the activations of its GEMV rows
+    (<= GEMV_MAX_ROWS) as they are, or quantized to int8 for int8 / int4 / MXFP4 weights (see the module docstring).
+    Raises ValueError for another value."""
     if prefill_matmul not in PREFILL_MATMULS:
         raise ValueError(f"prefill_matmul must be one of {', '.join(PREFILL_MATMULS)}, got {prefill_matmul!r}")
+    if decode_activations not in DECODE_ACTIVATIONS:
+        raise ValueError(f"decode_activations must be one of {', '.join(DECODE_ACTIVATIONS)}, "
+                         f"got {decode_activations!r}")
     cw = CpuWeight.from_quant(w)
     cw.prefill_bf16 = prefill_matmul == "bf16"
+    if cw.native is not None:
+        cw.native.act_i8 = decode_activations == "int8"
     return cw
 
 

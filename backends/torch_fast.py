@@ -302,13 +302,21 @@ class FastTorchBackend(TorchBackend):
     """TorchBackend with the ops of this module; on the CPU, weights are uploaded into cpu_quant's compact
     layout. Deterministic mode is TorchBackend's own (batch-invariant ops, dense fp32 weights).
     prefill_matmul: "fp32" (default: tolerance 1e-5) or "bf16" (opt-in, ~1e-3 relative) for the GEMMs of more than
-    cpu_quant.GEMV_MAX_ROWS rows (cpu_quant's module docstring); `--backend-option prefill_matmul=bf16`."""
+    cpu_quant.GEMV_MAX_ROWS rows (cpu_quant's module docstring); `--backend-option prefill_matmul=bf16`.
+    decode_activations: "fp32" (default: the exact-weight fp32 GEMV, tolerance 1e-5) or "int8" (opt-in: the decode
+    GEMVs of int8 / int4 / MXFP4 weights, the fused MoE's included, quantize their activations to int8 per block of 32 and
+    run VNNI dot products; ~5e-3 relative per linear, bound in cpu_quant's module docstring);
+    `--backend-option decode_activations=int8`."""
 
-    def __init__(self, device: str = "cpu", deterministic: bool = False, prefill_matmul: str = "fp32"):
+    def __init__(self, device: str = "cpu", deterministic: bool = False, prefill_matmul: str = "fp32",
+                 decode_activations: str = "fp32"):
         if prefill_matmul not in cpu_quant.PREFILL_MATMULS:
             raise ValueError(f"prefill_matmul must be one of {', '.join(cpu_quant.PREFILL_MATMULS)}, "
                              f"got {prefill_matmul!r}")
-        self.prefill_matmul = prefill_matmul
+        if decode_activations not in cpu_quant.DECODE_ACTIVATIONS:
+            raise ValueError(f"decode_activations must be one of {', '.join(cpu_quant.DECODE_ACTIVATIONS)}, "
+                             f"got {decode_activations!r}")
+        self.prefill_matmul, self.decode_activations = prefill_matmul, decode_activations
         super().__init__(device, deterministic)
         # deterministic: TorchBackend.__init__ has set its batch-invariant ops on the instance; they win over ours
         if not deterministic and self.torch_device.type == "cpu":
@@ -319,7 +327,7 @@ class FastTorchBackend(TorchBackend):
 
     def upload(self, w: QuantWeight):
         if self.torch_device.type == "cpu" and not self.deterministic:
-            return cpu_quant.upload(w, self.prefill_matmul)
+            return cpu_quant.upload(w, self.prefill_matmul, self.decode_activations)
         return super().upload(w)
 
 

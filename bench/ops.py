@@ -11,7 +11,9 @@ are different): a shape smaller than COLD_BYTES is timed over enough copies of i
 to pass COLD_BYTES (a single copy would sit in the caches and post more than 100%). For the linear shapes (N x K weights) it compares, on the same
 weights: the backend's quantized linear (through the contract: upload once, then `linear`; the fast CPU path
 of the torch backend is picked up automatically), a plain fp32 matmul (`x @ W.T`), and ONNX Runtime's
-MatMulNBits (int4 formats, accuracy_level=4) as the reference point for a well-optimised int4 GEMV. The MoE row
+MatMulNBits (int4 formats, accuracy_level=4) as the reference point for a well-optimised int4 GEMV. A backend with a
+`decode_activations` option (the torch backend) gets a second row for the linears and the MoE with
+decode_activations=int8 (its opt-in int8-activation GEMV: tolerance-bound, see backends/cpu_quant.py). The MoE row
 is one decode token through k routed experts (hidden x width x k: V4-Flash's 4096x2048x6 reads [2048, 4096] w1 / w3
 and [4096, 2048] w2 per expert). The prefill rows time one T x K @ K x N linear (rows x in x out) above the GEMV row
 limit: the backend's default path, its opt-in bf16 GEMM when it has one (the torch backend's prefill_matmul), and
@@ -136,6 +138,10 @@ def run(backend: str = "torch", shapes: str = "4096x2048,2048x4096,8192x16384", 
                      "gb_s": nbytes / seconds / 1e9, "of_bandwidth": nbytes / seconds / bw, "rel_err": err,
                      "vs_fp32": vs, "gflop_s": flops / seconds / 1e9 if flops else None})
 
+    decode_paths = [(b, f"{b.name} {fmt}")]  # the default decode GEMV, and the opt-in int8 activations
+    if "decode_activations" in inspect.signature(type(b)).parameters:
+        decode_paths.append((_make_backend(backend, {**(backend_options or {}), "decode_activations": "int8"}),
+                             f"{b.name} {fmt} decode_activations=int8"))
     shape_list = [_shape(s) for s in str(shapes).split(",") if s]
     for n, k in tqdm(shape_list, desc="linear shapes", unit="shape"):
         w = torch.randn(n, k) * k ** -0.5  # [N, K]
@@ -148,10 +154,11 @@ def run(backend: str = "torch", shapes: str = "4096x2048,2048x4096,8192x16384", 
         t_fp32 = _timeit(_rotate(lambda wi: x @ wi.T, ws), repeat)
         add("linear", f"{n}x{k}", "fp32 matmul", t_fp32, n * k * 4, _rel_err(x @ w.T, ref))
         del w, ws
-        hs = [b.upload(qw)] + [b.upload(_clone(qw)) for _ in range(_copies(qw.nbytes) - 1)]
-        t_b = _timeit(_rotate(lambda hi: b.linear(x, hi), hs), repeat)
-        add("linear", f"{n}x{k}", f"{b.name} {fmt}", t_b, qw.nbytes, _rel_err(b.linear(x, hs[0]), ref), t_fp32 / t_b)
-        del hs
+        for bb, name in decode_paths:
+            hs = [bb.upload(qw)] + [bb.upload(_clone(qw)) for _ in range(_copies(qw.nbytes) - 1)]
+            t_b = _timeit(_rotate(lambda hi: bb.linear(x, hi), hs), repeat)
+            add("linear", f"{n}x{k}", name, t_b, qw.nbytes, _rel_err(bb.linear(x, hs[0]), ref), t_fp32 / t_b)
+            del hs
         if ort and fmt in INT4_FORMATS:
             try:
                 f = _ort_matmulnbits(qw.tensors, fmt, n, k, threads)
@@ -170,15 +177,18 @@ def run(backend: str = "torch", shapes: str = "4096x2048,2048x4096,8192x16384", 
         weights = torch.full((1, k), 1.5 / k)
         ref = reference.moe(x, weights, idx, [tuple(q.dequantize() for q in e) for e in packs], 10.0)
         nbytes = sum(q.nbytes for e in packs for q in e)
-        experts = [tuple(b.upload(q) for q in e) for e in packs]
-        t = _timeit(lambda: b.moe(x, weights, idx, experts, 10.0), repeat)
-        add("moe", f"{d}x{inter} k={k}", f"{b.name} {fmt}", t, nbytes,
-            _rel_err(b.moe(x, weights, idx, experts, 10.0), ref))
-        del experts
+        moe_rows = []
+        for bb, name in decode_paths:
+            experts = [tuple(bb.upload(q) for q in e) for e in packs]
+            t = _timeit(lambda: bb.moe(x, weights, idx, experts, 10.0), repeat)
+            add("moe", f"{d}x{inter} k={k}", name, t, nbytes, _rel_err(bb.moe(x, weights, idx, experts, 10.0), ref))
+            moe_rows.append(rows[-1])
+            del experts
         dense = [tuple(q.dequantize() for q in e) for e in packs]
         t32 = _timeit(lambda: reference.moe(x, weights, idx, dense, 10.0), repeat)
         add("moe", f"{d}x{inter} k={k}", "fp32 reference", t32, sum(w.numel() * 4 for e in dense for w in e), 0.0)
-        rows[-2]["vs_fp32"] = t32 / t
+        for r in moe_rows:
+            r["vs_fp32"] = t32 / (r["ms"] / 1e3)
 
     if prefill:  # one prefill linear: T rows x K in x N out, above the GEMV row limit
         t_rows, k, n = _shape(prefill)

@@ -1,4 +1,5 @@
-"""`flashport bench ops`: every row measured and checked against the reference, cold weights, the prefill rows."""
+"""`flashport bench ops`: every row measured and checked against the reference, cold weights, the prefill rows, the
+int8-activation decode rows beside the default ones."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ def test_bench_ops_rows_cold_copies_and_prefill_paths(tmp_path, monkeypatch, cap
     paths = {(r["op"], r["path"]) for r in rows}
     assert {("linear", "fp32 matmul"), ("linear", "torch int4-g32"), ("moe", "torch int4-g32"),
             ("prefill", "fp32 matmul"), ("prefill", "torch int4-g32"),
-            ("prefill", "torch int4-g32 prefill_matmul=bf16")} <= paths
+            ("prefill", "torch int4-g32 prefill_matmul=bf16"),
+            ("linear", "torch int4-g32 decode_activations=int8"), ("moe", "torch int4-g32 decode_activations=int8")} <= paths
     assert seen[0] == 3 and seen[1] > 3  # the fp32 weight, then the packed int4 one (smaller: more copies)
     for r in rows:
-        assert r["ms"] > 0 and (r["rel_err"] is None or r["rel_err"] < (5e-2 if "bf16" in r["path"] else 1e-4))
+        assert r["ms"] > 0 and (r["rel_err"] is None or r["rel_err"] < (5e-2 if "bf16" in r["path"] or "int8" in r["path"]
+                                                                         else 1e-4))
         assert (r["gflop_s"] is not None) == (r["op"] == "prefill")
     out = capsys.readouterr().out
     assert "of bw" in out and "GFLOP/s" in out and "weights read cold" in out

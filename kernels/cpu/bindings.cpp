@@ -14,6 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         QW q{fmt, N, K, group, w, scale.value_or(Tensor()), zp.value_or(Tensor())};
         return q;
       }))
+      .def_readwrite("act_i8", &QW::act_i8)
       .def_readonly("fmt", &QW::fmt).def_readonly("N", &QW::N).def_readonly("K", &QW::K);
   pybind11::class_<flashport::ExpertSet>(m, "ExpertSet")
       .def(pybind11::init([](std::vector<QW> w1, std::vector<QW> w3, std::vector<QW> w2) {

@@ -51,9 +51,11 @@ constexpr int64_t PARALLEL_MIN = 1 << 20;  // multiply-adds below which a kernel
 // [N, ceil(nb/2)]), FMT_FP8 fp8 e4m3 codes uint8 [N, K] + scales fp32 [ceil(N/FP8_BLOCK), ceil(K/FP8_BLOCK)],
 // FMT_MXFP4 (the release's expert layout, read in place) e2m1 nibbles uint8 [N, nb*MXFP4_BLOCK/2] (low nibble =
 // even k) + UE8M0 exponent bytes uint8 [N, nb], nb = ceil(K/MXFP4_BLOCK).
+// act_i8: decode GEMVs of int8 / int4 / MXFP4 weights quantize the activations to int8 (quant_gemv.cpp, opt-in).
 struct QW {
   int64_t fmt, N, K, group;
   Tensor w, scale, zp;
+  bool act_i8 = false;
 };
 
 // The routed (or shared) experts of one MoE layer, resolved once (built by torch_fast._expert_set): w1/w3/w2[e] of expert e

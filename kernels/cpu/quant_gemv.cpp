@@ -217,6 +217,17 @@ static inline __m512 load_e4m3_x256(const uint8_t* w) {
   return _mm512_cvtph_ps(_mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000))));
 }
 
+// 32 codes at once, the same bits as two load_e4m3_x256 in one op fewer per 16: the code sign-extended to 16 bits
+// and shifted left by 7 has exponent and mantissa in place and the sign in bits 15 and 14; clearing bit 14 leaves
+// (s << 15) | (em << 7). The shift and the mask run on 32 codes per instruction.
+static inline void load_e4m3_x512(const uint8_t* w, __m512& lo, __m512& hi) {
+  const __m512i t = _mm512_and_si512(
+      _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))), 7),
+      _mm512_set1_epi16(short(0xBF80)));
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(t));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(t, 1));
+}
+
 // FP8 with 128x128 block scales; the R rows share one scale block row (sc). Per scale block two chains of 16-wide
 // partial sums, joined and scaled into the row's accumulator; the block's tail columns (K % 32) summed in scalar.
 template <int R, int T>
@@ -236,7 +247,8 @@ __attribute__((noinline)) static void rows_fp8(const uint8_t* w, int64_t ldw, co
       if (R > 1 && (k & 63) == 0)
         for (int r = 0; r < R; r++) prefetch(w + r * ldw + k);
       for (int r = 0; r < R; r++) {
-        const __m512 w0 = load_e4m3_x256(w + r * ldw + k), w1 = load_e4m3_x256(w + r * ldw + k + 16);
+        __m512 w0, w1;
+        load_e4m3_x512(w + r * ldw + k, w0, w1);
         for (int t = 0; t < T; t++) {
           p0[r][t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * ldx + k), p0[r][t]);
           p1[r][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * ldx + k + 16), p1[r][t]);
@@ -301,6 +313,310 @@ static_assert(MAX_ROWS == 8, "FLASHPORT_DISPATCH_T instantiates the row kernels 
 #define FLASHPORT_AVX512 1
 #endif
 
+#if defined(FLASHPORT_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// ---- Opt-in int8 activations (QW::act_i8, cpu_quant.upload(..., decode_activations="int8")) -----------------------
+// The activation row is quantized once per GEMV, per block of QBLOCK = 32 columns (llama.cpp's Q8_0, ONNX Runtime's
+// MatMulNBits accuracy_level 4 with block 32): symmetric, s_b = max|x_b| / 127, q = round-to-nearest-even(x / s_b)
+// in [-127, 127], s_b fp32. The weight's integer codes meet q in VPDPBUSD (64 unsigned x signed byte products per
+// instruction, four summed into each int32 lane), each block's int32 dot product is converted to fp32 and scaled
+// once: y = sum_b s_b * w_scale * dot_b. The codes are used as stored (no weight value changes); the error is the
+// activations' rounding only: |y - y_ref| <= sum_b s_b / 2 * sum_{k in b} |W[n, k]| (half a quantization step per
+// activation) plus fp32 rounding, i.e. at most 1/254 of (max_b |x_b|) @ |W| per block, about 2-4e-3 of |y| on
+// random inputs (tests/test_torch_fast.py, test_int8_activations_*). NOT bit-exact, NOT within the fp32 paths' 1e-5.
+//   int8 weights (per-row scale): VPDPBUSD wants one unsigned operand: the weight byte XOR 0x80 is w + 128 (unsigned),
+//     so sum (w + 128) q = sum w q + 128 sum q; the second term is a property of the activation block alone, taken
+//     out once per activation row (corr below) and not per weight row.
+//   int4 weights (MatMulNBits: two codes per byte, low nibble = even column, group g in {32, 64, 128}): the codes
+//     (0..15) are the unsigned operand as they are; s_w (code - z) q sums to s_w (sum code q - z sum q): for a
+//     symmetric format (z = 8) -z sum q starts the block's int32 accumulator, for zero points it is taken out per
+//     row after the loop. The activations are laid out per 128 columns as the 64 even then the 64 odd columns
+//     (16 of each per block of 32), so the low and high nibbles of 64 weight bytes meet 64 contiguous q each.
+//   MXFP4 (the release's experts): see rows_mx_q8.
+//   NaN / inf activations: the block's scale becomes NaN / inf, so the outputs they reach are not finite (as the
+//     fp32 path's).
+constexpr int64_t QBLOCK = 32;
+constexpr int64_t Q8_LONG_ROW = 4096;  // K above which one decode row takes four weight rows per pass (see gemv)  // K above which one decode row takes four weight rows per pass (see gemv)
+
+// The quantized activations of one GEMV: T rows x G segments (grouped_linear's groups; else G = 1) of K columns,
+// each segment zero padded to Kp columns (a multiple of 128). Thread-local buffers: no allocation per call.
+struct ActI8 {
+  int64_t Kp = 0, nseg = 0;
+  std::vector<int8_t> q;     // [nseg, Kp] int8 weights: in column order; int4: even / odd per 128 columns (above)
+  std::vector<float> lane;   // [nseg, Kp / 4] the scale s_b of each int32 lane of a dot product (16 lanes cover
+                             // 64 columns for int8 weights, 128 for int4)
+  std::vector<int32_t> c;    // int4: [nseg, Kp / 8] accumulator start per 128 columns: -z sum(q_b) in lane 4b
+  std::vector<float> bs;     // [nseg, Kp / 32] s_b
+  std::vector<int32_t> bq;   // [nseg, Kp / 32] sum(q_b)
+  std::vector<float> corr;   // int8: [nseg] 128 sum_b s_b sum(q_b)
+};
+
+// Quantizes x (T rows of G segments of K columns, rows ldx apart) into a (i4: the even / odd layout of int4 and
+// MXFP4, symmetric zero point z, 0 for asymmetric weights; lane_mul: a power of two the lane scales carry, exactly)
+static void quantize_act(const float* x, int64_t T, int64_t ldx, int64_t G, int64_t K, bool i4, int z, float lane_mul,
+                         ActI8& a) {
+  const int64_t Kp = (K + 127) / 128 * 128, nseg = T * G, nbk = Kp / QBLOCK;
+  a.Kp = Kp;
+  a.nseg = nseg;
+  a.q.assign(nseg * Kp, 0);
+  a.lane.resize(nseg * Kp / 4);
+  a.bs.resize(nseg * nbk);
+  a.bq.resize(nseg * nbk);
+  a.corr.resize(nseg);
+  if (i4) a.c.assign(nseg * Kp / 8, 0);
+  const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i od = _mm512_add_epi32(ev, _mm512_set1_epi32(1));
+  for (int64_t sg = 0; sg < nseg; sg++) {
+    const float* xs = x + (sg / G) * ldx + (sg % G) * K;
+    int8_t* qs = a.q.data() + sg * Kp;
+    float* bs = a.bs.data() + sg * nbk;
+    int32_t* bq = a.bq.data() + sg * nbk;
+    double corr = 0.0;
+    for (int64_t b = 0; b < nbk; b++) {
+      const int64_t k0 = b * QBLOCK, n = std::max<int64_t>(0, std::min(QBLOCK, K - k0));
+      const __mmask16 m0 = n >= 16 ? 0xFFFF : __mmask16((1u << n) - 1), m1 = n >= 32 ? 0xFFFF : n > 16 ? __mmask16((1u << (n - 16)) - 1) : 0;
+      __m512 v0 = _mm512_maskz_loadu_ps(m0, xs + k0), v1 = _mm512_maskz_loadu_ps(m1, xs + k0 + 16);
+      const bool bad = _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float s = bad ? NAN : amax / 127.f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.f && !bad ? 127.f / amax : 0.f);
+      if (i4) {  // even columns of the block, then odd
+        const __m512 e = _mm512_permutex2var_ps(v0, ev, v1), o = _mm512_permutex2var_ps(v0, od, v1);
+        v0 = e;
+        v1 = o;
+      }
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+      const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      int8_t* d0;
+      int8_t* d1;
+      if (i4) {  // block b of its 128-column chunk: even bytes at 16 (b % 4), odd at 64 + 16 (b % 4)
+        d0 = qs + (b / 4) * 128 + (b % 4) * 16;
+        d1 = d0 + 64;
+      } else {
+        d0 = qs + k0;
+        d1 = d0 + 16;
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d0), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d1), _mm512_cvtsepi32_epi8(q1));
+      bs[b] = s;
+      bq[b] = sum;
+      corr += double(s) * sum;
+      // lane scales: int8 weights: 16 lanes per 64 columns, 8 per block; int4: 16 lanes per 128 columns, 4 per block
+      float* ln = a.lane.data() + sg * (Kp / 4);
+      if (i4) {
+        for (int j = 0; j < 4; j++) ln[(b / 4) * 16 + (b % 4) * 4 + j] = s * lane_mul;
+        a.c[sg * (Kp / 8) + (b / 4) * 16 + (b % 4) * 4] = -z * sum;
+      } else {
+        for (int j = 0; j < 8; j++) ln[b * 8 + j] = s;
+      }
+    }
+    a.corr[sg] = float(128.0 * corr);
+  }
+}
+
+// Software prefetch for R > 1 contiguous weight rows of L bytes read side by side, 64 bytes of each per step: the
+// line PREFETCH bytes ahead of the step in each row, carried on into the same row of the next pass (R rows further)
+// once it passes the row's end, so that rows shorter than the distance prefetch the next pass and not lines of the
+// current one. (One row per pass, R = 1, is left to the hardware prefetcher: software prefetch 1-8 KB ahead, into
+// L1 or L2, measured no gain there.)
+struct RowPrefetch {
+  const char* base;
+  int64_t off, L, jump;
+  RowPrefetch(const void* row0, int64_t L_, int R)
+      : base(static_cast<const char*>(row0)), off(PREFETCH), L(L_), jump(R * L_) {
+    while (R > 1 && off >= L) { off -= L; base += jump; }
+  }
+  inline void step(int R) {  // prefetch this step's lines, then advance by 64 bytes
+    for (int r = 0; r < R; r++) _mm_prefetch(base + r * L + off, _MM_HINT_T0);
+    off += 64;
+    if (off >= L) { off -= L; base += jump; }
+  }
+};
+
+static inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
+
+// int8 weights (per-row scale sc[r]) x int8 activations: R weight rows against T activation rows (segment offsets
+// seg[t] into a), 64 columns per step; U fp32 accumulator chains per (r, t) to hide the FMA latency.
+template <int R, int T>
+__attribute__((noinline)) static void rows_i8_q8(const int8_t* w, int64_t ldw, const float* sc, const ActI8& a,
+                                                 const int64_t* seg, int64_t K, float* y, int64_t ldy) {
+  constexpr int U = R * T >= 4 ? 1 : 2;
+  __m512 acc[U][R][T];
+  for (int u = 0; u < U; u++)
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const int64_t nc = (K + 63) / 64;
+  const int8_t* xq[T];
+  const float* xs[T];
+  for (int t = 0; t < T; t++) { xq[t] = a.q.data() + seg[t] * a.Kp; xs[t] = a.lane.data() + seg[t] * (a.Kp / 4); }
+  RowPrefetch pf(w, ldw, R);
+  auto step = [&](int64_t c, __m512 (&ac)[R][T], __mmask64 m) __attribute__((always_inline)) {
+    if (R > 1) pf.step(R);
+    __m512i wv[R];
+    for (int r = 0; r < R; r++) {
+      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * ldw + c * 64), flip);
+    }
+    for (int t = 0; t < T; t++) {
+      const __m512i xv = _mm512_loadu_si512(xq[t] + c * 64);
+      const __m512 sv = _mm512_loadu_ps(xs[t] + c * 16);
+      for (int r = 0; r < R; r++) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[r], xv);
+        ac[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, ac[r][t]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + U <= K / 64; c += U)
+    for (int u = 0; u < U; u++) step(c + u, acc[u], ~__mmask64(0));
+  for (; c < nc; c++) step(c, acc[0], byte_mask(K - c * 64));
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
+      y[t * ldy + r] = sc[r] * (_mm512_reduce_add_ps(acc[0][r][t]) - a.corr[seg[t]]);
+    }
+}
+
+// int4 weights (MatMulNBits layout, group g in {32, 64, 128}) x int8 activations: R weight rows (ldb bytes apart,
+// scales ldsc apart, zero points ldzp apart or none) against T activation rows, 128 columns (64 weight bytes) per
+// step; the weight scale of each int32 lane times the activation's, then one FMA per step.
+template <int R, int T>
+__attribute__((noinline)) static void rows_i4_q8(const uint8_t* B, int64_t ldb, const float* sc, int64_t ldsc,
+                                                 const uint8_t* zp, int64_t ldzp, int64_t g, int64_t nb,
+                                                 const ActI8& a, const int64_t* seg, float* y, int64_t ldy) {
+  constexpr int U = R * T >= 4 ? 1 : 2;
+  __m512 acc[U][R][T];
+  for (int u = 0; u < U; u++)
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(15);
+  // lane l of a 128-column step covers block l / 4, i.e. group (l / 4) / (g / 32) of the step's groups
+  const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                         g == 32 ? 0 : g == 64 ? 1 : 2);
+  const int64_t gps = 128 / g;  // groups per step
+  const int64_t row_bytes = nb * g / 2, nc = (row_bytes + 63) / 64;
+  const int8_t* xq[T];
+  const int32_t* xc[T];
+  const float* xs[T];
+  for (int t = 0; t < T; t++) {
+    xq[t] = a.q.data() + seg[t] * a.Kp;
+    xc[t] = a.c.data() + seg[t] * (a.Kp / 8);
+    xs[t] = a.lane.data() + seg[t] * (a.Kp / 4);
+  }
+  // full: 64 whole weight bytes and gps whole groups (else the row's last, partial step: masked loads)
+  RowPrefetch pf(B, ldb, R);
+  auto step = [&](int64_t c, __m512 (&ac)[R][T], bool full) __attribute__((always_inline)) {
+    if (R > 1) pf.step(R);
+    const __mmask64 m = full ? ~__mmask64(0) : byte_mask(row_bytes - c * 64);
+    const int64_t g0 = c * gps;
+    const __mmask8 gm = full ? __mmask8((1u << gps) - 1) : __mmask8((1u << std::min(gps, nb - g0)) - 1);
+    __m512i lo[R], hi[R];
+    __m512 ws[R];
+    for (int r = 0; r < R; r++) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, B + r * ldb + c * 64);
+      lo[r] = _mm512_and_si512(v, low);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      ws[r] = _mm512_permutexvar_ps(gidx, _mm512_castps128_ps512(_mm_maskz_loadu_ps(gm, sc + r * ldsc + g0)));
+    }
+    for (int t = 0; t < T; t++) {
+      const __m512i xe = _mm512_loadu_si512(xq[t] + c * 128), xo = _mm512_loadu_si512(xq[t] + c * 128 + 64);
+      const __m512i c0 = _mm512_loadu_si512(xc[t] + c * 16);
+      const __m512 sv = _mm512_loadu_ps(xs[t] + c * 16);
+      for (int r = 0; r < R; r++) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(c0, lo[r], xe), hi[r], xo);
+        ac[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], sv), ac[r][t]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + U <= row_bytes / 64; c += U)
+    for (int u = 0; u < U; u++) step(c + u, acc[u], true);
+  for (; c < nc; c++) step(c, acc[0], (c + 1) * 64 <= row_bytes);
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
+      float s = _mm512_reduce_add_ps(acc[0][r][t]);
+      if (zp) {  // asymmetric: - sum_b s_w z_b s_b sum(q_b), per row (the accumulators started at 0)
+        const float* bs = a.bs.data() + seg[t] * (a.Kp / QBLOCK);
+        const int32_t* bq = a.bq.data() + seg[t] * (a.Kp / QBLOCK);
+        const int64_t bpg = g / QBLOCK;
+        for (int64_t gi = 0; gi < nb; gi++) {
+          const int zz = (zp[r * ldzp + gi / 2] >> ((gi & 1) * 4)) & 15;
+          float xz = 0.f;
+          for (int64_t j = 0; j < bpg; j++) xz += bs[gi * bpg + j] * float(bq[gi * bpg + j]);
+          s -= sc[r * ldsc + gi] * float(zz) * xz;
+        }
+      }
+      y[t * ldy + r] = s;
+    }
+}
+
+// MXFP4 (e2m1 nibbles, low = even column, one UE8M0 byte per block of 32) x int8 activations, the int4 layout: twice
+// each e2m1 magnitude {0, 0.5, ..., 6} is an integer {0, 1, ..., 12}, looked up exactly per byte (VPSHUFB); the
+// code's sign bit negates the activation it meets (q in [-127, 127]: exact), so VPDPBUSD sums |2 v| * (+-q); the
+// lane scale is 2^(e - 127) (the exponent byte shifted into a float's exponent) times s_b / 2 (quantize_act's
+// lane_mul). A scale byte of 0 (2^-127, a float subnormal) reads as 0 and 255 (NaN) as inf: the block's products
+// are then 0 (below 1e-37 anyway) or not finite.
+template <int R, int T>
+__attribute__((noinline)) static void rows_mx_q8(const uint8_t* w, int64_t ldw, const uint8_t* sc, int64_t ldsc,
+                                                 int64_t nb, const ActI8& a, const int64_t* seg, float* y,
+                                                 int64_t ldy) {
+  constexpr int U = R * T >= 4 ? 1 : 2;
+  __m512 acc[U][R][T];
+  for (int u = 0; u < U; u++)
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(15), sign = _mm512_set1_epi8(8);
+  const __m512i mag = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12));
+  const __m512i gidx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const int64_t row_bytes = nb * (MXFP4_BLOCK / 2), nc = (row_bytes + 63) / 64;
+  const int8_t* xq[T];
+  const float* xs[T];
+  for (int t = 0; t < T; t++) {
+    xq[t] = a.q.data() + seg[t] * a.Kp;
+    xs[t] = a.lane.data() + seg[t] * (a.Kp / 4);
+  }
+  RowPrefetch pf(w, ldw, R);
+  auto step = [&](int64_t c, __m512 (&ac)[R][T], bool full) __attribute__((always_inline)) {
+    if (R > 1) pf.step(R);
+    const __mmask64 m = full ? ~__mmask64(0) : byte_mask(row_bytes - c * 64);
+    const __mmask16 bm = full ? __mmask16(15) : __mmask16((1u << std::min<int64_t>(4, nb - c * 4)) - 1);
+    __m512i lo[R], hi[R];
+    __mmask64 nlo[R], nhi[R];
+    __m512 ws[R];
+    for (int r = 0; r < R; r++) {
+      const __m512i v = _mm512_maskz_loadu_epi8(m, w + r * ldw + c * 64);
+      const __m512i l = _mm512_and_si512(v, low), h = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      nlo[r] = _mm512_test_epi8_mask(l, sign);
+      nhi[r] = _mm512_test_epi8_mask(h, sign);
+      lo[r] = _mm512_shuffle_epi8(mag, l);
+      hi[r] = _mm512_shuffle_epi8(mag, h);
+      const __m512i e = _mm512_permutexvar_epi32(gidx, _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(bm, sc + r * ldsc + c * 4)));
+      ws[r] = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    }
+    for (int t = 0; t < T; t++) {
+      const __m512i xe = _mm512_loadu_si512(xq[t] + c * 128), xo = _mm512_loadu_si512(xq[t] + c * 128 + 64);
+      const __m512 sv = _mm512_loadu_ps(xs[t] + c * 16);
+      for (int r = 0; r < R; r++) {
+        const __m512i z = _mm512_setzero_si512();
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo[r], _mm512_mask_sub_epi8(xe, nlo[r], z, xe)),
+                                              hi[r], _mm512_mask_sub_epi8(xo, nhi[r], z, xo));
+        ac[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(ws[r], sv), ac[r][t]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + U <= row_bytes / 64; c += U)
+    for (int u = 0; u < U; u++) step(c + u, acc[u], true);
+  for (; c < nc; c++) step(c, acc[0], (c + 1) * 64 <= row_bytes);
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
+      y[t * ldy + r] = _mm512_reduce_add_ps(acc[0][r][t]);
+    }
+}
+#define FLASHPORT_AVX512_VNNI 1
+#endif
+
 // int4 activations deinterleaved per 32 columns (see rows_i4), zero padded to Kp = nb * g columns, then the nb
 // per-group sums: d is [T, Kp + nb]
 static void deinterleave_i4(const float* x, int64_t T, int64_t ldx, int64_t K, int64_t g, int64_t nb, float* d) {
@@ -345,6 +661,18 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
     xd = xd_buf.data();
   }
 #endif
+#ifdef FLASHPORT_AVX512_VNNI
+  // the opt-in int8-activation path (QW::act_i8): int8, MXFP4, and int4 with groups of 32, 64 or 128
+  const bool q8 = q.act_i8 && (q.fmt == FMT_I8 || q.fmt == FMT_MXFP4 ||
+                                (q.fmt == FMT_I4 && (q.group == 32 || q.group == 64 || q.group == 128)));
+  static thread_local ActI8 act_buf;
+  ActI8& act = act_buf;  // this thread's buffers, read by the pool's threads below (a thread_local named in the
+                         // lambda would be each worker's own, empty one)
+  const int64_t G = rows_per_group > 0 ? q.N / rows_per_group : 1;
+  if (q8)
+    quantize_act(x, T, ldx, G, K, q.fmt != FMT_I8, q.fmt == FMT_I4 && !q.zp.defined() ? INT4_ZERO_POINT : 0,
+                 q.fmt == FMT_MXFP4 ? 0.5f : 1.f, act);
+#endif
   // Threads only for big weights: each parallel region costs a wake-up of the other threads, which on a loaded
   // machine can cost more than a small expert's whole GEMV (~10 us single-threaded). Chunks are multiples of 4 rows
   // (the decode kernels' row blocks).
@@ -354,6 +682,47 @@ static void gemv(const QW& q, const float* x, int64_t T, int64_t ldx, float* y, 
     alignas(64) float buf[CHUNK + 256];
     for (int64_t n = n0; n < n1; n++) {
       const int64_t xoff = rows_per_group > 0 ? (n / rows_per_group) * K : 0;
+#ifdef FLASHPORT_AVX512_VNNI
+      if (q8) {
+        int64_t seg[MAX_ROWS];
+        for (int64_t t = 0; t < T; t++) seg[t] = t * G + (rows_per_group > 0 ? n / rows_per_group : 0);
+        // Four weight rows per pass for one activation row with long rows (x's codes, lane scales and zero-point
+        // starts, up to 2 bytes per column, shared by the four rows), as the fp32 kernels; shorter rows one at a
+        // time: four rows per pass ran 1.4x slower there (2048x4096 int4, one core, cold: 0.47 against 0.33 ms),
+        // although faster on cached weights.
+        const bool four4 = T == 1 && n + 3 < n1 && K > Q8_LONG_ROW &&
+                           (rows_per_group == 0 || n / rows_per_group == (n + 3) / rows_per_group);
+        if (q.fmt == FMT_MXFP4) {
+          const int64_t nb = q.scale.size(1), ldw = nb * (MXFP4_BLOCK / 2);
+          const uint8_t* w = q.w.data_ptr<uint8_t>() + n * ldw;
+          const uint8_t* sc = q.scale.data_ptr<uint8_t>() + n * nb;
+          if (four4) { rows_mx_q8<4, 1>(w, ldw, sc, nb, nb, act, seg, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_mx_q8<1, TT>(w, ldw, sc, nb, nb, act, seg, y + n, ldy)
+          FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+          continue;
+        }
+        if (q.fmt == FMT_I8) {
+          const int8_t* w = q.w.data_ptr<int8_t>() + n * K;
+          const float* s = q.scale.data_ptr<float>() + n;
+          if (four4) { rows_i8_q8<4, 1>(w, K, s, act, seg, K, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_i8_q8<1, TT>(w, K, s, act, seg, K, y + n, ldy)
+          FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+          continue;
+        }
+        const int64_t nb = q.w.size(1), ldb = nb * (q.group / 2);
+        const uint8_t* B = q.w.data_ptr<uint8_t>() + n * ldb;
+        const float* sc = q.scale.data_ptr<float>() + n * nb;
+        const int64_t ldzp = q.zp.defined() ? q.zp.size(1) : 0;
+        const uint8_t* zp = q.zp.defined() ? q.zp.data_ptr<uint8_t>() + n * ldzp : nullptr;
+        if (four4) { rows_i4_q8<4, 1>(B, ldb, sc, nb, zp, ldzp, q.group, nb, act, seg, y + n, ldy); n += 3; continue; }
+#define CALL(TT) rows_i4_q8<1, TT>(B, ldb, sc, nb, zp, ldzp, q.group, nb, act, seg, y + n, ldy)
+        FLASHPORT_DISPATCH_T(T, CALL)
+#undef CALL
+        continue;
+      }
+#endif
 #ifdef FLASHPORT_AVX512
       // Four weight rows per pass for one activation row (when they share the scale block and the group) if the
       // activation row does not fit in L1 next to the weights (K > LONG_ROW): then each x load serves four rows
