@@ -313,11 +313,13 @@ def quant(fmt, N, K, seed=0):
 @needs_ext
 @pytest.mark.parametrize("fmt", ["fp8-e4m3-block128-ue8m0", "mxfp4", "bf16", "int8", "int4-g32", "fp32"])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_decode_linear_split_over_threads_bit_identical(fmt, threads):
+@pytest.mark.parametrize("acts", ["fp32", "int8"])
+def test_decode_linear_split_over_threads_bit_identical(fmt, threads, acts):
     """On more than one thread a decode GEMV of torch_fast.SPLIT_MIN multiply-adds or more runs split by rows in one
-    parallel region: the same bits as on one thread (an fp32 weight, which cannot be split, as before)."""
+    parallel region: the same bits as on one thread (an fp32 weight, which cannot be split, as before); with
+    int8 activations the parts keep them (a part that dropped the flag would run the exact kernel: other bits)."""
     N, K = 392, 200  # FP8: three 128-row scale blocks and a partial fourth
-    w = cpu_quant.upload(quant(fmt, N, K, seed=3))
+    w = cpu_quant.upload(quant(fmt, N, K, seed=3), decode_activations=acts)
     assert N * K >= torch_fast.SPLIT_MIN
     for T in (1, 3):
         x = randn(T, K)

@@ -311,6 +311,7 @@ std::vector<Tensor> hc_post_pre_norm(const Tensor& out, const Tensor& streams, c
 static bool weight_rows(const QW& q, int64_t n0, int64_t n1, QW& out) {
   const int64_t n = n1 - n0;
   out = QW{q.fmt, n, q.K, q.group, q.w.narrow(0, n0, n), Tensor(), Tensor()};
+  out.act_i8 = q.act_i8;  // the part runs the same kernel as the whole weight
   if (q.fmt == FMT_FP8) {
     if (n0 % FP8_BLOCK) return false;
     const int64_t b0 = n0 / FP8_BLOCK, b1 = (n1 + FP8_BLOCK - 1) / FP8_BLOCK;
