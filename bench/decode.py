@@ -41,14 +41,15 @@ def decode_bytes_per_token(model, ops) -> int:
     return int(total)
 
 
-def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int, fast: bool) -> tuple[float, float, int]:
+def _flashport(path: Path, ids: torch.Tensor, decode_tokens: int, fast: bool,
+               backend_options: dict | None = None) -> tuple[float, float, int]:
     from flashport.backends.dispatch import REFERENCE, Ops
     from flashport.backends.torch_fast import FastTorchBackend
     from flashport.engine import Engine
     from flashport.model import Linear
 
     eng = Engine.load(path)
-    ops = Ops(FastTorchBackend()) if fast else REFERENCE
+    ops = Ops(FastTorchBackend(**(backend_options or {}))) if fast else REFERENCE
     eng.model.set_ops(ops)
     for mod in eng.model.modules():  # upload every weight now: loading is not part of prefill
         if isinstance(mod, Linear):
@@ -88,11 +89,12 @@ def _transformers(path: Path, ids: torch.Tensor, decode_tokens: int) -> tuple[fl
 
 
 def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), decode_tokens: int = 32,
-        threads: int = 0, peer: bool = True, seed: int = 0) -> str:
+        threads: int = 0, peer: bool = True, seed: int = 0, backend_options: dict | None = None) -> str:
     """One row per (prompt length, phase): tokens/s of the reference ops, flashport's fast ops and transformers,
     flashport / transformers, flashport / reference, and for decode the fraction of the memory roofline
     (bytes of weights per token x tokens/s / measured read bandwidth). Wall time, one run
-    per cell (repeat the command for medians; docs/performance.md gives the load average with every figure)."""
+    per cell (repeat the command for medians; docs/performance.md gives the load average with every figure).
+    backend_options: keyword options of the fast CPU backend (FastTorchBackend: prefill_matmul, decode_activations)."""
     from flashport.bench import checkpoint_or_preset
     from flashport.bench.ops import read_bandwidth
 
@@ -104,11 +106,12 @@ def run(path: str = "", preset: str = "flash-mini", prompt_lens=(512, 2048), dec
         for n in prompt_lens:
             ids = torch.randint(2, 4000, (n,), generator=g)
             *ref, ref_bytes = _flashport(path, ids, decode_tokens, fast=False)
-            *fast, fast_bytes = _flashport(path, ids, decode_tokens, fast=True)
+            *fast, fast_bytes = _flashport(path, ids, decode_tokens, fast=True, backend_options=backend_options)
             hf = _transformers(path, ids, decode_tokens) if peer else None
             rows.append((n, ref, fast, hf))
     bw = read_bandwidth(256 << 20)
-    lines = [f"bench decode: {path} ({torch.get_num_threads()} threads, {decode_tokens} decode steps)",
+    opts = "".join(f", {k}={v}" for k, v in (backend_options or {}).items())
+    lines = [f"bench decode: {path} ({torch.get_num_threads()} threads, {decode_tokens} decode steps{opts})",
              f"weights read per decode token: flashport {fast_bytes / 1e6:.1f} MB, reference {ref_bytes / 1e6:.1f} MB; "
              f"measured read bandwidth {bw / 1e9:.1f} GB/s: roofline {bw / fast_bytes:.0f} tok/s",
              f"{'prompt':>7} {'phase':<8} {'ref':>9} {'flashport':>10} {'transformers':>13} "

@@ -11,7 +11,8 @@ class Bench:
     """Benchmarks: `flashport bench SUBCOMMAND --help` lists each one's flags."""
 
     def decode(self, path: str = "", preset: str = "flash-mini", prompt_lens: str = "512,2048",
-               decode_tokens: int = 32, threads: int = 0, peer: bool = True, seed: int = 0):
+               decode_tokens: int = 32, threads: int = 0, peer: bool = True, seed: int = 0,
+               backend_option: list[str] | None = None):
         """Prefill and decode tokens/s of flashport and of transformers' DeepseekV4ForCausalLM on the same weights,
         with the ratio.
 
@@ -23,12 +24,24 @@ class Bench:
             threads: torch intra-op threads (0: torch's default).
             peer: also run transformers (the peer) on the same weights.
             seed: seed of the weights and the prompts.
+            backend_option: KEY=VALUE for flashport's fast CPU backend, e.g. decode_activations=int8 or
+                prefill_matmul=bf16 (opt-in, not exact: docs/performance.md); repeat the flag for several.
         """
+        from flashport.backends.cpu_quant import DECODE_ACTIVATIONS, PREFILL_MATMULS
+        from flashport.options import parse_backend_options
+
         lens = _common(path, preset, threads, seed, prompt_lens=prompt_lens, decode_tokens=decode_tokens)
+        options = parse_backend_options(backend_option)
+        known = {"prefill_matmul": PREFILL_MATMULS, "decode_activations": DECODE_ACTIVATIONS}
+        for key, value in options.items():
+            if key not in known:
+                raise UsageError(f"--backend-option {key}: bench decode's backend takes "
+                                 f"{' and '.join(known)}, not {key!r}")
+            one_of(f"--backend-option {key}", value, known[key])
         from flashport.bench.decode import run
 
         return run(path=path, preset=preset, prompt_lens=lens, decode_tokens=decode_tokens, threads=threads,
-                   peer=peer, seed=seed)
+                   peer=peer, seed=seed, backend_options=options)
 
     def decode_context(self, path: str = "", preset: str = "flash-small", contexts: str = "8192,32768,131072",
                        decode_tokens: int = 16, threads: int = 0, seed: int = 0, extend: bool = False,
