@@ -81,7 +81,7 @@ class RopeTable:
     where one table of every position would reach 512 MiB at 2M positions of V4-Flash's 64 RoPE dims, and rebuilding
     it when a restored 1M-token sequence passes 2**20 positions cost one decode step 330 ms."""
 
-    PAGE = 1 << 14  # positions per page: 2 MiB of cos + sin at V4-Flash's 32 frequencies
+    PAGE = 1 << 14  # positions per page: 2 MiB each of cos and sin at V4-Flash's 32 frequencies
     MAX_PAGES = 16
     _shared: dict[tuple, "RopeTable"] = {}
 
