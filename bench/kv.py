@@ -16,7 +16,6 @@ disk writer busy against idle.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -24,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy
 import torch
 
 from flashport.options import KVOptions
@@ -162,7 +160,7 @@ def run(path: str = "", preset: str = "flash-mini", sizes="8192,32768", strategi
             lines.append(f"{'':>27} {n:>8} {t1 - t0:>9.1f} {n / (t1 - t0):>7.0f} "
                          f"{(t2 - t1) / max(decode_tokens, 1) * 1e3:>13.1f} {format_bytes(mem):>10} {format_bytes(disk):>10} "
                          f"{format_bytes(rss):>9}")
-        (n0, s0, _, _), (n1, s1, d1, m1) = pts[0], pts[-1]
+        (n0, s0, _, _), (n1, s1, d1, _) = pts[0], pts[-1]
         per_tok = (s1 - s0) / (n1 - n0) if n1 > n0 else s1 / n1
         big = 1 << 20
         lines.append(f"extrapolated to {big} tokens: prefill ~{s1 + per_tok * (big - n1):.0f} s at the marginal "

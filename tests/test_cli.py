@@ -200,7 +200,8 @@ def test_bench_decode_peer_flag_through_the_cli(flags, runs_peer, tiny_release, 
     from flashport.bench import decode, ops
 
     ran = []
-    monkeypatch.setattr(decode, "_flashport", lambda path, ids, n, fast: (200.0, 20.0, 10 ** 6))
+    monkeypatch.setattr(decode, "_flashport",
+                        lambda path, ids, n, fast, backend_options=None: (200.0, 20.0, 10 ** 6))
     monkeypatch.setattr(decode, "_transformers", lambda *a: ran.append(1) or (100.0, 10.0))
     monkeypatch.setattr(ops, "read_bandwidth", lambda nbytes: 1e9)
     rc = main(["bench", "decode", str(tiny_release), "--prompt-lens", "16", "--decode-tokens", "2", *flags])
@@ -453,3 +454,22 @@ def test_config_json_value_of_the_wrong_type_is_one_line(tiny_release, tmp_path,
     (tmp_path / "config.json").write_text(json.dumps(d))
     err = _one_line_error(capsys, main(["config", str(tmp_path)]))
     assert "hidden_size" in err and "'abc'" in err and "config.json" in err
+
+
+def test_bench_decode_backend_option_reaches_the_fast_backend(tiny_release, monkeypatch, capsys):
+    """`bench decode --backend-option decode_activations=int8` hands the option to flashport's fast backend only
+    (the reference path stays exact) and names it in the header; an unknown key or value is one line, exit 2."""
+    from flashport.bench import decode, ops
+
+    seen = []
+    monkeypatch.setattr(decode, "_flashport", lambda path, ids, n, fast, backend_options=None:
+                        seen.append((fast, backend_options)) or (200.0, 20.0, 10 ** 6))
+    monkeypatch.setattr(ops, "read_bandwidth", lambda nbytes: 1e9)
+    argv = ["bench", "decode", str(tiny_release), "--prompt-lens", "16", "--decode-tokens", "2", "--peer", "false"]
+    assert main([*argv, "--backend-option", "decode_activations=int8"]) == 0
+    assert "decode_activations=int8" in capsys.readouterr().out.splitlines()[0]
+    assert seen == [(False, None), (True, {"decode_activations": "int8"})]
+    for bad, named in (("decode_activation=int8", "decode_activation"), ("decode_activations=int4", "int4")):
+        assert main([*argv, "--backend-option", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("flashport: error: ") and "\n" not in err and named in err

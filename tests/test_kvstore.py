@@ -13,7 +13,6 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy
 import pytest
 import torch
 

@@ -217,16 +217,8 @@ class KVManager:
 
     def _cached_prefix(self, keys: list[bytes]) -> int:
         """How many of keys, from the first, are cached in some tier (one store lookup for all of them)."""
-        on_disk = [False] * len(keys)
-        if self.store is not None:
-            try:
-                on_disk = self.store.contains_many(keys)
-            except Exception as e:  # noqa: BLE001 - a broken tier is a miss
-                self.report_error("contains", e)
-        h = 0
-        while h < len(keys) and (on_disk[h] or any(keys[h] in t for t in self.tiers)):
-            h += 1
-        return h
+        flags = self._cached_flags(keys)
+        return flags.index(False) if False in flags else len(flags)
 
     def _get(self, key: bytes) -> tuple[dict, dict, str] | None:
         got = self._get_memory(key)
