@@ -11,6 +11,7 @@ the fast path's layout (`decode_bytes_per_token`) times tokens/s, over the read 
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -168,6 +169,25 @@ def step_ms(path: str, threads: int = 1, prompt_len: int = 512, reps: int = 5, s
             "load": os.getloadavg()[0]}
 
 
+@torch.no_grad()
+def timed_decode(model, state, logits, tokens: int) -> tuple[list[float], list[float]]:
+    """Greedy decode `tokens` steps on `state` (modified) from `logits` -> (wall ms, CPU ms) of each step; CPU is
+    this process's CPU time, steadier than wall time on a shared machine."""
+    wall, cpu = [], []
+    for _ in range(tokens):
+        w0, c0 = time.perf_counter(), time.process_time()
+        logits = model.forward_batch([torch.tensor([int(logits.argmax())])], [state], all_logits=False)[0][0]
+        wall.append((time.perf_counter() - w0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return wall, cpu
+
+
+def steady_ms(steps: list[float]) -> float:
+    """ms/token of decode steps after the first (a restored or extended state's first step builds its entry stores
+    and the indexer's FP4 codes once; it is reported on its own): the median, steadier than the mean."""
+    return statistics.median(steps[1:] or steps)
+
+
 def extend_entries(state, cfg, n_tokens: int) -> None:
     """Make `state` (a real sequence of t tokens, t a multiple of the HCA rate) look n_tokens long to decode: every
     compressor's entries repeated to n_tokens // rate rows and the position set to n_tokens. The decode cost of a
@@ -199,8 +219,6 @@ def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 327
     greedy steps; ms/token is the median of the steps after the first, in wall and in this process's CPU time.
     extend: prefill only the first context and reach the longer ones with `extend_entries` (the cost at 1M
     tokens of a model whose 1M-token prefill would take hours here)."""
-    import statistics
-
     from flashport.bench import checkpoint_or_preset
     from flashport.engine import Engine
 
@@ -227,15 +245,9 @@ def run_contexts(path: str = "", preset: str = "flash-tiny", contexts=(8192, 327
             else:
                 st, logits, prefill_s = base[0].clone(), base[1], float("nan")
                 extend_entries(st, eng.cfg, n)
-            tok, wall, cpu = int(logits.argmax()), [], []
-            with torch.no_grad():
-                for _ in range(max(2, decode_tokens)):
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    tok = int(eng.model.forward_batch([torch.tensor([tok])], [st], all_logits=False)[0][0].argmax())
-                    wall.append(time.perf_counter() - w0)
-                    cpu.append(time.process_time() - c0)
-            per_tok, cpu_tok = statistics.median(wall[1:]), statistics.median(cpu[1:])
+            wall, cpu = timed_decode(eng.model, st, logits, max(2, decode_tokens))
+            per_tok, cpu_tok = steady_ms(wall), steady_ms(cpu)
             first, first_cpu = first or per_tok, first_cpu or cpu_tok
-            lines.append(f"{n:>8} {prefill_s:>9.1f} {per_tok * 1e3:>13.2f} {per_tok / first:>7.2f}x "
-                         f"{cpu_tok * 1e3:>10.2f} {cpu_tok / first_cpu:>7.2f}x")
+            lines.append(f"{n:>8} {prefill_s:>9.1f} {per_tok:>13.2f} {per_tok / first:>7.2f}x "
+                         f"{cpu_tok:>10.2f} {cpu_tok / first_cpu:>7.2f}x")
     return "\n".join(lines)

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from flashport.bench.decode import steady_ms, timed_decode
+
 STEP = 8192  # prefill step: the figures against context length are taken at every multiple of it
 KEYS = ("prefill_tok_s", "peak_rss_bytes", "kv_disk_bytes", "ttft_hit_s", "ttft_recompute_s", "restore_bytes_per_s",
         "disk_read_bytes_per_s", "decode_ms_per_token_8k", "decode_ms_per_token_at_context")
@@ -48,25 +50,6 @@ def _rss_peak() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@torch.no_grad()
-def _decode_ms(engine, state, logits, tokens: int) -> list[float]:
-    """Greedy decode `tokens` steps on `state` (modified) -> ms of each step."""
-    out = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        logits = engine.model.forward_batch([torch.tensor([int(logits.argmax())])], [state], all_logits=False)[0][0]
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
-def steady_ms(steps: list[float]) -> float:
-    """ms/token of decode steps after the first (a restored state's first step builds its entry stores and the
-    indexer's FP4 codes once; it is reported on its own): the median, steadier than the mean on a shared machine."""
-    import statistics
-
-    return statistics.median(steps[1:] or steps)
 
 
 def _disk_files(root: Path) -> list[Path]:
@@ -108,7 +91,7 @@ def child_main(spec_path: str) -> None:
     warm_up(eng)
     state, logits, st = eng.prefill_cached(ids.tolist(), progress=False)
     disk = eng.kv.stats()["disk"]
-    steps = _decode_ms(eng, state, logits, max(2, spec["decode_tokens"]))
+    steps = timed_decode(eng.model, state, logits, max(2, spec["decode_tokens"]))[0]
     eng.close()
     print(json.dumps({"stats": st.as_dict(), "disk_bytes_read": disk["bytes_read"],
                       "disk_read_seconds": disk["read_seconds"], "decode_ms": steady_ms(steps),
@@ -145,8 +128,8 @@ def run(preset: str = "flash-tiny", context: int = 32768, kv_dir: str = "", stra
             if st.error or (done and st.hit_tokens == 0):
                 raise RuntimeError(f"the cache did not serve the previous steps ({st.path}, {st.error})")
             prefill_s += st.seconds
-            rows.append((m, (m - done) / st.seconds, steady_ms(_decode_ms(eng, state.clone(), logits,
-                                                                            max(2, decode_tokens)))))
+            steps = timed_decode(eng.model, state.clone(), logits, max(2, decode_tokens))[0]
+            rows.append((m, (m - done) / st.seconds, steady_ms(steps)))
             bar.update(m - done)
             done = m
             del state

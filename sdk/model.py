@@ -230,10 +230,11 @@ class PoolState:
 
     def _store(self, fp4: bool, head: int = 0) -> EntryStore:
         st = self.store
-        if st is None or not st.valid_for(self) or (fp4 and st.fp4 is None) or st.head < head:
-            keep = st is not None and st.valid_for(self)  # re-made for more scratch: keep its FP4 codes' need
-            self.store = EntryStore(self, self.entries, fp4 or (keep and st.fp4 is not None),
-                                    max(head, st.head if keep else 0))
+        valid = st is not None and st.valid_for(self)
+        if not valid or (fp4 and st.fp4 is None) or st.head < head:
+            # a valid store re-made (for FP4 codes or more scratch) keeps what it had of both
+            self.store = EntryStore(self, self.entries, fp4 or (valid and st.fp4 is not None),
+                                    max(head, st.head if valid else 0))
             self.entries = self.store.rows  # the same values, now the store's view
         return self.store
 
