@@ -434,24 +434,42 @@ struct RowPrefetch {
 
 static inline __mmask64 byte_mask(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1; }
 
-// int8 weights (per-row scale sc[r]) x int8 activations: R weight rows against T activation rows (segment offsets
-// seg[t] into a), 64 columns per step; U fp32 accumulator chains per (r, t) to hide the FMA latency.
-template <int R, int T>
-__attribute__((noinline)) static void rows_i8_q8(const int8_t* w, int64_t ldw, const float* sc, const ActI8& a,
-                                                 const int64_t* seg, int64_t K, float* y, int64_t ldy) {
+// The step loop of the int8-activation row kernels below: step(c, acc, full) for every 64-weight-byte step c of
+// rows of row_bytes bytes, U accumulator sets taking the whole steps in turn (two sets hide the FMA latency when
+// R * T is small), set 0 the partial last one (full = false: masked loads); then the sets folded and each
+// (weight row, activation row) summed -> sum[r][t].
+template <int R, int T, class Step>
+__attribute__((always_inline)) static inline void run_steps(Step& step, int64_t row_bytes, float (&sum)[R][T]) {
   constexpr int U = R * T >= 4 ? 1 : 2;
   __m512 acc[U][R][T];
   for (int u = 0; u < U; u++)
     for (int r = 0; r < R; r++)
       for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
+  const int64_t nc = (row_bytes + 63) / 64;
+  int64_t c = 0;
+  for (; c + U <= row_bytes / 64; c += U)
+    for (int u = 0; u < U; u++) step(c + u, acc[u], true);
+  for (; c < nc; c++) step(c, acc[0], (c + 1) * 64 <= row_bytes);
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
+      sum[r][t] = _mm512_reduce_add_ps(acc[0][r][t]);
+    }
+}
+
+// int8 weights (per-row scale sc[r]) x int8 activations: R weight rows against T activation rows (segment offsets
+// seg[t] into a), 64 columns per step (run_steps).
+template <int R, int T>
+__attribute__((noinline)) static void rows_i8_q8(const int8_t* w, int64_t ldw, const float* sc, const ActI8& a,
+                                                 const int64_t* seg, int64_t K, float* y, int64_t ldy) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
-  const int64_t nc = (K + 63) / 64;
   const int8_t* xq[T];
   const float* xs[T];
   for (int t = 0; t < T; t++) { xq[t] = a.q.data() + seg[t] * a.Kp; xs[t] = a.lane.data() + seg[t] * (a.Kp / 4); }
   RowPrefetch pf(w, ldw, R);
-  auto step = [&](int64_t c, __m512 (&ac)[R][T], __mmask64 m) __attribute__((always_inline)) {
+  auto step = [&](int64_t c, __m512 (&ac)[R][T], bool full) __attribute__((always_inline)) {
     if (R > 1) pf.step(R);
+    const __mmask64 m = full ? ~__mmask64(0) : byte_mask(K - c * 64);
     __m512i wv[R];
     for (int r = 0; r < R; r++) {
       wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * ldw + c * 64), flip);
@@ -465,15 +483,10 @@ __attribute__((noinline)) static void rows_i8_q8(const int8_t* w, int64_t ldw, c
       }
     }
   };
-  int64_t c = 0;
-  for (; c + U <= K / 64; c += U)
-    for (int u = 0; u < U; u++) step(c + u, acc[u], ~__mmask64(0));
-  for (; c < nc; c++) step(c, acc[0], byte_mask(K - c * 64));
+  float sum[R][T];
+  run_steps<R, T>(step, K, sum);
   for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) {
-      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
-      y[t * ldy + r] = sc[r] * (_mm512_reduce_add_ps(acc[0][r][t]) - a.corr[seg[t]]);
-    }
+    for (int t = 0; t < T; t++) y[t * ldy + r] = sc[r] * (sum[r][t] - a.corr[seg[t]]);
 }
 
 // int4 weights (MatMulNBits layout, group g in {32, 64, 128}) x int8 activations: R weight rows (ldb bytes apart,
@@ -483,17 +496,12 @@ template <int R, int T>
 __attribute__((noinline)) static void rows_i4_q8(const uint8_t* B, int64_t ldb, const float* sc, int64_t ldsc,
                                                  const uint8_t* zp, int64_t ldzp, int64_t g, int64_t nb,
                                                  const ActI8& a, const int64_t* seg, float* y, int64_t ldy) {
-  constexpr int U = R * T >= 4 ? 1 : 2;
-  __m512 acc[U][R][T];
-  for (int u = 0; u < U; u++)
-    for (int r = 0; r < R; r++)
-      for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(15);
   // lane l of a 128-column step covers block l / 4, i.e. group (l / 4) / (g / 32) of the step's groups
   const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                          g == 32 ? 0 : g == 64 ? 1 : 2);
   const int64_t gps = 128 / g;  // groups per step
-  const int64_t row_bytes = nb * g / 2, nc = (row_bytes + 63) / 64;
+  const int64_t row_bytes = nb * g / 2;
   const int8_t* xq[T];
   const int32_t* xc[T];
   const float* xs[T];
@@ -527,14 +535,11 @@ __attribute__((noinline)) static void rows_i4_q8(const uint8_t* B, int64_t ldb, 
       }
     }
   };
-  int64_t c = 0;
-  for (; c + U <= row_bytes / 64; c += U)
-    for (int u = 0; u < U; u++) step(c + u, acc[u], true);
-  for (; c < nc; c++) step(c, acc[0], (c + 1) * 64 <= row_bytes);
+  float sum[R][T];
+  run_steps<R, T>(step, row_bytes, sum);
   for (int r = 0; r < R; r++)
     for (int t = 0; t < T; t++) {
-      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
-      float s = _mm512_reduce_add_ps(acc[0][r][t]);
+      float s = sum[r][t];
       if (zp) {  // asymmetric: - sum_b s_w z_b s_b sum(q_b), per row (the accumulators started at 0)
         const float* bs = a.bs.data() + seg[t] * (a.Kp / QBLOCK);
         const int32_t* bq = a.bq.data() + seg[t] * (a.Kp / QBLOCK);
@@ -560,15 +565,10 @@ template <int R, int T>
 __attribute__((noinline)) static void rows_mx_q8(const uint8_t* w, int64_t ldw, const uint8_t* sc, int64_t ldsc,
                                                  int64_t nb, const ActI8& a, const int64_t* seg, float* y,
                                                  int64_t ldy) {
-  constexpr int U = R * T >= 4 ? 1 : 2;
-  __m512 acc[U][R][T];
-  for (int u = 0; u < U; u++)
-    for (int r = 0; r < R; r++)
-      for (int t = 0; t < T; t++) acc[u][r][t] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(15), sign = _mm512_set1_epi8(8);
   const __m512i mag = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, 1, 2, 3, 4, 6, 8, 12));
   const __m512i gidx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const int64_t row_bytes = nb * (MXFP4_BLOCK / 2), nc = (row_bytes + 63) / 64;
+  const int64_t row_bytes = nb * (MXFP4_BLOCK / 2);
   const int8_t* xq[T];
   const float* xs[T];
   for (int t = 0; t < T; t++) {
@@ -604,15 +604,10 @@ __attribute__((noinline)) static void rows_mx_q8(const uint8_t* w, int64_t ldw, 
       }
     }
   };
-  int64_t c = 0;
-  for (; c + U <= row_bytes / 64; c += U)
-    for (int u = 0; u < U; u++) step(c + u, acc[u], true);
-  for (; c < nc; c++) step(c, acc[0], (c + 1) * 64 <= row_bytes);
+  float sum[R][T];
+  run_steps<R, T>(step, row_bytes, sum);
   for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) {
-      for (int u = 1; u < U; u++) acc[0][r][t] = _mm512_add_ps(acc[0][r][t], acc[u][r][t]);
-      y[t * ldy + r] = _mm512_reduce_add_ps(acc[0][r][t]);
-    }
+    for (int t = 0; t < T; t++) y[t * ldy + r] = sum[r][t];
 }
 #define FLASHPORT_AVX512_VNNI 1
 #endif
