@@ -73,7 +73,7 @@ PREFILL_BLOCK = 64  # query rows per block of the prefill attention
 def attention(q: Tensor, keys: Tensor, bias: Tensor, sink: Tensor, scale: float) -> Tensor:
     """Decode (T <= GEMV_MAX_ROWS): one C++ call (the reference's math per query row and head, no tensor but the
     output allocated; tolerance-bound; one row with bias 0, every decode step of V4: `decode_attention`, split-K
-    online softmax over segments of 1024 keys, all heads per read of a key tile, the same bits at any thread
+    online softmax over segments of 1024 keys, 4 heads per read of a key tile, the same bits at any thread
     count, 1e-5 relative), or without it one fused SDPA call where the sink is an extra key of zeros
     (it adds nothing to the output) whose logit is the head's sink (through the mask).
 

@@ -911,12 +911,13 @@ Tensor flash_attention(const Tensor& q_, const Tensor& keys_, const Tensor& bias
 
 // -- decode attention: split-K online softmax ---------------------------------------------------------------------
 // One query row over S keys it all sees (bias 0: an HCA layer's window and every compressed entry, 32K entries at 1M
-// tokens of flash-tiny). The keys are cut into segments of DA_SEG keys; within a segment each tile of FA_KT keys
-// is read once for every head: the logits key by key (row-major dot products, no transposed tile: with few heads
-// the transpose cost more than the products), then flash_attention's online-softmax update and weighted sum. The
-// segments' (max, sum, accumulator) merge in segment order. The segments are fixed by S, not by the thread count,
-// so the result is the same bits at any number of threads. Where `attention` read the keys twice per head with a
-// libm exp per key, this reads them once per tile: 0.2x its time at 32K keys, 4 heads of 64, one thread.
+// tokens of flash-tiny). The work items are a segment of DA_SEG keys for a group of 4 heads; within an item each
+// tile of FA_KT keys is read once for the group: the logits key by key (row-major dot products, no transposed tile:
+// with few heads the transpose cost more than the products), then flash_attention's online-softmax update and
+// weighted sum. The segments' (max, sum, accumulator) merge in segment order. The items are fixed by S and H, not
+// by the thread count, so the result is the same bits at any number of threads. Where `attention` read the keys
+// twice per head with a libm exp per key, this reads them once per tile and group of 4 heads: 0.2x its time at 32K
+// keys, 4 heads of 64, one thread.
 // TOLERANCE-BOUND against reference.attention like flash_attention (1e-5 relative, tests/test_torch_fast.py).
 constexpr int64_t DA_SEG = 1024;
 
