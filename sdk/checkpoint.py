@@ -138,7 +138,14 @@ def source_map(names: list[str], cfg: ModelConfig) -> tuple[str, dict[str, tuple
     reports them).
     """
     layout = checkpoint_layout(names)
-    inverse = {release_to_hf(n): n for n in param_shapes(cfg)} if layout == "hf" else {}
+    inverse = {}
+    if layout == "hf":
+        for n in param_shapes(cfg):
+            hf = release_to_hf(n)
+            inverse[hf] = n
+            # transformers' save_pretrained of a model it read in these names keeps them but writes every `kv_norm`
+            # as `norm` (the same reversed-renaming quirk as _SAVED_RENAMES): both spellings name the kv norm
+            inverse[hf.replace(".kv_norm.", ".norm.")] = n
     inter = cfg.moe_intermediate_size
     out: dict[str, tuple[str, tuple | None]] = {}
     for stored in names:

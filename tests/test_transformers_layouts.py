@@ -129,3 +129,20 @@ def test_layout_is_detected_from_names():
     assert checkpoint_layout(["model.layers.0.attn.wq_a.weight", "model.embed_tokens.weight", "head.weight"]) \
         == "transformers"
     assert checkpoint_layout(["model.layers.0.self_attn.q_a_proj.weight", "lm_head.weight"]) == "hf"
+
+
+@torch.no_grad()
+def test_save_pretrained_of_a_model_read_in_module_names(saved, tmp_path):
+    """A model transformers read from module-name files (`save_original_format=False`, or flashport's `--format hf`)
+    and saved again with save_pretrained's defaults keeps the module names but writes every kv norm as `norm`
+    (`model.layers.0.self_attn.norm.weight`): flashport reads those files as the same model."""
+    _, hf, d = saved
+    hf.save_pretrained(tmp_path / "modules", save_original_format=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path / "modules"), dtype=torch.float32).float().eval()
+    again.save_pretrained(tmp_path / "resaved")
+    reader = CheckpointReader(tmp_path / "resaved")
+    assert reader.format == "hf" and "model.layers.0.self_attn.norm.weight" in reader.stored
+    sa, sb = CheckpointReader(d).load_state_dict(), reader.load_state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
